@@ -1,0 +1,234 @@
+"""Typed configuration, loaded from TOML.
+
+Every field's default here equals ``config.example.toml`` (a test holds them together), so the bot
+runs with no config file at all. A bad value names the key, the value and what is allowed.
+Tokens may also come from the environment (``DISCORD_TOKEN``, ``TELEGRAM_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+SEED_MAX = 2**32 - 1
+BACKENDS = ("flux", "dry-run")
+PRESETS = ("auto", "low", "balanced", "max")
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or holds a value that is not allowed."""
+
+
+@dataclass
+class EngineSection:
+    backend: str = "flux"
+    database: str = "data/bot.sqlite3"
+    output_dir: str = "outputs"
+    save_outputs: bool = True
+    max_queue_total: int = 50
+    max_queue_per_user: int = 3
+    job_timeout_s: float = 600.0
+    shutdown_grace_s: float = 60.0
+
+
+@dataclass
+class LimitsSection:
+    steps_min: int = 1
+    steps_max: int = 50
+    steps_default: int = 20
+    seed_min: int = 0
+    seed_max: int = SEED_MAX
+    width_default: int = 1024
+    height_default: int = 1024
+    max_pixels: int = 1_048_576
+    min_side: int = 256
+    size_multiple: int = 16
+    guidance_min: float = 1.0
+    guidance_max: float = 10.0
+    guidance_default: float = 3.5
+    max_prompt_chars: int = 1000
+
+
+@dataclass
+class RateLimitSection:
+    images_per_window: int = 10
+    window_s: float = 3600.0
+
+
+@dataclass
+class AccessSection:
+    discord_admins: list[str] = field(default_factory=list)
+    telegram_admins: list[str] = field(default_factory=list)
+    discord_guilds: list[str] = field(default_factory=list)
+    discord_channels: list[str] = field(default_factory=list)
+    telegram_chats: list[str] = field(default_factory=list)
+    banned_words: list[str] = field(default_factory=list)
+
+    def admins_for(self, platform: str) -> list[str]:
+        return {"discord": self.discord_admins, "telegram": self.telegram_admins}.get(platform, [])
+
+
+@dataclass
+class ModelSection:
+    preset: str = "auto"
+    vram_limit_gib: float = 0.0  # 0 = let the preset decide
+    device: str = "cuda"
+    models_dir: str = "models"
+    offline: bool = False
+    compile: bool = False
+    dit_model_id: str = "MAILAND/majicflus_v1"
+    dit_file: str = "majicflus_v134.safetensors"
+    flux_model_id: str = "black-forest-labs/FLUX.1-dev"
+    # Local paths that replace the download of one entry ("" = download into models_dir).
+    dit_path: str = ""
+    text_encoder_path: str = ""
+    text_encoder_2_path: str = ""
+    vae_path: str = ""
+    tokenizer_path: str = ""
+    tokenizer_2_path: str = ""
+
+
+@dataclass
+class DiscordSection:
+    token: str = ""
+    sync_guild_ids: list[str] = field(default_factory=list)
+    progress_interval_s: float = 1.5
+
+
+@dataclass
+class TelegramSection:
+    token: str = ""
+    base_url: str = ""
+    base_file_url: str = ""
+    plain_text_prompts: bool = True
+    send_png_document: bool = False
+    progress_interval_s: float = 3.0
+
+
+@dataclass
+class ConsoleSection:
+    enabled: str = "auto"  # "auto": only when no chat token is set; "always"; "never"
+
+
+@dataclass
+class Config:
+    engine: EngineSection = field(default_factory=EngineSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    rate_limit: RateLimitSection = field(default_factory=RateLimitSection)
+    access: AccessSection = field(default_factory=AccessSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    discord: DiscordSection = field(default_factory=DiscordSection)
+    telegram: TelegramSection = field(default_factory=TelegramSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
+
+    @property
+    def discord_token(self) -> str:
+        return os.environ.get("DISCORD_TOKEN") or self.discord.token
+
+    @property
+    def telegram_token(self) -> str:
+        return os.environ.get("TELEGRAM_TOKEN") or self.telegram.token
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read ``path`` (default ``config.toml``); a missing default file means all defaults."""
+    target = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not target.exists():
+        if path is not None:
+            raise ConfigError(f"config file {target} does not exist (copy config.example.toml)")
+        return _validated(Config())
+    try:
+        data = tomllib.loads(target.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{target} is not valid TOML: {exc}") from None
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _validated(_build(Config, data, ""))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown setting {dotted!r}; allowed: {', '.join(sorted(names))}")
+        values[key] = _coerce(hints[key], raw, dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, raw: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, raw, key)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{key} = {raw!r} must be a list")
+        # Ids are written as numbers or strings in TOML; keep them as strings.
+        return [str(item) for item in raw]
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key} = {raw!r} must be true or false")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key} = {raw!r} must be a whole number")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{key} = {raw!r} must be a number")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key} = {raw!r} must be a string")
+        return raw
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
+        return raw
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _validated(config: Config) -> Config:
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+    e, lim, m = config.engine, config.limits, config.model
+    need(e.backend in BACKENDS, "engine.backend", e.backend, " or ".join(BACKENDS))
+    need(m.preset in PRESETS, "model.preset", m.preset, ", ".join(PRESETS))
+    need(m.vram_limit_gib >= 0, "model.vram_limit_gib", m.vram_limit_gib, "0 (auto) or more GiB")
+    need(e.max_queue_total >= 1, "engine.max_queue_total", e.max_queue_total, "at least 1")
+    need(e.max_queue_per_user >= 1, "engine.max_queue_per_user", e.max_queue_per_user, "at least 1")
+    need(e.job_timeout_s > 0, "engine.job_timeout_s", e.job_timeout_s, "more than 0 seconds")
+    need(1 <= lim.steps_min <= lim.steps_default <= lim.steps_max, "limits.steps_default",
+         lim.steps_default, f"between steps_min and steps_max")
+    need(0 <= lim.seed_min <= lim.seed_max <= SEED_MAX, "limits.seed_max", lim.seed_max,
+         f"seed_min..{SEED_MAX}")
+    need(lim.size_multiple >= 1, "limits.size_multiple", lim.size_multiple, "at least 1")
+    for key in ("width_default", "height_default"):
+        value = getattr(lim, key)
+        need(value % lim.size_multiple == 0 and value >= lim.min_side, f"limits.{key}", value,
+             f"a multiple of {lim.size_multiple}, at least {lim.min_side}")
+    need(lim.width_default * lim.height_default <= lim.max_pixels, "limits.max_pixels",
+         lim.max_pixels, "at least width_default × height_default")
+    need(lim.guidance_min <= lim.guidance_default <= lim.guidance_max, "limits.guidance_default",
+         lim.guidance_default, "between guidance_min and guidance_max")
+    need(lim.max_prompt_chars >= 1, "limits.max_prompt_chars", lim.max_prompt_chars, "at least 1")
+    need(config.rate_limit.images_per_window >= 0, "rate_limit.images_per_window",
+         config.rate_limit.images_per_window, "0 (no limit) or more")
+    need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,
+         "more than 0 seconds")
+    need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
+         config.console.enabled, "auto, always or never")
+    return config

@@ -1,0 +1,65 @@
+"""The platform-neutral description of who asked for what, and where the answer goes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class User:
+    """A chat user. (platform, user_id) is the key; Discord and Telegram ids never collide."""
+
+    platform: str  # "discord" | "telegram" | "console" | "cli"
+    user_id: str
+    display_name: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}:{self.user_id}"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A fully validated generation request (the grammar's output, the backend's input)."""
+
+    prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    guidance: float
+    seed_was_random: bool = False
+
+    def with_changes(self, **changes: Any) -> "ImageRequest":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ImageRequest":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a job came from and where its result should be delivered.
+
+    ``chat_id`` is the channel/chat; ``message_id`` the user's message (Telegram replies to it);
+    ``extra`` holds adapter-specific, JSON-serialisable details (e.g. a Discord guild id).
+    """
+
+    platform: str
+    chat_id: str = ""
+    message_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Origin":
+        return cls(**json.loads(text))
