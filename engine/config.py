@@ -36,6 +36,7 @@ class EngineSection:
     max_queue_per_user: int = 3
     job_timeout_s: float = 600.0
     shutdown_grace_s: float = 60.0
+    dry_run_step_s: float = 0.05
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""``python -m bot run``: one engine, every configured adapter, clean shutdown on Ctrl-C/SIGTERM.
+
+Only this module (with ``__main__``) owns signals and the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+from engine.config import Config
+from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Adapter(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_adapters(engine: Engine, config: Config, stop: asyncio.Event) -> list[Adapter]:
+    """Every adapter whose token is set; the console when none is (or when asked for)."""
+    adapters: list[Adapter] = []
+    if config.discord_token:
+        from bot.discord_adapter import DiscordAdapter
+
+        adapters.append(DiscordAdapter(engine, config))
+    if config.telegram_token:
+        from bot.telegram_adapter import TelegramAdapter
+
+        adapters.append(TelegramAdapter(engine, config))
+    mode = config.console.enabled
+    if mode == "always" or (mode == "auto" and not adapters):
+        from bot.console import ConsoleAdapter
+
+        adapters.append(ConsoleAdapter(engine, on_quit=stop.set))
+    return adapters
+
+
+async def run_bot(config: Config, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    _install_signal_handlers(stop)
+    log.info("loading the %s backend…", config.engine.backend)
+    async with Engine(config) as engine:
+        log.info("engine ready (load took %.1f s)", engine.load_seconds or 0.0)
+        adapters = build_adapters(engine, config, stop)
+        started: list[Adapter] = []
+        try:
+            for adapter in adapters:
+                await adapter.start()
+                started.append(adapter)
+                log.info("%s adapter started", adapter.name)
+            await stop.wait()
+            log.info("shutting down: no new jobs; the running one may finish")
+            await engine.drain()
+        finally:
+            for adapter in reversed(started):
+                try:
+                    await adapter.stop()
+                except Exception:
+                    log.exception("stopping the %s adapter failed", adapter.name)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
+            pass

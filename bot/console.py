@@ -1,0 +1,157 @@
+"""The console adapter: type ``/imagine ...`` lines; images go to the output folder.
+
+It needs no token, so a new admin sees the bot work before creating a Discord or Telegram app.
+The person at the keyboard owns the machine, so the console user counts as an admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from bot import render
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.grammar import parse_command
+from engine.job import Cancelled, Failed, Finished, Job, Progress, Queued, Started
+from engine.request import Origin, User
+
+log = logging.getLogger(__name__)
+CONSOLE_USER = User("console", "local", "console")
+PROMPT = "imagine> "
+
+
+class ConsoleAdapter:
+    name = "console"
+
+    def __init__(self, engine: Engine, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 on_quit: Callable[[], None] | None = None, progress_interval_s: float = 1.0) -> None:
+        self.engine = engine
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.on_quit = on_quit
+        self.progress_interval_s = progress_interval_s
+        self._reader: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H], /queue, /cancel <id>, "
+                 "/limits, /status, /help or /quit.")
+        for job in self.engine.recovered_jobs("console"):
+            self._watch(job)
+        self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
+
+    async def stop(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stdout, flush=True)
+
+    def _start_reader_thread(self) -> asyncio.Queue[str]:
+        """Read stdin on a daemon thread: a blocked readline must never hold up shutdown."""
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def pump() -> None:
+            while True:
+                line = self.stdin.readline()
+                try:
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                except RuntimeError:  # the loop has closed: the bot is gone
+                    return
+                if not line:
+                    return
+
+        threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+        return lines
+
+    async def _read_lines(self) -> None:
+        lines = self._start_reader_thread()
+        while True:
+            line = await lines.get()
+            if not line:  # end of input
+                await self._drain()
+                if self.on_quit:
+                    self.on_quit()
+                return
+            try:
+                if await self.handle_line(line.strip()) is False:
+                    if self.on_quit:
+                        self.on_quit()
+                    return
+            except EngineError as exc:
+                self.say(render.error(exc))
+            except Exception:  # a console typo must never stop the bot
+                log.exception("console command failed")
+                self.say("⚠️ Something went wrong; see the log.")
+
+    async def handle_line(self, line: str) -> bool | None:
+        """Handle one line; returns False for /quit."""
+        if not line:
+            return None
+        word = line.split(maxsplit=1)[0].lower()
+        rest = line[len(word):].strip()
+        if word in ("/quit", "/exit"):
+            return False
+        if word == "/help":
+            self.say(render.usage(self.engine.config.limits))
+        elif word == "/queue":
+            self.say(render.queue_list(self.engine.jobs_of(CONSOLE_USER)))
+        elif word == "/limits":
+            self.say(render.quota(await self.engine.quota(CONSOLE_USER), self.engine.clock()))
+        elif word == "/status":
+            self.say(render.status(self.engine.health()))
+        elif word == "/cancel":
+            done = await self.engine.cancel(rest, CONSOLE_USER)
+            self.say("Cancelling." if done else "That job has already finished.")
+        else:
+            await self.imagine(line)
+        return None
+
+    async def imagine(self, text: str) -> Job:
+        request = parse_command(text, self.engine.config.limits).to_request(self.engine.config.limits)
+        job = await self.engine.submit(CONSOLE_USER, request, Origin("console"))
+        self.say(f"Job {job.id}: seed {request.seed}, {request.steps} steps, "
+                 f"{request.width}×{request.height}.")
+        self._watch(job)
+        return job
+
+    def _watch(self, job: Job) -> None:
+        task = asyncio.create_task(self._follow(job), name=f"console-{job.id}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _follow(self, job: Job) -> None:
+        last_progress = 0.0
+        async for event in job.events():
+            if isinstance(event, Queued):
+                self.say(f"[{job.id}] {render.queued(event.position)}")
+            elif isinstance(event, Started):
+                self.say(f"[{job.id}] {render.started(job.request)}")
+            elif isinstance(event, Progress):
+                now = time.monotonic()
+                if event.step == event.total or now - last_progress >= self.progress_interval_s:
+                    last_progress = now
+                    self.say(f"[{job.id}] {render.progress(event.step, event.total, event.eta_s)}")
+            elif isinstance(event, Finished):
+                self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n"
+                         f"[{job.id}] saved to {event.result.path}")
+                await self.engine.mark_delivered(job, f"console:{event.result.path}")
+            elif isinstance(event, Failed):
+                self.say(f"[{job.id}] {render.failed(event.reason)}")
+                await self.engine.mark_delivered(job, "console")
+            elif isinstance(event, Cancelled):
+                self.say(f"[{job.id}] {render.cancelled(event.by_owner)}")
+
+    async def _drain(self) -> None:
+        """At end of input (a pipe), wait for the jobs already asked for."""
+        await asyncio.gather(*list(self._watchers), return_exceptions=True)

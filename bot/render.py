@@ -1,0 +1,145 @@
+"""Every sentence the bot says, in one place, with no chat library: both platforms say the same.
+
+Prompts are user text: in Discord messages they are Markdown-escaped (``md=True``); Telegram messages
+are sent as plain text, so nothing there is interpreted. Mentions are never pinged (the adapters
+turn allowed mentions off), but ``@everyone`` is also broken with a zero-width joiner as a second guard.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from engine.config import LimitsSection
+from engine.engine import Health
+from engine.errors import EngineError
+from engine.job import Job, JobResult
+from engine.rate_limit import Quota
+from engine.request import ImageRequest
+
+CAPTION_PROMPT_CHARS = 300
+_MD_SPECIAL = re.compile(r"([\\*_~`|>#\[\]()-])")
+_MASS_MENTION = re.compile(r"@(everyone|here)", re.IGNORECASE)
+
+
+def escape_markdown(text: str) -> str:
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def safe_text(text: str, *, md: bool = False, limit: int | None = None) -> str:
+    """User text made safe to echo: shortened, mass mentions defused, Markdown escaped if asked."""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    text = _MASS_MENTION.sub("@\u200d\\1", text)
+    return escape_markdown(text) if md else text
+
+
+def duration(seconds: float) -> str:
+    """Human time: '9 s', '3 min', '1 h 5 min'."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{max(1, math.ceil(seconds))} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"
+
+
+def queued(position: int | None) -> str:
+    if not position or position <= 1:
+        return "⏳ Queued: you are next."
+    return f"⏳ Queued: number {position} in line."
+
+
+def started(request: ImageRequest) -> str:
+    return f"🎨 Drawing… ({request.steps} steps)"
+
+
+def progress(step: int, total: int, eta_s: float | None) -> str:
+    bar_len = 10
+    filled = round(bar_len * step / total) if total else 0
+    bar = "▰" * filled + "▱" * (bar_len - filled)
+    eta = f", about {duration(eta_s)} left" if eta_s is not None and step < total else ""
+    return f"🎨 {bar} step {step}/{total}{eta}"
+
+
+def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
+    """Under the image: prompt, then seed · steps · size · time · who asked."""
+    r = result.request
+    prompt = safe_text(r.prompt, md=md, limit=CAPTION_PROMPT_CHARS)
+    facts = [f"seed {r.seed}", f"{r.steps} steps", f"{r.width}×{r.height}"]
+    if r.guidance != 3.5:
+        facts.append(f"guidance {r.guidance:g}")
+    if result.seconds:
+        facts.append(f"{result.seconds:.1f} s")
+    if requester:
+        facts.append(f"asked by {safe_text(requester, md=md, limit=64)}")
+    return f"{prompt}\n{' · '.join(facts)}"
+
+
+def failed(reason: str) -> str:
+    return f"⚠️ {reason}"
+
+
+def cancelled(by_owner: bool = True) -> str:
+    return "🛑 Cancelled." if by_owner else "🛑 Cancelled by an admin."
+
+
+def error(exc: EngineError) -> str:
+    return f"⚠️ {exc}"
+
+
+def conflicts_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    joined = ", ".join(names)
+    return f"(The --flags in your prompt were used instead of the {joined} option.)"
+
+
+def not_your_job() -> str:
+    return "This is not your job: only the person who asked can use these buttons."
+
+
+def quota(q: Quota, now: float) -> str:
+    if q.limit is None:
+        return "You have no image limit here."
+    text = f"You have {q.remaining} of {q.limit} images left."
+    if q.resets_at is not None and q.remaining is not None and q.remaining < q.limit:
+        text += f" The next one frees up in {duration(q.resets_at - now)}."
+    return text
+
+
+def queue_list(jobs: list[Job]) -> str:
+    if not jobs:
+        return "You have no images waiting."
+    lines = []
+    for job in jobs:
+        where = "drawing now" if job.position() is None else f"number {job.position()} in line"
+        lines.append(f"• {job.id}: {safe_text(job.request.prompt, limit=60)} — {where}")
+    return "Your images:\n" + "\n".join(lines)
+
+
+def status(health: Health) -> str:
+    running = f"{health.running.id} for {health.running.user.key}" if health.running else "nothing"
+    lines = [
+        f"Queue: {health.queued} waiting{' (paused)' if health.paused else ''}",
+        f"Running: {running}",
+        f"Done: {health.finished} finished, {health.failed} failed",
+        f"Last error: {health.last_error or 'none'}",
+    ]
+    if health.memory:
+        mem = ", ".join(f"{k} {v:.1f}" for k, v in sorted(health.memory.items()))
+        lines.append(f"GPU memory: {mem}")
+    return "\n".join(lines)
+
+
+def usage(limits: LimitsSection) -> str:
+    return (
+        "Usage: /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--size WxH] [--guidance X]\n"
+        f"steps {limits.steps_min}–{limits.steps_max} (default {limits.steps_default}), "
+        f"seed {limits.seed_min}–{limits.seed_max} (random if left out), "
+        f"size up to {limits.max_pixels:,} pixels in multiples of {limits.size_multiple}, "
+        f"guidance {limits.guidance_min:g}–{limits.guidance_max:g} (default "
+        f"{limits.guidance_default:g}).\nExample: /imagine a red fox in snow --seed 7 --ar 16:9"
+    )

@@ -1,0 +1,55 @@
+"""Keep bot tokens out of every log line and traceback, whatever library writes them."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# Telegram tokens look like 123456:ABC..., Discord tokens like three dot-separated base64 parts.
+_TOKEN_SHAPES = [
+    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),
+    re.compile(r"\b[A-Za-z0-9_-]{20,30}\.[A-Za-z0-9_-]{5,8}\.[A-Za-z0-9_-]{25,}\b"),
+]
+
+
+def mask(token: str) -> str:
+    """Show only enough of a token to recognise it: '1234…(46 chars)'."""
+    if not token:
+        return "(not set)"
+    return f"{token[:4]}…({len(token)} chars)"
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[token]")
+    for shape in _TOKEN_SHAPES:
+        text = shape.sub("[token]", text)
+    return text
+
+
+class SecretFilter(logging.Filter):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = redact(message, self.secrets)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True
+
+
+def install_secret_filter(secrets: list[str]) -> SecretFilter:
+    """Attach to every handler of the root logger (filters on handlers see all records)."""
+    flt = SecretFilter(secrets)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig()
+    for handler in root.handlers:
+        handler.addFilter(flt)
+    return flt

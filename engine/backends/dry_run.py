@@ -1,0 +1,71 @@
+"""A backend with no GPU: a deterministic placeholder image marked "DRY RUN".
+
+It emits the same step events as the real one, so an admin can try the bot's commands and
+permissions before downloading 30 GB of models, and tests can drive the whole bot on a CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from PIL import Image, ImageDraw, ImageFont
+
+from engine.backends.base import StepCallback
+from engine.request import ImageRequest
+
+
+class DryRunBackend:
+    model_name = "dry-run placeholder"
+
+    def __init__(self, step_seconds: float = 0.0) -> None:
+        self.step_seconds = step_seconds
+        self.loaded = False
+        self._sleep = threading.Event()  # never set: an interruptible sleep
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def generate(self, request: ImageRequest, on_step: StepCallback) -> Image.Image:
+        for step in range(1, request.steps + 1):
+            if self.step_seconds:
+                self._sleep.wait(self.step_seconds)
+            on_step(step, request.steps)
+        return placeholder_image(request)
+
+    def close(self) -> None:
+        self.loaded = False
+
+    def reduce_memory(self) -> bool:
+        return False
+
+    def memory_info(self) -> dict[str, float]:
+        return {}
+
+
+def placeholder_image(request: ImageRequest) -> Image.Image:
+    """Two-colour diagonal gradient chosen by the seed, with "DRY RUN" and the seed written on it."""
+    rng = random.Random(request.seed)
+    a = [rng.randrange(40, 216) for _ in range(3)]
+    b = [rng.randrange(40, 216) for _ in range(3)]
+    w, h = request.width, request.height
+    # Build a small gradient and scale it up: fast even at 1024² on one core.
+    small = Image.new("RGB", (64, 64))
+    small.putdata([
+        tuple(int(a[c] + (b[c] - a[c]) * (x + y) / 126) for c in range(3))
+        for y in range(64) for x in range(64)
+    ])
+    image = small.resize((w, h), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    size = max(16, min(w, h) // 8)
+    font = ImageFont.load_default(size=size)
+    lines = ["DRY RUN", f"seed {request.seed}", f"{w}x{h}, {request.steps} steps"]
+    y = h // 2 - size * 2
+    for i, line in enumerate(lines):
+        line_size = size if i == 0 else size // 2
+        line_font = font if i == 0 else ImageFont.load_default(size=line_size)
+        box = draw.textbbox((0, 0), line, font=line_font)
+        draw.text(((w - (box[2] - box[0])) // 2, y), line, fill=(255, 255, 255), font=line_font,
+                  stroke_width=max(1, line_size // 12), stroke_fill=(0, 0, 0))
+        y += int(line_size * 1.4)
+    return image

@@ -1,0 +1,400 @@
+"""The engine: one queue for every chat, one job at a time on the GPU.
+
+    async with Engine(config) as engine:
+        job = await engine.submit(user, request, origin)
+        async for event in job.events(): ...
+
+Every accepted job is written to the journal before ``submit`` returns, so a restart re-queues it
+(``recovered_jobs``). Queue order is round-robin across users (``FairQueue``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.backends import Backend, create_backend
+from engine.config import Config
+from engine.errors import (
+    AccessDenied,
+    EngineClosed,
+    EngineError,
+    GenerationFailed,
+    JobNotFound,
+    QueueFull,
+)
+from engine.fair_queue import FairQueue
+from engine.job import (
+    Cancelled,
+    Failed,
+    Finished,
+    Job,
+    JobResult,
+    JobStatus,
+    Progress,
+    Queued,
+    Started,
+)
+from engine.png import encode_png
+from engine.rate_limit import Quota, RateLimiter
+from engine.request import ImageRequest, Origin, User
+from engine.store import JobRecord, Store
+from engine.worker import Aborted, GpuWorker
+
+log = logging.getLogger(__name__)
+LOCAL_PLATFORMS = ("console", "cli")
+
+
+@dataclass(frozen=True)
+class Health:
+    """What ``/status`` shows an admin."""
+
+    queued: int
+    running: Job | None
+    paused: bool
+    accepting: bool
+    finished: int
+    failed: int
+    last_error: str | None
+    memory: dict[str, float]
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.backend = backend if backend is not None else create_backend(config)
+        self.clock = clock
+        self.store = Store(config.engine.database)
+        self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock)
+        self._worker = GpuWorker(self.backend)
+        self._queue: FairQueue[Job] = FairQueue()
+        self._jobs: dict[str, Job] = {}  # live jobs (queued, running, recent)
+        self._recovered: list[Job] = []
+        self._running: Job | None = None
+        self._abort = threading.Event()
+        self._wake = asyncio.Event()
+        self._submit_lock = asyncio.Lock()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._paused = False
+        self._counts = {"finished": 0, "failed": 0}
+        self._last_error: str | None = None
+        self.load_seconds: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> "Engine":
+        await self.store.__aenter__()
+        try:
+            started = time.monotonic()
+            await self._worker.load()
+            self.load_seconds = time.monotonic() - started
+            await self._recover()
+        except BaseException:
+            await self.store.__aexit__(None, None, None)
+            raise
+        self._accepting = True
+        self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs and give the running one up to the grace period to finish.
+
+        A job still running after that is aborted and stays 'running' in the journal, so the
+        next start re-queues it; queued jobs stay queued there too.
+        """
+        self._accepting = False
+        grace = self.config.engine.shutdown_grace_s if grace_s is None else grace_s
+        running = self._running
+        if running is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(running.wait()), timeout=grace)
+            except asyncio.TimeoutError:
+                log.warning("job %s still running after %.0f s grace; it will be re-queued",
+                            running.id, grace)
+                self._abort.set()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """``drain``, then stop the scheduler and close the backend and the store."""
+        await self.drain(grace_s)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            try:
+                await self._scheduler
+            except asyncio.CancelledError:
+                pass
+            self._scheduler = None
+        await self._worker.close()
+        await self.store.__aexit__(None, None, None)
+
+    # -- submitting ------------------------------------------------------------------------
+    async def submit(self, user: User, request: ImageRequest, origin: Origin) -> Job:
+        """Accept a job (or raise an ``EngineError`` saying why not) and journal it first."""
+        if not self._accepting:
+            raise EngineClosed("The bot is shutting down; please try again in a minute.")
+        self._check_banned(user, request)
+        async with self._submit_lock:
+            self._check_capacity(user)
+            if not self.is_admin(user):
+                await self.rate_limiter.check(user)
+            job = Job(id=new_job_id(), user=user, origin=origin, request=request,
+                      created_at=self.clock(), _engine=self)
+            job.seq = await self.store.add_job(job.id, user, origin, request, job.created_at)
+            self._enqueue(job)
+        log.info("job %s queued for %s (position %s)", job.id, user.key, job.position())
+        return job
+
+    def _check_banned(self, user: User, request: ImageRequest) -> None:
+        lowered = request.prompt.casefold()
+        for word in self.config.access.banned_words:
+            if word and word.casefold() in lowered:
+                log.warning("refused prompt from %s: banned word %r", user.key, word)
+                raise AccessDenied("Sorry, this prompt contains a word this bot does not allow.")
+
+    def _check_capacity(self, user: User) -> None:
+        mine = sum(1 for j in self._active_jobs() if j.user == user)
+        cap = self.config.engine.max_queue_per_user
+        if mine >= cap:
+            raise QueueFull(f"You already have {mine} images waiting (the most is {cap}); "
+                            "please wait for one to finish or cancel one.")
+        total = len(self._queue) + (1 if self._running else 0)
+        if total >= self.config.engine.max_queue_total:
+            raise QueueFull("The queue is full right now; please try again in a few minutes.")
+
+    def _enqueue(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self._queue.push(job.user.key, job)
+        job._emit(Queued(self.position_of(job)))
+        self._wake.set()
+
+    # -- queries ---------------------------------------------------------------------------
+    def is_admin(self, user: User) -> bool:
+        if user.platform in LOCAL_PLATFORMS:
+            return True  # the person at the machine's own console owns the bot
+        return user.user_id in self.config.access.admins_for(user.platform)
+
+    def position_of(self, job: Job) -> int | None:
+        for index, queued in enumerate(self._queue.ordered(), start=1):
+            if queued is job:
+                return index
+        return None
+
+    def get_job(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def _active_jobs(self) -> list[Job]:
+        running = [self._running] if self._running else []
+        return running + list(self._queue.ordered())
+
+    def jobs_of(self, user: User) -> list[Job]:
+        """The user's running and queued jobs, in the order they will run."""
+        return [j for j in self._active_jobs() if j.user == user]
+
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    async def quota(self, user: User) -> Quota:
+        return await self.rate_limiter.quota(user)
+
+    async def job_record(self, job_id: str) -> JobRecord | None:
+        """A job from the journal (also after a restart): buttons use this to re-roll."""
+        return await self.store.get_job(job_id)
+
+    def recovered_jobs(self, platform: str) -> list[Job]:
+        """Jobs restored from the journal for ``platform``; its adapter delivers their results."""
+        return [j for j in self._recovered if j.origin.platform == platform]
+
+    def health(self) -> Health:
+        return Health(queued=len(self._queue), running=self._running, paused=self._paused,
+                      accepting=self._accepting, finished=self._counts["finished"],
+                      failed=self._counts["failed"], last_error=self._last_error,
+                      memory=self.backend.memory_info())
+
+    # -- admin -----------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    async def set_limit_override(self, user: User, images_per_window: int | None) -> None:
+        await self.store.set_limit_override(user, images_per_window)
+
+    async def cancel(self, job_id: str, by: User) -> bool:
+        """Cancel a queued or running job; its owner or an admin may. False if already over."""
+        job = self._jobs.get(job_id)
+        if job is None or (job.user != by and not self.is_admin(by)):
+            raise JobNotFound("I could not find that job among yours.")
+        if job.status is JobStatus.QUEUED and self._queue.remove(job.user.key, job):
+            await self._finish(job, Cancelled(by_owner=job.user == by), JobStatus.CANCELLED)
+            await self.store.refund(job.id)
+            self._announce_positions()
+            return True
+        if job.status is JobStatus.RUNNING:
+            self._abort.set()  # the worker raises at the next step
+            return True
+        return False
+
+    # -- delivery bookkeeping (adapters call these) -----------------------------------------
+    async def mark_delivered(self, job: Job, where: str) -> None:
+        await self.store.mark_delivered(job.id, at=self.clock(), where=where)
+        if not self.config.engine.save_outputs and job.result_now and job.result_now.path:
+            Path(job.result_now.path).unlink(missing_ok=True)
+
+    async def mark_undelivered(self, job: Job, error: str) -> None:
+        await self.store.mark_undelivered(job.id, at=self.clock(), error=error)
+
+    async def give_up_delivery(self, job: Job, reason: str) -> None:
+        log.warning("giving up delivering job %s: %s", job.id, reason)
+        await self.store.give_up_delivery(job.id, at=self.clock(), reason=reason)
+
+    # -- running ---------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            job = None if self._paused else self._queue.pop()
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._running = job
+            self._announce_positions()
+            try:
+                await self._run(job)
+            except Exception:  # never let one job stop the queue
+                log.exception("job %s: unexpected engine error", job.id)
+            finally:
+                self._running = None
+
+    async def _run(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        self._abort.clear()
+        await self.store.set_status(job.id, "running", at=self.clock())
+        job._emit(Started())
+        started = time.monotonic()
+        step_times: list[float] = []
+
+        def on_step(step: int, total: int) -> None:  # worker thread
+            step_times.append(time.monotonic())
+            eta = _eta(started, step_times, step, total)
+            loop.call_soon_threadsafe(job._emit, Progress(step, total, eta))
+
+        deadline = started + self.config.engine.job_timeout_s
+        try:
+            png, path = await self._worker.call(self._render, job, on_step, deadline)
+        except Aborted:
+            if not self._accepting:
+                return  # shutting down: leave it 'running' in the journal, re-queued on restart
+            await self._finish(job, Cancelled(), JobStatus.CANCELLED)
+            await self.store.refund(job.id)
+            return
+        except EngineError as exc:
+            await self._fail(job, str(exc), refund=True)
+            return
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            await self._fail(job, f"Something went wrong while making this image ({job.id}); "
+                                  "the bot's admin can find the details in the log.", refund=True,
+                             detail=repr(exc))
+            return
+        result = JobResult(png=png, request=job.request, model_name=self.backend.model_name,
+                           seconds=time.monotonic() - started, path=path)
+        await self.store.set_status(job.id, "finished", at=self.clock(), result_path=path)
+        self._counts["finished"] += 1
+        job._emit(Finished(result))
+        log.info("job %s finished in %.1f s", job.id, result.seconds)
+
+    def _render(self, job: Job, on_step: Callable[[int, int], None],
+                deadline: float) -> tuple[bytes, str]:
+        """Worker thread: generate, encode the PNG, write it to the output folder."""
+        image = self._worker.generate_blocking(job.request, on_step, self._abort, deadline)
+        png = encode_png(image, job.request, self.backend.model_name)  # type: ignore[arg-type]
+        folder = Path(self.config.engine.output_dir) / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{job.id}-{job.request.seed}.png"
+        path.write_bytes(png)
+        return png, str(path)
+
+    async def _fail(self, job: Job, reason: str, *, refund: bool, detail: str = "") -> None:
+        self._counts["failed"] += 1
+        self._last_error = f"{job.id}: {detail or reason}"
+        log.warning("job %s failed: %s", job.id, detail or reason)
+        await self._finish(job, Failed(reason), JobStatus.FAILED, error=reason)
+        if refund:
+            await self.store.refund(job.id)
+
+    async def _finish(self, job: Job, event: Failed | Cancelled | Finished, status: JobStatus,
+                      error: str | None = None) -> None:
+        await self.store.set_status(job.id, status.value, at=self.clock(), error=error)
+        job._emit(event)
+
+    def _announce_positions(self) -> None:
+        for index, job in enumerate(self._queue.ordered(), start=1):
+            last = next((e for e in reversed(job.events_so_far) if isinstance(e, Queued)), None)
+            if last is None or last.position != index:
+                job._emit(Queued(index))
+
+    # -- restart ---------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        """Re-queue what was queued or running when the bot stopped, in the original order."""
+        for record in await self.store.unfinished_jobs():
+            if record.status == "running":
+                await self.store.set_status(record.job_id, "queued", at=self.clock())
+            job = Job(id=record.job_id, user=record.user, origin=record.origin,
+                      request=record.request, created_at=record.created_at, seq=record.seq,
+                      recovered=True, _engine=self)
+            self._recovered.append(job)
+            self._enqueue(job)
+        for record in await self.store.undelivered_jobs():
+            job = _job_from_finished_record(record, self)
+            if job is not None:
+                self._recovered.append(job)
+        if self._recovered:
+            log.info("recovered %d jobs from the journal", len(self._recovered))
+
+
+def _job_from_finished_record(record: JobRecord, engine: Engine) -> Job | None:
+    job = Job(id=record.job_id, user=record.user, origin=record.origin, request=record.request,
+              created_at=record.created_at, seq=record.seq, recovered=True, _engine=engine)
+    if record.status == "finished" and record.result_path and Path(record.result_path).exists():
+        png = Path(record.result_path).read_bytes()
+        job._emit(Finished(JobResult(png=png, request=record.request, model_name="",
+                                     seconds=0.0, path=record.result_path)))
+    elif record.status == "failed":
+        job._emit(Failed(record.error or "This image could not be made."))
+    else:
+        return None
+    engine._jobs[job.id] = job
+    return job
+
+
+def _eta(started: float, step_times: list[float], step: int, total: int) -> float | None:
+    """Seconds left, from the mean time of the steps after the first (which pays warm-up)."""
+    if step >= total:
+        return 0.0
+    if len(step_times) >= 2:
+        per_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+    else:
+        per_step = step_times[-1] - started if step_times else 0.0
+    return per_step * (total - step) if per_step > 0 else None
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(4)
+
+
+__all__ = ["Engine", "GenerationFailed", "Health"]

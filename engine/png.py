@@ -1,0 +1,52 @@
+"""PNG output with the generation parameters in a ``parameters`` text chunk.
+
+The chunk follows the AUTOMATIC1111 convention that other Stable Diffusion tools read:
+the prompt on the first line, then ``Key: value`` pairs separated by ", ".
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, PngImagePlugin
+
+from engine.request import ImageRequest
+
+SAMPLER = "FlowMatch Euler"
+
+
+def parameters_text(request: ImageRequest, model_name: str) -> str:
+    pairs = [
+        ("Steps", str(request.steps)),
+        ("Sampler", SAMPLER),
+        ("CFG scale", "1"),
+        ("Distilled CFG Scale", f"{request.guidance:g}"),
+        ("Seed", str(request.seed)),
+        ("Size", f"{request.width}x{request.height}"),
+        ("Model", model_name.replace(",", " ")),
+    ]
+    prompt = request.prompt.replace("\n", " ")
+    return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def encode_png(image: Image.Image, request: ImageRequest, model_name: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters_text(request, model_name))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
+    return buffer.getvalue()
+
+
+def read_parameters(png: bytes) -> dict[str, str]:
+    """Parse the ``parameters`` chunk back: ``{"prompt": ..., "Seed": ..., ...}``."""
+    with Image.open(io.BytesIO(png)) as image:
+        text = image.info.get("parameters") or image.text.get("parameters")  # type: ignore[attr-defined]
+    if not text:
+        return {}
+    prompt, _, tail = text.rpartition("\n")
+    fields: dict[str, str] = {"prompt": prompt}
+    for part in tail.split(", "):
+        key, sep, value = part.partition(": ")
+        if sep:
+            fields[key] = value
+    return fields

@@ -1,0 +1,83 @@
+"""Placeholder images, PNG metadata, the fair queue and the config defaults."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine.backends.dry_run import DryRunBackend, placeholder_image
+from engine.config import Config, ConfigError, config_from_dict, load_config
+from engine.fair_queue import FairQueue
+from engine.png import encode_png, read_parameters
+from tests.conftest import make_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_placeholder_is_deterministic_per_seed_and_sized():
+    a = placeholder_image(make_request(seed=1, width=512, height=256))
+    b = placeholder_image(make_request(seed=1, width=512, height=256))
+    c = placeholder_image(make_request(seed=2, width=512, height=256))
+    assert a.size == (512, 256)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_dry_run_emits_every_step():
+    steps = []
+    image = DryRunBackend().generate(make_request(steps=3), lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)] and image.size == (256, 256)
+
+
+def test_png_parameters_chunk_round_trip():
+    request = make_request("a fox, in snow: 🦊", seed=4294967295, steps=20)
+    png = encode_png(placeholder_image(request), request, "majicflus_v134")
+    params = read_parameters(png)
+    assert params["prompt"] == "a fox, in snow: 🦊"
+    assert params["Seed"] == "4294967295" and params["Size"] == "256x256"
+    assert params["Model"] == "majicflus_v134" and params["Distilled CFG Scale"] == "3.5"
+    assert Image.open(io.BytesIO(png)).text["parameters"].startswith("a fox")
+
+
+def test_fair_queue_serves_owners_in_turn():
+    q: FairQueue[str] = FairQueue()
+    for item in ["a1", "a2", "a3"]:
+        q.push("a", item)
+    q.push("b", "b1")
+    q.push("c", "c1")
+    assert list(q.ordered()) == ["a1", "b1", "c1", "a2", "a3"]
+    assert [q.pop() for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
+    assert q.pop() is None and len(q) == 0
+
+
+def test_example_config_equals_the_built_in_defaults():
+    data = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert config_from_dict(data) == Config()
+
+
+def test_missing_default_config_means_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config() == Config()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"engine": {"backend": "gpu"}}, "engine.backend = 'gpu'"),
+    ({"limits": {"steps_max": "50"}}, "limits.steps_max = '50' must be a whole number"),
+    ({"engine": {"bakend": "flux"}}, "unknown setting 'engine.bakend'"),
+    ({"model": {"preset": "huge"}}, "auto, low, balanced, max"),
+])
+def test_bad_config_names_key_value_and_allowed(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict(data)
+
+
+def test_tokens_from_environment_win(monkeypatch):
+    cfg = config_from_dict({"discord": {"token": "from-file"}})
+    assert cfg.discord_token == "from-file"
+    monkeypatch.setenv("DISCORD_TOKEN", "from-env")
+    assert cfg.discord_token == "from-env"
