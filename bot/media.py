@@ -1,0 +1,39 @@
+"""Fitting an image under a platform's upload limit without failing the job."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+
+def fit_under(png: bytes, limit_bytes: int) -> tuple[bytes, str]:
+    """The PNG if it fits; else a high-quality WebP, then JPEG at falling quality.
+
+    Returns the bytes and a file extension ("png", "webp", "jpg").
+    """
+    if len(png) <= limit_bytes:
+        return png, "png"
+    with Image.open(io.BytesIO(png)) as source:
+        image = source.convert("RGB")
+    for quality in (95, 90, 80):
+        data = _encode(image, "WEBP", quality)
+        if len(data) <= limit_bytes:
+            return data, "webp"
+    for quality in (85, 75, 60, 45):
+        data = _encode(image, "JPEG", quality)
+        if len(data) <= limit_bytes:
+            return data, "jpg"
+    scale = 0.7
+    while True:  # last resort: smaller pixels
+        small = image.resize((max(16, int(image.width * scale)), max(16, int(image.height * scale))))
+        data = _encode(small, "JPEG", 75)
+        if len(data) <= limit_bytes or small.width <= 16:
+            return data, "jpg"
+        scale *= 0.7
+
+
+def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=quality)
+    return buffer.getvalue()
