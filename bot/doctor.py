@@ -1,0 +1,142 @@
+"""``python -m bot doctor``: check the set-up and say how to fix each problem.
+
+Exit code 0 when everything needed to run is in place, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.secrets_filter import mask
+from engine.config import DEFAULT_CONFIG_PATH, Config
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def run_doctor(config: Config, config_path: str | None, *, print_fn=print) -> int:  # type: ignore[no-untyped-def]
+    checks = [check_config(config_path), *check_tokens(config, config_path),
+              check_database(config), check_output_dir(config)]
+    if config.engine.backend == "flux":
+        checks.append(check_gpu(config))
+        checks.extend(check_models(config))
+    else:
+        checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
+    for check in checks:
+        mark = "ok " if check.ok else "FAIL"
+        print_fn(f"[{mark}] {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            print_fn(f"       fix: {check.fix}")
+    problems = sum(not c.ok for c in checks)
+    print_fn("All good." if not problems else f"{problems} problem(s) found.")
+    return 1 if problems else 0
+
+
+def check_config(config_path: str | None) -> Check:
+    path = Path(config_path) if config_path else DEFAULT_CONFIG_PATH
+    if not path.exists():
+        return Check("config", True, f"no {path}: using the defaults of config.example.toml")
+    return Check("config", True, f"read {path}")
+
+
+def check_tokens(config: Config, config_path: str | None) -> list[Check]:
+    checks = []
+    for platform, token, env in (("discord", config.discord_token, "DISCORD_TOKEN"),
+                                 ("telegram", config.telegram_token, "TELEGRAM_TOKEN")):
+        source = "environment" if os.environ.get(env) else "config"
+        detail = f"token {mask(token)} from the {source}" if token else "no token (adapter off)"
+        checks.append(Check(f"{platform} token", True, detail))
+    if not (config.discord_token or config.telegram_token):
+        checks.append(Check("adapters", True, "no chat token set: `run` starts the console"))
+    path = Path(config_path) if config_path else DEFAULT_CONFIG_PATH
+    if path.exists() and (config.discord.token or config.telegram.token):
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            checks.append(Check("config file", False, f"{path} holds a token and others can read it",
+                                f"chmod 600 {path}"))
+    return checks
+
+
+def check_database(config: Config) -> Check:
+    path = Path(config.engine.database)
+    if not path.exists():
+        parent = _existing_parent(path)
+        if os.access(parent, os.W_OK):
+            return Check("database", True, f"{path} will be created")
+        return Check("database", False, f"cannot create {path}: {parent} is not writable",
+                     f"make {parent} writable or set engine.database")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        return Check("database", False, f"{path} cannot be read: {exc}",
+                     "move the file away; a new journal will be created")
+    if result != "ok":
+        return Check("database", False, f"{path} is damaged: {result}",
+                     "move the file away; a new journal will be created")
+    return Check("database", True, f"{path} (schema v{version})")
+
+
+def check_output_dir(config: Config) -> Check:
+    path = Path(config.engine.output_dir)
+    parent = path if path.exists() else _existing_parent(path)
+    if os.access(parent, os.W_OK):
+        return Check("output folder", True, f"{path}")
+    return Check("output folder", False, f"{path} is not writable",
+                 f"make {parent} writable or set engine.output_dir")
+
+
+def check_gpu(config: Config) -> Check:
+    from engine.flux.gpu_probe import probe_gpu
+
+    gpu = probe_gpu(config.model.device)
+    if not gpu.available:
+        return Check("GPU", False, f"none usable: {gpu.problem} (torch {gpu.torch_version})",
+                     "install the NVIDIA driver and a CUDA build of PyTorch, or set "
+                     'engine.backend = "dry-run" to try the bot without a GPU')
+    detail = f"{gpu.name}, {gpu.free_gib:.1f} of {gpu.total_gib:.1f} GiB free"
+    if gpu.free_gib < 6:
+        return Check("GPU", False, detail + "; at least 6 GiB free is needed",
+                     "close other programs using the GPU")
+    return Check("GPU", True, detail)
+
+
+def check_models(config: Config) -> list[Check]:
+    from engine.flux.model_files import describe_model_files
+
+    checks = []
+    models_dir = Path(config.model.models_dir)
+    if not models_dir.exists():
+        fix = ("turn model.offline off to download them, or copy the files there"
+               if config.model.offline else "")
+        checks.append(Check("models folder", not config.model.offline,
+                            f"{models_dir} does not exist yet"
+                            + ("" if config.model.offline else ": `run` downloads the models"
+                               " into it on first start (about 33 GB)"), fix))
+    for entry in describe_model_files(config.model):
+        size = f", {entry.size_bytes / 1e9:.1f} GB" if entry.size_bytes else ""
+        if entry.present:
+            checks.append(Check(entry.name, True, f"{entry.path}{size}"))
+        elif entry.will_download:
+            checks.append(Check(entry.name, True, f"missing, will be downloaded to {entry.path}"))
+        else:
+            checks.append(Check(entry.name, False, f"missing: {entry.path}",
+                                "copy the file there, set its *_path, or set model.offline = false"))
+    return checks
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent

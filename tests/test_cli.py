@@ -1,0 +1,83 @@
+"""The command line as a user runs it: ``python -m bot imagine`` and ``python -m bot doctor``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.png import read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bot(args: list[str], cwd: Path, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("DISCORD_TOKEN", None) if "DISCORD_TOKEN" not in (env or {}) else None
+    full_env.pop("TELEGRAM_TOKEN", None) if "TELEGRAM_TOKEN" not in (env or {}) else None
+    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=120, env=full_env)
+
+
+def write_dry_run_config(folder: Path, extra: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text('[engine]\nbackend = "dry-run"\ndry_run_step_s = 0.0\n' + extra)
+    return path
+
+
+def test_imagine_writes_png_with_seed_in_parameters(tmp_path):
+    write_dry_run_config(tmp_path)
+    done = run_bot(["imagine", "test", "--steps", "4", "--seed", "7", "-o", "t.png"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    params = read_parameters((tmp_path / "t.png").read_bytes())
+    assert params["Seed"] == "7" and params["Steps"] == "4" and params["prompt"] == "test"
+    assert "seed 7" in done.stdout
+    assert (tmp_path / "data" / "bot.sqlite3").exists()
+
+
+def test_imagine_reports_the_random_seed_it_used(tmp_path):
+    write_dry_run_config(tmp_path)
+    done = run_bot(["imagine", "a fox --ar 16:9", "--steps", "2", "-o", "fox.png"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    params = read_parameters((tmp_path / "fox.png").read_bytes())
+    assert f"seed {params['Seed']}" in done.stdout
+    width, height = map(int, params["Size"].split("x"))
+    assert width > height
+
+
+def test_imagine_bad_input_is_one_clear_sentence(tmp_path):
+    write_dry_run_config(tmp_path)
+    done = run_bot(["imagine", "fox", "--steps", "500"], tmp_path)
+    assert done.returncode == 2
+    assert "steps" in done.stderr.lower() and "50" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_console_run_reads_commands_and_prints_the_image_path(tmp_path):
+    write_dry_run_config(tmp_path)
+    done = run_bot(["run"], tmp_path, stdin="/imagine a red fox --seed 5 --steps 3\n/limits\n")
+    assert done.returncode == 0, done.stderr
+    saved = [line.split("saved to ", 1)[1] for line in done.stdout.splitlines()
+             if "saved to " in line]
+    assert len(saved) == 1
+    assert read_parameters((tmp_path / saved[0]).read_bytes())["Seed"] == "5"
+    assert "step 3/3" in done.stdout
+
+
+def test_doctor_explains_missing_models_and_gpu(tmp_path):
+    done = run_bot(["doctor"], tmp_path, env={"DISCORD_TOKEN": "secret-token-value-1234567890"})
+    assert done.returncode == 1
+    out = done.stdout
+    assert "models folder" in out and "will be downloaded" in out
+    assert "fix:" in out
+    assert "secret-token-value-1234567890" not in out + done.stderr
+    assert "secr…" in out
+
+
+def test_doctor_passes_for_dry_run(tmp_path):
+    write_dry_run_config(tmp_path)
+    done = run_bot(["doctor"], tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert "dry-run" in done.stdout and "All good." in done.stdout
