@@ -266,7 +266,8 @@ class Engine:
     # -- running ---------------------------------------------------------------------------
     async def _schedule(self) -> None:
         while True:
-            job = None if self._paused else self._queue.pop()
+            # Paused or shutting down: start nothing new (queued jobs stay in the journal).
+            job = None if self._paused or not self._accepting else self._queue.pop()
             if job is None:
                 self._wake.clear()
                 await self._wake.wait()
