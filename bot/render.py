@@ -13,6 +13,7 @@ import re
 from engine.config import LimitsSection
 from engine.engine import Health
 from engine.errors import EngineError
+from engine.grammar import clean_prompt
 from engine.job import Job, JobResult
 from engine.rate_limit import Quota
 from engine.request import ImageRequest
@@ -27,7 +28,9 @@ def escape_markdown(text: str) -> str:
 
 
 def safe_text(text: str, *, md: bool = False, limit: int | None = None) -> str:
-    """User text made safe to echo: shortened, mass mentions defused, Markdown escaped if asked."""
+    """User text made safe to echo: cleaned of control/bidi/zero-width characters, shortened,
+    mass mentions defused, Markdown escaped if asked."""
+    text = clean_prompt(text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     text = _MASS_MENTION.sub("@\u200d\\1", text)
