@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from engine.config import DeliverySection
 from engine.engine import Engine
 from engine.job import Job
 
@@ -25,6 +25,11 @@ class RetryPolicy:
     first_delay_s: float = 2.0
     max_delay_s: float = 300.0
     give_up_after_s: float = 24 * 3600.0
+
+    @classmethod
+    def from_config(cls, section: DeliverySection) -> "RetryPolicy":
+        return cls(attempts=section.attempts, first_delay_s=section.first_delay_s,
+                   max_delay_s=section.max_delay_s, give_up_after_s=section.give_up_after_s)
 
     def delay(self, attempt: int) -> float:
         return min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1))
@@ -56,6 +61,6 @@ async def deliver(
             continue
         await engine.mark_delivered(job, where)
         return True
-    if time.time() - job.created_at > policy.give_up_after_s:
+    if engine.clock() - job.created_at > policy.give_up_after_s:
         await engine.give_up_delivery(job, last_error)
     return False

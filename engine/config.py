@@ -114,6 +114,14 @@ class TelegramSection:
 
 
 @dataclass
+class DeliverySection:
+    attempts: int = 5
+    first_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+    give_up_after_s: float = 86400.0
+
+
+@dataclass
 class ConsoleSection:
     enabled: str = "auto"  # "auto": only when no chat token is set; "always"; "never"
 
@@ -127,6 +135,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     discord: DiscordSection = field(default_factory=DiscordSection)
     telegram: TelegramSection = field(default_factory=TelegramSection)
+    delivery: DeliverySection = field(default_factory=DeliverySection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
 
     @property
@@ -230,6 +239,7 @@ def _validated(config: Config) -> Config:
          config.rate_limit.images_per_window, "0 (no limit) or more")
     need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,
          "more than 0 seconds")
+    need(config.delivery.attempts >= 1, "delivery.attempts", config.delivery.attempts, "at least 1")
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
     return config
