@@ -1,0 +1,93 @@
+"""From a ``MemoryPlan`` and the model paths to a diffsynth ``FluxImagePipeline``.
+
+``pipeline_kwargs`` is exactly what ``FluxImagePipeline.from_pretrained`` receives, built without
+loading any weight, so the tests can check each preset's ``ModelConfig``s and ``vram_limit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from diffsynth.core import ModelConfig
+
+from engine.flux.model_files import ModelPaths
+from engine.flux.presets import MemoryPlan, Placement
+
+# diffsynth's VRAM management calls torch.<device>.empty_cache() between phases; a CPU-only
+# torch has no torch.cpu.empty_cache (there is no CPU cache to empty), so give it a no-op.
+if not hasattr(torch.cpu, "empty_cache"):
+    torch.cpu.empty_cache = lambda: None  # type: ignore[attr-defined]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
+           "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else _DTYPES[name]
+
+
+def vram_kwargs(placement: Placement) -> dict[str, Any]:
+    """ModelConfig's offload/onload/preparing/computation fields, with torch dtypes."""
+    if not placement.managed:  # unmanaged: diffsynth loads it onto the computation device
+        return {"computation_device": placement.computation_device,
+                "computation_dtype": torch_dtype(placement.computation_dtype)}
+    return {key: (torch_dtype(value) if key.endswith("_dtype") else value)
+            for key, value in placement.vram_config().items()}
+
+
+def model_configs(plan: MemoryPlan, paths: ModelPaths) -> list[ModelConfig]:
+    """One ModelConfig per file, with a local path so diffsynth never downloads."""
+    files = [(paths.dit, plan.dit), (paths.text_encoder, plan.clip),
+             (paths.text_encoder_2, plan.t5), (paths.vae, plan.vae)]
+    return [ModelConfig(path=path, skip_download=True, **vram_kwargs(placement))
+            for path, placement in files]
+
+
+def pipeline_kwargs(plan: MemoryPlan, paths: ModelPaths) -> dict[str, Any]:
+    return {
+        "torch_dtype": torch.bfloat16,
+        "device": plan.device,
+        "model_configs": model_configs(plan, paths),
+        "tokenizer_1_config": ModelConfig(path=paths.tokenizer, skip_download=True),
+        "tokenizer_2_config": ModelConfig(path=paths.tokenizer_2, skip_download=True),
+        "vram_limit": plan.vram_limit_gib,
+    }
+
+
+def build_pipeline(plan: MemoryPlan, paths: ModelPaths) -> Any:
+    """Load the weights (blocking: seconds to minutes) and return the pipeline."""
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+
+    return FluxImagePipeline.from_pretrained(**pipeline_kwargs(plan, paths))
+
+
+def set_vram_limit(pipe: Any, limit_gib: float | None) -> int:
+    """Change the limit on every managed layer in place; returns how many layers were changed."""
+    from diffsynth.core.vram.layers import AutoTorchModule
+
+    changed = 0
+    for module in pipe.modules():
+        if isinstance(module, AutoTorchModule):
+            module.vram_limit = limit_gib
+            changed += 1
+    return changed
+
+
+def step_reporter(on_step: Callable[[int, int], None],
+                  sync: Callable[[], None] | None = None) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """A stand-in for diffsynth's ``progress_bar_cmd``: it wraps the timestep loop, and when the
+    loop asks for the next timestep (the previous step is done) it calls ``on_step(i, n)``.
+    ``sync`` waits for the GPU first, so step times and cancellation are honest. An exception
+    raised by ``on_step`` leaves the sampling loop."""
+
+    def progress(timesteps: Iterable[Any]) -> Iterator[Any]:
+        items = list(timesteps)
+        for i, item in enumerate(items, start=1):
+            yield item
+            if sync is not None:
+                sync()
+            on_step(i, len(items))
+
+    return progress

@@ -1,0 +1,157 @@
+"""Memory presets as plain data: where each FLUX model's weights live and where they are computed.
+
+No torch here: the plan is made from numbers (the free GPU memory at start-up, or the configured
+``vram_limit_gib``) so it can be tested and printed by ``doctor`` on any machine. ``pipeline.py``
+turns a plan into diffsynth ``ModelConfig``s.
+
+    preset     DiT                             text encoders, VAE           fits (GiB budget)
+    low        float8 on the CPU, bf16 compute  bf16 on the CPU, streamed   any (8 GB cards)
+    balanced   float8 resident on the GPU       T5 streamed, CLIP/VAE res.  >= 18
+    max        bf16 resident                    bf16 resident               >= 36
+    auto       the largest of the above that fits the budget
+
+"Streamed" is diffsynth's VRAM management: a layer is copied to the GPU for each call, except the
+layers it keeps resident while the device's used memory stays under ``vram_limit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine.config import ModelSection
+
+GIB = 1024**3
+# Budgets (GiB) at which auto picks a preset. Peak allocation at 1024² measured on an H100
+# (docs/benchmarks.md): everything bf16 resident 34.2; DiT float8 resident 11.1 + activations.
+MAX_MIN_GIB = 36.0
+BALANCED_MIN_GIB = 18.0
+# Kept free under the budget for activations of a 1024² step and the VAE decode's peak.
+ACTIVATION_RESERVE_GIB = 1.0
+# Each out-of-memory retry in the low preset halves what resident layers may use; below this
+# nothing stays resident.
+LOW_FLOOR_GIB = 2.0
+FP8 = "float8_e4m3fn"
+BF16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """diffsynth's ``vram_config`` for one model; ``offload_device=None`` means unmanaged:
+    the model is loaded once onto the computation device in the computation dtype."""
+
+    computation_device: str
+    computation_dtype: str = BF16
+    offload_device: str | None = None
+    offload_dtype: str | None = None
+    onload_device: str | None = None
+    onload_dtype: str | None = None
+    preparing_device: str | None = None
+    preparing_dtype: str | None = None
+
+    @property
+    def managed(self) -> bool:
+        return self.offload_device is not None
+
+    def vram_config(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+
+def resident(device: str, dtype: str = BF16) -> Placement:
+    """Loaded once onto the GPU. A float8 copy is kept there and cast to bf16 per layer call."""
+    if dtype == BF16:
+        return Placement(computation_device=device)
+    return Placement(device, BF16, device, dtype, device, dtype, device, dtype)
+
+
+def streamed(device: str, dtype: str, host: str = "cpu") -> Placement:
+    """Kept in host memory; diffsynth copies a layer to the GPU per call, or keeps it there
+    while the device stays under ``vram_limit`` (the "preparing" state)."""
+    return Placement(device, BF16, host, dtype, host, dtype, device, dtype)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    preset: str  # the resolved preset: low, balanced or max
+    device: str
+    dit: Placement
+    clip: Placement
+    t5: Placement
+    vae: Placement
+    vram_limit_gib: float | None  # what diffsynth compares the device's used memory against
+    budget_gib: float | None
+    vae_tiled: bool = False
+    reason: str = ""
+    used_at_start_gib: float = 0.0  # device memory others (and the CUDA context) held at start
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        return {"dit": self.dit, "clip": self.clip, "t5": self.t5, "vae": self.vae}
+
+    def describe(self) -> str:
+        limit = "none" if self.vram_limit_gib is None else f"{self.vram_limit_gib:.1f} GiB"
+        return f"preset {self.preset} (vram_limit {limit}{', tiled VAE' if self.vae_tiled else ''}): {self.reason}"
+
+
+def resolve_budget(config: ModelSection, free_gib: float | None) -> float | None:
+    """GiB the model may use: ``vram_limit_gib`` when set, else what was free at start-up."""
+    return config.vram_limit_gib if config.vram_limit_gib > 0 else free_gib
+
+
+def choose_preset(config: ModelSection, budget_gib: float | None) -> tuple[str, str]:
+    """(preset, why). ``auto`` without a known budget (no CUDA) takes ``low``, the frugal one."""
+    if config.preset != "auto":
+        return config.preset, f"preset {config.preset} set in config"
+    if budget_gib is None:
+        return "low", "auto: no GPU memory figure, so the frugal preset"
+    for preset, minimum in (("max", MAX_MIN_GIB), ("balanced", BALANCED_MIN_GIB)):
+        if budget_gib >= minimum:
+            return preset, f"auto: {budget_gib:.1f} GiB budget >= {minimum:.0f} GiB"
+    return "low", f"auto: {budget_gib:.1f} GiB budget < {BALANCED_MIN_GIB:.0f} GiB"
+
+
+def plan_memory(config: ModelSection, free_gib: float | None = None,
+                used_gib: float = 0.0) -> MemoryPlan:
+    """The plan for this machine. ``free_gib``: what this process may still allocate on the
+    device at start-up (None without CUDA); ``used_gib``: what the whole device holds already."""
+    budget = resolve_budget(config, free_gib)
+    preset, why = choose_preset(config, budget)
+    return make_plan(preset, config.device, budget, used_gib=used_gib, reason=why)
+
+
+def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
+              reason: str = "", vae_tiled: bool = False) -> MemoryPlan:
+    dev, extra = device, {"reason": reason, "used_at_start_gib": used_gib, "vae_tiled": vae_tiled}
+    if preset == "max":
+        plain = resident(dev)
+        return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib, **extra)
+    # diffsynth compares the whole device's used memory (other processes and the CUDA context
+    # included) with vram_limit, so the limit is what was used at start plus our budget.
+    limit = None if budget_gib is None else max(0.0, used_gib + budget_gib - ACTIVATION_RESERVE_GIB)
+    if limit is None and dev.startswith("cuda"):
+        limit = 0.0  # unknown budget on a GPU: keep nothing resident rather than risk an OOM
+    if preset == "balanced":
+        return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
+                          resident(dev), limit, budget_gib, **extra)
+    if preset == "low":
+        bf16 = streamed(dev, BF16)
+        return MemoryPlan("low", dev, streamed(dev, FP8), bf16, bf16, bf16, limit, budget_gib, **extra)
+    raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
+
+
+def tighter(plan: MemoryPlan) -> MemoryPlan | None:
+    """The next plan after an out-of-memory error, or None when nothing tighter is left.
+
+    max -> balanced -> low -> low with half the vram_limit and a tiled VAE decode -> ...
+    -> low with nothing resident (every layer copied per call).
+    """
+    why = f"tightened after running out of GPU memory (was {plan.preset})"
+    if plan.preset in ("max", "balanced"):
+        lower = "balanced" if plan.preset == "max" else "low"
+        return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
+                         plan.vae_tiled)
+    if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
+        return None if plan.vae_tiled else dataclasses.replace(plan, vae_tiled=True, reason=why)
+    limit = plan.vram_limit_gib / 2
+    return dataclasses.replace(plan, vram_limit_gib=limit if limit >= LOW_FLOOR_GIB else 0.0,
+                               vae_tiled=True, reason=why)

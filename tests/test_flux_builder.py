@@ -1,0 +1,304 @@
+"""The FLUX pipeline builder, checked without loading a weight: for each memory preset, the
+ModelConfigs and vram_limit handed to diffsynth; the model files; the backend around a fake
+pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+from PIL import Image  # noqa: E402
+
+from engine.config import ModelSection  # noqa: E402
+from engine.flux import pipeline as fp  # noqa: E402
+from engine.flux.backend import FluxBackend  # noqa: E402
+from engine.flux.model_files import (  # noqa: E402
+    ModelFilesMissing,
+    ModelPaths,
+    describe_model_files,
+    ensure_model_files,
+)
+from engine.flux.presets import make_plan, plan_memory, tighter  # noqa: E402
+from engine.request import ImageRequest  # noqa: E402
+
+FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
+PATHS = ModelPaths(dit="m/dit.safetensors", text_encoder="m/te.safetensors",
+                   text_encoder_2=["m/t5-1.safetensors", "m/t5-2.safetensors"],
+                   vae="m/ae.safetensors", tokenizer="m/tok", tokenizer_2="m/tok2")
+# diffsynth's own low-VRAM FLUX example (examples/flux/model_inference_low_vram/FLUX.1-dev.py)
+EXAMPLE_VRAM_CONFIG = {
+    "offload_dtype": FP8, "offload_device": "cpu", "onload_dtype": FP8, "onload_device": "cpu",
+    "preparing_dtype": FP8, "preparing_device": "cuda", "computation_dtype": BF16,
+    "computation_device": "cuda",
+}
+STREAMED_BF16 = {k: (BF16 if k.endswith("dtype") else v) for k, v in EXAMPLE_VRAM_CONFIG.items()}
+RESIDENT_FP8 = {**EXAMPLE_VRAM_CONFIG, "offload_device": "cuda", "onload_device": "cuda"}
+
+
+def configs_for(preset: str, free: float = 11.5, used: float = 0.5, **model):
+    plan = plan_memory(ModelSection(preset=preset, **model), free, used)
+    kwargs = fp.pipeline_kwargs(plan, PATHS)
+    names = ("dit", "clip", "t5", "vae")
+    return plan, kwargs, dict(zip(names, kwargs["model_configs"], strict=True))
+
+
+def managed(config) -> bool:
+    """diffsynth's own test for 'enable VRAM management' on what it would fill in."""
+    from diffsynth.models.model_loader import ModelPool
+
+    return ModelPool().need_to_enable_vram_management(config.vram_config())
+
+
+def test_low_preset_is_the_seeds_set_up() -> None:
+    plan, kwargs, cfg = configs_for("low", free=11.5, used=0.5)
+    assert cfg["dit"].vram_config() == EXAMPLE_VRAM_CONFIG
+    for name in ("clip", "t5", "vae"):
+        assert cfg[name].vram_config() == STREAMED_BF16, name
+    assert all(managed(c) for c in cfg.values())
+    # the device's used memory at start + the 11.5 GiB budget - 1 GiB kept for activations
+    assert kwargs["vram_limit"] == pytest.approx(11.0)
+    assert kwargs["torch_dtype"] is BF16 and kwargs["device"] == "cuda"
+
+
+def test_balanced_keeps_the_float8_dit_resident_and_streams_t5() -> None:
+    plan, kwargs, cfg = configs_for("balanced", free=22.0, used=1.0)
+    assert cfg["dit"].vram_config() == RESIDENT_FP8
+    assert cfg["t5"].vram_config() == STREAMED_BF16
+    for name in ("clip", "vae"):
+        assert not managed(cfg[name])
+        assert (cfg[name].computation_device, cfg[name].computation_dtype) == ("cuda", BF16)
+    assert kwargs["vram_limit"] == pytest.approx(22.0)
+
+
+def test_max_loads_everything_resident_without_vram_management() -> None:
+    plan, kwargs, cfg = configs_for("max", free=70.0)
+    for config in cfg.values():
+        assert not managed(config)
+        assert config.offload_device is None and config.offload_dtype is None
+        assert (config.computation_device, config.computation_dtype) == ("cuda", BF16)
+    assert kwargs["vram_limit"] is None
+
+
+@pytest.mark.parametrize(("free", "expected"), [(5.5, "low"), (11.0, "low"), (17.9, "low"),
+                                                (18.0, "balanced"), (30.0, "balanced"),
+                                                (36.0, "max"), (78.0, "max")])
+def test_auto_picks_from_the_free_memory(free: float, expected: str) -> None:
+    assert configs_for("auto", free=free)[0].preset == expected
+
+
+def test_vram_limit_gib_overrides_the_free_memory() -> None:
+    plan, kwargs, _ = configs_for("auto", free=78.0, used=0.5, vram_limit_gib=8.0)
+    assert plan.preset == "low" and plan.budget_gib == 8.0
+    assert kwargs["vram_limit"] == pytest.approx(7.5)
+
+
+def test_configs_point_at_local_files_and_never_download() -> None:
+    _, kwargs, cfg = configs_for("low")
+    assert [c.path for c in kwargs["model_configs"]] == [
+        PATHS.dit, PATHS.text_encoder, PATHS.text_encoder_2, PATHS.vae]
+    for config in [*kwargs["model_configs"], kwargs["tokenizer_1_config"],
+                   kwargs["tokenizer_2_config"]]:
+        assert config.require_downloading() is False
+    assert kwargs["tokenizer_1_config"].path == PATHS.tokenizer
+    assert kwargs["tokenizer_2_config"].path == PATHS.tokenizer_2
+
+
+def test_tighter_plans_only_shrink_and_end() -> None:
+    plan = make_plan("max", "cuda", 40.0, used_gib=0.5)
+    seen = [plan]
+    while (nxt := tighter(seen[-1])) is not None:
+        seen.append(nxt)
+        assert len(seen) < 20
+    assert [p.preset for p in seen[:3]] == ["max", "balanced", "low"]
+    lows = [p.vram_limit_gib for p in seen[2:]]
+    assert lows == sorted(lows, reverse=True) and lows[-1] == 0.0
+    assert seen[-1].vae_tiled and tighter(seen[-1]) is None
+    assert seen[1].vram_limit_gib == pytest.approx(39.5)  # budget kept through the ladder
+
+
+def test_cpu_only_torch_survives_diffsynths_empty_cache() -> None:
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+
+    pipe = FluxImagePipeline(device="cpu", torch_dtype=BF16)
+    pipe.vram_management_enabled = True
+    pipe.load_models_to_device([])  # calls torch.cpu.empty_cache(), missing on CPU-only builds
+
+
+def test_step_reporter_counts_each_finished_step_and_lets_aborts_through() -> None:
+    calls: list[tuple[int, int]] = []
+    seen = []
+    for t in fp.step_reporter(lambda i, n: calls.append((i, n)))(["a", "b", "c"]):
+        assert len(calls) == len(seen)  # a step is reported only once its body has run
+        seen.append(t)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+    def abort(i: int, n: int) -> None:
+        if i == 2:
+            raise KeyboardInterrupt("cancelled")
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        for t in fp.step_reporter(abort)(range(5)):
+            ran.append(t)
+    assert ran == [0, 1]
+
+
+# -- model files -------------------------------------------------------------------------------
+def fill(root: Path, config: ModelSection) -> None:
+    """Lay out tiny stand-ins for every file, as a finished download leaves them."""
+    flux = root / config.flux_model_id
+    for rel in ("text_encoder/model.safetensors", "ae.safetensors",
+                "text_encoder_2/model-00001-of-00002.safetensors",
+                "text_encoder_2/model-00002-of-00002.safetensors",
+                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/tokenizer.json"):
+        (flux / rel).parent.mkdir(parents=True, exist_ok=True)
+        (flux / rel).write_bytes(b"x" * 10)
+    dit = root / config.dit_model_id / config.dit_file
+    dit.parent.mkdir(parents=True, exist_ok=True)
+    dit.write_bytes(b"y" * 100)
+
+
+def test_describe_model_files_on_an_empty_folder(tmp_path: Path) -> None:
+    rows = describe_model_files(ModelSection(models_dir=str(tmp_path)))
+    assert [r.name for r in rows] == ["dit", "text_encoder", "text_encoder_2", "vae", "tokenizer",
+                                      "tokenizer_2"]
+    assert all(not r.present and r.will_download and r.size_bytes is None for r in rows)
+    assert rows[0].path == str(tmp_path / "MAILAND/majicflus_v1/majicflus_v134.safetensors")
+    offline = describe_model_files(ModelSection(models_dir=str(tmp_path), offline=True))
+    assert not any(r.will_download for r in offline)
+
+
+def test_describe_model_files_sizes_and_local_paths(tmp_path: Path) -> None:
+    config = ModelSection(models_dir=str(tmp_path / "models"), vae_path=str(tmp_path / "my-ae.st"))
+    fill(tmp_path / "models", config)
+    rows = {r.name: r for r in describe_model_files(config)}
+    assert rows["dit"].present and rows["dit"].size_bytes == 100
+    assert rows["text_encoder_2"].present and rows["text_encoder_2"].size_bytes == 20
+    assert not rows["vae"].present and not rows["vae"].will_download  # local paths never download
+    assert "model.vae_path" in rows["vae"].source
+
+
+def test_a_missing_t5_shard_is_not_present(tmp_path: Path) -> None:
+    config = ModelSection(models_dir=str(tmp_path))
+    fill(tmp_path, config)
+    (tmp_path / config.flux_model_id / "text_encoder_2/model-00002-of-00002.safetensors").unlink()
+    rows = {r.name: r for r in describe_model_files(config)}
+    assert not rows["text_encoder_2"].present and rows["text_encoder_2"].will_download
+
+
+def test_offline_names_the_missing_file_and_where_it_belongs(tmp_path: Path) -> None:
+    config = ModelSection(models_dir=str(tmp_path), offline=True)
+    fill(tmp_path, config)
+    (tmp_path / config.flux_model_id / "ae.safetensors").unlink()
+
+    def no_download(*args: object) -> None:
+        raise AssertionError("offline mode downloaded")
+
+    with pytest.raises(ModelFilesMissing) as err:
+        ensure_model_files(config, no_download)
+    message = str(err.value)
+    assert "vae" in message and str(tmp_path / config.flux_model_id / "ae.safetensors") in message
+    assert "offline" in message and "dit" not in message
+
+
+def test_download_fetches_only_what_is_missing_per_repository(tmp_path: Path) -> None:
+    config = ModelSection(models_dir=str(tmp_path))
+    calls: list[tuple[str, Path, list[str]]] = []
+
+    def fake_download(model_id: str, target: Path, patterns: list[str]) -> None:
+        calls.append((model_id, target, patterns))
+        fill(tmp_path, config)
+
+    paths = ensure_model_files(config, fake_download)
+    assert calls[0] == ("MAILAND/majicflus_v1", tmp_path / "MAILAND/majicflus_v1",
+                        ["majicflus_v134.safetensors"])
+    assert calls[1][0] == "black-forest-labs/FLUX.1-dev" and "text_encoder_2/*" in calls[1][2]
+    assert len(calls) == 2
+    assert [Path(p).name for p in paths.text_encoder_2] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert ensure_model_files(config, fake_download) == paths and len(calls) == 2  # nothing again
+
+
+def test_a_download_that_leaves_files_missing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesMissing, match="dit: expected at"):
+        ensure_model_files(ModelSection(models_dir=str(tmp_path)), lambda *a: None)
+
+
+def test_a_local_t5_folder_with_an_index_needs_its_shards(tmp_path: Path) -> None:
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}))
+    (folder / "one.safetensors").write_bytes(b"1")
+    config = ModelSection(models_dir=str(tmp_path / "m"), text_encoder_2_path=str(folder))
+    assert not {r.name: r for r in describe_model_files(config)}["text_encoder_2"].present
+    (folder / "two.safetensors").write_bytes(b"2")
+    assert {r.name: r for r in describe_model_files(config)}["text_encoder_2"].present
+
+
+# -- the backend around a fake pipeline -----------------------------------------------------------
+class FakePipe:
+    vram_management_enabled = False
+
+    def __init__(self, plan, paths) -> None:
+        self.plan, self.paths, self.calls = plan, paths, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        for _ in kwargs["progress_bar_cmd"](range(kwargs["num_inference_steps"])):
+            pass
+        return Image.new("RGB", (kwargs["width"], kwargs["height"]))
+
+
+def cpu_backend(tmp_path: Path, **model) -> tuple[FluxBackend, list[FakePipe]]:
+    config = ModelSection(models_dir=str(tmp_path), device="cpu", **model)
+    fill(tmp_path, config)
+    built: list[FakePipe] = []
+
+    def factory(plan, paths):
+        built.append(FakePipe(plan, paths))
+        return built[-1]
+
+    return FluxBackend(config, pipeline_factory=factory), built
+
+
+def test_backend_generates_with_the_requests_parameters(tmp_path: Path) -> None:
+    backend, built = cpu_backend(tmp_path)
+    assert backend.model_name == "majicflus_v134 (FLUX.1-dev)"
+    backend.load()
+    steps: list[tuple[int, int]] = []
+    request = ImageRequest(prompt="a red fox", seed=7, steps=4, width=768, height=512, guidance=2.5)
+    image = backend.generate(request, lambda i, n: steps.append((i, n)))
+    assert image.size == (768, 512) and steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    call = built[0].calls[0]
+    assert (call["prompt"], call["seed"], call["num_inference_steps"]) == ("a red fox", 7, 4)
+    assert (call["height"], call["width"], call["embedded_guidance"]) == (512, 768, 2.5)
+    assert call["cfg_scale"] == 1.0 and call["rand_device"] == "cpu"
+    assert built[0].paths.dit.endswith("majicflus_v134.safetensors")
+    assert backend.memory_info() == {}  # no CUDA device in use
+
+
+def test_backend_reduce_memory_walks_the_ladder_then_gives_up(tmp_path: Path) -> None:
+    backend, built = cpu_backend(tmp_path, preset="max", vram_limit_gib=40.0)
+    backend.load()
+    presets = [backend.plan.preset]
+    while backend.reduce_memory():
+        presets.append(backend.plan.preset)
+        assert len(presets) < 20
+    assert presets[:3] == ["max", "balanced", "low"] and len(built) == len(presets)
+    assert dataclasses.asdict(built[-1].plan) == dataclasses.asdict(backend.plan)
+
+
+def test_backend_says_clearly_when_cuda_is_missing(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = ModelSection(models_dir=str(tmp_path))
+    fill(tmp_path, config)
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+        FluxBackend(config).load()
