@@ -1,0 +1,413 @@
+"""The ``/imagine`` command grammar: chat text -> validated ``ParsedCommand`` -> ``ImageRequest``.
+
+    [/imagine[@BotName]] PROMPT [OPTION ...]
+    PROMPT = "quoted text" | text up to the first OPTION
+    OPTION = --name VALUE | --name=VALUE   (case-insensitive; a long dash — or – may stand for --)
+    names  = --seed N, --steps N, --ar W:H (alias --aspect), --size WxH (also W×H, W*H),
+             --guidance X (alias --cfg)
+
+The whole text is cleaned first (``clean_prompt``). An option token is a word that starts with
+``--``/``—``/``–`` followed by an ASCII letter; the prompt ends before the first one. A prompt that
+starts with a quote (" ' “ „ « ‘) is quoted when a matching closing quote is followed by the end of
+the text or by an option; the first such closing quote ends it. Otherwise quotes are plain text.
+
+Every option may be given once (``--ar`` and ``--aspect`` are one option); ``--ar`` and ``--size``
+exclude each other. ``--ar`` sizes: see ``aspect_to_size``. Every bad input raises
+``InvalidCommand`` with one sentence that says what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import random
+import re
+import unicodedata
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from engine.config import LimitsSection
+from engine.errors import InvalidCommand
+from engine.request import ImageRequest
+
+MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
+_ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size": "size",
+            "guidance": "guidance", "cfg": "guidance"}
+_EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5"}
+_QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
+_COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
+_OPTION_START = re.compile(r"(?:^|(?<= ))(?:--|—|–)[A-Za-z]")
+_SPACE_OPTION = re.compile(r" (?:--|—|–)[A-Za-z]")
+_FLAG = re.compile(r"(?:--|—|–)([A-Za-z][^=]*)(?:=(.*))?", re.DOTALL)
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)")
+_SIZE = re.compile(r"(\d+) ?[x×*] ?(\d+)", re.IGNORECASE)
+_RATIO = re.compile(r"(\d{1,6}(?:\.\d{1,6})?) ?[:/] ?(\d{1,6}(?:\.\d{1,6})?)")
+
+# Cleaning: controls that are whitespace become spaces, other controls, bidi overrides/isolates,
+# zero-width characters and lone surrogates go. U+200D (zero-width joiner) is kept only inside
+# emoji sequences such as 👩‍🚀, where it is part of the emoji.
+_DROP = (list(range(0x00, 0x20)) + list(range(0x7F, 0xA0)) + list(range(0x202A, 0x202F))
+         + list(range(0x2066, 0x206A)) + [0x200B, 0x200C, 0x2060, 0xFEFF]
+         + list(range(0xD800, 0xE000)))
+_CLEAN_TABLE = {c: (" " if chr(c).isspace() else None) for c in _DROP}
+_ZWJ = "\u200d"
+
+
+def clean_prompt(text: str) -> str:
+    """Remove control, bidi and zero-width characters and collapse whitespace; keep other text."""
+    text = text.translate(_CLEAN_TABLE)
+    if _ZWJ in text:
+        text = re.sub(_ZWJ, lambda m: _ZWJ if _joins_emoji(m.string, m.start()) else "", text)
+    return " ".join(text.split())
+
+
+def _joins_emoji(text: str, at: int) -> bool:
+    if at == 0 or at + 1 >= len(text):
+        return False
+    before, after = text[at - 1], text[at + 1]
+    emoji_before = (unicodedata.category(before) == "So" or before == "\ufe0f"
+                    or 0x1F3FB <= ord(before) <= 0x1F3FF)  # skin-tone modifiers
+    return emoji_before and unicodedata.category(after) == "So"
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """What the text said; ``None`` means "not given" (``to_request`` fills the defaults)."""
+
+    prompt: str
+    seed: int | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+
+    def merged_with(self, limits: LimitsSection,
+                    **options: object) -> tuple[ParsedCommand, list[str]]:
+        """Fill fields the text left unset from typed options (e.g. Discord's option fields).
+
+        ``options``: seed, steps, guidance, aspect ("16:9") or size ("WxH"); ``None`` values are
+        ignored; all given values are validated with ``limits``. The text wins on conflict; the
+        second result names the options whose (different) value the text overrode.
+        """
+        unknown = set(options) - {"seed", "steps", "guidance", "aspect", "size"}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if "aspect" in given and "size" in given:
+            raise _error("Please use either the aspect option or the size option, not both.")
+        current = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
+                   "size": None if self.width is None else (self.width, self.height)}
+        changes: dict[str, Any] = {}
+        overridden = []
+        for name, raw in given.items():
+            field = "size" if name == "aspect" else name
+            value = _convert(name, raw, f"the {name} option", limits)
+            if current[field] is None:
+                changes[field] = value
+            elif current[field] != value:
+                overridden.append(name)
+        if "size" in changes:
+            changes["width"], changes["height"] = changes.pop("size")
+        return dataclasses.replace(self, **changes), overridden
+
+    def to_request(self, limits: LimitsSection, rng: random.Random | None = None) -> ImageRequest:
+        """Fill defaults; a missing seed is drawn from ``rng`` (default ``random.SystemRandom``)."""
+        # Checked again: adapters may build a ParsedCommand by hand, or with other limits.
+        prompt = _check_prompt(clean_prompt(self.prompt), limits)
+        size = (self.width or limits.width_default, self.height or limits.height_default)
+        seed = self.seed
+        if seed is None:
+            seed = (rng or random.SystemRandom()).randint(limits.seed_min, limits.seed_max)
+        steps = limits.steps_default if self.steps is None else self.steps
+        guidance = limits.guidance_default if self.guidance is None else self.guidance
+        width, height = _size(f"{size[0]}x{size[1]}", "the size", limits)
+        return ImageRequest(
+            prompt=prompt,
+            seed=_whole(seed, "the seed", limits.seed_min, limits.seed_max),
+            steps=_whole(steps, "the steps", limits.steps_min, limits.steps_max),
+            width=width,
+            height=height,
+            guidance=_number(guidance, "the guidance", limits.guidance_min, limits.guidance_max),
+            seed_was_random=self.seed is None,
+        )
+
+
+def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
+    """Parse ``/imagine`` text; raises ``InvalidCommand`` (and nothing else) for bad input."""
+    prompt, options_text = _split(clean_prompt(text))
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for name, spelling, raw in _read_options(options_text):
+        if name in spelled:
+            raise _error(_repeated(spelled[name], spelling))
+        spelled[name] = spelling
+        values[name] = _convert(name, raw, spelling, limits)
+    if "ar" in values and "size" in values:
+        raise _error(f"Please use either {spelled['ar']} or --size, not both.")
+    width, height = values.get("ar") or values.get("size") or (None, None)
+    return ParsedCommand(
+        prompt=_check_prompt(prompt, limits),
+        seed=values.get("seed"),
+        steps=values.get("steps"),
+        width=width, height=height,
+        guidance=values.get("guidance"),
+    )
+
+
+def parse_imagine(text: str, limits: LimitsSection,
+                  rng: random.Random | None = None) -> ImageRequest:
+    return parse_command(text, limits).to_request(limits, rng)
+
+
+def _split(text: str) -> tuple[str, str]:
+    """(prompt, options text) of cleaned text, after dropping the /imagine command word."""
+    command = _COMMAND.match(text)
+    if command:
+        text = text[command.end():].lstrip()
+    closing = _QUOTES.get(text[:1])
+    if closing:
+        at = text.find(closing, 1)
+        while at != -1:
+            if at + 1 == len(text) or _SPACE_OPTION.match(text, at + 1):
+                return text[1:at].strip(), text[at + 1:]
+            at = text.find(closing, at + 1)
+    start = _OPTION_START.search(text)
+    if start is None:
+        return text, ""
+    return text[:start.start()].strip(), text[start.start():]
+
+
+def _read_options(text: str) -> list[tuple[str, str, str]]:
+    """[(canonical name, name as typed with --, raw value)] in order; unknown names are errors."""
+    tokens = text.split()
+    found = []
+    i = 0
+    while i < len(tokens):
+        flag = _FLAG.fullmatch(tokens[i])
+        if flag is None:
+            raise _error(
+                f"{_shown(tokens[i])} comes after the options, where only options such as "
+                "--seed 42 may stand; please write the whole prompt first (or put it in quotes).")
+        spelling = "--" + flag.group(1).lower()
+        name = _ALIASES.get(flag.group(1).lower())
+        if name is None:
+            raise _error(_unknown(flag.group(1).lower()))
+        if flag.group(2) is not None:
+            value, i = flag.group(2), i + 1
+        elif i + 1 < len(tokens) and not _FLAG.fullmatch(tokens[i + 1]):
+            value, i = tokens[i + 1], i + 2
+        else:
+            value, i = "", i + 1
+        if not value:
+            raise _error(f"{spelling} needs a value, e.g. {spelling} {_EXAMPLES[name]}.")
+        found.append((name, spelling, value))
+    return found
+
+
+def _unknown(name: str) -> str:
+    shown = "--" + (name if len(name) <= 24 else name[:24] + "…")
+    close = difflib.get_close_matches(name[:40], list(_ALIASES), n=1, cutoff=0.6)
+    if close:
+        return f"Unknown option {shown}; did you mean --{close[0]}?"
+    return f"Unknown option {shown}; the options are --seed, --steps, --ar, --size and --guidance."
+
+
+def _repeated(first: str, second: str) -> str:
+    if first == second:
+        return f"{first} was given twice; please give it only once."
+    return f"{first} and {second} are the same option; please give it only once."
+
+
+def _check_prompt(prompt: str, limits: LimitsSection) -> str:
+    if not prompt:
+        raise _error("The prompt is empty; please say what to draw, "
+                     "e.g. /imagine a red fox in the snow --seed 7.")
+    if len(prompt) > limits.max_prompt_chars:
+        raise _error(f"The prompt is {len(prompt):,} characters long; please keep it to "
+                     f"at most {limits.max_prompt_chars:,} characters.")
+    return prompt
+
+
+def _convert(name: str, value: object, label: str, limits: LimitsSection) -> Any:
+    """One option's value (a typed value or text), checked against ``limits``."""
+    if name == "seed":
+        return _whole(value, label, limits.seed_min, limits.seed_max)
+    if name == "steps":
+        return _whole(value, label, limits.steps_min, limits.steps_max)
+    if name == "guidance":
+        return _number(value, label, limits.guidance_min, limits.guidance_max)
+    if name in ("ar", "aspect"):
+        return aspect_to_size(_text(value), limits, label=label)
+    return _size(_text(value), label, limits)
+
+
+def _text(value: object) -> str:
+    """Option text without one pair of surrounding quotes (``--ar "16:9"``)."""
+    text = str(value).strip().replace("\u2212", "-")  # U+2212 is the typographic minus sign
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return text
+
+
+def _error(message: str) -> InvalidCommand:
+    """The error for ``message``, which may start with a lower-case label ("the seed option")."""
+    return InvalidCommand(message[:1].upper() + message[1:])
+
+
+def _shown(text: str) -> str:
+    return "“" + (text if len(text) <= 24 else text[:24] + "…") + "”"
+
+
+def _whole(value: object, label: str, low: int, high: int) -> int:
+    wanted = f"a whole number from {low} to {high}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+        shown = str(value) if value.bit_length() < 64 else "that number"
+    else:
+        text = _text(value)
+        if not _INT.fullmatch(text):
+            raise _error(f"{label} needs {wanted}, not {_shown(text)}.")
+        sign, digits = ("-" if text[0] == "-" else ""), text.lstrip("+-").lstrip("0") or "0"
+        shown = _shown(text)
+        if len(digits) > len(str(high)) + 1:  # a guard before int(): thousands of digits are slow
+            raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+        number = int(sign + digits)
+    if not low <= number <= high:
+        raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+    return number
+
+
+def _number(value: object, label: str, low: float, high: float) -> float:
+    wanted = f"a number from {low:g} to {high:g}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and value.bit_length() > 64:  # float(10**400) would raise
+            raise _error(f"{label} must be {wanted}; that number is out of range.")
+        number, shown = float(value), f"{value:g}"
+    else:
+        text = _text(value)
+        if len(text) > 40 or not _FLOAT.fullmatch(text):  # also refuses nan, inf and 1e5
+            raise _error(f"{label} needs {wanted}, not {_shown(text)}.")
+        number, shown = float(text.replace(",", ".")), _shown(text)
+    if not math.isfinite(number):
+        raise _error(f"{label} needs {wanted}, not {shown}.")
+    if not low <= number <= high:
+        raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+    return number
+
+
+def _size(text: str, label: str, limits: LimitsSection) -> tuple[int, int]:
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise _error(f"{label} needs WIDTHxHEIGHT such as 1024x768, not {_shown(text)}.")
+    if max(len(match.group(1)), len(match.group(2))) > 7:  # guard before int()
+        raise _error(f"{label} {_shown(text)} is far too large; at most "
+                     f"{limits.max_pixels:,} pixels are allowed.")
+    width, height = int(match.group(1)), int(match.group(2))
+    shown, step, low = f"{width}x{height}", limits.size_multiple, limits.min_side
+    if width * height > limits.max_pixels:
+        raise _error(
+            f"{label} {shown} is {width * height:,} pixels, more than the {limits.max_pixels:,} "
+            f"allowed (e.g. {limits.width_default}x{limits.height_default}).")
+    if min(width, height) < low:
+        raise _error(f"{label} {shown} is too small; each side must be at least {low}.")
+    if width % step or height % step:
+        near = [max((side + step // 2) // step * step, low) for side in (width, height)]
+        if near[0] * near[1] > limits.max_pixels:
+            near = [side // step * step for side in (width, height)]
+        raise _error(f"{label} {shown} does not fit: both sides must be multiples of "
+                     f"{step} (try {near[0]}x{near[1]}).")
+    return width, height
+
+
+def aspect_to_size(aspect: str, limits: LimitsSection, *, label: str = "--ar") -> tuple[int, int]:
+    """The size for an aspect ratio "W:H" (also "W/H"; decimals such as 2.39:1 allowed).
+
+    Rule: take the "full" sizes, those whose sides are multiples of ``size_multiple``, at least
+    ``min_side``, whose area is at most width_default × height_default (and max_pixels), and where
+    neither side can grow by one multiple without passing that area; pick the one whose aspect is
+    closest to W:H (by the ratio of the two ratios), then the larger area. 16:9 -> 1360x768,
+    4:3 -> 1184x880, 3:2 -> 1248x832, 1:1 -> 1024x1024; H:W gives the transposed size.
+    Ratios beyond 4:1 (or 1:4) are refused.
+    """
+    text = _text(aspect)
+    match = _RATIO.fullmatch(text)
+    if match is None:
+        hint = f"; for pixels use --size {text}" if _SIZE.fullmatch(text) and len(text) < 16 else ""
+        raise _error(f"{label} needs a ratio such as 16:9, not {_shown(text)}{hint}.")
+    across, down = Fraction(match.group(1)), Fraction(match.group(2))
+    if not across or not down:
+        raise _error(f"{label} {_shown(text)} has a zero side; use a ratio such as 16:9.")
+    ratio = across / down
+    if not Fraction(1, MAX_ASPECT) <= ratio <= MAX_ASPECT:
+        raise _error(f"The aspect ratio {text} is too extreme; {label} accepts ratios from "
+                     f"1:{MAX_ASPECT} to {MAX_ASPECT}:1.")
+    best = _closest_full_size(ratio, limits)
+    if best is None:
+        raise _error(f"No allowed size has the aspect ratio {text}; please try --size.")
+    return best
+
+
+def _closest_full_size(ratio: Fraction, limits: LimitsSection) -> tuple[int, int] | None:
+    step = limits.size_multiple
+    budget = min(limits.width_default * limits.height_default, limits.max_pixels)
+    low = -(-limits.min_side // step) * step  # the smallest allowed side
+    candidates = []
+    for side in range(low, budget // low + 1, step):
+        other = budget // side // step * step  # the longest other side that fits beside side
+        if other >= low and (side + step) * other > budget:  # and side cannot grow either
+            candidates += [(other, side), (side, other)]
+    if not candidates:
+        return None
+
+    def distance(size: tuple[int, int]) -> tuple[Fraction, int]:
+        have = Fraction(size[0], size[1])
+        # max(a/b, b/a) is exact and the same for a size and its transpose (H:W -> transposed).
+        return max(have / ratio, ratio / have), -size[0] * size[1]
+
+    return min(candidates, key=distance)
+
+
+def format_command(command: ParsedCommand | ImageRequest) -> str:
+    """The ``/imagine`` text that parses back to ``command`` (quoting the prompt when needed).
+
+    Raises ValueError for the rare prompt that no quote pair can hold (one that contains every
+    closing quote followed by an option word).
+    """
+    options = [f"--{name} {value}" for name, value in (
+        ("seed", command.seed), ("steps", command.steps), ("guidance", command.guidance))
+        if value is not None]
+    if command.width is not None and command.height is not None:
+        options.append(f"--size {command.width}x{command.height}")
+    tail = "".join(" " + option for option in options)
+    for opening, closing in [("", ""), *_QUOTES.items()]:
+        candidate = f"{opening}{command.prompt}{closing}"
+        if _split(candidate + tail)[0] == command.prompt:
+            return f"/imagine {candidate}{tail}"
+    raise ValueError("this prompt cannot be quoted unambiguously")
+
+
+def usage(limits: LimitsSection) -> str:
+    """A short /help text built from ``limits``."""
+    try:
+        wide = "{}x{}".format(*aspect_to_size("16:9", limits))
+    except InvalidCommand:
+        wide = "the closest allowed size"
+    return "\n".join([
+        "/imagine <prompt> [options]",
+        f"  --seed N      {limits.seed_min}–{limits.seed_max} (random if left out)",
+        f"  --steps N     {limits.steps_min}–{limits.steps_max} (default {limits.steps_default})",
+        f"  --ar W:H      aspect ratio from 1:{MAX_ASPECT} to {MAX_ASPECT}:1 (16:9 gives {wide})",
+        f"  --size WxH    sides multiples of {limits.size_multiple}, at least {limits.min_side}, "
+        f"at most {limits.max_pixels:,} pixels (default "
+        f"{limits.width_default}x{limits.height_default})",
+        f"  --guidance X  {limits.guidance_min:g}–{limits.guidance_max:g} "
+        f"(default {limits.guidance_default:g})",
+        f"Prompts: at most {limits.max_prompt_chars:,} characters; quote them if they contain --.",
+        "Example: /imagine a red fox in the snow --seed 7 --ar 16:9",
+    ])
+
+
+HELP_TEXT = usage(LimitsSection())
