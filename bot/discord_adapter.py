@@ -1,0 +1,335 @@
+"""The Discord adapter: slash commands and buttons in, progress and images out.
+
+    adapter = DiscordAdapter(engine, config)
+    await adapter.start()    # log in, sync commands, connect; returns once the gateway is ready
+    ...
+    await adapter.stop()
+
+``/imagine`` parses first (bad input gets an ephemeral error and nothing is queued), then defers
+at once (Discord drops interactions not acknowledged within 3 s), then submits to the engine;
+``bot.discord_reply`` carries the job from there. Every error of a command or a button goes
+through ``report_error``, which logs and then tells the user privately. Mentions are off for
+every message (``AllowedMentions.none()`` on the client); only a late result mentions its user.
+The bot needs no privileged intents, only the ``guilds`` intent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bot import render
+from bot.delivery import RetryPolicy
+from bot.discord_commands import build_commands
+from bot.discord_reply import Follower, Reply
+from bot.discord_views import JobButton
+from engine.config import Config
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidCommand
+from engine.grammar import ParsedCommand, parse_command
+from engine.request import ImageRequest, Origin, User
+
+log = logging.getLogger(__name__)
+MORE_STEPS = 10  # "Same seed, more steps" adds this many (up to limits.steps_max)
+
+
+class NotHere(app_commands.CheckFailure):
+    """A command in a guild or channel that ``access.discord_guilds/channels`` leaves out."""
+
+
+class ImagineTree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        if not self.client.adapter.allowed_here(interaction):  # type: ignore[attr-defined]
+            raise NotHere(render.chat_not_allowed())
+        return True
+
+    async def on_error(self, interaction: discord.Interaction,
+                       error: app_commands.AppCommandError, /) -> None:
+        await self.client.adapter.report_error(interaction, error)  # type: ignore[attr-defined]
+
+
+class ImagineClient(discord.Client):
+    """A plain client (no message intents) that hands everything to its adapter."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True  # guild and channel cache: upload limits, channel posts
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
+                         **options)
+        self.adapter = adapter
+        self.tree = ImagineTree(self)
+
+    async def setup_hook(self) -> None:
+        for command in build_commands(self.adapter.config.limits):
+            self.tree.add_command(command)
+        self.add_dynamic_items(JobButton)  # buttons keep working after a restart
+        await self.adapter.sync_commands()
+
+
+class DiscordAdapter:
+    name = "discord"
+
+    def __init__(self, engine: Engine, config: Config, *, retry_policy: RetryPolicy | None = None,
+                 clock: Callable[[], float] = time.time, ready_timeout_s: float = 60.0,
+                 rng: random.Random | None = None, **client_options: Any) -> None:
+        """``client_options`` go to ``discord.Client`` (tests pass a small ``guild_ready_timeout``)."""
+        self.engine = engine
+        self.config = config
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.clock = clock
+        self.ready_timeout_s = ready_timeout_s
+        self.rng = rng or random.SystemRandom()
+        self.client_options = client_options
+        self.client: ImagineClient | None = None
+        self.follower: Follower | None = None
+        self._gateway: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        token = self.config.discord_token
+        if not token:
+            raise ValueError("no Discord token: set discord.token or DISCORD_TOKEN")
+        self.client = ImagineClient(self, **self.client_options)
+        self.follower = Follower(self.client, self.engine,
+                                 interval_s=self.config.discord.progress_interval_s,
+                                 policy=self.retry_policy, clock=self.clock)
+        try:
+            await self.client.login(token)  # also runs setup_hook: commands, buttons, sync
+            self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        for job in self.engine.recovered_jobs("discord"):
+            log.info("delivering recovered job %s to channel %s", job.id, job.origin.chat_id)
+            self._spawn(self.follower.follow(job, Reply.for_origin(job.origin, job.user.user_id)),
+                        f"discord-recovered-{job.id}")
+
+    async def _wait_ready(self) -> None:
+        assert self.client is not None and self._gateway is not None
+        ready = asyncio.create_task(self.client.wait_until_ready())
+        done, _ = await asyncio.wait({ready, self._gateway}, timeout=self.ready_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+        if self._gateway in done:
+            self._gateway.result()  # raises why the connection ended (e.g. intents refused)
+            raise ConnectionError("the Discord gateway connection ended before it was ready")
+        if ready not in done:
+            log.warning("Discord is not ready after %.0f s; still connecting in the background",
+                        self.ready_timeout_s)
+        else:
+            user = self.client.user
+            log.info("Discord ready as %s (id %s)", user, user.id if user else "?")
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
+        if self._gateway is not None:
+            try:
+                await asyncio.wait_for(self._gateway, timeout=5)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception) as exc:
+                log.debug("gateway task ended with %r", exc)
+            self._gateway = None
+
+    async def drain(self) -> None:
+        """Wait until every job this adapter follows has been answered."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def sync_commands(self) -> None:
+        """Globally (may take up to an hour to show), or to ``discord.sync_guild_ids`` (instant)."""
+        assert self.client is not None
+        tree = self.client.tree
+        guild_ids = self.config.discord.sync_guild_ids
+        targets = [discord.Object(id=int(g)) for g in guild_ids if g.strip().isdigit()]
+        if len(targets) != len(guild_ids):
+            log.error("discord.sync_guild_ids must be numeric guild ids; ignoring the others")
+        try:
+            if not targets:
+                synced = await tree.sync()
+                log.info("synced %d slash commands globally", len(synced))
+            for guild in targets:
+                tree.copy_global_to(guild=guild)
+                synced = await tree.sync(guild=guild)
+                log.info("synced %d slash commands to guild %s", len(synced), guild.id)
+        except discord.HTTPException as exc:  # e.g. no applications.commands scope in a guild
+            log.error("could not sync slash commands: %s", exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    # -- who and where -------------------------------------------------------------------------
+    @staticmethod
+    def user_of(interaction: discord.Interaction) -> User:
+        # The account name, not the guild nickname: the engine compares whole User values.
+        return User("discord", str(interaction.user.id), interaction.user.name)
+
+    def allowed_here(self, interaction: discord.Interaction) -> bool:
+        """Guild and channel allow-lists (empty = everywhere); admins may use the bot anywhere."""
+        access = self.config.access
+        if self.engine.is_admin(self.user_of(interaction)):
+            return True
+        if access.discord_guilds and str(interaction.guild_id) not in access.discord_guilds:
+            return False
+        return not access.discord_channels or str(interaction.channel_id) in access.discord_channels
+
+    # -- commands ----------------------------------------------------------------------------
+    async def imagine(self, interaction: discord.Interaction, text: str,
+                      options: dict[str, Any]) -> None:
+        """Parse (errors before any acknowledgement), defer at once, then queue."""
+        limits = self.config.limits
+        parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
+        request = parsed.to_request(limits, self.rng)
+        await interaction.response.defer(thinking=True)
+        await self._submit(interaction, request, render.conflicts_note(overridden))
+
+    async def _submit(self, interaction: discord.Interaction, request: ImageRequest,
+                      note: str = "") -> None:
+        assert self.follower is not None
+        origin = Origin("discord", chat_id=str(interaction.channel_id),
+                        message_id=str(interaction.id),
+                        extra={"guild_id": str(interaction.guild_id or ""),
+                               "filesize_limit": interaction.filesize_limit})
+        job = await self.engine.submit(self.user_of(interaction), request, origin)
+        self._spawn(self.follower.follow(job, Reply.for_interaction(interaction, note)),
+                    f"discord-job-{job.id}")
+
+    async def say(self, interaction: discord.Interaction, text: str) -> None:
+        """An answer only the user sees."""
+        await interaction.response.send_message(text, ephemeral=True)
+
+    async def show_queue(self, interaction: discord.Interaction) -> None:
+        await self.say(interaction, render.queue_list(self.engine.jobs_of(self.user_of(interaction))))
+
+    async def show_limits(self, interaction: discord.Interaction) -> None:
+        quota = await self.engine.quota(self.user_of(interaction))
+        await self.say(interaction, render.quota(quota, self.engine.clock()))
+
+    async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
+        user = self.user_of(interaction)
+        if not job_id:
+            mine = self.engine.jobs_of(user)
+            if not mine:
+                await self.say(interaction, render.queue_list([]))
+                return
+            job_id = mine[-1].id
+        await self._cancel(interaction, job_id.strip())
+
+    async def _cancel(self, interaction: discord.Interaction, job_id: str) -> None:
+        user = self.user_of(interaction)
+        live = self.engine.get_job(job_id)
+        by = live.user if live is not None and live.user.user_id == user.user_id else user
+        done = await self.engine.cancel(job_id, by)  # JobNotFound for someone else's job
+        await self.say(interaction, render.cancelling(job_id) if done else render.already_over())
+
+    async def set_limit(self, interaction: discord.Interaction, member: discord.User,
+                        images: int | None) -> None:
+        target = User("discord", str(member.id), member.name)
+        await self.engine.set_limit_override(target, images)
+        log.info("%s set the image limit of %s to %s", self.user_of(interaction).key, target.key,
+                 images)
+        name = f"{render.safe_text(member.name, md=True, limit=64)} ({member.id})"
+        await self.say(interaction, render.limit_set(name, images))
+
+    # -- buttons -----------------------------------------------------------------------------
+    async def button_allowed(self, interaction: discord.Interaction, action: str,
+                             job_id: str) -> bool:
+        """Only the job's owner may press its buttons (an admin may also cancel it)."""
+        try:
+            if not self.allowed_here(interaction):
+                await self.say(interaction, render.chat_not_allowed())
+                return False
+            record = await self.engine.job_record(job_id)
+            if record is None:
+                await self.say(interaction, render.job_unknown())
+                return False
+            user = self.user_of(interaction)
+            if record.user.user_id == user.user_id or (
+                    action == "cancel" and self.engine.is_admin(user)):
+                interaction.extras["request"] = record.request
+                return True
+            log.info("%s pressed %s on job %s of %s: refused", user.key, action, job_id,
+                     record.user.key)
+            await self.say(interaction, render.not_your_job())
+            return False
+        except Exception as exc:
+            await self.report_error(interaction, exc)
+            return False
+
+    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        try:
+            if action == "cancel":
+                await self._cancel(interaction, job_id)
+                return
+            request = self._variant(interaction.extras["request"], action)
+            await interaction.response.defer(thinking=True)
+            await self._submit(interaction, request)
+        except Exception as exc:  # discord.py would only log it; the user must hear back
+            await self.report_error(interaction, exc)
+
+    def _variant(self, request: ImageRequest, action: str) -> ImageRequest:
+        """Re-roll: same request, new seed. More: same seed, ``MORE_STEPS`` more steps."""
+        limits = self.config.limits
+        seed, steps = request.seed, request.steps
+        if action == "reroll":
+            for _ in range(10):  # a different seed (unless the limits allow only one)
+                seed = self.rng.randint(limits.seed_min, limits.seed_max)
+                if seed != request.seed:
+                    break
+        else:
+            steps = min(request.steps + MORE_STEPS, limits.steps_max)
+            if steps <= request.steps:
+                raise InvalidCommand(render.steps_at_max(limits.steps_max))
+        parsed = ParsedCommand(prompt=request.prompt, seed=seed, steps=steps, width=request.width,
+                               height=request.height, guidance=request.guidance)
+        new = parsed.to_request(limits)  # checked again: the limits may have changed since
+        return new.with_changes(seed_was_random=action == "reroll")
+
+    # -- errors ------------------------------------------------------------------------------
+    async def report_error(self, interaction: discord.Interaction, error: BaseException) -> None:
+        """The one error handler: log, then tell the user privately."""
+        if isinstance(error, app_commands.CommandInvokeError):
+            error = error.original
+        who = f"discord:{interaction.user.id}" if interaction.user else "discord:?"
+        if isinstance(error, EngineError):
+            log.info("refused %s: %s", who, error)
+            text = render.error(error)
+        elif isinstance(error, app_commands.CheckFailure) and str(error):
+            log.info("refused %s: %s", who, error)
+            text = str(error)
+        else:
+            log.error("command from %s failed", who, exc_info=error)
+            text = render.internal_error()
+        await self._tell_privately(interaction, text)
+
+    async def _tell_privately(self, interaction: discord.Interaction, text: str) -> None:
+        try:
+            if not interaction.response.is_done():
+                await interaction.response.send_message(text, ephemeral=True)
+                return
+            if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+                # Our deferrals are public "thinking…" messages: the first follow-up would replace
+                # it publicly, so remove it and send the error only the user can see.
+                await interaction.delete_original_response()
+            await interaction.followup.send(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("could not tell %s about an error: %s", interaction.user.id, exc)

@@ -1,0 +1,109 @@
+"""The slash commands. Option ranges come from the config's limits, so Discord itself refuses
+out-of-range numbers before the bot sees them; the ``--flags`` typed in the prompt go through the
+shared grammar. Every command answers through the adapter; errors go to the tree's ``on_error``.
+
+(No ``from __future__ import annotations`` here: discord.py reads these annotations at runtime,
+and the ``Range`` bounds are closure variables.)
+"""
+
+from typing import Optional
+
+import discord
+from discord import app_commands
+
+from bot import render
+from engine.config import LimitsSection
+
+ASPECTS = [("1:1 square", "1:1"), ("3:2 landscape", "3:2"), ("2:3 portrait", "2:3"),
+           ("4:3 landscape", "4:3"), ("3:4 portrait", "3:4"), ("16:9 wide", "16:9"),
+           ("9:16 tall", "9:16")]
+
+
+class NotAdmin(app_commands.CheckFailure):
+    """An admin command used by someone who is not in the config's admin list."""
+
+
+def _adapter(interaction: discord.Interaction):  # -> DiscordAdapter (kept untyped: no cycle)
+    return interaction.client.adapter  # type: ignore[attr-defined]
+
+
+def _admin_only(interaction: discord.Interaction) -> bool:
+    if not _adapter(interaction).engine.is_admin(_adapter(interaction).user_of(interaction)):
+        raise NotAdmin(render.admin_only())
+    return True
+
+
+def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
+    """Every slash command, with option limits taken from ``limits``."""
+    Seed = app_commands.Range[int, limits.seed_min, limits.seed_max]
+    Steps = app_commands.Range[int, limits.steps_min, limits.steps_max]
+    Guidance = app_commands.Range[float, limits.guidance_min, limits.guidance_max]
+    Prompt = app_commands.Range[str, 1, min(6000, limits.max_prompt_chars + 200)]
+
+    @app_commands.command(description="Make an image from a prompt (--seed, --steps, --ar work "
+                                      "inside the prompt too).")
+    @app_commands.describe(prompt="What to draw; may end with --seed N --steps N --ar W:H",
+                           seed="Same seed + same prompt = same image (random if left out)",
+                           steps=f"More steps: more detail, slower (default "
+                                 f"{limits.steps_default})",
+                           aspect="Shape of the image",
+                           guidance=f"How closely to follow the prompt (default "
+                                    f"{limits.guidance_default:g})")
+    @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
+    async def imagine(interaction: discord.Interaction, prompt: Prompt,
+                      seed: Optional[Seed] = None, steps: Optional[Steps] = None,
+                      aspect: Optional[app_commands.Choice[str]] = None,
+                      guidance: Optional[Guidance] = None) -> None:
+        options = {"seed": seed, "steps": steps, "guidance": guidance,
+                   "aspect": aspect.value if aspect else None}
+        await _adapter(interaction).imagine(interaction, prompt, options)
+
+    @app_commands.command(name="queue", description="Your images waiting or being drawn.")
+    async def queue(interaction: discord.Interaction) -> None:
+        await _adapter(interaction).show_queue(interaction)
+
+    @app_commands.command(description="Cancel one of your images (your latest if no id is given).")
+    @app_commands.describe(job="The job id shown by /queue")
+    async def cancel(interaction: discord.Interaction, job: Optional[str] = None) -> None:
+        await _adapter(interaction).cancel(interaction, job)
+
+    @app_commands.command(name="limits",
+                          description="How many images you have left, and when more free up.")
+    async def limits_(interaction: discord.Interaction) -> None:
+        await _adapter(interaction).show_limits(interaction)
+
+    @app_commands.command(name="help", description="How to use /imagine.")
+    async def help_(interaction: discord.Interaction) -> None:
+        await _adapter(interaction).say(interaction, render.usage(limits))
+
+    return [imagine, queue, cancel, limits_, help_, *_admin_commands()]
+
+
+def _admin_commands() -> list[app_commands.Command]:
+    @app_commands.command(description="Admins: queue, running job, GPU memory, last error.")
+    @app_commands.check(_admin_only)
+    async def status(interaction: discord.Interaction) -> None:
+        adapter = _adapter(interaction)
+        await adapter.say(interaction, render.status(adapter.engine.health()))
+
+    @app_commands.command(description="Admins: stop starting new images (the queue keeps them).")
+    @app_commands.check(_admin_only)
+    async def pause(interaction: discord.Interaction) -> None:
+        _adapter(interaction).engine.pause()
+        await _adapter(interaction).say(interaction, render.queue_paused())
+
+    @app_commands.command(description="Admins: start drawing queued images again.")
+    @app_commands.check(_admin_only)
+    async def resume(interaction: discord.Interaction) -> None:
+        _adapter(interaction).engine.resume()
+        await _adapter(interaction).say(interaction, render.queue_resumed())
+
+    @app_commands.command(description="Admins: set a user's images per window (empty = default).")
+    @app_commands.describe(user="Whose limit to change", images="Images per window; leave "
+                                                               "empty for the default")
+    @app_commands.check(_admin_only)
+    async def limit(interaction: discord.Interaction, user: discord.User,
+                    images: Optional[app_commands.Range[int, 0, 100_000]] = None) -> None:
+        await _adapter(interaction).set_limit(interaction, user, images)
+
+    return [status, pause, resume, limit]

@@ -1,0 +1,220 @@
+"""Following one job into Discord: progress edits of the reply, then the image.
+
+While the interaction token lives (15 minutes) the bot edits its own deferred response: queue
+position and progress, then the PNG with its caption and buttons. After that, and for jobs
+recovered after a restart, the result is posted to the channel as a normal message that mentions
+the user (and only that user). A progress edit that fails is logged and forgotten; the final
+upload goes through ``bot.delivery.deliver`` (retries, then the journal's undelivered path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import discord
+
+from bot import render
+from bot.delivery import RetryPolicy, deliver
+from bot.discord_views import job_view
+from bot.media import fit_under
+from engine.engine import Engine
+from engine.job import Cancelled, Failed, Finished, Job, JobResult, Progress, Queued, Started
+from engine.request import Origin
+
+log = logging.getLogger(__name__)
+DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # Discord's limit for a guild without boosts
+TOKEN_LIFETIME_S = 15 * 60
+TOKEN_MARGIN_S = 60.0  # stop using a token a minute early: an upload can take that long
+
+
+@dataclass
+class Reply:
+    """Where a job's messages go: the interaction's response while its token lives, else the channel."""
+
+    channel_id: int
+    user_id: int
+    filesize_limit: int = DEFAULT_FILE_LIMIT
+    interaction: discord.Interaction | None = None
+    note: str = ""  # e.g. "the --flags in your prompt were used instead of ..."
+
+    @classmethod
+    def for_interaction(cls, interaction: discord.Interaction, note: str = "") -> Reply:
+        return cls(channel_id=interaction.channel_id or 0, user_id=interaction.user.id,
+                   filesize_limit=interaction.filesize_limit, interaction=interaction, note=note)
+
+    @classmethod
+    def for_origin(cls, origin: Origin, user_id: str) -> Reply:
+        """For a job restored from the journal: no token any more, so the channel."""
+        limit = origin.extra.get("filesize_limit") or DEFAULT_FILE_LIMIT
+        return cls(channel_id=int(origin.chat_id), user_id=int(user_id), filesize_limit=int(limit))
+
+    def token_alive(self, now: float) -> bool:
+        if self.interaction is None:
+            return False
+        expires = self.interaction.created_at.timestamp() + TOKEN_LIFETIME_S - TOKEN_MARGIN_S
+        return now < expires
+
+    def with_note(self, text: str) -> str:
+        return f"{text}\n{self.note}" if self.note else text
+
+
+class ProgressEditor:
+    """Shows the latest status in the reply, at most one edit per ``interval_s``.
+
+    A background pump takes the newest text after each pause, so a burst of events costs one
+    edit and the last state is always shown (a throttle that drops the last update would leave
+    "number 3 in line" up while the job is next). ``close`` waits for an edit in flight, so no
+    progress edit can land after the result.
+    """
+
+    def __init__(self, edit: Callable[[str, bool], Awaitable[None]], interval_s: float) -> None:
+        self._edit = edit
+        self.interval_s = interval_s
+        self._latest: str | None = None
+        self._shown: str | None = None
+        self._changed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.edits = 0
+
+    def show(self, text: str) -> None:
+        self._latest = text
+        self._changed.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump(), name="discord-progress")
+
+    async def close(self) -> None:
+        self._closed.set()
+        self._changed.set()
+        if self._task is not None:
+            await self._task
+
+    async def _pump(self) -> None:
+        while not self._closed.is_set():
+            await self._changed.wait()
+            self._changed.clear()
+            if self._closed.is_set() or self._latest is None or self._latest == self._shown:
+                continue
+            text = self._latest
+            try:
+                await self._edit(text, self.edits == 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a progress edit never fails the job
+                log.warning("progress edit failed (ignored): %s", exc)
+            self._shown = text
+            self.edits += 1
+            try:  # the pause between edits; close() ends it early
+                await asyncio.wait_for(self._closed.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+class Follower:
+    """Carries each job's events to its ``Reply``."""
+
+    def __init__(self, client: discord.Client, engine: Engine, *, interval_s: float,
+                 policy: RetryPolicy, clock: Callable[[], float]) -> None:
+        self.client = client
+        self.engine = engine
+        self.interval_s = interval_s
+        self.policy = policy
+        self.clock = clock
+
+    async def follow(self, job: Job, reply: Reply) -> None:
+        editor = ProgressEditor(lambda text, first: self._edit(job, reply, text, first),
+                                self.interval_s)
+        try:
+            async for event in job.events():
+                if isinstance(event, Queued):
+                    editor.show(reply.with_note(render.queued(event.position)))
+                elif isinstance(event, Started):
+                    editor.show(reply.with_note(render.started(job.request)))
+                elif isinstance(event, Progress):
+                    editor.show(reply.with_note(render.progress(event.step, event.total,
+                                                                event.eta_s)))
+                else:
+                    await editor.close()
+                    await self._conclude(job, reply, event)
+        finally:
+            await editor.close()
+
+    async def _edit(self, job: Job, reply: Reply, text: str, first: bool) -> None:
+        if reply.interaction is None or not reply.token_alive(self.clock()):
+            return  # no progress without a token: the channel gets the result only
+        if first:  # the first edit brings the Cancel button
+            await reply.interaction.edit_original_response(content=text,
+                                                           view=job_view(job.id, "cancel"))
+        else:
+            await reply.interaction.edit_original_response(content=text)
+
+    async def _conclude(self, job: Job, reply: Reply, event: object) -> None:
+        if isinstance(event, Finished):
+            await deliver(self.engine, job, lambda: self._send_result(job, reply, event.result),
+                          policy=self.policy, is_permanent=is_permanent)
+        elif isinstance(event, Failed):
+            text = reply.with_note(render.failed(event.reason))
+            await deliver(self.engine, job, lambda: self._post(reply, text, None, None),
+                          policy=self.policy, is_permanent=is_permanent)
+        elif isinstance(event, Cancelled) and reply.token_alive(self.clock()):
+            try:
+                await self._post(reply, render.cancelled(event.by_owner), None, None)
+            except Exception as exc:
+                log.warning("could not show that job %s was cancelled: %s", job.id, exc)
+
+    async def _send_result(self, job: Job, reply: Reply, result: JobResult) -> str:
+        """Upload the image, re-encoded under the upload limit; smaller again if Discord says 413."""
+        caption = reply.with_note(render.caption(result, job.user.display_name, md=True))
+        view = job_view(job.id, "reroll", "more")
+        limit = reply.filesize_limit
+        for attempt in range(3):
+            data, ext = fit_under(result.png, limit)
+            name = f"{job.id}-{result.request.seed}.{ext}"
+            try:
+                return await self._post(reply, caption, (data, name), view)
+            except discord.HTTPException as exc:
+                if exc.status != 413 or attempt == 2:
+                    raise
+                log.warning("job %s: %d bytes were too large for Discord; shrinking", job.id,
+                            len(data))
+                limit = len(data) // 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post(self, reply: Reply, text: str, image: tuple[bytes, str] | None,
+                    view: discord.ui.View | None) -> str:
+        """Edit the interaction's response while the token lives, else post to the channel."""
+        if reply.interaction is not None and reply.token_alive(self.clock()):
+            files = [discord.File(io.BytesIO(image[0]), filename=image[1])] if image else []
+            try:
+                message = await reply.interaction.edit_original_response(
+                    content=text, attachments=files, view=view)
+                return f"discord:channel/{reply.channel_id}/message/{message.id}"
+            except discord.NotFound:  # token expired early, or the response was deleted
+                log.info("interaction response gone; posting to channel %s", reply.channel_id)
+        return await self._post_to_channel(reply, text, image, view)
+
+    async def _post_to_channel(self, reply: Reply, text: str, image: tuple[bytes, str] | None,
+                               view: discord.ui.View | None) -> str:
+        channel = self.client.get_partial_messageable(reply.channel_id)
+        user = discord.Object(id=reply.user_id)
+        kwargs: dict[str, object] = {}
+        if image is not None:
+            kwargs["file"] = discord.File(io.BytesIO(image[0]), filename=image[1])
+        if view is not None:
+            kwargs["view"] = view
+        message = await channel.send(
+            render.addressed(f"<@{reply.user_id}>", text),
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=[user]),
+            **kwargs)  # type: ignore[arg-type]
+        return f"discord:channel/{reply.channel_id}/message/{message.id}"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: no access, the channel is gone, a request Discord refuses."""
+    if isinstance(exc, discord.HTTPException):
+        return 400 <= exc.status < 500 and exc.status != 429
+    return False
