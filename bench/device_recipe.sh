@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU recipe: wheels fetched here, then one command on the GPU machine that installs them,
+# writes the random FLUX checkpoint, runs the GPU tests and the benchmark.
+#
+#   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
+#   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
+#                                               # tests, bench (default: tests bench)
+#
+# On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
+# BENCH_ROWS overrides the benchmark's rows (space-separated specs, see bench/bench_engine.py);
+# BENCH_BUDGET_S bounds its wall time; RANDOM_FLUX_DIR is where the checkpoint goes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# What the GPU machine's image lacks (python 3.12, torch 2.11, transformers 5.17 are there).
+WHEELS=(
+  diffsynth==2.1.12 modelscope==1.40.2 modelscope-hub==0.5.1
+  cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 ftfy==6.3.1 wcwidth==0.9.4
+  einops==0.8.2 imageio==2.38.1 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
+  aiosqlite==0.22.1 pytest==9.2.0 pytest-asyncio==1.5.0 pluggy==1.7.0 iniconfig==2.3.1
+  pygments==2.21.0
+)
+
+wheels() {
+  mkdir -p .whl  # git-ignored (.gitignore: /.whl/)
+  local platforms=()
+  for n in 28 27 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+  du -sh .whl
+}
+
+device() {
+  local stages=("${@:-tests bench}")
+  stages=(${stages[*]})
+  OUT="${OUT:-/tmp/out}"
+  local start=$SECONDS
+  mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 -c "import torch, transformers, diffsynth; print('torch', torch.__version__, \
+'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+  export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
+  if [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
+    python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee "$OUT/checkpoint.log"
+    echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/checkpoint.log"
+  fi
+  for stage in "${stages[@]}"; do
+    case "$stage" in
+      tests)
+        python3 -m pytest -q -p no:cacheprovider tests/gpu -m gpu -x 2>&1 | tee "$OUT/gpu-tests.log" \
+          || echo "GPU TESTS FAILED" ;;
+      bench)
+        # shellcheck disable=SC2086
+        # the device's calls end at 10 minutes: stop starting rows in time
+        BENCH_BUDGET_S="${BENCH_BUDGET_S:-$((560 - (SECONDS - start)))}" \
+        python3 bench/bench_engine.py --ckpt "$RANDOM_FLUX_DIR" ${BENCH_ROWS:+--rows $BENCH_ROWS} \
+          --md "$OUT/benchmarks.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+      *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+  done
+}
+
+case "${1:-}" in
+  wheels) wheels ;;
+  device) shift; device "$@" ;;
+  *) echo "usage: $0 wheels | device [tests] [bench]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,55 @@
+"""GPU tests: the real FLUX backend on a random-weight checkpoint (``bench/make_random_flux.py``).
+
+They run only where CUDA is available (marker ``gpu``); elsewhere they are skipped, so CI stays
+green. The checkpoint is taken from ``RANDOM_FLUX_DIR`` (the device recipe makes it once) or
+written to a temporary folder (about 34 GB, a minute on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+GIB = 1024**3
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def random_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder that holds ``black-forest-labs/FLUX.1-dev/...`` with random weights."""
+    from bench import make_random_flux
+
+    given = os.environ.get("RANDOM_FLUX_DIR")
+    root = Path(given) if given else tmp_path_factory.mktemp("random-flux")
+    if not (root / make_random_flux.REPO_DIR / make_random_flux.VAE_FILE).exists():
+        make_random_flux.make(root)
+    return root
+
+
+@pytest.fixture
+def cap_gpu() -> Iterator:
+    """``cap_gpu(gib)`` emulates a smaller card: the allocator may not go past ``gib``."""
+
+    def cap(gib: float | None) -> None:
+        torch.cuda.empty_cache()
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * GIB / total)
+        torch.cuda.reset_peak_memory_stats()
+
+    yield cap
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
