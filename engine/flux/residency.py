@@ -1,0 +1,250 @@
+"""Which DiT blocks stay on the GPU and which are streamed from pinned host memory: the plan.
+
+Pure arithmetic, no torch, so it can be tested and printed anywhere. ``streaming.py`` carries a
+plan out. A block is one transformer block (FLUX.1: 19 double-stream, then 38 single-stream);
+its weight matrices are stored as float8 (1 byte a weight) and computed in bf16 (2 bytes).
+
+    placement   where the block's weights live                    per-pass cost
+    bf16        on the GPU in the compute dtype                   nothing
+    fp8         on the GPU in float8, cast into the work buffer   one cast on the GPU
+    streamed    pinned host memory, copied ahead on a side stream one copy over PCIe + a cast
+
+GPU memory the plan accounts for (all of it made once, at start-up, and kept):
+
+    fixed (non-block weights, norms and biases in bf16)
+  + resident blocks (fp8 bytes, or twice that in bf16)
+  + the bf16 work buffer (the largest non-bf16 block)      when any block is fp8 or streamed
+  + ``slots`` float8 staging buffers (the largest streamed block)  when any block is streamed
+  + the reserve (activations of the largest image, the VAE decode, allocator slack)
+  <= budget
+
+Rules: (1) minimise the bytes streamed per pass; among equal plans keep the most headroom;
+(2) with nothing streamed, spend what is left on bf16 copies (no cast per use), all of them when
+they fit; (3) resident blocks are spread evenly through the execution order so that the copy
+engine always has compute to hide behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+MIB = 1024**2
+BF16, FP8, STREAMED = "bf16", "fp8", "streamed"
+
+# FLUX.1-dev DiT (diffsynth FluxDiT): elements in the weight matrices of one block.
+FLUX_HIDDEN = 3072
+FLUX_DOUBLE_BLOCK_WEIGHTS = FLUX_HIDDEN * (2 * 6 + 2 * 3 + 2 * 1 + 4 * 4) * FLUX_HIDDEN  # 339.7 M
+FLUX_SINGLE_BLOCK_WEIGHTS = FLUX_HIDDEN * (3 + 7 + 5) * FLUX_HIDDEN  # 141.6 M
+FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
+# Embedders, final norm/projection and every block's biases and norm scales, in bf16.
+FLUX_FIXED_BYTES = 150 * MIB
+MAX_ENUMERATED_PLANS = 200_000  # beyond this many count combinations, fill greedily
+
+# Activation and decode peaks, in bytes per unit, measured on an H100 (docs/benchmarks.md).
+DIT_BYTES_PER_TOKEN_CHANNEL = 48  # peak live activations of one block, per token x hidden
+VAE_BYTES_PER_PIXEL = 2200  # diffsynth FluxVAEDecoder, untiled, bf16, per output pixel
+VAE_TILED_BYTES = 1536 * MIB  # tiled decode (128-latent tiles): independent of the image size
+ALLOCATOR_SLACK = 0.10  # fragmentation of the caching allocator
+RESERVE_FLOOR_BYTES = 256 * MIB
+
+
+class ResidencyError(ValueError):
+    """The budget cannot hold even the streaming buffers and the reserve."""
+
+
+def flux_dev_block_sizes(storage_itemsize: int = 1) -> list[int]:
+    """Storage bytes of FLUX.1-dev's 57 blocks in execution order (double, then single)."""
+    return ([FLUX_DOUBLE_BLOCK_WEIGHTS * storage_itemsize] * FLUX_DOUBLE_BLOCKS
+            + [FLUX_SINGLE_BLOCK_WEIGHTS * storage_itemsize] * FLUX_SINGLE_BLOCKS)
+
+
+def activation_reserve_bytes(width: int, height: int, *, text_tokens: int = 512,
+                             hidden: int = FLUX_HIDDEN, batch: int = 1,
+                             vae_tiled: bool = False) -> int:
+    """GPU bytes to keep free for the largest image: the larger of one DiT block's activations
+    and the VAE decode's peak (they never overlap), plus allocator slack."""
+    if width <= 0 or height <= 0 or batch <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height} (batch {batch})")
+    tokens = (math.ceil(width / 16) * math.ceil(height / 16) + text_tokens) * batch
+    dit = tokens * hidden * DIT_BYTES_PER_TOKEN_CHANNEL
+    vae = VAE_TILED_BYTES if vae_tiled else width * height * batch * VAE_BYTES_PER_PIXEL
+    peak = max(dit, vae)
+    return int(max(RESERVE_FLOOR_BYTES, peak * (1 + ALLOCATOR_SLACK)))
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    placements: tuple[str, ...]  # one per block, execution order: bf16, fp8 or streamed
+    block_bytes: tuple[int, ...]  # storage (float8) bytes of each block's weights
+    budget_bytes: int
+    reserve_bytes: int
+    fixed_bytes: int
+    slots: int
+    compute_itemsize: int = 2
+    storage_itemsize: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    def _compute_bytes(self, i: int) -> int:
+        return self.block_bytes[i] * self.compute_itemsize // self.storage_itemsize
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(i for i, p in enumerate(self.placements) if p == STREAMED)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied host -> GPU in one pass over the blocks (one DiT call)."""
+        return sum(self.block_bytes[i] for i in self.streamed)
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((self.block_bytes[i] for i in self.streamed), default=0)
+
+    @property
+    def work_bytes(self) -> int:
+        cast = [self._compute_bytes(i) for i, p in enumerate(self.placements) if p != BF16]
+        return max(cast, default=0)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._compute_bytes(i) if p == BF16 else self.block_bytes[i]
+                   for i, p in enumerate(self.placements) if p != STREAMED)
+
+    @property
+    def weights_gpu_bytes(self) -> int:
+        """Everything the plan allocates up front (the reserve excluded)."""
+        return (self.fixed_bytes + self.resident_bytes + self.work_bytes
+                + self.slots * self.slot_bytes)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.reserve_bytes - self.weights_gpu_bytes
+
+    def count(self, placement: str) -> int:
+        return sum(1 for p in self.placements if p == placement)
+
+    def transfer_floor_s(self, h2d_bytes_per_s: float) -> float:
+        """Seconds per pass the copies alone need at the given host -> GPU bandwidth."""
+        return self.streamed_bytes / h2d_bytes_per_s
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+        return (f"{self.count(BF16)} blocks bf16, {self.count(FP8)} fp8 resident, "
+                f"{self.count(STREAMED)} streamed ({gib(self.streamed_bytes)}/pass); "
+                f"GPU weights+buffers {gib(self.weights_gpu_bytes)}, reserve "
+                f"{gib(self.reserve_bytes)}, budget {gib(self.budget_bytes)}")
+
+
+def minimum_budget_bytes(block_sizes_bytes: Sequence[int], reserve_bytes: int,
+                         fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
+                         storage_itemsize: int = 1) -> int:
+    """The smallest budget that runs: everything streamed."""
+    biggest = max(block_sizes_bytes)
+    return (fixed_bytes + reserve_bytes + slots * biggest
+            + biggest * compute_itemsize // storage_itemsize)
+
+
+def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_bytes: int, *,
+                   fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
+                   storage_itemsize: int = 1, allow_bf16: bool = True) -> ResidencyPlan:
+    """The residency plan for blocks of the given storage sizes (execution order)."""
+    sizes = tuple(int(s) for s in block_sizes_bytes)
+    if not sizes or min(sizes) <= 0:
+        raise ValueError("block_sizes_bytes must list at least one positive size")
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    if budget_bytes <= 0 or reserve_bytes < 0 or fixed_bytes < 0:
+        raise ValueError("budget must be positive and reserve/fixed bytes not negative")
+    base = dict(block_bytes=sizes, budget_bytes=int(budget_bytes),
+                reserve_bytes=int(reserve_bytes), fixed_bytes=int(fixed_bytes), slots=slots,
+                compute_itemsize=compute_itemsize, storage_itemsize=storage_itemsize)
+    if allow_bf16:
+        all_bf16 = ResidencyPlan(placements=(BF16,) * len(sizes), **base)
+        if all_bf16.headroom_bytes >= 0:
+            return all_bf16
+    plan = _best_fp8_plan(sizes, base)
+    if plan is None:
+        need = minimum_budget_bytes(sizes, reserve_bytes, fixed_bytes, slots,
+                                    compute_itemsize, storage_itemsize)
+        raise ResidencyError(
+            f"a GPU budget of {budget_bytes / GIB:.2f} GiB is too small: streaming the DiT "
+            f"needs at least {need / GIB:.2f} GiB ({reserve_bytes / GIB:.2f} GiB of it kept "
+            f"for activations); use a smaller image size or a larger vram_limit")
+    return _upgrade_to_bf16(plan) if allow_bf16 else plan
+
+
+def _groups(sizes: tuple[int, ...]) -> dict[int, list[int]]:
+    """Block indices by size, largest size first."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault(s, []).append(i)
+    return dict(sorted(groups.items(), reverse=True))
+
+
+def _spread(indices: list[int], keep: int) -> set[int]:
+    """``keep`` of ``indices`` evenly spaced (resident blocks between streamed ones)."""
+    n = len(indices)
+    return {indices[int((j + 0.5) * n / keep)] for j in range(keep)} if keep else set()
+
+
+def _plan_for_counts(sizes: tuple[int, ...], groups: dict[int, list[int]],
+                     counts: Sequence[int], base: dict) -> ResidencyPlan:
+    resident: set[int] = set()
+    for members, keep in zip(groups.values(), counts, strict=True):
+        resident |= _spread(members, keep)
+    placements = tuple(FP8 if i in resident else STREAMED for i in range(len(sizes)))
+    return ResidencyPlan(placements=placements, **base)
+
+
+def _best_fp8_plan(sizes: tuple[int, ...], base: dict) -> ResidencyPlan | None:
+    groups = _groups(sizes)
+    ranges = [range(len(members) + 1) for members in groups.values()]
+    if math.prod(len(r) for r in ranges) > MAX_ENUMERATED_PLANS:
+        return _greedy_fp8_plan(sizes, groups, base)
+    best: ResidencyPlan | None = None
+    for counts in itertools.product(*ranges):
+        plan = _plan_for_counts(sizes, groups, counts, base)
+        if plan.headroom_bytes < 0:
+            continue
+        if best is None or (plan.streamed_bytes, -plan.headroom_bytes) < (
+                best.streamed_bytes, -best.headroom_bytes):
+            best = plan
+    return best
+
+
+def _greedy_fp8_plan(sizes: tuple[int, ...], groups: dict[int, list[int]],
+                     base: dict) -> ResidencyPlan | None:
+    """Many distinct sizes: keep the largest blocks first while they fit."""
+    counts = [0] * len(groups)
+    plan = _plan_for_counts(sizes, groups, counts, base)
+    if plan.headroom_bytes < 0:
+        return None
+    for g, members in enumerate(groups.values()):
+        for _ in members:
+            counts[g] += 1
+            trial = _plan_for_counts(sizes, groups, counts, base)
+            if trial.headroom_bytes < 0:
+                counts[g] -= 1
+                break
+            plan = trial
+    return plan
+
+
+def _upgrade_to_bf16(plan: ResidencyPlan) -> ResidencyPlan:
+    """Spend the headroom on bf16 copies of fp8-resident blocks, largest first."""
+    placements = list(plan.placements)
+    order = sorted((i for i, p in enumerate(placements) if p == FP8),
+                   key=lambda i: -plan.block_bytes[i])
+    current = plan
+    for i in order:
+        placements[i] = BF16
+        trial = ResidencyPlan(**{**current.__dict__, "placements": tuple(placements)})
+        if trial.headroom_bytes < 0:
+            placements[i] = FP8
+            continue
+        current = trial
+    return current

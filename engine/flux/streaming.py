@@ -1,0 +1,347 @@
+"""Carry out a ``ResidencyPlan`` on a DiT: float8 blocks streamed from pinned host memory.
+
+    sizes, fixed = measure_blocks(dit)                      # dit on the CPU, float8 or bf16
+    plan = plan_residency(sizes, budget, activation_reserve_bytes(1024, 1024), fixed_bytes=fixed)
+    handle = enable_block_streaming(dit, plan, "cuda")      # once; weights stay put afterwards
+    ... run the pipeline (diffsynth's model_fn calls each block as a module) ...
+    handle.stats()["bytes_streamed_per_pass"]; handle.close()  # back to a CPU module
+
+Why not diffsynth's VRAM layers: a layer left on the CPU is cast to bf16 on the CPU and copied
+from pageable memory on the compute stream, synchronously, per call (~1 GB/s of weights). Here
+every block is moved as one contiguous float8 buffer from page-locked memory on a side CUDA
+stream while the previous block computes (the copy engine runs at PCIe speed, ~55 GB/s on an
+H100), then cast to bf16 on the GPU in one kernel.
+
+Memory layout (made once; nothing is allocated per call):
+- a block's weight matrices (2-D parameters) are packed into one flat float8 buffer: on the GPU
+  for ``fp8`` blocks, in one page-locked host buffer for ``streamed`` blocks;
+- every ``fp8``/``streamed`` block's weight parameters are views into ONE shared bf16 work
+  buffer; a forward pre-hook casts the block's float8 bytes into it just before it runs (only
+  one block computes at a time, so they can share it);
+- ``slots`` float8 staging buffers on the GPU receive the copies, round robin, in the cyclic
+  order of the streamed blocks, so the first blocks of the next pass (or the next image) are
+  already on their way when a pass ends;
+- biases and norm scales (1-D) stay on the GPU in bf16; ``bf16`` blocks are plain resident.
+
+Ordering: the compute stream waits for a slot's ``copied`` event before its cast; the side
+stream waits for the slot's ``free`` event (recorded after that cast) before reusing it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.flux.residency import BF16, FP8, STREAMED, ResidencyPlan
+
+log = logging.getLogger(__name__)
+ALIGN = 256  # elements: every packed weight starts 256-byte (fp8) / 512-byte (bf16) aligned
+BLOCK_LISTS = ("blocks", "single_blocks")  # diffsynth FluxDiT, in execution order
+
+
+def dit_blocks(dit: torch.nn.Module, names: Iterable[str] = BLOCK_LISTS) -> list[torch.nn.Module]:
+    """The transformer blocks in the order the model function calls them."""
+    blocks: list[torch.nn.Module] = []
+    for name in names:
+        blocks.extend(getattr(dit, name, []) or [])
+    if not blocks:
+        raise ValueError(f"{type(dit).__name__} has none of the block lists {tuple(names)}")
+    return blocks
+
+
+def _is_packed(param: torch.Tensor) -> bool:
+    return param.dim() >= 2  # weight matrices; biases and norm scales stay bf16-resident
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def measure_blocks(dit: torch.nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> tuple[list[int], int]:
+    """(storage bytes of each block's packed weights, bytes of everything kept resident in
+    the compute dtype: non-block weights plus every block's biases and norm scales)."""
+    _refuse_managed(dit)
+    blocks = dit_blocks(dit)
+    item_s = torch.empty(0, dtype=storage_dtype).element_size()
+    item_c = torch.empty(0, dtype=compute_dtype).element_size()
+    sizes = [sum(_aligned(p.numel()) for p in b.parameters() if _is_packed(p)) * item_s
+             for b in blocks]
+    in_blocks = {id(p) for b in blocks for p in b.parameters() if _is_packed(p)}
+    fixed = sum(p.numel() * item_c for p in dit.parameters() if id(p) not in in_blocks)
+    return sizes, fixed
+
+
+def _refuse_managed(dit: torch.nn.Module) -> None:
+    """diffsynth's VRAM layers move weights themselves; both managing one DiT would clash."""
+    if getattr(dit, "vram_management_enabled", False):
+        raise ValueError(
+            "this DiT is under diffsynth's VRAM management; load it unmanaged on the CPU "
+            "(ModelConfig(path=..., computation_device='cpu', "
+            "computation_dtype=torch.float8_e4m3fn)) before enabling block streaming")
+
+
+@dataclass
+class _Block:
+    index: int
+    placement: str
+    params: list[tuple[torch.nn.Parameter, int, torch.Size]]  # packed weight, offset, shape
+    numel: int  # packed elements, aligned
+    source: torch.Tensor | None = None  # float8 flat: GPU (fp8) or page-locked host (streamed)
+
+
+class StreamingHandle:
+    """The live streaming state of one DiT; ``close()`` puts the DiT back on the CPU."""
+
+    def __init__(self, dit: torch.nn.Module, plan: ResidencyPlan, device: torch.device,
+                 compute_dtype: torch.dtype, storage_dtype: torch.dtype) -> None:
+        self.dit, self.plan, self.device = dit, plan, device
+        self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
+        self._cuda = device.type == "cuda"
+        self._blocks: list[_Block] = []
+        self._hooks: list[Any] = []
+        self._host: torch.Tensor | None = None
+        self._pinned = False
+        self._work: torch.Tensor | None = None
+        self._slots: list[torch.Tensor] = []
+        self._copied: list[Any] = []
+        self._free: list[Any] = []
+        self._side: Any = None
+        self._order: list[int] = []  # streamed block indices, execution order
+        self._issued: deque[tuple[int, int]] = deque()  # (block index, slot) copied or on the way
+        self._next_pos = 0  # position in _order of the next block to issue
+        self._next_slot = 0
+        self.passes = 0
+        self.bytes_streamed = 0
+        self.restarts = 0  # times the call order differed from the prefetch order
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        blocks = dit_blocks(self.dit)
+        if len(blocks) != len(self.plan.placements):
+            raise ValueError(f"the plan has {len(self.plan.placements)} placements but the DiT "
+                             f"has {len(blocks)} blocks")
+        self._move_fixed(blocks)
+        self._blocks = [self._describe(i, b) for i, b in enumerate(blocks)]
+        self._pack_resident()
+        self._pack_streamed()
+        self._make_buffers()
+        for block, module in zip(self._blocks, blocks, strict=True):
+            self._hooks.append(module.register_forward_pre_hook(self._pre_hook(block)))
+
+    def _move_fixed(self, blocks: list[torch.nn.Module]) -> None:
+        """Non-block weights and the blocks' 1-D parameters: resident in the compute dtype."""
+        packed = {id(p) for b in blocks for p in b.parameters() if _is_packed(p)}
+        for p in self.dit.parameters():
+            if id(p) not in packed:
+                p.data = p.data.to(self.device, self.compute_dtype)
+        for b in self.dit.buffers():
+            b.data = b.data.to(self.device)
+
+    def _describe(self, index: int, module: torch.nn.Module) -> _Block:
+        params, offset = [], 0
+        for p in module.parameters():
+            if _is_packed(p):
+                params.append((p, offset, p.shape))
+                offset += _aligned(p.numel())
+        return _Block(index, self.plan.placements[index], params, offset)
+
+    def _pack(self, block: _Block, flat: torch.Tensor) -> None:
+        for p, off, _ in block.params:
+            flat[off:off + p.numel()].copy_(p.data.reshape(-1))
+        block.source = flat
+
+    def _pack_resident(self) -> None:
+        fp8 = [b for b in self._blocks if b.placement == FP8]
+        store = torch.empty(sum(b.numel for b in fp8), dtype=self.storage_dtype,
+                            device=self.device)
+        offset = 0
+        for b in fp8:
+            self._pack(b, store[offset:offset + b.numel])
+            offset += b.numel
+            self._release(b)  # until the work buffer exists: drop the host copy now
+        for b in self._blocks:
+            if b.placement == BF16:
+                for p, _, _ in b.params:
+                    p.data = p.data.to(self.device, self.compute_dtype)
+
+    def _pack_streamed(self) -> None:
+        streamed = [b for b in self._blocks if b.placement == STREAMED]
+        self._order = [b.index for b in streamed]
+        total = sum(b.numel for b in streamed)
+        if not total:
+            return
+        self._host = torch.empty(total, dtype=self.storage_dtype)  # pageable until registered
+        offset = 0
+        for b in streamed:
+            self._pack(b, self._host[offset:offset + b.numel])
+            offset += b.numel
+            self._release(b)
+        self._pinned = self._cuda and _register_host(self._host)
+
+    def _release(self, block: _Block) -> None:
+        """Point the block's weights at nothing (freeing their CPU storage) until
+        ``_make_buffers`` points them into the work buffer."""
+        for p, _, _ in block.params:
+            p.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+
+    def _make_buffers(self) -> None:
+        cast = [b for b in self._blocks if b.placement != BF16]
+        if cast:
+            self._work = torch.empty(max(b.numel for b in cast), dtype=self.compute_dtype,
+                                     device=self.device)
+            for b in cast:
+                for p, off, shape in b.params:
+                    p.data = self._work[off:off + shape.numel()].view(shape)
+        if self._order:
+            size = max(self._blocks[i].numel for i in self._order)
+            self._slots = [torch.empty(size, dtype=self.storage_dtype, device=self.device)
+                           for _ in range(self.plan.slots)]
+            self._copied = [self._event() for _ in self._slots]
+            self._free = [self._event() for _ in self._slots]
+            self._side = torch.cuda.Stream(self.device) if self._cuda else None
+
+    def _event(self) -> Any:
+        return torch.cuda.Event() if self._cuda else None
+
+    # -- per call --------------------------------------------------------------------------
+    def _pre_hook(self, block: _Block):  # noqa: ANN202
+        first = block.index == 0
+
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            if first:
+                self.passes += 1
+            if block.placement == FP8:
+                self._cast(block, block.source)
+            elif block.placement == STREAMED:
+                self._consume(block)
+
+        return hook
+
+    def _cast(self, block: _Block, flat: torch.Tensor) -> None:
+        assert self._work is not None
+        self._work[:block.numel].copy_(flat[:block.numel])  # float8 -> bf16 on the GPU
+
+    def _consume(self, block: _Block) -> None:
+        if not self._issued or self._issued[0][0] != block.index:
+            self._restart_at(block.index)
+        _, slot = self._issued.popleft()
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+        self._cast(block, self._slots[slot])
+        if self._cuda:
+            self._free[slot].record(torch.cuda.current_stream(self.device))
+        self._fill()
+
+    def _restart_at(self, index: int) -> None:
+        """Called out of the expected order (first call, or a skipped block): prefetch
+        from here. Earlier copies still land first: the side stream runs in order."""
+        self.restarts += 1
+        self._issued.clear()
+        self._next_pos = self._order.index(index)
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._issued) < min(len(self._slots), len(self._order)):
+            index = self._order[self._next_pos]
+            self._next_pos = (self._next_pos + 1) % len(self._order)
+            slot, self._next_slot = self._next_slot, (self._next_slot + 1) % len(self._slots)
+            self._copy(self._blocks[index], slot)
+            self._issued.append((index, slot))
+
+    def _copy(self, block: _Block, slot: int) -> None:
+        assert block.source is not None
+        dst = self._slots[slot][:block.numel]
+        if self._cuda:
+            with torch.cuda.stream(self._side):
+                self._side.wait_event(self._free[slot])
+                dst.copy_(block.source, non_blocking=self._pinned)
+                self._copied[slot].record(self._side)
+        else:
+            dst.copy_(block.source)
+        self.bytes_streamed += block.numel * dst.element_size()
+
+    # -- reporting and tear-down -----------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "passes": self.passes,
+            "bytes_streamed": self.bytes_streamed,
+            "bytes_streamed_per_pass": self.plan.streamed_bytes,
+            "streamed_blocks": len(self._order),
+            "fp8_resident_blocks": self.plan.count(FP8),
+            "bf16_resident_blocks": self.plan.count(BF16),
+            "pinned": self._pinned,
+            "restarts": self.restarts,
+            "host_bytes": 0 if self._host is None else self._host.numel() * self._host.element_size(),
+        }
+
+    def close(self) -> None:
+        """Stop streaming; every weight goes back to the CPU in the storage dtype (packed
+        blocks) or the compute dtype (the rest). Idempotent."""
+        if not self._hooks:
+            return
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for b in self._blocks:
+            self._unpack(b)
+        for p in self.dit.parameters():
+            if p.device != torch.device("cpu"):
+                p.data = p.data.cpu()
+        if self._pinned and self._host is not None:
+            _unregister_host(self._host)
+        self._host, self._work, self._slots, self._blocks = None, None, [], []
+        self._issued.clear()
+
+    def _unpack(self, b: _Block) -> None:
+        for p, off, shape in b.params:
+            if b.placement == BF16:
+                p.data = p.data.to("cpu", self.storage_dtype)
+            else:  # a host view stays valid (pageable) once unregistered
+                assert b.source is not None
+                p.data = b.source[off:off + shape.numel()].view(shape).to("cpu")
+
+    def __enter__(self) -> StreamingHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _register_host(t: torch.Tensor) -> bool:
+    """Page-lock an existing host tensor in place (cudaHostRegister): unlike
+    ``pin_memory()``, no second copy and no rounding of the size up to a power of two."""
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+    if err != 0:
+        log.warning("cudaHostRegister failed (error %d): streaming from pageable memory, "
+                    "copies will not overlap compute", err)
+        return False
+    return True
+
+
+def _unregister_host(t: torch.Tensor) -> None:
+    err = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+    if err != 0:
+        log.warning("cudaHostUnregister failed (error %d)", err)
+
+
+def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
+                           device: str | torch.device = "cuda", *,
+                           compute_dtype: torch.dtype = torch.bfloat16,
+                           storage_dtype: torch.dtype = torch.float8_e4m3fn) -> StreamingHandle:
+    """Lay the DiT out as ``plan`` says and hook its blocks. The DiT must be on the CPU and
+    unmanaged by diffsynth; afterwards its non-block weights are on ``device`` in
+    ``compute_dtype``, and it is called exactly as before."""
+    _refuse_managed(dit)
+    handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype)
+    handle._setup()
+    log.info("block streaming: %s; host buffer %s", plan.describe(),
+             "page-locked" if handle._pinned else "pageable")
+    return handle

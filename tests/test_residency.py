@@ -1,0 +1,298 @@
+"""The residency planner's arithmetic, and the block streamer's correctness on the CPU.
+
+The planner is checked against a brute force over every subset of resident blocks; the
+streamer runs a small stack of diffsynth's own FLUX blocks and must give exactly the output of
+the same blocks with the same (float8-rounded) weights left as plain bf16 modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.flux.residency import (
+    BF16,
+    FP8,
+    GIB,
+    MIB,
+    STREAMED,
+    ResidencyError,
+    ResidencyPlan,
+    activation_reserve_bytes,
+    flux_dev_block_sizes,
+    minimum_budget_bytes,
+    plan_residency,
+)
+
+# -- planner ------------------------------------------------------------------------------
+
+
+def brute_force_streamed(sizes: list[int], budget: int, reserve: int, fixed: int,
+                         slots: int) -> int | None:
+    """The fewest bytes streamed over every choice of fp8-resident blocks (no bf16)."""
+    best = None
+    for keep in itertools.product((False, True), repeat=len(sizes)):
+        plan = ResidencyPlan(tuple(FP8 if k else STREAMED for k in keep), tuple(sizes),
+                             budget, reserve, fixed, slots)
+        if plan.headroom_bytes >= 0 and (best is None or plan.streamed_bytes < best):
+            best = plan.streamed_bytes
+    return best
+
+
+sizes_st = st.lists(st.sampled_from([100, 150, 340, 512]), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=sizes_st, budget=st.integers(1, 6000), reserve=st.integers(0, 500),
+       fixed=st.integers(0, 100), slots=st.integers(1, 3))
+def test_planner_streams_the_fewest_bytes_and_stays_within_budget(sizes, budget, reserve,
+                                                                  fixed, slots):
+    best = brute_force_streamed(sizes, budget, reserve, fixed, slots)
+    try:
+        plan = plan_residency(sizes, budget, reserve, fixed_bytes=fixed, slots=slots)
+    except ResidencyError:
+        assert best is None
+        assert budget < minimum_budget_bytes(sizes, reserve, fixed, slots)
+        return
+    assert plan.weights_gpu_bytes + plan.reserve_bytes <= budget
+    if plan.count(BF16) == len(sizes):
+        return  # everything resident in bf16 (nothing to stream, nothing to cast)
+    assert best is not None and plan.streamed_bytes == best
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=sizes_st, budget=st.integers(1, 6000), extra=st.integers(0, 3000))
+def test_a_larger_budget_never_streams_more(sizes, budget, extra):
+    def streamed(b: int) -> int | None:
+        try:
+            return plan_residency(sizes, b, 50).streamed_bytes
+        except ResidencyError:
+            return None
+
+    small, large = streamed(budget), streamed(budget + extra)
+    if small is not None:
+        assert large is not None and large <= small
+
+
+def test_everything_bf16_when_it_fits():
+    sizes = [300, 300, 100]
+    plan = plan_residency(sizes, budget_bytes=2 * 700 + 200 + 50, reserve_bytes=200,
+                          fixed_bytes=50)
+    assert plan.placements == (BF16, BF16, BF16)
+    assert plan.work_bytes == 0 and plan.slot_bytes == 0 and plan.streamed_bytes == 0
+
+
+def test_headroom_goes_to_bf16_copies_once_nothing_is_streamed():
+    sizes = [300, 300, 100]
+    # fp8 all resident needs 700 + work 600 (bf16 of the largest); 300 left for upgrades
+    plan = plan_residency(sizes, budget_bytes=700 + 600 + 300, reserve_bytes=0)
+    assert plan.streamed_bytes == 0
+    assert plan.count(BF16) >= 1 and plan.headroom_bytes >= 0
+    # no further block could become bf16 without going over
+    for i, p in enumerate(plan.placements):
+        if p == FP8:
+            more = list(plan.placements)
+            more[i] = BF16
+            assert ResidencyPlan(**{**plan.__dict__, "placements": tuple(more)}).headroom_bytes < 0
+
+
+def test_no_bf16_when_disallowed():
+    plan = plan_residency([10, 10], budget_bytes=10_000, reserve_bytes=0, allow_bf16=False)
+    assert plan.placements == (FP8, FP8)
+
+
+def test_too_small_a_budget_says_what_is_needed():
+    sizes = flux_dev_block_sizes()
+    reserve = activation_reserve_bytes(1024, 1024)
+    need = minimum_budget_bytes(sizes, reserve)
+    with pytest.raises(ResidencyError, match=r"at least \d+\.\d\d GiB"):
+        plan_residency(sizes, need - 1, reserve)
+    plan = plan_residency(sizes, need, reserve)
+    assert plan.count(STREAMED) == len(sizes)
+
+
+@pytest.mark.parametrize("bad", [dict(block_sizes_bytes=[]), dict(block_sizes_bytes=[0, 5]),
+                                 dict(budget_bytes=0), dict(reserve_bytes=-1), dict(slots=0)])
+def test_bad_arguments_are_refused(bad):
+    args = dict(block_sizes_bytes=[10, 10], budget_bytes=1000, reserve_bytes=0) | bad
+    slots = args.pop("slots", 2)
+    with pytest.raises(ValueError):
+        plan_residency(**args, slots=slots)
+
+
+def test_flux_dev_sizes_and_resident_blocks_are_spread_out():
+    sizes = flux_dev_block_sizes()
+    assert len(sizes) == 57 and abs(sum(sizes) / 1e9 - 11.84) < 0.01
+    plan = plan_residency(sizes, 8 * GIB, activation_reserve_bytes(1024, 1024),
+                          fixed_bytes=150 * MIB)
+    kept = [i for i, p in enumerate(plan.placements) if p != STREAMED]
+    assert 0 < len(kept) < 57 and plan.headroom_bytes >= 0
+    # within each block type the streamed runs between resident blocks differ by at most one
+    for lo, hi in ((0, 19), (19, 57)):
+        ks = [i for i in kept if lo <= i < hi]
+        if len(ks) >= 2:
+            gaps = [b - a for a, b in itertools.pairwise(ks)]
+            assert max(gaps) - min(gaps) <= 1
+
+
+def test_flux_dev_plans_shrink_streaming_as_the_budget_grows():
+    sizes, reserve = flux_dev_block_sizes(), activation_reserve_bytes(1024, 1024)
+    streamed = [plan_residency(sizes, gib * GIB, reserve).streamed_bytes for gib in (6, 8, 12, 16)]
+    assert streamed == sorted(streamed, reverse=True) and streamed[0] > streamed[-1]
+    assert plan_residency(sizes, 40 * GIB, reserve).count(BF16) == 57
+
+
+def test_activation_reserve_grows_with_the_image_and_tiling_caps_the_vae():
+    small, large = activation_reserve_bytes(512, 512), activation_reserve_bytes(1024, 1024)
+    assert large > small > 0
+    assert activation_reserve_bytes(2048, 2048, vae_tiled=True) < activation_reserve_bytes(
+        2048, 2048)
+    with pytest.raises(ValueError):
+        activation_reserve_bytes(0, 512)
+
+
+def test_transfer_floor():
+    plan = plan_residency([100, 100, 100], budget_bytes=100 + 200 + 200 + 1, reserve_bytes=0)
+    assert plan.transfer_floor_s(100.0) == plan.streamed_bytes / 100.0
+
+
+# -- streaming wrapper on the CPU ---------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+flux_dit = pytest.importorskip("diffsynth.models.flux_dit")
+
+from engine.flux.streaming import (  # noqa: E402
+    dit_blocks,
+    enable_block_streaming,
+    measure_blocks,
+)
+
+DIM, HEADS = 64, 2
+
+
+class TinyDiT(torch.nn.Module):
+    """diffsynth's FLUX blocks at a small width, called the way ``model_fn_flux_image`` does."""
+
+    def __init__(self, n_double: int = 3, n_single: int = 4) -> None:
+        super().__init__()
+        self.pos_embedder = flux_dit.RoPEEmbedding(DIM // HEADS, 10000, [8, 12, 12])
+        self.x_embedder = torch.nn.Linear(16, DIM)
+        self.blocks = torch.nn.ModuleList(
+            [flux_dit.FluxJointTransformerBlock(DIM, HEADS) for _ in range(n_double)])
+        self.single_blocks = torch.nn.ModuleList(
+            [flux_dit.FluxSingleTransformerBlock(DIM, HEADS) for _ in range(n_single)])
+        self.proj_out = torch.nn.Linear(DIM, 16)
+
+    def forward(self, x, prompt, temb, ids, blocks=None):
+        rope = self.pos_embedder(ids)
+        h = self.x_embedder(x)
+        for block in self.blocks if blocks is None else blocks[0]:
+            h, prompt = block(h, prompt, temb, rope)
+        h = torch.cat([prompt, h], dim=1)
+        for block in self.single_blocks if blocks is None else blocks[1]:
+            h, prompt = block(h, prompt, temb, rope)
+        return self.proj_out(h[:, prompt.shape[1]:])
+
+
+def make_models(seed: int = 0):
+    """(float8 model to stream, bf16 reference with the same float8-rounded weights)."""
+    torch.manual_seed(seed)
+    model = TinyDiT()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = model.to(torch.float8_e4m3fn)
+    return model, copy.deepcopy(model).to(torch.bfloat16)
+
+
+def make_inputs(seed: int = 1, img: int = 12, txt: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.zeros(1, txt, 3), torch.rand(1, img, 3, generator=g) * 8], dim=1)
+    return (torch.randn(1, img, 16, generator=g).bfloat16(),
+            torch.randn(1, txt, DIM, generator=g).bfloat16(),
+            torch.randn(1, DIM, generator=g).bfloat16(), ids)
+
+
+def plan_for(model, placements):
+    sizes, fixed = measure_blocks(model)
+    return ResidencyPlan(tuple(placements), tuple(sizes), 10**12, 0, fixed, slots=2)
+
+
+MIXED = [STREAMED, FP8, STREAMED, STREAMED, BF16, STREAMED, FP8]
+
+
+@pytest.mark.parametrize("placements", [MIXED, [STREAMED] * 7, [FP8] * 7, [BF16] * 7,
+                                        [STREAMED] + [BF16] * 6])
+def test_streamed_output_equals_the_plain_modules(placements):
+    model, reference = make_models()
+    handle = enable_block_streaming(model, plan_for(model, placements), "cpu")
+    with torch.no_grad():
+        for seed in (1, 2, 3):  # several passes: the prefetch wraps around between them
+            inputs = make_inputs(seed)
+            torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+    stats = handle.stats()
+    assert stats["passes"] == 3 and stats["restarts"] == (1 if STREAMED in placements else 0)
+    plan = handle.plan
+    first = [plan.block_bytes[i] for i in plan.streamed[:2]]  # next pass, already prefetched
+    assert stats["bytes_streamed"] == 3 * plan.streamed_bytes + sum(first)
+    handle.close()
+
+
+def test_blocks_called_out_of_order_still_compute_right():
+    model, reference = make_models()
+    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu")
+    skip = ([model.blocks[0], model.blocks[2]], [model.single_blocks[1], model.single_blocks[3]])
+    ref_skip = ([reference.blocks[0], reference.blocks[2]],
+                [reference.single_blocks[1], reference.single_blocks[3]])
+    with torch.no_grad():
+        for seed in (1, 2):
+            inputs = make_inputs(seed)
+            torch.testing.assert_close(model(*inputs, blocks=skip),
+                                       reference(*inputs, blocks=ref_skip), rtol=0, atol=0)
+            torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+    assert handle.stats()["restarts"] >= 2
+    handle.close()
+
+
+def test_close_puts_the_same_float8_weights_back_on_the_cpu():
+    model, reference = make_models()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with enable_block_streaming(model, plan_for(model, MIXED), "cpu"):
+        with torch.no_grad():
+            model(*make_inputs())
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu"
+        if p.dim() >= 2 and ("blocks" in name):
+            assert p.dtype == torch.float8_e4m3fn
+        assert torch.equal(p.detach().float(), before[name].float()), name
+    with torch.no_grad():  # usable again as a plain module
+        inputs = make_inputs(4)
+        torch.testing.assert_close(model.to(torch.bfloat16)(*inputs), reference(*inputs),
+                                   rtol=0, atol=0)
+
+
+def test_measure_blocks_counts_packed_weights_and_the_rest():
+    model, _ = make_models()
+    sizes, fixed = measure_blocks(model)
+    blocks = dit_blocks(model)
+    assert len(sizes) == len(blocks) == 7
+    for size, block in zip(sizes, blocks, strict=True):
+        weights = sum(p.numel() for p in block.parameters() if p.dim() >= 2)
+        assert weights <= size < weights + 256 * len(list(block.parameters()))
+    others = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for b in blocks for p in b.parameters() if p.dim() >= 2)
+    assert fixed == 2 * others
+
+
+def test_refuses_a_managed_dit_and_a_plan_of_the_wrong_length():
+    model, _ = make_models()
+    with pytest.raises(ValueError, match="plan has 3 placements"):
+        enable_block_streaming(model, ResidencyPlan((FP8,) * 3, (1, 1, 1), 10**9, 0, 0, 2),
+                               "cpu")
+    model.vram_management_enabled = True
+    with pytest.raises(ValueError, match="unmanaged"):
+        enable_block_streaming(model, plan_for(TinyDiT(), MIXED), "cpu")
