@@ -23,6 +23,7 @@ from engine.job import Progress
 from engine.request import ImageRequest, Origin, User
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
 GIB = 1024**3
 
 
