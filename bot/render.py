@@ -146,3 +146,72 @@ def usage(limits: LimitsSection) -> str:
         f"guidance {limits.guidance_min:g}–{limits.guidance_max:g} (default "
         f"{limits.guidance_default:g}).\nExample: /imagine a red fox in snow --seed 7 --ar 16:9"
     )
+
+
+# -- added for the chat adapters' commands and buttons (Telegram first) ---------------------------
+def admin_only() -> str:
+    return "Sorry, only the bot's admins can use this command."
+
+
+def chat_not_allowed() -> str:
+    return "Sorry, this bot is not enabled in this chat."
+
+
+def internal_error() -> str:
+    return "⚠️ Something went wrong on my side; the bot's admin can find the details in the log."
+
+
+def cancelling(job_id: str) -> str:
+    return f"Cancelling {job_id}."
+
+
+def already_over() -> str:
+    return "That job has already finished."
+
+
+def queue_paused() -> str:
+    return "⏸ The queue is paused: new images are accepted but none starts until /resume."
+
+
+def queue_resumed() -> str:
+    return "▶️ The queue is running again."
+
+
+def limit_usage() -> str:
+    return "Usage: /limit <user id> <images per window | default>"
+
+
+def limit_set(user_id: str, images: int | None) -> str:
+    if images is None:
+        return f"User {user_id} is back to the default image limit."
+    return f"User {user_id} may now make {images} images per window."
+
+
+def rerolling(seed: int) -> str:
+    return f"🎲 Re-rolling with seed {seed}."
+
+
+def job_unknown() -> str:
+    return "I no longer know that image, so this button cannot be used."
+
+
+def undelivered() -> str:
+    return "⚠️ Your image is ready but could not be uploaded; the bot will try again later."
+
+
+# -- added for the Discord adapter ----------------------------------------------------------------
+_BUTTON_LABELS = {"reroll": "🎲 Re-roll", "more": "Same seed, more steps", "cancel": "Cancel"}
+
+
+def button_label(action: str) -> str:
+    """The label of an image button: "reroll", "more" (same seed, more steps) or "cancel"."""
+    return _BUTTON_LABELS[action]
+
+
+def steps_at_max(steps_max: int) -> str:
+    return f"This image already uses the most steps allowed ({steps_max})."
+
+
+def addressed(mention: str, text: str) -> str:
+    """A message for one user outside their own interaction (e.g. a result after a restart)."""
+    return f"{mention} {text}"

@@ -1,0 +1,356 @@
+"""The Telegram adapter (python-telegram-bot): commands and buttons in, engine jobs out.
+
+    adapter = TelegramAdapter(engine, config)
+    await adapter.start()    # getMe, setMyCommands, recovered jobs, long polling in the background
+    ...
+    await adapter.stop()
+
+Users: ``/imagine <prompt> --flags`` (also ``/imagine@BotName``; plain text in a private chat when
+``telegram.plain_text_prompts``), ``/queue``, ``/cancel [id]``, ``/limits``, ``/help``; admins also
+``/status``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
+``/cancel <anyone's id>``.
+Chats outside ``access.telegram_chats`` (when set) are refused politely; admins may use the bot
+anywhere. Buttons carry ``reroll:<job id>`` / ``cancel:<job id>``; only the requester's presses act,
+and every press is answered. ``telegram.base_url`` points the bot at a self-hosted Bot API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from telegram import BotCommand, CallbackQuery, Message, Update
+from telegram.constants import MessageLimit
+from telegram.error import TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot import render
+from bot.secrets_filter import SecretFilter
+from bot.telegram_jobs import CANCEL, REROLL, JobFollower, clip
+from engine.config import Config
+from engine.engine import Engine
+from engine.errors import EngineError, JobNotFound
+from engine.grammar import ParsedCommand, parse_command
+from engine.job import Job
+from engine.request import Origin, User
+
+log = logging.getLogger(__name__)
+
+COMMANDS = [
+    BotCommand("imagine", "Draw an image: /imagine a red fox --seed 7"),
+    BotCommand("queue", "Your images waiting and their place in line"),
+    BotCommand("cancel", "Cancel your latest image, or /cancel <id>"),
+    BotCommand("limits", "How many images you have left"),
+    BotCommand("help", "How to use the options"),
+]
+CALLBACK_ANSWER_CHARS = 200  # Telegram's limit for a callback query answer
+RATE_LIMIT_RETRIES = 3  # AIORateLimiter waits out a 429's retry_after this many times
+# Loggers that see this adapter's requests and errors. httpx logs every request URL, and the URL
+# holds the token; an exception text might too. The filter masks the token at the source, also
+# where no root-handler filter (bot.secrets_filter.install_secret_filter) is installed.
+MASKED_LOGGERS = ("httpx", __name__, "bot.telegram_jobs", "bot.delivery", "telegram.ext.Updater",
+                  "telegram.ext.Application", "telegram.ext.AIORateLimiter", "telegram.ext.ExtBot")
+Handler = Callable[[Message, User, list[str]], Awaitable[None]]
+
+
+class TelegramAdapter:
+    name = "telegram"
+
+    def __init__(self, engine: Engine, config: Config, *, poll_timeout_s: float = 10.0) -> None:
+        self.engine = engine
+        self.config = config
+        self.poll_timeout_s = poll_timeout_s
+        self.application: Application | None = None  # type: ignore[type-arg]
+        self.follower: JobFollower | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log_filter = SecretFilter([config.telegram_token])
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect (getMe), publish the command menu, deliver recovered jobs, start polling."""
+        for name in MASKED_LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
+        app = self._build()
+        self.application = app
+        await app.initialize()
+        self.follower = JobFollower(app.bot, self.engine, self.config)
+        try:
+            await app.bot.set_my_commands(COMMANDS)
+        except TelegramError as exc:  # the menu is a convenience; the commands work without it
+            log.warning("telegram: setMyCommands failed: %s", exc)
+        await app.updater.start_polling(  # type: ignore[union-attr]
+            timeout=self.poll_timeout_s, allowed_updates=["message", "callback_query"],
+            error_callback=self._polling_error)
+        await app.start()
+        for job in self.engine.recovered_jobs("telegram"):
+            self._follow(job, announce=False)
+        log.info("telegram: connected as @%s", app.bot.username)
+
+    async def stop(self) -> None:
+        app = self.application
+        if app is None:
+            return
+        try:
+            if app.updater is not None and app.updater.running:
+                await app.updater.stop()
+            if app.running:
+                await app.stop()
+            for task in list(self._tasks):
+                task.cancel()  # an unfinished delivery stays undelivered in the journal
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await app.shutdown()
+        finally:
+            self.application = None
+            for name in MASKED_LOGGERS:
+                logging.getLogger(name).removeFilter(self._log_filter)
+
+    def _build(self) -> Application:  # type: ignore[type-arg]
+        tg = self.config.telegram
+        builder = (Application.builder().token(self.config.telegram_token)
+                   .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+                   .concurrent_updates(True))  # one slow chat must not hold up the others
+        if tg.base_url:
+            builder = builder.base_url(tg.base_url)
+        if tg.base_file_url:
+            builder = builder.base_file_url(tg.base_file_url)
+        app = builder.build()
+        new_messages = filters.UpdateType.MESSAGE  # not edits: editing must not re-queue
+        user_commands: dict[str, Handler] = {
+            "imagine": self._imagine, "help": self._help, "start": self._help,
+            "queue": self._queue, "cancel": self._cancel, "limits": self._limits,
+        }
+        admin_commands: dict[str, Handler] = {
+            "status": self._status, "pause": self._pause, "resume": self._resume,
+            "limit": self._limit,
+        }
+        for name, handler in user_commands.items():
+            app.add_handler(CommandHandler(name, self._guarded(handler), filters=new_messages))
+        for name, handler in admin_commands.items():
+            app.add_handler(CommandHandler(name, self._guarded(handler, admin=True),
+                                           filters=new_messages))
+        if tg.plain_text_prompts:
+            app.add_handler(MessageHandler(
+                filters.TEXT & ~filters.COMMAND & filters.ChatType.PRIVATE & new_messages,
+                self._guarded(self._imagine)))
+        app.add_handler(CallbackQueryHandler(self._button))
+        app.add_error_handler(self._on_error)
+        return app
+
+    # -- access ----------------------------------------------------------------------------
+    def _chat_allowed(self, chat_id: int, user: User) -> bool:
+        allowed = self.config.access.telegram_chats
+        return not allowed or str(chat_id) in allowed or self.engine.is_admin(user)
+
+    def _guarded(self, handler: Handler, *, admin: bool = False
+                 ) -> Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[None]]:
+        """Wrap a command: known user, allowed chat, admin if asked; EngineErrors to the user."""
+        async def run(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            message, tg_user = update.effective_message, update.effective_user
+            if message is None or tg_user is None:
+                return
+            user = telegram_user(tg_user.id, tg_user.full_name)
+            if not self._chat_allowed(message.chat_id, user):
+                log.info("telegram: %s refused in chat %s (not allowed)", user.key, message.chat_id)
+                await self._reply(message, render.chat_not_allowed())
+            elif admin and not self.engine.is_admin(user):
+                log.info("telegram: %s refused an admin command", user.key)
+                await self._reply(message, render.admin_only())
+            else:
+                await handler(message, user, list(context.args or []))
+
+        return run
+
+    # -- commands --------------------------------------------------------------------------
+    async def _imagine(self, message: Message, user: User, args: list[str]) -> None:
+        """/imagine <prompt> --flags (or a plain private message): queue an image."""
+        limits = self.config.limits
+        request = parse_command(message.text or "", limits).to_request(limits)
+        extra = {"thread_id": message.message_thread_id} if message.is_topic_message else {}
+        origin = Origin("telegram", chat_id=str(message.chat_id),
+                        message_id=str(message.message_id), extra=extra)
+        job = await self.engine.submit(user, request, origin)
+        self._follow(job, announce=True)
+
+    async def _help(self, message: Message, user: User, args: list[str]) -> None:
+        """/help: the options and their limits."""
+        await self._reply(message, render.usage(self.config.limits))
+
+    async def _queue(self, message: Message, user: User, args: list[str]) -> None:
+        """/queue: the user's images and their places in line."""
+        await self._reply(message, render.queue_list(self.engine.jobs_of(user)))
+
+    async def _limits(self, message: Message, user: User, args: list[str]) -> None:
+        """/limits: images left in this window."""
+        await self._reply(message, render.quota(await self.engine.quota(user), self.engine.clock()))
+
+    async def _cancel(self, message: Message, user: User, args: list[str]) -> None:
+        """/cancel [id]: the user's latest job, or one by id (admins: anyone's)."""
+        if args:
+            job_id = args[0][:32]
+        else:
+            mine = self.engine.jobs_of(user)
+            if not mine:
+                await self._reply(message, render.queue_list([]))
+                return
+            job_id = mine[-1].id
+        done = await self.engine.cancel(job_id, user)
+        await self._reply(message, render.cancelling(job_id) if done else render.already_over())
+
+    async def _status(self, message: Message, user: User, args: list[str]) -> None:
+        """/status (admins): queue, running job, memory, last error."""
+        await self._reply(message, render.status(self.engine.health()))
+
+    async def _pause(self, message: Message, user: User, args: list[str]) -> None:
+        """/pause (admins): accept jobs but start none."""
+        self.engine.pause()
+        log.info("telegram: queue paused by %s", user.key)
+        await self._reply(message, render.queue_paused())
+
+    async def _resume(self, message: Message, user: User, args: list[str]) -> None:
+        """/resume (admins): start jobs again."""
+        self.engine.resume()
+        log.info("telegram: queue resumed by %s", user.key)
+        await self._reply(message, render.queue_resumed())
+
+    async def _limit(self, message: Message, user: User, args: list[str]) -> None:
+        """/limit <user id> <n|default> (admins): a per-user image limit override."""
+        parsed = parse_limit(args)
+        if parsed is None:
+            await self._reply(message, render.limit_usage())
+            return
+        target, images = parsed
+        await self.engine.set_limit_override(target, images)
+        log.info("telegram: %s set the limit of %s to %s", user.key, target.key, images)
+        await self._reply(message, render.limit_set(target.user_id, images))
+
+    # -- buttons ---------------------------------------------------------------------------
+    async def _button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Re-roll / Cancel presses: the requester's act, every press is answered."""
+        query = update.callback_query
+        if query is None:
+            return
+        user = telegram_user(query.from_user.id, query.from_user.full_name)
+        try:
+            text, alert = await self._press(query, user)
+        except EngineError as exc:
+            text, alert = render.error(exc), True
+        except Exception:
+            log.exception("telegram: button %r failed", query.data)
+            text, alert = render.internal_error(), True
+        try:
+            await query.answer(clip(text, CALLBACK_ANSWER_CHARS) if text else None,
+                               show_alert=alert)
+        except TelegramError as exc:  # the query may have expired (15 s); nothing to do
+            log.info("telegram: answering a button press failed: %s", exc)
+
+    async def _press(self, query: CallbackQuery, user: User) -> tuple[str, bool]:
+        """Act on a press; returns the answer text and whether it is an alert."""
+        action, _, job_id = (query.data or "").partition(":")
+        message = query.message
+        if action not in (REROLL, CANCEL) or not job_id or message is None:
+            return "", False  # an old or foreign button: answer quietly
+        if not self._chat_allowed(message.chat.id, user):
+            return render.chat_not_allowed(), True
+        record = await self.engine.job_record(job_id)
+        if record is None:
+            return render.job_unknown(), True
+        if record.user.platform != "telegram" or record.user.user_id != user.user_id:
+            return render.not_your_job(), True
+        if action == CANCEL:
+            try:
+                done = await self.engine.cancel(job_id, user)
+            except JobNotFound:  # no longer live (finished before a restart)
+                done = False
+            return (render.cancelling(job_id) if done else render.already_over()), False
+        request = ParsedCommand(prompt=record.request.prompt, steps=record.request.steps,
+                                width=record.request.width, height=record.request.height,
+                                guidance=record.request.guidance).to_request(
+            self.config.limits, _OtherSeed(record.request.seed))
+        origin = Origin("telegram", chat_id=str(message.chat.id),
+                        message_id=str(message.message_id), extra=record.origin.extra)
+        job = await self.engine.submit(user, request, origin)
+        self._follow(job, announce=True)
+        return render.rerolling(request.seed), False
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _follow(self, job: Job, *, announce: bool) -> None:
+        assert self.follower is not None
+        task = asyncio.create_task(self._follow_safely(job, announce), name=f"telegram-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow_safely(self, job: Job, announce: bool) -> None:
+        try:
+            await self.follower.follow(job, announce=announce)  # type: ignore[union-attr]
+        except Exception:  # one job's chat trouble must never stop the bot
+            log.exception("telegram: following job %s failed", job.id)
+
+    async def _reply(self, message: Message, text: str) -> None:
+        await message.reply_text(clip(text, MessageLimit.MAX_TEXT_LENGTH), do_quote=True,
+                                 allow_sending_without_reply=True)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""
+        error = context.error
+        if isinstance(error, EngineError):  # the user's mistake or a limit: not a bot fault
+            log.info("telegram: refused: %s", error)
+            text = render.error(error)
+        else:
+            log.error("telegram: error while handling an update", exc_info=error)
+            text = render.internal_error()
+        message = update.effective_message if isinstance(update, Update) else None
+        if message is not None:
+            try:
+                await self._reply(message, text)
+            except TelegramError as exc:
+                log.warning("telegram: could not report an error to chat %s: %s",
+                            message.chat_id, exc)
+
+    def _polling_error(self, error: TelegramError) -> None:
+        log.warning("telegram: polling failed (%s); retrying", error)
+
+
+class _OtherSeed(random.Random):
+    """A system-random seed that differs from the one being re-rolled (when the range allows)."""
+
+    def __init__(self, old: int) -> None:
+        super().__init__()
+        self.old = old
+        self.system = random.SystemRandom()
+
+    def randint(self, a: int, b: int) -> int:
+        for _ in range(8):
+            seed = self.system.randint(a, b)
+            if seed != self.old:
+                return seed
+        return seed
+
+
+def telegram_user(user_id: int, name: str) -> User:
+    return User("telegram", str(user_id), name[:64])
+
+
+def parse_limit(args: list[str]) -> tuple[User, int | None] | None:
+    """``<user id> <n|default>`` -> (user, n or None for the default); None when malformed."""
+    if len(args) != 2 or not _is_number(args[0], 20):
+        return None
+    value = args[1].lower()
+    if value in ("default", "none", "reset"):
+        return telegram_user(int(args[0]), ""), None
+    if not _is_number(value, 7):
+        return None
+    return telegram_user(int(args[0]), ""), int(value)
+
+
+def _is_number(text: str, max_digits: int) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= max_digits

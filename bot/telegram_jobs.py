@@ -1,0 +1,283 @@
+"""Following one job in a Telegram chat: a status message, then the image as a reply.
+
+    follower = JobFollower(bot, engine, config)
+    await follower.follow(job, announce=True)
+
+The status message is edited by its own small task that always shows the *latest* text and
+sleeps ``progress_interval_s`` after each edit, so a slow (rate-limited) edit never makes the
+message lag behind, and a failed edit is logged and forgotten. The final upload goes through
+``bot.delivery.deliver`` (retries, then the journal's undelivered path). Everything sent is plain
+text (no ``parse_mode``), so Markdown or HTML in a prompt is shown as typed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters
+from telegram.constants import ChatAction, MessageLimit
+from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
+
+from bot import render
+from bot.delivery import RetryPolicy, deliver
+from bot.media import fit_under
+from engine.config import Config
+from engine.engine import Engine
+from engine.job import (
+    Cancelled,
+    Failed,
+    Finished,
+    Job,
+    JobEvent,
+    JobResult,
+    Progress,
+    Queued,
+    Started,
+)
+from engine.request import Origin
+
+log = logging.getLogger(__name__)
+
+PHOTO_MAX_BYTES = 10 * 1024 * 1024  # Bot API: larger photos are refused
+PHOTO_MAX_SIDES = 10_000  # Bot API: width + height of a photo at most 10000
+DOCUMENT_MAX_BYTES = 50 * 1024 * 1024  # cloud Bot API upload limit
+LOCAL_DOCUMENT_MAX_BYTES = 2000 * 1024 * 1024  # a self-hosted Bot API server allows 2000 MB
+# Telegram allows about 20 messages a minute in a group, edits included: edit at most every 6 s
+# there, which leaves half of that budget for replies and other users' jobs.
+GROUP_EDIT_INTERVAL_S = 6.0
+REROLL, CANCEL = "reroll", "cancel"  # button data is "<action>:<job id>" (64 bytes at most)
+
+
+def _one_button(label: str, action: str, job_id: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton(label, callback_data=f"{action}:{job_id}")]])
+
+
+def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
+    return _one_button("✖ Cancel", CANCEL, job_id)
+
+
+def result_keyboard(job_id: str) -> InlineKeyboardMarkup:
+    return _one_button("🎲 Re-roll", REROLL, job_id)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: the bot was blocked or removed, the chat is gone, bad token."""
+    return isinstance(exc, (Forbidden, BadRequest, InvalidToken))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a job's messages go: the chat, and the user's message they reply to."""
+
+    chat_id: int
+    reply_to: int | None
+    thread_id: int | None
+    is_group: bool
+
+    @classmethod
+    def of(cls, origin: Origin) -> Target:
+        chat_id = int(origin.chat_id)
+        reply_to = int(origin.message_id) if origin.message_id else None
+        thread = origin.extra.get("thread_id")
+        return cls(chat_id, reply_to, int(thread) if thread else None, chat_id < 0)
+
+    def kwargs(self) -> dict[str, object]:
+        """Reply to the user's message, but still post if it was deleted meanwhile."""
+        args: dict[str, object] = {"chat_id": self.chat_id}
+        if self.reply_to is not None:
+            args["reply_parameters"] = ReplyParameters(self.reply_to,
+                                                       allow_sending_without_reply=True)
+        if self.thread_id is not None:
+            args["message_thread_id"] = self.thread_id
+        return args
+
+
+class StatusMessage:
+    """The one message that shows a job's place in the queue and its progress."""
+
+    def __init__(self, bot: Bot, message: Message, text: str, interval_s: float,
+                 markup: InlineKeyboardMarkup | None) -> None:
+        self.bot = bot
+        self.message = message
+        self.interval_s = interval_s
+        self.markup = markup
+        self._shown = text
+        self._wanted = text
+        self._kick = asyncio.Event()
+        self._editor = asyncio.create_task(self._edit_loop(), name=f"tg-status-{message.id}")
+
+    def show(self, text: str) -> None:
+        """Ask for ``text`` to be shown; the editor shows the latest text when it may."""
+        self._wanted = text
+        self._kick.set()
+
+    async def _edit_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            text = self._wanted
+            if text == self._shown:
+                continue
+            try:
+                await self._edit(text, self.markup)
+            except TelegramError as exc:  # a progress edit must never fail the job
+                log.info("progress edit in chat %s failed: %s", self.message.chat_id, exc)
+            self._shown = text
+            await asyncio.sleep(self.interval_s)
+
+    async def _edit(self, text: str, markup: InlineKeyboardMarkup | None) -> None:
+        await self.bot.edit_message_text(text, chat_id=self.message.chat_id,
+                                         message_id=self.message.message_id, reply_markup=markup)
+
+    async def stop_editing(self) -> None:
+        self._editor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._editor
+
+    async def finish(self, text: str) -> bool:
+        """Show a final text without buttons at once; False if the edit failed."""
+        await self.stop_editing()
+        try:
+            await self._edit(text, None)
+        except TelegramError as exc:
+            log.info("final edit in chat %s failed: %s", self.message.chat_id, exc)
+            return False
+        return True
+
+    async def delete(self) -> None:
+        await self.stop_editing()
+        try:
+            await self.bot.delete_message(self.message.chat_id, self.message.message_id)
+        except TelegramError as exc:
+            log.info("could not delete status message in chat %s: %s", self.message.chat_id, exc)
+
+
+def event_text(event: JobEvent, job: Job) -> str | None:
+    if isinstance(event, Queued):
+        return render.queued(event.position)
+    if isinstance(event, Started):
+        return render.started(job.request)
+    if isinstance(event, Progress):
+        return render.progress(event.step, event.total, event.eta_s)
+    return None
+
+
+class JobFollower:
+    """Shows one job's life in its chat and delivers its result (also after a restart)."""
+
+    def __init__(self, bot: Bot, engine: Engine, config: Config) -> None:
+        self.bot = bot
+        self.engine = engine
+        self.config = config
+        self.policy = RetryPolicy.from_config(config.delivery)
+        self.document_limit = (LOCAL_DOCUMENT_MAX_BYTES if config.telegram.base_url
+                               else DOCUMENT_MAX_BYTES)
+
+    async def follow(self, job: Job, *, announce: bool) -> None:
+        """``announce``: post a status message even if the job is already over (a new command)."""
+        target = Target.of(job.origin)
+        status: StatusMessage | None = None
+        seen = 0
+        try:
+            if announce or not job.status.is_terminal:
+                seen = len(job.events_so_far)
+                status = await self._post_status(job, target)
+            index = 0
+            async for event in job.events():
+                index += 1
+                if isinstance(event, Finished):
+                    await self._deliver_image(job, event.result, target, status)
+                elif isinstance(event, Failed):
+                    await self._deliver_text(job, render.failed(event.reason), target, status)
+                elif isinstance(event, Cancelled):
+                    if status is not None:
+                        await status.finish(render.cancelled(event.by_owner))
+                elif status is not None and index > seen:
+                    status.show(event_text(event, job) or "")
+        finally:
+            if status is not None:
+                await status.stop_editing()
+
+    async def _chat_action(self, target: Target) -> None:
+        try:
+            await self.bot.send_chat_action(target.chat_id, ChatAction.UPLOAD_PHOTO,
+                                            message_thread_id=target.thread_id)
+        except TelegramError as exc:  # only a hint to the user: never worth failing for
+            log.info("chat action in chat %s failed: %s", target.chat_id, exc)
+
+    async def _post_status(self, job: Job, target: Target) -> StatusMessage | None:
+        await self._chat_action(target)
+        events = job.events_so_far
+        text = (event_text(events[-1], job) if events else None) or render.queued(job.position())
+        markup = cancel_keyboard(job.id)
+        try:
+            message = await self.bot.send_message(text=text, reply_markup=markup, **target.kwargs())
+        except TelegramError as exc:
+            log.warning("could not post the status of job %s in chat %s: %s", job.id,
+                        target.chat_id, exc)
+            return None
+        interval = self.config.telegram.progress_interval_s
+        if target.is_group:
+            interval = max(interval, GROUP_EDIT_INTERVAL_S)
+        return StatusMessage(self.bot, message, text, interval, markup)
+
+    async def _deliver_image(self, job: Job, result: JobResult, target: Target,
+                             status: StatusMessage | None) -> None:
+        if status is not None:
+            await status.stop_editing()
+        await self._chat_action(target)
+
+        async def send() -> str:
+            sent = await self._send_image(job, result, target)
+            return f"telegram:{target.chat_id}/{sent.message_id}"
+
+        if not await deliver(self.engine, job, send, policy=self.policy,
+                             is_permanent=is_permanent):
+            if status is not None:
+                await status.finish(render.undelivered())
+            return
+        if status is not None:
+            await status.delete()
+        if self.config.telegram.send_png_document:
+            try:
+                await self._send_document(job, result.png, target)
+            except TelegramError as exc:  # the photo arrived; the extra PNG is a bonus
+                log.warning("sending the PNG of job %s failed: %s", job.id, exc)
+
+    async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
+        request = result.request
+        caption = clip(render.caption(result, job.user.display_name),
+                       MessageLimit.CAPTION_LENGTH)
+        markup = result_keyboard(job.id)
+        if (len(result.png) <= PHOTO_MAX_BYTES
+                and request.width + request.height <= PHOTO_MAX_SIDES):
+            return await self.bot.send_photo(photo=result.png, caption=caption, reply_markup=markup,
+                                             filename=f"{job.id}-{request.seed}.png",
+                                             **target.kwargs())
+        return await self._send_document(job, result.png, target, caption, markup)
+
+    async def _send_document(self, job: Job, png: bytes, target: Target,
+                             caption: str | None = None,
+                             markup: InlineKeyboardMarkup | None = None) -> Message:
+        data, ext = fit_under(png, self.document_limit)
+        return await self.bot.send_document(document=data, caption=caption, reply_markup=markup,
+                                            filename=f"{job.id}-{job.request.seed}.{ext}",
+                                            **target.kwargs())
+
+    async def _deliver_text(self, job: Job, text: str, target: Target,
+                            status: StatusMessage | None) -> None:
+        async def send() -> str:
+            if status is not None and await status.finish(text):
+                return f"telegram:{target.chat_id}/{status.message.message_id}"
+            sent = await self.bot.send_message(text=clip(text, MessageLimit.MAX_TEXT_LENGTH),
+                                               **target.kwargs())
+            return f"telegram:{target.chat_id}/{sent.message_id}"
+
+        await deliver(self.engine, job, send, policy=self.policy, is_permanent=is_permanent)

@@ -1,0 +1,535 @@
+"""The Telegram adapter end to end: the real python-telegram-bot client against a fake Bot API.
+
+Each test starts the real ``TelegramAdapter`` (PTB Application, AIORateLimiter, long polling)
+pointed at ``FakeTelegramServer`` on 127.0.0.1, feeds it updates and asserts the calls PTB made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from bot import render, telegram_jobs
+from bot.telegram_adapter import TelegramAdapter
+from engine.backends.dry_run import DryRunBackend
+from engine.config import Config
+from engine.engine import Engine
+from engine.errors import InvalidCommand
+from engine.grammar import parse_command
+from engine.job import Job, JobStatus
+from engine.png import read_parameters
+from engine.request import Origin, User
+from engine.store import JobRecord
+from tests.fakes.telegram_server import BOT_USERNAME, Call, FakeTelegramServer
+
+TOKEN = "123456789:AAHfakeTokenForTests_abcdefghijklmnopq"
+SETUP_CALLS = ("getUpdates", "getMe", "setMyCommands", "deleteWebhook")
+ALICE, BOB, ADMIN = 42, 43, 7
+GROUP = -1001234
+
+
+def user(uid: int) -> User:
+    return User("telegram", str(uid), "Ada")  # the fake names every user Ada
+
+
+@pytest.fixture(autouse=True)
+def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TELEGRAM_TOKEN", raising=False)
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[FakeTelegramServer]:
+    async with FakeTelegramServer() as server:
+        yield server
+
+
+@pytest.fixture
+def tg_config(config: Config, tg: FakeTelegramServer) -> Config:
+    config.telegram.token = TOKEN
+    config.telegram.base_url = tg.base_url
+    config.telegram.base_file_url = tg.base_file_url
+    config.telegram.progress_interval_s = 0.0
+    config.delivery.first_delay_s = 0.05
+    config.delivery.attempts = 3
+    config.access.telegram_admins = [str(ADMIN)]
+    return config
+
+
+Starter = Callable[..., Awaitable[tuple[Engine, TelegramAdapter]]]
+
+
+@pytest.fixture
+async def start_bot(tg_config: Config, engine_factory: Any) -> AsyncIterator[Starter]:
+    """Open an engine (dry-run backend) and start the real adapter against the fake server."""
+    adapters: list[TelegramAdapter] = []
+
+    async def start(step_s: float = 0.0, engine: Engine | None = None
+                    ) -> tuple[Engine, TelegramAdapter]:
+        engine = engine or await engine_factory(tg_config, DryRunBackend(step_s))
+        adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
+        await adapter.start()
+        adapters.append(adapter)
+        return engine, adapter
+
+    yield start
+    for adapter in adapters:
+        await adapter.stop()
+
+
+def reply_to(call: Call) -> int | None:
+    reply = call.json("reply_parameters")
+    return reply["message_id"] if reply else None
+
+
+def buttons(call: Call) -> list[str]:
+    markup = call.json("reply_markup") or {"inline_keyboard": []}
+    return [b["callback_data"] for row in markup["inline_keyboard"] for b in row]
+
+
+async def finished_job(engine: Engine, uid: int) -> Job:
+    jobs = [j for j in engine._jobs.values() if j.user.user_id == str(uid)]
+    assert jobs, "no job was queued"
+    await jobs[-1].wait()
+    return jobs[-1]
+
+
+# -- the main story --------------------------------------------------------------------------
+async def test_imagine_posts_status_progress_and_png_with_the_seed(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot(step_s=0.05)
+    assert tg.calls_to("setMyCommands"), "the command menu is published at start-up"
+    engine.pause()  # hold the job so the status message is seen while it is queued
+    sent = tg.message("/imagine a red fox --seed 7 --steps 4", chat_id=ALICE, user_id=ALICE)
+    status = await tg.wait_for("sendMessage")
+    engine.resume()
+    await tg.wait_for("deleteMessage")
+
+    # The number of progress edits depends on timing (the editor always shows the latest
+    # state and coalesces the rest), so runs of edits are collapsed before comparing.
+    assert collapse(tg.methods(ignore=SETUP_CALLS)) == [
+        "sendChatAction", "sendMessage", "editMessageText", "sendChatAction", "sendPhoto",
+        "deleteMessage"]
+    job = await finished_job(engine, ALICE)
+    action = tg.calls_to("sendChatAction")[0]
+    assert action.params["action"] == "upload_photo"
+    assert status.params["text"] == render.queued(1)
+    assert reply_to(status) == sent["message_id"]
+    assert buttons(status) == [f"cancel:{job.id}"]
+    edits = tg.calls_to("editMessageText")
+    assert all(c.params["message_id"] == str(tg.sent("sendMessage")[0]["message_id"])
+               for c in edits)
+    assert all(buttons(c) == [f"cancel:{job.id}"] for c in edits)
+    shown = [c.params["text"] for c in edits]
+    steps = [int(t.split("step ")[1].split("/")[0]) for t in shown if "step " in t]
+    assert all(t == render.started(job.request) or "/4" in t for t in shown)
+    assert steps == sorted(set(steps)), "progress only moves forward, never repeats"
+
+    photo = tg.calls_to("sendPhoto")[0]
+    assert reply_to(photo) == sent["message_id"]
+    assert "parse_mode" not in photo.params  # plain text: prompts cannot inject markup
+    assert photo.params["caption"].startswith("a red fox\nseed 7 · 4 steps · 1024×1024")
+    assert buttons(photo) == [f"reroll:{job.id}"]
+    png = photo.upload("photo").data
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    params = read_parameters(png)
+    assert params["Seed"] == "7" and params["Steps"] == "4" and params["prompt"] == "a red fox"
+    deleted = tg.calls_to("deleteMessage")[0]
+    assert deleted.params["message_id"] == str(tg.sent("sendMessage")[0]["message_id"])
+    record = await delivered(engine, job.id)
+    assert record.delivered_to == f"telegram:{ALICE}/{tg.sent('sendPhoto')[0]['message_id']}"
+    assert all(c.token == TOKEN for c in tg.calls)
+
+
+async def delivered(engine: Engine, job_id: str, timeout: float = 5.0) -> JobRecord:
+    """The job's journal record once it says delivered (the journal write follows the upload)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = await engine.job_record(job_id)
+        if record is not None and record.delivered_at is not None:
+            return record
+        assert time.monotonic() < deadline, f"job {job_id} was never marked delivered: {record}"
+        await asyncio.sleep(0.01)
+
+
+def collapse(methods: list[str]) -> list[str]:
+    """Runs of the same method as one entry."""
+    return [m for i, m in enumerate(methods) if i == 0 or methods[i - 1] != m]
+
+
+async def test_progress_edits_are_throttled_to_the_interval(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.telegram.progress_interval_s = 0.3
+    engine, _ = await start_bot(step_s=0.05)
+    tg.message("/imagine a slow fox --steps 20", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto", timeout=10)
+    edits = tg.calls_to("editMessageText")
+    assert 1 <= len(edits) < 20, "20 progress events must be coalesced, not sent one by one"
+    gaps = [b.at - a.at for a, b in zip(edits, edits[1:], strict=False)]
+    assert all(gap >= 0.3 * 0.8 for gap in gaps), gaps
+    job = await finished_job(engine, ALICE)
+    assert job.status is JobStatus.FINISHED
+
+
+async def test_group_command_with_bot_name_and_png_document(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.telegram.send_png_document = True
+    engine, _ = await start_bot()
+    tg.message("/imagine@OtherBot not for us", chat_id=GROUP, user_id=ALICE)
+    sent = tg.message(f"/imagine@{BOT_USERNAME} a lighthouse --seed 3 --steps 2",
+                      chat_id=GROUP, user_id=ALICE)
+    document = await tg.wait_for("sendDocument")
+    photo = tg.calls_to("sendPhoto")[0]
+    assert photo.params["chat_id"] == str(GROUP) and reply_to(photo) == sent["message_id"]
+    png = document.upload("document").data
+    assert read_parameters(png)["Seed"] == "3"
+    assert document.upload("document").filename.endswith("-3.png")
+    assert len(engine._jobs) == 1, "the command addressed to another bot is ignored"
+
+
+async def test_plain_text_is_a_prompt_in_private_chats_only(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.message("just some group chatter", chat_id=GROUP, user_id=BOB)
+    tg.message("a cat in a hat --steps 2", chat_id=ALICE, user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    assert read_parameters(photo.upload("photo").data)["prompt"] == "a cat in a hat"
+    assert [j.user.user_id for j in engine._jobs.values()] == [str(ALICE)]
+
+
+# -- refusals --------------------------------------------------------------------------------
+async def test_bad_input_gets_one_clear_error_and_queues_nothing(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    engine, _ = await start_bot()
+    text = "/imagine a fox --steps 1e9"
+    with pytest.raises(InvalidCommand) as expected:
+        parse_command(text, tg_config.limits)
+    sent = tg.message(text, chat_id=ALICE, user_id=ALICE)
+    reply = await tg.wait_for("sendMessage")
+    tg.message("/help", chat_id=ALICE, user_id=ALICE)  # a barrier: its reply comes after
+    await tg.wait_for("sendMessage", 2)
+    assert reply.params["text"] == render.error(expected.value)
+    assert reply_to(reply) == sent["message_id"]
+    assert tg.methods(ignore=SETUP_CALLS) == ["sendMessage", "sendMessage"]
+    assert engine._jobs == {} and await engine.store.jobs_for_user(user(ALICE)) == []
+
+
+@pytest.mark.parametrize("text", [
+    "/imagine", "/imagine --seed 7", "/imagine a fox --seed -1",
+    "/imagine a fox --size 99999x99999",
+    "/imagine a fox --steps 4 --steps 5", "/imagine a fox --sneed 4", "/imagine " + "fox " * 400,
+])
+async def test_hostile_or_malformed_commands_get_the_grammar_error(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, text: str) -> None:
+    engine, _ = await start_bot()
+    with pytest.raises(InvalidCommand) as expected:
+        parse_command(text, tg_config.limits)
+    tg.message(text, chat_id=ALICE, user_id=ALICE)
+    reply = await tg.wait_for("sendMessage")
+    assert reply.params["text"] == render.error(expected.value)
+    assert len(reply.params["text"]) < 400 and engine._jobs == {}
+
+
+async def test_a_flood_from_one_user_is_capped_and_every_command_answered(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    engine, _ = await start_bot()
+    engine.pause()
+    for n in range(8):
+        tg.message(f"/imagine fox number {n}", chat_id=ALICE, user_id=ALICE)
+    cap = tg_config.engine.max_queue_per_user
+    await tg.wait_for("sendMessage", 8)  # 5 status messages and 3 refusals
+    refusals = [c for c in tg.calls_to("sendMessage") if c.params["text"].startswith("⚠️")]
+    assert len(refusals) == 8 - cap and len(engine.jobs_of(user(ALICE))) == cap
+    assert all("most is 5" in c.params["text"] for c in refusals)
+
+
+async def test_rate_limited_user_is_told_and_not_queued(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.rate_limit.images_per_window = 1
+    engine, _ = await start_bot()
+    tg.message("/imagine first --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto")
+    tg.message("/imagine second --steps 1", chat_id=ALICE, user_id=ALICE)
+    refusal = await tg.wait_for("sendMessage", 2)
+    assert refusal.params["text"].startswith("⚠️ ")
+    assert "1" in refusal.params["text"]  # the limit is named
+    assert [r.request.prompt for r in await engine.store.jobs_for_user(user(ALICE))] == ["first"]
+    assert len(tg.calls_to("sendPhoto")) == 1
+
+
+async def test_admin_commands_are_refused_for_everyone_else(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    for command in ("/status", "/pause", f"/limit {BOB} 2"):
+        tg.message(command, chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMessage", 3)
+    assert [c.params["text"] for c in tg.calls_to("sendMessage")] == [render.admin_only()] * 3
+    assert not engine.health().paused
+    assert (await engine.quota(user(BOB))).limit == 100
+
+    tg.message("/pause", chat_id=ADMIN, user_id=ADMIN)
+    assert (await tg.wait_for("sendMessage", 4)).params["text"] == render.queue_paused()
+    assert engine.health().paused
+    tg.message(f"/limit {BOB} 2", chat_id=ADMIN, user_id=ADMIN)
+    assert (await tg.wait_for("sendMessage", 5)).params["text"] == render.limit_set(str(BOB), 2)
+    assert (await engine.quota(user(BOB))).limit == 2
+    tg.message("/status", chat_id=ADMIN, user_id=ADMIN)
+    status = (await tg.wait_for("sendMessage", 6)).params["text"]
+    assert status == render.status(engine.health()) and "(paused)" in status
+    tg.message("/limit bob lots", chat_id=ADMIN, user_id=ADMIN)
+    assert (await tg.wait_for("sendMessage", 7)).params["text"] == render.limit_usage()
+
+
+async def test_admin_cancels_anyones_job_and_owner_cancels_own(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    engine.pause()
+    tg.message("/imagine one", chat_id=ALICE, user_id=ALICE)
+    tg.message("/imagine two", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_until(lambda: len(engine.jobs_of(user(ALICE))) == 2)
+    first, second = engine.jobs_of(user(ALICE))
+    tg.message(f"/cancel {first.id}", chat_id=BOB, user_id=BOB)  # a stranger: not found
+    refused = await tg.wait_for("sendMessage", where=lambda c: c.params["chat_id"] == str(BOB))
+    assert refused.params["text"].startswith("⚠️ I could not find that job")
+    assert first.status is JobStatus.QUEUED
+    tg.message(f"/cancel {first.id}", chat_id=ADMIN, user_id=ADMIN)
+    await tg.wait_for("sendMessage", where=lambda c: c.params["text"]
+                      == render.cancelling(first.id))
+    tg.message("/cancel", chat_id=ALICE, user_id=ALICE)  # the latest of hers
+    await tg.wait_for("sendMessage", where=lambda c: c.params["text"]
+                      == render.cancelling(second.id))
+    assert first.status is second.status is JobStatus.CANCELLED
+    await tg.wait_for("editMessageText", 2, where=lambda c: c.params["text"].startswith("🛑"))
+
+
+async def test_chat_not_in_the_allowed_list_is_refused(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.access.telegram_chats = [str(GROUP)]
+    engine, _ = await start_bot()
+    tg.message("/imagine a fox", chat_id=ALICE, user_id=ALICE)
+    refusal = await tg.wait_for("sendMessage")
+    assert refusal.params["text"] == render.chat_not_allowed()
+    assert engine._jobs == {}
+    tg.message("/imagine a fox --steps 1", chat_id=GROUP, user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    assert photo.params["chat_id"] == str(GROUP)
+
+
+# -- buttons ---------------------------------------------------------------------------------
+async def test_reroll_queues_a_new_job_with_a_new_seed(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.message("/imagine a red fox --seed 7 --steps 2", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto")
+    first = await finished_job(engine, ALICE)
+    photo_message = tg.sent("sendPhoto")[0]
+    query_id = tg.press(photo_message, f"reroll:{first.id}", user_id=ALICE)
+    answer = await tg.wait_for("answerCallbackQuery")
+    second_photo = await tg.wait_for("sendPhoto", 2)
+
+    assert answer.params["callback_query_id"] == query_id
+    second = [j for j in engine._jobs.values() if j is not first][0]
+    assert second.request.seed != 7
+    assert second.request.with_changes(seed=7, seed_was_random=False) == first.request
+    assert answer.params["text"] == render.rerolling(second.request.seed)
+    assert reply_to(second_photo) == photo_message["message_id"]
+    assert read_parameters(second_photo.upload("photo").data)["Seed"] == str(second.request.seed)
+
+
+async def test_strangers_press_is_refused_and_answered(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    engine.pause()
+    tg.message("/imagine a red fox --steps 1", chat_id=GROUP, user_id=ALICE)
+    status = await tg.wait_for("sendMessage")
+    job = engine.jobs_of(user(ALICE))[0]
+    status_message = tg.sent("sendMessage")[0]
+    tg.press(status_message, f"cancel:{job.id}", user_id=BOB)
+    tg.press(status_message, "garbage-from-an-old-bot", user_id=BOB)
+    tg.press(status_message, f"reroll:{job.id}", user_id=BOB)
+    await tg.wait_for("answerCallbackQuery", 3)
+    answers = sorted((c.params.get("text", ""), c.params.get("show_alert", "false"))
+                     for c in tg.calls_to("answerCallbackQuery"))
+    assert answers == sorted([("", "false"), (render.not_your_job(), "true"),
+                              (render.not_your_job(), "true")])
+    assert job.status is JobStatus.QUEUED and len(engine._jobs) == 1
+
+    tg.press(status_message, f"cancel:{job.id}", user_id=ALICE)
+    await tg.wait_for("answerCallbackQuery", 4)
+    await job.wait()
+    assert job.status is JobStatus.CANCELLED
+    final = await tg.wait_for("editMessageText")
+    assert final.params["text"] == render.cancelled(True)
+    assert buttons(final) == [] and final.params["message_id"] == str(status_message["message_id"])
+    assert status.params["chat_id"] == str(GROUP)
+
+
+# -- platform faults -------------------------------------------------------------------------
+async def test_429_on_send_photo_waits_retry_after_then_succeeds(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.fail_next("sendPhoto", 429, retry_after=1)
+    tg.message("/imagine a red fox --seed 7 --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto", 2, timeout=8)
+    refused, accepted = tg.calls_to("sendPhoto")
+    assert (refused.status, accepted.status) == (429, 200)
+    assert accepted.at - refused.at >= 1.0, "retry_after was not honoured"
+    assert read_parameters(accepted.upload("photo").data)["Seed"] == "7"
+    job = await finished_job(engine, ALICE)
+    await delivered(engine, job.id)
+
+
+async def test_5xx_on_upload_is_retried_and_failed_edits_never_fail_the_job(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.fail_next("editMessageText", 502, times=50)
+    tg.fail_next("sendPhoto", 502)
+    tg.message("/imagine a red fox --steps 3", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto", 2)
+    assert [c.status for c in tg.calls_to("sendPhoto")] == [502, 200]
+    assert tg.calls_to("editMessageText") and all(
+        c.status == 502 for c in tg.calls_to("editMessageText"))
+    job = await finished_job(engine, ALICE)
+    record = await delivered(engine, job.id)
+    assert record.delivery_attempts == 2
+
+
+async def test_undeliverable_result_is_journaled_and_the_user_told(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.fail_next("sendPhoto", 403, description="Forbidden: bot was blocked by the user")
+    tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
+    final = await tg.wait_for("editMessageText", where=lambda c: c.params["text"]
+                              == render.undelivered())
+    assert len(tg.calls_to("sendPhoto")) == 1, "403 is permanent: no pointless retries"
+    job = await finished_job(engine, ALICE)
+    record = await engine.job_record(job.id)
+    assert record is not None and record.delivered_at is None
+    assert "blocked" in (record.last_delivery_error or "")
+    assert buttons(final) == []
+
+
+async def test_token_never_appears_in_logs_even_when_requests_fail(
+        tg: FakeTelegramServer, start_bot: Starter, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG)
+    tg.fail_next("getUpdates", 502)
+    engine, _ = await start_bot()
+    tg.fail_next("sendPhoto", 500, times=3)
+    tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto", 3)
+
+    async def broken(_: User) -> None:
+        raise RuntimeError(f"boom while calling {tg.base_url}{TOKEN}/getMe")
+
+    monkeypatch.setattr(engine, "quota", broken)
+    tg.message("/limits", chat_id=ALICE, user_id=ALICE)
+    told = await tg.wait_for("sendMessage", where=lambda c: c.params["text"]
+                             == render.internal_error())
+    await tg.wait_until(lambda: any(r.levelno == logging.ERROR for r in caplog.records))
+    assert "HTTP Request" in caplog.text, "httpx request lines were captured (and masked)"
+    assert any("delivering job" in r.getMessage() for r in caplog.records)
+    texts = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert not [t for t in texts if TOKEN in t]
+    assert TOKEN not in caplog.text
+    assert TOKEN not in told.params["text"]
+
+
+async def test_unexpected_error_is_logged_then_the_user_told(
+        tg: FakeTelegramServer, start_bot: Starter, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _ = await start_bot()
+
+    def broken() -> None:
+        raise RuntimeError("health probe exploded")
+
+    monkeypatch.setattr(engine, "health", broken)
+    sent = tg.message("/status", chat_id=ADMIN, user_id=ADMIN)
+    reply = await tg.wait_for("sendMessage")
+    assert reply.params["text"] == render.internal_error() and reply_to(reply) == sent["message_id"]
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert logged and "exploded" in str(logged[0].exc_info[1])  # type: ignore[index]
+
+
+# -- restart and odd sizes -------------------------------------------------------------------
+async def test_recovered_result_is_delivered_as_a_reply_after_restart(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, engine_factory: Any
+        ) -> None:
+    before = await engine_factory(tg_config, DryRunBackend())
+    origin = Origin("telegram", chat_id=str(ALICE), message_id="77")
+    request = parse_command("a red fox --seed 7 --steps 2", tg_config.limits).to_request(
+        tg_config.limits)
+    job = await before.submit(User("telegram", str(ALICE), "Ada"), request, origin)
+    await job.wait()  # finished while no adapter was there to deliver it
+    await before.shutdown(grace_s=1)
+
+    after = await engine_factory(tg_config, DryRunBackend())
+    assert [j.id for j in after.recovered_jobs("telegram")] == [job.id]
+    await start_bot(engine=after)
+    photo = await tg.wait_for("sendPhoto")
+    assert photo.params["chat_id"] == str(ALICE) and reply_to(photo) == 77
+    assert read_parameters(photo.upload("photo").data)["Seed"] == "7"
+    assert tg.methods(ignore=SETUP_CALLS) == ["sendChatAction", "sendPhoto"]
+    record = await delivered(after, job.id)
+    assert record.delivered_to == f"telegram:{ALICE}/{tg.sent('sendPhoto')[0]['message_id']}"
+
+
+async def test_job_queued_before_a_restart_runs_and_replies_to_the_original_message(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, engine_factory: Any
+        ) -> None:
+    before = await engine_factory(tg_config, DryRunBackend())
+    before.pause()
+    request = parse_command("a red fox --seed 9 --steps 2", tg_config.limits).to_request(
+        tg_config.limits)
+    job = await before.submit(User("telegram", str(ALICE), "Ada"), request,
+                              Origin("telegram", chat_id=str(ALICE), message_id="78"))
+    await before.shutdown(grace_s=0)
+
+    after = await engine_factory(tg_config, DryRunBackend())
+    await start_bot(engine=after)
+    photo = await tg.wait_for("sendPhoto")
+    status = tg.calls_to("sendMessage")[0]
+    assert reply_to(status) == 78 and reply_to(photo) == 78
+    assert read_parameters(photo.upload("photo").data)["Seed"] == "9"
+    await delivered(after, job.id)
+
+
+async def test_photo_too_large_goes_as_a_document(
+        tg: FakeTelegramServer, start_bot: Starter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telegram_jobs, "PHOTO_MAX_BYTES", 1000)
+    await start_bot()
+    tg.message("/imagine a red fox --seed 5 --steps 1", chat_id=ALICE, user_id=ALICE)
+    document = await tg.wait_for("sendDocument")
+    assert tg.calls_to("sendPhoto") == []
+    assert read_parameters(document.upload("document").data)["Seed"] == "5"
+    assert document.params["caption"].startswith("a red fox\nseed 5")
+
+
+async def test_hostile_prompt_is_shown_as_plain_text(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    await start_bot()
+    prompt = "*bold* <b>html</b> [link](http://x) @everyone"
+    tg.message(f"/imagine {prompt} --steps 1", chat_id=ALICE, user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    assert "parse_mode" not in photo.params
+    assert photo.params["caption"].startswith("*bold* <b>html</b> [link](http://x) @\u200deveryone")
+    assert len(photo.params["caption"]) <= 1024
+
+
+async def test_queue_limits_and_help(tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    engine.pause()
+    tg.message("/imagine a quiet lake", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMessage")
+    for command in ("/queue", "/limits", "/help"):
+        tg.message(command, chat_id=ALICE, user_id=ALICE)
+        await tg.wait_for("sendMessage", len(tg.calls_to("sendMessage")) + 1)
+    queue, limits, help_text = [c.params["text"] for c in tg.calls_to("sendMessage")[1:]]
+    job = engine.jobs_of(user(ALICE))[0]
+    assert queue == render.queue_list([job]) and job.id in queue
+    assert limits == render.quota(await engine.quota(user(ALICE)), engine.clock())
+    assert help_text == render.usage(engine.config.limits)
