@@ -168,7 +168,7 @@ class Follower:
 
     async def _send_result(self, job: Job, reply: Reply, result: JobResult) -> str:
         """Upload the image, re-encoded under the upload limit; smaller again if Discord says 413."""
-        caption = reply.with_note(render.caption(result, job.user.display_name, md=True))
+        caption = result_caption(result, job.user.display_name, reply.note)
         view = job_view(job.id, "reroll", "more")
         limit = reply.filesize_limit
         for attempt in range(3):
@@ -211,6 +211,12 @@ class Follower:
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=[user]),
             **kwargs)  # type: ignore[arg-type]
         return f"discord:channel/{reply.channel_id}/message/{message.id}"
+
+
+def result_caption(result: JobResult, requester: str, note: str = "") -> str:
+    """The text under an image: prompt (Markdown-escaped, mentions defused), facts, any note."""
+    text = render.caption(result, requester, md=True)
+    return f"{text}\n{note}" if note else text
 
 
 def is_permanent(exc: BaseException) -> bool:

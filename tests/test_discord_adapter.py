@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot import render
 from bot.delivery import RetryPolicy
 from bot.discord_adapter import DiscordAdapter
+from bot.discord_reply import result_caption
 from engine.backends.dry_run import DryRunBackend
-from engine.job import JobStatus
+from engine.job import JobResult, JobStatus
+from engine.grammar import clean_prompt
 from engine.png import read_parameters
+from engine.request import ImageRequest, User
 from tests.fakes.discord_server import Call, FakeDiscord, FakeUser, SentInteraction
+from tests.fakes.discord_server import pings_of as fake_pings
 
 ALICE = FakeUser("111111111111111111", "alice")
 BOB = FakeUser("222222222222222222", "bob")
@@ -61,29 +67,435 @@ async def start_bot(server, dconfig, engine_factory):
         await adapter.stop()
 
 
-def is_final(call: Call) -> bool:
-    return bool(call.files)
+def user_of(fake: FakeUser) -> User:
+    return User("discord", fake.id, fake.name)
 
 
-async def finished_upload(server: FakeDiscord, sent: SentInteraction) -> Call:
-    return await server.wait_for(lambda c: c.token == sent.token and c.files and c.status == 200)
+async def final_upload(server: FakeDiscord, sent: SentInteraction) -> Call:
+    """The successful upload of the image for this interaction."""
+    return await server.wait_for(lambda c: c.token == sent.token and bool(c.files)
+                                 and c.status == 200)
 
 
-async def test_imagine_acks_edits_progress_and_uploads_png_with_parameters(server, start_bot):
-    adapter = await start_bot(backend=DryRunBackend(step_seconds=0.1))
+async def private_answer(server: FakeDiscord, sent: SentInteraction) -> Call:
+    """The first ephemeral message answering this interaction (callback or follow-up)."""
+    call = await server.wait_for(
+        lambda c: c.token == sent.token and _flags(c) & 64 and c.status == 200)
+    return call
+
+
+def _flags(call: Call) -> int:
+    payload = call.json or {}
+    return (payload.get("data") or payload).get("flags") or 0
+
+
+def _text(call: Call) -> str:
+    payload = call.json or {}
+    return (payload.get("data") or payload).get("content") or ""
+
+
+def _custom_ids(call: Call) -> list[str]:
+    payload = call.json or {}
+    rows = (payload.get("data") or payload).get("components") or []
+    return [c["custom_id"] for row in rows for c in row["components"]]
+
+
+async def jobs_in_journal(adapter: DiscordAdapter, user: FakeUser):
+    return await adapter.engine.store.jobs_for_user(user_of(user))
+
+
+# -- the done-when story ------------------------------------------------------------------------
+async def test_imagine_acks_edits_progress_and_uploads_png_with_parameters(server, start_bot,
+                                                                           dconfig):
+    dconfig.discord.progress_interval_s = 0.25
+    adapter = await start_bot(backend=DryRunBackend(step_seconds=0.15))
     sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 4")
-    final = await finished_upload(server, sent)
+    final = await final_upload(server, sent)
     await adapter.drain()
 
     calls = server.calls_for(sent)
-    assert [c.name for c in calls][0] == "interaction_callback"
-    assert calls[0].json == {"type": 5}  # "thinking…", public
+    # 1. the acknowledgement: a public "thinking…" deferral, before anything else
+    assert calls[0].name == "interaction_callback" and calls[0].json == {"type": 5}
+    # 2. progress: JSON edits of @original, the first one bringing the Cancel button
     edits = calls[1:]
-    assert all(c.name == "edit_original" for c in edits)
-    assert edits[-1] is final and not any(c.files for c in edits[:-1])
-    print([c.content for c in edits])
-    assert len(edits) >= 3
-    png = final.files[0].data
+    assert [c.name for c in edits] == ["edit_original"] * len(edits)
+    progress, upload = edits[:-1], edits[-1]
+    assert upload is final and not any(c.files for c in progress) and len(progress) >= 2
+    job = (await jobs_in_journal(adapter, ALICE))[0]
+    assert _custom_ids(progress[0]) == [f"imagine:cancel:{job.job_id}"]
+    steps = [int(t.split("step ")[1].split("/")[0]) for t in map(_text, progress) if "step" in t]
+    assert steps == sorted(steps) and steps and all(s <= 4 for s in steps)
+    gaps = [b.at - a.at for a, b in zip(progress, progress[1:])]
+    assert all(gap >= 0.2 for gap in gaps), gaps  # throttled to progress_interval_s
+    # 3. the result: the PNG with its parameters, the caption, the buttons, no pings
+    png = upload.files[0].data
     assert png.startswith(PNG_SIGNATURE)
     params = read_parameters(png)
-    assert params["Seed"] == "7" and params["Steps"] == "4" and params["prompt"] == "a red fox"
+    assert (params["Seed"], params["Steps"], params["prompt"]) == ("7", "4", "a red fox")
+    assert upload.files[0].filename == f"{job.job_id}-7.png"
+    assert "seed 7 · 4 steps" in _text(upload) and "asked by alice" in _text(upload)
+    assert _custom_ids(upload) == [f"imagine:reroll:{job.job_id}", f"imagine:more:{job.job_id}"]
+    assert all(c.json["allowed_mentions"]["parse"] == [] for c in edits)
+    record = await adapter.engine.job_record(job.job_id)
+    message_id = server.original(sent)["id"]
+    assert record.delivered_to == f"discord:channel/{server.channel_id}/message/{message_id}"
+
+
+async def test_bad_input_gets_one_private_error_and_queues_nothing(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --steps 1e9")
+    answer = await private_answer(server, sent)
+    await adapter.drain()
+    assert server.calls_for(sent) == [answer]
+    assert answer.name == "interaction_callback" and answer.json["type"] == 4
+    assert _text(answer).startswith("⚠️") and "steps" in _text(answer)
+    assert await jobs_in_journal(adapter, ALICE) == []
+
+
+async def test_rate_limited_user_is_told_privately_after_the_deferral(server, start_bot, dconfig):
+    dconfig.rate_limit.images_per_window = 1
+    adapter = await start_bot()
+    first = await server.slash("imagine", ALICE, prompt="first --seed 1 --steps 1")
+    await final_upload(server, first)
+    second = await server.slash("imagine", ALICE, prompt="second --seed 2 --steps 1")
+    answer = await private_answer(server, second)
+    await adapter.drain()
+    # deferred at once (public "thinking…"), then removed, then the error only Alice sees
+    assert [c.name for c in server.calls_for(second)] == [
+        "interaction_callback", "delete_original", "followup"]
+    assert answer.name == "followup" and "1 image" in _text(answer)
+    assert [j.request.prompt for j in await jobs_in_journal(adapter, ALICE)] == ["first"]
+
+
+async def test_reroll_queues_a_new_job_with_a_new_seed(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 4")
+    await final_upload(server, sent)
+    job_id = (await jobs_in_journal(adapter, ALICE))[0].job_id
+    message_id = server.original(sent)["id"]
+
+    reroll = await server.click(message_id, f"imagine:reroll:{job_id}", ALICE)
+    upload = await final_upload(server, reroll)
+    more = await server.click(message_id, f"imagine:more:{job_id}", ALICE)
+    more_upload = await final_upload(server, more)
+    await adapter.drain()
+
+    newest, rerolled, original = await jobs_in_journal(adapter, ALICE)
+    assert original.job_id == job_id
+    assert rerolled.request.prompt == "a red fox" and rerolled.request.steps == 4
+    assert rerolled.request.seed != 7
+    assert read_parameters(upload.files[0].data)["Seed"] == str(rerolled.request.seed)
+    assert (newest.request.seed, newest.request.steps) == (7, 14)  # same seed, more steps
+    assert read_parameters(more_upload.files[0].data)["Steps"] == "14"
+    assert server.calls_for(reroll)[0].json == {"type": 5}
+
+
+async def test_a_strangers_press_is_refused_privately(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await final_upload(server, sent)
+    job_id = (await jobs_in_journal(adapter, ALICE))[0].job_id
+
+    press = await server.click(server.original(sent)["id"], f"imagine:reroll:{job_id}", BOB)
+    answer = await private_answer(server, press)
+    await adapter.drain()
+    assert server.calls_for(press) == [answer]
+    assert _text(answer) == render.not_your_job()
+    assert await jobs_in_journal(adapter, BOB) == []
+    assert len(await jobs_in_journal(adapter, ALICE)) == 1
+
+
+async def test_a_429_on_the_upload_is_retried_after_retry_after(server, start_bot):
+    adapter = await start_bot()
+    server.rate_limit_next("edit_original", retry_after=0.3, when=lambda c: bool(c.files))
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 2")
+    await final_upload(server, sent)
+    await adapter.drain()
+    uploads = [c for c in server.calls_for(sent) if c.files]
+    assert [c.status for c in uploads] == [429, 200]
+    assert uploads[1].at - uploads[0].at >= 0.3  # the client waited as Discord asked
+    assert uploads[0].files[0].data == uploads[1].files[0].data
+    record = (await jobs_in_journal(adapter, ALICE))[0]
+    assert record.delivered_at is not None
+
+
+async def test_mass_mentions_in_a_prompt_never_ping(server, start_bot):
+    adapter = await start_bot()
+    prompt = "@everyone @here <@&555> <@222222222222222222> a fox --seed 7 --steps 1"
+    sent = await server.slash("imagine", ALICE, prompt=prompt)
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    messages = [c for c in server.calls if c.content is not None or c.files]
+    assert messages and upload in messages
+    assert all(c.json["allowed_mentions"] == {"parse": []} for c in messages)
+    assert all(c.pings == frozenset() for c in messages)
+    # the second guard: even without allowed_mentions the caption would not ping
+    assert "@everyone" not in _text(upload) and "<@&555>" not in _text(upload)
+
+
+async def test_admin_commands_refuse_everyone_else(server, start_bot):
+    adapter = await start_bot()
+    for name in ("pause", "status", "resume"):
+        sent = await server.slash(name, ALICE)
+        assert _text(await private_answer(server, sent)) == render.admin_only()
+    refused = await server.slash("limit", ALICE, user=BOB, images=99)
+    assert _text(await private_answer(server, refused)) == render.admin_only()
+    assert adapter.engine.health().paused is False
+    assert await adapter.engine.store.get_limit_override(user_of(BOB)) is None
+
+    paused = await server.slash("pause", ADMIN)
+    assert _text(await private_answer(server, paused)) == render.queue_paused()
+    assert adapter.engine.health().paused is True
+    status = await server.slash("status", ADMIN)
+    assert "(paused)" in _text(await private_answer(server, status))
+    limit = await server.slash("limit", ADMIN, user=BOB, images=2)
+    assert "may now make 2 images" in _text(await private_answer(server, limit))
+    assert await adapter.engine.store.get_limit_override(user_of(BOB)) == 2
+
+
+async def test_admin_may_cancel_anyones_job_and_others_may_not(server, start_bot):
+    adapter = await start_bot()
+    adapter.engine.pause()  # keep the job waiting
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --steps 1")
+    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
+    job_id = (await jobs_in_journal(adapter, ALICE))[0].job_id
+
+    stranger = await server.slash("cancel", BOB, job=job_id)
+    assert "could not find" in _text(await private_answer(server, stranger))
+    admin = await server.slash("cancel", ADMIN, job=job_id)
+    assert _text(await private_answer(server, admin)) == render.cancelling(job_id)
+    shown = await server.wait_for(lambda c: c.token == sent.token
+                                  and _text(c) == render.cancelled(by_owner=False))
+    assert _custom_ids(shown) == []  # the Cancel button is gone
+    assert adapter.engine.get_job(job_id).status is JobStatus.CANCELLED
+
+
+async def test_owner_cancels_with_the_button_while_queued(server, start_bot):
+    adapter = await start_bot()
+    adapter.engine.pause()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --steps 1")
+    first_edit = await server.wait_for(lambda c: c.token == sent.token
+                                       and c.name == "edit_original")
+    [cancel_id] = _custom_ids(first_edit)
+    press = await server.click(server.original(sent)["id"], cancel_id, ALICE)
+    assert _text(await private_answer(server, press)).startswith("Cancelling")
+    await server.wait_for(lambda c: c.token == sent.token and _text(c) == render.cancelled())
+    await adapter.drain()
+    assert (await jobs_in_journal(adapter, ALICE))[0].status == "cancelled"
+
+
+async def test_recovered_job_is_posted_to_the_channel_mentioning_its_user(
+        server, start_bot, engine_factory, dconfig):
+    first = await start_bot()
+    first.engine.pause()  # the bot stops before the job runs
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+
+    restarted = await start_bot(engine=await engine_factory(dconfig))
+    post = await server.wait_for(lambda c: c.name == "channel_message" and bool(c.files))
+    await restarted.drain()
+    assert post.path == f"/channels/{server.channel_id}/messages"
+    assert _text(post).startswith(f"<@{ALICE.id}> a red fox")
+    assert post.pings == frozenset({f"user:{ALICE.id}"})  # Alice, and nobody else
+    assert read_parameters(post.files[0].data)["Seed"] == "7"
+    record = (await jobs_in_journal(restarted, ALICE))[0]
+    assert record.delivered_to.startswith(f"discord:channel/{server.channel_id}/message/")
+
+
+async def test_an_expired_interaction_token_falls_back_to_a_channel_post(server, start_bot):
+    adapter = await start_bot()
+    server.fail_next("edit_original", 404, {"message": "Unknown Webhook", "code": 10015},
+                     when=lambda c: bool(c.files))
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    post = await server.wait_for(lambda c: c.name == "channel_message" and c.status == 200)
+    await adapter.drain()
+    assert _text(post).startswith(f"<@{ALICE.id}> ") and post.pings == {f"user:{ALICE.id}"}
+    assert post.files[0].data.startswith(PNG_SIGNATURE)
+
+
+async def test_an_image_over_the_guild_limit_is_reencoded_to_fit(server, start_bot):
+    adapter = await start_bot()
+    server.attachment_size_limit = 30_000  # the dry-run PNG is about 58 kB
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    sent_file = upload.files[0]
+    assert len(sent_file.data) <= 30_000
+    assert sent_file.filename.rsplit(".", 1)[1] in ("webp", "jpg")
+    assert [c.status for c in server.calls_for(sent) if c.files] == [200]
+
+
+async def test_a_413_from_discord_shrinks_the_image_and_tries_again(server, start_bot):
+    adapter = await start_bot()
+    server.fail_next("edit_original", 413, {"message": "Request entity too large",
+                                            "code": 40005}, when=lambda c: bool(c.files))
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    first, second = [c for c in server.calls_for(sent) if c.files]
+    assert first.status == 413 and len(second.files[0].data) < len(first.files[0].data)
+    assert upload is second
+
+
+async def test_failing_progress_edits_never_fail_the_job(server, start_bot):
+    adapter = await start_bot(backend=DryRunBackend(step_seconds=0.05))
+    server.fail_next("edit_original", 400, times=50, when=lambda c: not c.files)
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 3")
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    assert any(c.status == 400 for c in server.calls_for(sent))
+    assert read_parameters(upload.files[0].data)["Seed"] == "7"
+    assert (await jobs_in_journal(adapter, ALICE))[0].delivered_at is not None
+
+
+async def test_typed_options_fill_in_and_the_prompt_flags_win(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7", seed=9, steps=2,
+                              aspect="16:9")
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    request = (await jobs_in_journal(adapter, ALICE))[0].request
+    assert (request.seed, request.steps, request.width, request.height) == (7, 2, 1360, 768)
+    assert render.conflicts_note(["seed"]) in _text(upload)
+
+
+async def test_a_guild_outside_the_allow_list_is_refused_politely(server, start_bot, dconfig):
+    dconfig.access.discord_guilds = ["123"]
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox")
+    assert _text(await private_answer(server, sent)) == render.chat_not_allowed()
+    admin = await server.slash("imagine", ADMIN, prompt="a red fox --steps 1")
+    await final_upload(server, admin)  # admins may use the bot anywhere
+    await adapter.drain()
+    assert await jobs_in_journal(adapter, ALICE) == []
+
+
+async def test_commands_are_synced_with_the_configured_limits(server, start_bot, dconfig):
+    dconfig.limits.steps_max = 30
+    dconfig.discord.sync_guild_ids = [server.guild_id]
+    await start_bot()
+    [sync] = [c for c in server.calls if c.name.startswith("sync")]
+    assert sync.name == "sync_guild" and server.guild_id in sync.path
+    imagine = next(c for c in sync.json if c["name"] == "imagine")
+    steps = next(o for o in imagine["options"] if o["name"] == "steps")
+    assert (steps["min_value"], steps["max_value"]) == (1, 30)
+    names = {c["name"] for c in sync.json}
+    assert {"imagine", "queue", "cancel", "limits", "status", "pause", "resume", "limit"} <= names
+
+
+async def test_queue_and_limits_answer_privately(server, start_bot, dconfig):
+    dconfig.rate_limit.images_per_window = 5
+    adapter = await start_bot()
+    adapter.engine.pause()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --steps 1")
+    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
+    queue = await server.slash("queue", ALICE)
+    assert "number 1 in line" in _text(await private_answer(server, queue))
+    limits = await server.slash("limits", ALICE)
+    assert "4 of 5 images left" in _text(await private_answer(server, limits))
+
+
+# -- platform faults and hostile input ---------------------------------------------------------
+async def test_a_late_acknowledgement_queues_nothing_and_the_bot_keeps_serving(server,
+                                                                              start_bot):
+    adapter = await start_bot()
+    server.fail_next("interaction_callback", 404, {"message": "Unknown interaction",
+                                                   "code": 10062}, times=2)
+    late = await server.slash("imagine", ALICE, prompt="too late --steps 1")
+    await server.wait_for_count(lambda c: c.token == late.token, 2)  # defer, then the error
+    await adapter.drain()
+    assert await jobs_in_journal(adapter, ALICE) == []
+    again = await server.slash("imagine", ALICE, prompt="on time --steps 1")
+    await final_upload(server, again)
+    assert [j.request.prompt for j in await jobs_in_journal(adapter, ALICE)] == ["on time"]
+
+
+async def test_an_unexpected_error_is_logged_and_the_user_told(server, start_bot, caplog):
+    adapter = await start_bot()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    adapter.engine.submit = broken
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --steps 1")
+    answer = await private_answer(server, sent)
+    assert _text(answer) == render.internal_error()
+    assert "disk on fire" not in _text(answer)
+    assert any(r.exc_info and "disk on fire" in str(r.exc_info[1]) for r in caplog.records)
+
+
+HOSTILE = [
+    "a fox " * 2000,  # 12,000 characters
+    "a fox\x00\x07\x1b[31m in red",
+    "a\u200b fox\u200e with\u202e marks\u2066",
+    "👩‍🚀 an astronaut fox 🦊🔥",
+    "**bold** __fox__ `code` ||spoiler|| [link](https://example.com) <b>html</b>",
+    "@everyone @here <@&555> <@222222222222222222> fox",
+    "Robert'); DROP TABLE jobs;-- a fox",
+    "a fox --steps 1e9",
+    "a fox --seed -1",
+    "a fox --size 99999x99999",
+    "a fox --seed 1 --seed 2",
+    "a fox --steps 2 --cfg 3 --guidance 4",
+    "--seed 5",
+    "a fox --steps 1 --size 256x256",
+]
+
+
+async def test_hostile_prompts_get_a_clear_answer_and_never_a_crash_or_ping(server, start_bot):
+    adapter = await start_bot()
+    for prompt in HOSTILE:
+        sent = await server.slash("imagine", ALICE, prompt=prompt)
+        outcome = await server.wait_for(
+            lambda c, t=sent.token: c.token == t and (bool(c.files) or bool(_flags(c) & 64)))
+        assert _text(outcome) != render.internal_error(), prompt
+        if not outcome.files:
+            assert _text(outcome).startswith("⚠️"), (prompt, _text(outcome))
+    await adapter.drain()
+    assert all(c.pings == frozenset() for c in server.calls)
+    assert all(c.name != "unknown" for c in server.calls)
+    stored = {j.request.prompt for j in await jobs_in_journal(adapter, ALICE)}
+    assert "Robert'); DROP TABLE jobs;-- a fox" in stored  # stored as text, table intact
+    marks = clean_prompt(HOSTILE[2])  # the shared grammar's cleaning, applied by the adapter
+    assert marks in stored and "\u202e" not in marks and "\u200b" not in marks
+    markdown = next(c for c in server.calls if c.files and "bold" in _text(c))
+    assert r"\*\*bold\*\*" in _text(markdown)  # shown literally, not as Markdown
+
+
+async def test_a_flood_from_one_user_is_capped_and_every_command_answered_once(
+        server, start_bot, dconfig):
+    adapter = await start_bot()
+    adapter.engine.pause()
+    floods = [await server.slash("imagine", ALICE, prompt=f"fox {i} --steps 1")
+              for i in range(9)]
+    cap = dconfig.engine.max_queue_per_user
+    for sent in floods:
+        await server.wait_for(lambda c, t=sent.token: c.token == t and (
+            c.name == "edit_original" or bool(_flags(c) & 64)))
+    refused = [s for s in floods if any(_flags(c) & 64 for c in server.calls_for(s))]
+    assert len(refused) == len(floods) - cap
+    assert all("waiting" in _text(server.calls_for(s)[-1]) for s in refused)
+    acks = [c for c in server.calls if c.name == "interaction_callback"]
+    assert sorted(c.token for c in acks) == sorted(s.token for s in floods)
+    adapter.engine.resume()
+    await server.wait_for_count(lambda c: bool(c.files) and c.status == 200, cap)
+    await adapter.drain()
+    assert len(await jobs_in_journal(adapter, ALICE)) == cap
+
+
+_FRAGMENTS = st.sampled_from(["@everyone", "@here", "<@&555>", "<@!123>", "<@123>", "@", "<",
+                              ">", "&", "*", "_", "`", "|", "\\", "\u200d", "\u202e", " ", "fox"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.lists(st.one_of(_FRAGMENTS, st.text(max_size=8)), max_size=40).map("".join),
+       requester=st.lists(_FRAGMENTS, max_size=6).map("".join))
+def test_a_caption_pings_nobody_even_without_allowed_mentions(prompt, requester):
+    request = ImageRequest(prompt=prompt or "x", seed=7, steps=4, width=256, height=256,
+                           guidance=3.5)
+    result = JobResult(png=b"", request=request, model_name="m", seconds=1.0)
+    text = result_caption(result, requester, render.conflicts_note(["seed"]))
+    assert len(text) <= 2000  # Discord's message limit
+    assert fake_pings({"content": text}) == frozenset()  # Discord's default: parse everything

@@ -94,7 +94,8 @@ class FakeDiscord:
         self.messages: dict[str, dict[str, Any]] = {}
         self.originals: dict[str, str] = {}  # interaction token -> message id
         self.ready = asyncio.Event()
-        self._failures: dict[str, list[tuple[int, Any, dict[str, str]]]] = {}
+        self._failures: dict[str, list[tuple[Callable[[Call], bool], int, Any,
+                                             dict[str, str]]]] = {}
         self._limits: dict[str, int] = {}  # interaction token -> attachment size limit
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
@@ -137,17 +138,20 @@ class FakeDiscord:
 
     # -- what tests call ---------------------------------------------------------------------
     def fail_next(self, name: str, status: int, body: Any = None, *, times: int = 1,
-                  headers: dict[str, str] | None = None) -> None:
-        """Answer the next ``times`` calls of route ``name`` with ``status`` (and record them)."""
+                  headers: dict[str, str] | None = None,
+                  when: Callable[[Call], bool] = lambda call: True) -> None:
+        """Answer the next ``times`` calls of route ``name`` matching ``when`` with ``status``."""
         if body is None:
             body = {"message": f"{status}: injected failure", "code": 0}
-        self._failures.setdefault(name, []).extend([(status, body, headers or {})] * times)
+        self._failures.setdefault(name, []).extend([(when, status, body, headers or {})] * times)
 
-    def rate_limit_next(self, name: str, retry_after: float = 0.05) -> None:
+    def rate_limit_next(self, name: str, retry_after: float = 0.05,
+                        when: Callable[[Call], bool] = lambda call: True) -> None:
         """A real-looking 429: JSON body with ``retry_after`` and the ``Via`` header Discord sends."""
         body = {"message": "You are being rate limited.", "retry_after": retry_after,
                 "global": False, "code": 0}
-        self.fail_next(name, 429, body, headers={"Via": "1.1 google", "X-RateLimit-Scope": "user"})
+        self.fail_next(name, 429, body, when=when,
+                       headers={"Via": "1.1 google", "X-RateLimit-Scope": "user"})
 
     async def wait_for(self, predicate: Callable[[Call], bool], timeout: float = 5.0) -> Call:
         """The first recorded call matching ``predicate``, waiting for it if needed."""
@@ -175,7 +179,7 @@ class FakeDiscord:
         mid = self.originals.get(sent.token)
         return self.messages.get(mid) if mid else None
 
-    async def slash(self, name: str, user: FakeUser, *, guild: bool = True,
+    async def slash(self, name: str, user: FakeUser, /, *, guild: bool = True,
                     channel_id: str | None = None, guild_id: str | None = None,
                     **options: Any) -> SentInteraction:
         """Send an application-command interaction; ``FakeUser`` values become user options."""
@@ -326,7 +330,7 @@ class FakeDiscord:
         body, files = await _read_body(request)
         call = Call(name=name, method=request.method, path=path, query=dict(request.query),
                     json=body, files=files, token=params.get("token"),
-                    pings=_pings(body) if isinstance(body, dict) else frozenset())
+                    pings=pings_of(body) if isinstance(body, dict) else frozenset())
         status, answer, headers = self._answer(call, params)
         call.status = status
         await self._record(call)
@@ -338,9 +342,11 @@ class FakeDiscord:
             self._changed.notify_all()
 
     def _answer(self, call: Call, params: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
-        queued = self._failures.get(call.name)
-        if queued:
-            return queued.pop(0)
+        queued = self._failures.get(call.name, [])
+        for index, (when, status, body, headers) in enumerate(queued):
+            if when(call):
+                del queued[index]
+                return status, body, headers
         limit = self._limits.get(call.token or "", self.attachment_size_limit)
         if any(len(f.data) > limit for f in call.files):
             return 413, {"message": "Request entity too large", "code": 40005}, {}
@@ -478,7 +484,7 @@ def _option_type(value: Any) -> int:
     return 3
 
 
-def _pings(payload: dict[str, Any]) -> frozenset[str]:
+def pings_of(payload: dict[str, Any]) -> frozenset[str]:
     """Who Discord would notify for this message content under its ``allowed_mentions``."""
     content = payload.get("content") or ""
     allowed = payload.get("allowed_mentions")
