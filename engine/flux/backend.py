@@ -170,11 +170,13 @@ def _device_memory(torch: Any, device: str) -> tuple[float | None, float]:
     memory fraction (``torch.cuda.set_per_process_memory_fraction``) lowers the first."""
     if not device.startswith("cuda"):
         return None, 0.0
-    free, total = torch.cuda.mem_get_info(device)
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
     fraction = 1.0
     if hasattr(torch.cuda, "get_per_process_memory_fraction"):
-        fraction = torch.cuda.get_per_process_memory_fraction(device)
-    ours = total * fraction - torch.cuda.memory_reserved(device)
+        fraction = torch.cuda.get_per_process_memory_fraction(index)
+    ours = total * fraction - torch.cuda.memory_reserved(index)
     return max(0.0, min(free, ours)) / GIB, (total - free) / GIB
 
 
