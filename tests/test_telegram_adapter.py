@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from telegram.error import InvalidToken
 
 from bot import render, telegram_jobs
 from bot.telegram_adapter import TelegramAdapter
@@ -25,6 +27,7 @@ from engine.job import Job, JobStatus
 from engine.png import read_parameters
 from engine.request import Origin, User
 from engine.store import JobRecord
+from tests.conftest import RecordingBackend
 from tests.fakes.telegram_server import BOT_USERNAME, Call, FakeTelegramServer
 
 TOKEN = "123456789:AAHfakeTokenForTests_abcdefghijklmnopq"
@@ -68,9 +71,9 @@ async def start_bot(tg_config: Config, engine_factory: Any) -> AsyncIterator[Sta
     """Open an engine (dry-run backend) and start the real adapter against the fake server."""
     adapters: list[TelegramAdapter] = []
 
-    async def start(step_s: float = 0.0, engine: Engine | None = None
-                    ) -> tuple[Engine, TelegramAdapter]:
-        engine = engine or await engine_factory(tg_config, DryRunBackend(step_s))
+    async def start(step_s: float = 0.0, engine: Engine | None = None,
+                    backend: DryRunBackend | None = None) -> tuple[Engine, TelegramAdapter]:
+        engine = engine or await engine_factory(tg_config, backend or DryRunBackend(step_s))
         adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
         await adapter.start()
         adapters.append(adapter)
@@ -101,12 +104,18 @@ async def finished_job(engine: Engine, uid: int) -> Job:
 # -- the main story --------------------------------------------------------------------------
 async def test_imagine_posts_status_progress_and_png_with_the_seed(
         tg: FakeTelegramServer, start_bot: Starter) -> None:
-    engine, _ = await start_bot(step_s=0.05)
+    backend = RecordingBackend(step_seconds=0.05)
+    backend.gate = threading.Event()  # holds the started job until the test releases it
+    engine, _ = await start_bot(backend=backend)
     assert tg.calls_to("setMyCommands"), "the command menu is published at start-up"
     engine.pause()  # hold the job so the status message is seen while it is queued
     sent = tg.message("/imagine a red fox --seed 7 --steps 4", chat_id=ALICE, user_id=ALICE)
     status = await tg.wait_for("sendMessage")
     engine.resume()
+    try:
+        await tg.wait_for("editMessageText")  # "Drawing…"
+    finally:
+        backend.gate.set()
     await tg.wait_for("deleteMessage")
 
     # The number of progress edits depends on timing (the editor always shows the latest
@@ -358,7 +367,7 @@ async def test_strangers_press_is_refused_and_answered(
                               (render.not_your_job(), "true")])
     assert job.status is JobStatus.QUEUED and len(engine._jobs) == 1
 
-    tg.press(status_message, f"cancel:{job.id}", user_id=ALICE)
+    tg.press(status_message, f"cancel:{job.id}", user_id=ALICE, first_name="Ada Renamed")
     await tg.wait_for("answerCallbackQuery", 4)
     await job.wait()
     assert job.status is JobStatus.CANCELLED
@@ -385,10 +394,19 @@ async def test_429_on_send_photo_waits_retry_after_then_succeeds(
 
 async def test_5xx_on_upload_is_retried_and_failed_edits_never_fail_the_job(
         tg: FakeTelegramServer, start_bot: Starter) -> None:
-    engine, _ = await start_bot()
+    backend = RecordingBackend()
+    backend.gate = threading.Event()  # the job starts, then waits until released
+    engine, _ = await start_bot(backend=backend)
     tg.fail_next("editMessageText", 502, times=50)
     tg.fail_next("sendPhoto", 502)
+    engine.pause()  # queued first, so that starting needs an edit
     tg.message("/imagine a red fox --steps 3", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMessage")
+    engine.resume()
+    try:
+        await tg.wait_for("editMessageText")  # "Drawing…", refused with a 502
+    finally:
+        backend.gate.set()
     await tg.wait_for("sendPhoto", 2)
     assert [c.status for c in tg.calls_to("sendPhoto")] == [502, 200]
     assert tg.calls_to("editMessageText") and all(
@@ -456,6 +474,18 @@ async def test_unexpected_error_is_logged_then_the_user_told(
 
 
 # -- restart and odd sizes -------------------------------------------------------------------
+async def test_a_wrong_token_fails_start_and_leaves_nothing_behind(
+        tg: FakeTelegramServer, tg_config: Config, engine_factory: Any) -> None:
+    engine = await engine_factory(tg_config, DryRunBackend())
+    tg.fail_next("getMe", 401, description="Unauthorized")
+    adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
+    with pytest.raises(InvalidToken):
+        await adapter.start()
+    assert adapter.application is None
+    assert not logging.getLogger("httpx").filters
+    assert tg.methods(ignore=()) == ["getMe"]
+
+
 async def test_recovered_result_is_delivered_as_a_reply_after_restart(
         tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, engine_factory: Any
         ) -> None:
