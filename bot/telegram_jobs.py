@@ -103,8 +103,9 @@ class StatusMessage:
     """The one message that shows a job's place in the queue and its progress."""
 
     def __init__(self, bot: Bot, message: Message, text: str, interval_s: float,
-                 markup: InlineKeyboardMarkup | None) -> None:
+                 markup: InlineKeyboardMarkup | None, events_shown: int = 0) -> None:
         self.bot = bot
+        self.events_shown = events_shown  # how many of the job's events ``text`` reflects
         self.message = message
         self.interval_s = interval_s
         self.markup = markup
@@ -184,10 +185,8 @@ class JobFollower:
         """``announce``: post a status message even if the job is already over (a new command)."""
         target = Target.of(job.origin)
         status: StatusMessage | None = None
-        seen = 0
         try:
             if announce or not job.status.is_terminal:
-                seen = len(job.events_so_far)
                 status = await self._post_status(job, target)
             index = 0
             async for event in job.events():
@@ -199,7 +198,7 @@ class JobFollower:
                 elif isinstance(event, Cancelled):
                     if status is not None:
                         await status.finish(render.cancelled(event.by_owner))
-                elif status is not None and index > seen:
+                elif status is not None and index > status.events_shown:
                     status.show(event_text(event, job) or "")
         finally:
             if status is not None:
@@ -214,7 +213,7 @@ class JobFollower:
 
     async def _post_status(self, job: Job, target: Target) -> StatusMessage | None:
         await self._chat_action(target)
-        events = job.events_so_far
+        events = job.events_so_far  # the message shows these; later events become edits
         text = (event_text(events[-1], job) if events else None) or render.queued(job.position())
         markup = cancel_keyboard(job.id)
         try:
@@ -226,7 +225,7 @@ class JobFollower:
         interval = self.config.telegram.progress_interval_s
         if target.is_group:
             interval = max(interval, GROUP_EDIT_INTERVAL_S)
-        return StatusMessage(self.bot, message, text, interval, markup)
+        return StatusMessage(self.bot, message, text, interval, markup, len(events))
 
     async def _deliver_image(self, job: Job, result: JobResult, target: Target,
                              status: StatusMessage | None) -> None:
