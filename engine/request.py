@@ -14,7 +14,8 @@ class User:
 
     platform: str  # "discord" | "telegram" | "console" | "cli"
     user_id: str
-    display_name: str = ""
+    # Not part of identity: a user who renames themselves is still the same user.
+    display_name: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:

@@ -179,3 +179,16 @@ async def test_job_timeout_fails_the_job(engine_factory, config, backend):
     job = await engine.submit(discord_user("1"), make_request(steps=50), ORIGIN)
     assert await job.wait() is JobStatus.FAILED
     assert "took too long" in job.error
+
+
+async def test_a_renamed_user_is_still_the_same_user(engine_factory, config):
+    from engine.request import User
+
+    config.engine.max_queue_per_user = 1
+    engine = await engine_factory()
+    engine.pause()
+    job = await engine.submit(User("telegram", "5", "old name"), make_request(), ORIGIN)
+    with pytest.raises(QueueFull):
+        await engine.submit(User("telegram", "5", "new name"), make_request(), ORIGIN)
+    assert engine.jobs_of(User("telegram", "5", "new name")) == [job]
+    assert await engine.cancel(job.id, User("telegram", "5", "newer")) is True
