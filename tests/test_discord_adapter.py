@@ -7,6 +7,7 @@ then sends interactions over the fake gateway and asserts the HTTP calls the rea
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -218,6 +219,70 @@ async def test_a_429_on_the_upload_is_retried_after_retry_after(server, start_bo
     record = (await jobs_in_journal(adapter, ALICE))[0]
     assert record.delivered_at is not None
 
+
+
+async def test_a_5xx_on_the_upload_is_retried(server, start_bot):
+    adapter = await start_bot()
+    server.fail_next("edit_original", 502, when=lambda c: bool(c.files))
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await final_upload(server, sent)
+    await adapter.drain()
+    assert [c.status for c in server.calls_for(sent) if c.files] == [502, 200]
+    assert (await jobs_in_journal(adapter, ALICE))[0].delivered_at is not None
+
+
+async def test_a_dropped_connection_on_the_upload_is_retried_with_backoff(server, start_bot):
+    adapter = await start_bot()
+    server.drop_next("edit_original", when=lambda c: bool(c.files))
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await final_upload(server, sent)
+    await adapter.drain()
+    assert [c.status for c in server.calls_for(sent) if c.files] == [0, 200]
+    record = (await jobs_in_journal(adapter, ALICE))[0]
+    assert record.delivered_at is not None and record.delivery_attempts >= 1
+    assert "Disconnected" in record.last_delivery_error  # journaled while it was retried
+
+
+async def test_a_result_the_bot_may_not_post_is_kept_undelivered(server, start_bot,
+                                                                engine_factory, dconfig):
+    first = await start_bot()
+    first.engine.pause()
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+    server.fail_next("channel_message", 403, {"message": "Missing Access", "code": 50001},
+                     times=5)  # e.g. the bot was removed from the channel
+
+    restarted = await start_bot(engine=await engine_factory(dconfig))
+    await server.wait_for(lambda c: c.name == "channel_message")
+    await restarted.drain()
+    record = (await jobs_in_journal(restarted, ALICE))[0]
+    assert record.status == "finished" and record.delivered_at is None
+    assert "403" in record.last_delivery_error
+    assert len([c for c in server.calls if c.name == "channel_message"]) == 1  # no retry loop
+    assert [j.job_id for j in await restarted.engine.store.undelivered_jobs("discord")] == [
+        record.job_id]
+
+
+async def test_after_the_token_lifetime_the_result_goes_to_the_channel(server, start_bot):
+    adapter = await start_bot(clock=lambda: time.time() + 15 * 60)
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    post = await server.wait_for(lambda c: c.name == "channel_message")
+    await adapter.drain()
+    assert [c.name for c in server.calls_for(sent)] == ["interaction_callback"]  # no edits
+    assert post.pings == {f"user:{ALICE.id}"} and post.files
+
+
+async def test_imagine_works_in_a_direct_message(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, guild=False, channel_id="600000000000000001",
+                              prompt="a red fox --seed 7 --steps 1")
+    upload = await final_upload(server, sent)
+    await adapter.drain()
+    assert read_parameters(upload.files[0].data)["Seed"] == "7"
+    record = (await jobs_in_journal(adapter, ALICE))[0]
+    assert record.origin.chat_id == "600000000000000001"
 
 async def test_mass_mentions_in_a_prompt_never_ping(server, start_bot):
     adapter = await start_bot()

@@ -153,6 +153,11 @@ class FakeDiscord:
         self.fail_next(name, 429, body, when=when,
                        headers={"Via": "1.1 google", "X-RateLimit-Scope": "user"})
 
+    def drop_next(self, name: str, *, times: int = 1,
+                  when: Callable[[Call], bool] = lambda call: True) -> None:
+        """Close the connection instead of answering (a network error; recorded as status 0)."""
+        self.fail_next(name, 0, times=times, when=when)
+
     async def wait_for(self, predicate: Callable[[Call], bool], timeout: float = 5.0) -> Call:
         """The first recorded call matching ``predicate``, waiting for it if needed."""
         return (await self.wait_for_count(predicate, 1, timeout))[0]
@@ -334,7 +339,9 @@ class FakeDiscord:
         status, answer, headers = self._answer(call, params)
         call.status = status
         await self._record(call)
-        return _json_response(status, answer, headers)
+        if status == 0 and request.transport is not None:
+            request.transport.close()  # the client sees the server disconnect
+        return _json_response(status or 500, answer, headers)
 
     async def _record(self, call: Call) -> None:
         async with self._changed:
