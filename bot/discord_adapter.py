@@ -79,7 +79,7 @@ class DiscordAdapter:
     def __init__(self, engine: Engine, config: Config, *, retry_policy: RetryPolicy | None = None,
                  clock: Callable[[], float] = time.time, ready_timeout_s: float = 60.0,
                  rng: random.Random | None = None, **client_options: Any) -> None:
-        """``client_options`` go to ``discord.Client`` (tests pass a small ``guild_ready_timeout``)."""
+        """``client_options`` go to ``discord.Client`` (tests: a small ``guild_ready_timeout``)."""
         self.engine = engine
         self.config = config
         self.retry_policy = retry_policy or RetryPolicy()
@@ -109,9 +109,13 @@ class DiscordAdapter:
             await self.stop()
             raise
         for job in self.engine.recovered_jobs("discord"):
-            log.info("delivering recovered job %s to channel %s", job.id, job.origin.chat_id)
-            self._spawn(self.follower.follow(job, Reply.for_origin(job.origin, job.user.user_id)),
-                        f"discord-recovered-{job.id}")
+            try:
+                reply = Reply.for_origin(job.origin, job.user.user_id)
+            except (TypeError, ValueError):  # a journal row without a usable channel id
+                log.error("recovered job %s has no channel to deliver to: %r", job.id, job.origin)
+                continue
+            log.info("delivering recovered job %s to channel %s", job.id, reply.channel_id)
+            self._spawn(self.follower.follow(job, reply), f"discord-recovered-{job.id}")
 
     async def _wait_ready(self) -> None:
         assert self.client is not None and self._gateway is not None
@@ -139,7 +143,7 @@ class DiscordAdapter:
         if self._gateway is not None:
             try:
                 await asyncio.wait_for(self._gateway, timeout=5)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception) as exc:
+            except (TimeoutError, asyncio.CancelledError, Exception) as exc:
                 log.debug("gateway task ended with %r", exc)
             self._gateway = None
 
@@ -218,7 +222,8 @@ class DiscordAdapter:
         await interaction.response.send_message(text, ephemeral=True)
 
     async def show_queue(self, interaction: discord.Interaction) -> None:
-        await self.say(interaction, render.queue_list(self.engine.jobs_of(self.user_of(interaction))))
+        jobs = self.engine.jobs_of(self.user_of(interaction))
+        await self.say(interaction, render.queue_list(jobs))
 
     async def show_limits(self, interaction: discord.Interaction) -> None:
         quota = await self.engine.quota(self.user_of(interaction))
@@ -326,7 +331,8 @@ class DiscordAdapter:
             if not interaction.response.is_done():
                 await interaction.response.send_message(text, ephemeral=True)
                 return
-            if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+            deferred = discord.InteractionResponseType.deferred_channel_message
+            if interaction.response.type is deferred:
                 # Our deferrals are public "thinking…" messages: the first follow-up would replace
                 # it publicly, so remove it and send the error only the user can see.
                 await interaction.delete_original_response()

@@ -6,7 +6,6 @@ shared grammar. Every command answers through the adapter; errors go to the tree
 and the ``Range`` bounds are closure variables.)
 """
 
-from typing import Optional
 
 import discord
 from discord import app_commands
@@ -51,9 +50,9 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
                                     f"{limits.guidance_default:g})")
     @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
     async def imagine(interaction: discord.Interaction, prompt: Prompt,
-                      seed: Optional[Seed] = None, steps: Optional[Steps] = None,
-                      aspect: Optional[app_commands.Choice[str]] = None,
-                      guidance: Optional[Guidance] = None) -> None:
+                      seed: Seed | None = None, steps: Steps | None = None,
+                      aspect: app_commands.Choice[str] | None = None,
+                      guidance: Guidance | None = None) -> None:
         options = {"seed": seed, "steps": steps, "guidance": guidance,
                    "aspect": aspect.value if aspect else None}
         await _adapter(interaction).imagine(interaction, prompt, options)
@@ -64,7 +63,7 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
 
     @app_commands.command(description="Cancel one of your images (your latest if no id is given).")
     @app_commands.describe(job="The job id shown by /queue")
-    async def cancel(interaction: discord.Interaction, job: Optional[str] = None) -> None:
+    async def cancel(interaction: discord.Interaction, job: str | None = None) -> None:
         await _adapter(interaction).cancel(interaction, job)
 
     @app_commands.command(name="limits",
@@ -103,7 +102,7 @@ def _admin_commands() -> list[app_commands.Command]:
                                                                "empty for the default")
     @app_commands.check(_admin_only)
     async def limit(interaction: discord.Interaction, user: discord.User,
-                    images: Optional[app_commands.Range[int, 0, 100_000]] = None) -> None:
+                    images: app_commands.Range[int, 1, 100_000] | None = None) -> None:
         await _adapter(interaction).set_limit(interaction, user, images)
 
     return [status, pause, resume, limit]

@@ -33,7 +33,8 @@ TOKEN_MARGIN_S = 60.0  # stop using a token a minute early: an upload can take t
 
 @dataclass
 class Reply:
-    """Where a job's messages go: the interaction's response while its token lives, else the channel."""
+    """Where a job's messages go: the interaction's response while its token lives, else the
+    channel."""
 
     channel_id: int
     user_id: int
@@ -110,7 +111,7 @@ class ProgressEditor:
             self.edits += 1
             try:  # the pause between edits; close() ends it early
                 await asyncio.wait_for(self._closed.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 
@@ -167,7 +168,7 @@ class Follower:
                 log.warning("could not show that job %s was cancelled: %s", job.id, exc)
 
     async def _send_result(self, job: Job, reply: Reply, result: JobResult) -> str:
-        """Upload the image, re-encoded under the upload limit; smaller again if Discord says 413."""
+        """Upload the image, re-encoded under the upload limit; smaller again on a 413."""
         caption = result_caption(result, job.user.display_name, reply.note)
         view = job_view(job.id, "reroll", "more")
         limit = reply.filesize_limit

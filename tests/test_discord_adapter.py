@@ -6,9 +6,10 @@ then sends interactions over the fake gateway and asserts the HTTP calls the rea
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 
+import discord
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,8 +19,8 @@ from bot.delivery import RetryPolicy
 from bot.discord_adapter import DiscordAdapter
 from bot.discord_reply import result_caption
 from engine.backends.dry_run import DryRunBackend
-from engine.job import JobResult, JobStatus
 from engine.grammar import clean_prompt
+from engine.job import JobResult, JobStatus
 from engine.png import read_parameters
 from engine.request import ImageRequest, User
 from tests.fakes.discord_server import Call, FakeDiscord, FakeUser, SentInteraction
@@ -126,7 +127,7 @@ async def test_imagine_acks_edits_progress_and_uploads_png_with_parameters(serve
     assert _custom_ids(progress[0]) == [f"imagine:cancel:{job.job_id}"]
     steps = [int(t.split("step ")[1].split("/")[0]) for t in map(_text, progress) if "step" in t]
     assert steps == sorted(steps) and steps and all(s <= 4 for s in steps)
-    gaps = [b.at - a.at for a, b in zip(progress, progress[1:])]
+    gaps = [b.at - a.at for a, b in zip(progress, progress[1:], strict=False)]
     assert all(gap >= 0.2 for gap in gaps), gaps  # throttled to progress_interval_s
     # 3. the result: the PNG with its parameters, the caption, the buttons, no pings
     png = upload.files[0].data
@@ -274,7 +275,8 @@ async def test_after_the_token_lifetime_the_result_goes_to_the_channel(server, s
     assert post.pings == {f"user:{ALICE.id}"} and post.files
 
 
-async def test_imagine_works_in_a_direct_message(server, start_bot):
+async def test_imagine_works_in_a_direct_message(server, start_bot, caplog):
+    caplog.set_level(logging.DEBUG)
     adapter = await start_bot()
     sent = await server.slash("imagine", ALICE, guild=False, channel_id="600000000000000001",
                               prompt="a red fox --seed 7 --steps 1")
@@ -283,6 +285,7 @@ async def test_imagine_works_in_a_direct_message(server, start_bot):
     assert read_parameters(upload.files[0].data)["Seed"] == "7"
     record = (await jobs_in_journal(adapter, ALICE))[0]
     assert record.origin.chat_id == "600000000000000001"
+    assert "fake-discord-token" not in caplog.text  # not even in discord.py's debug log
 
 async def test_mass_mentions_in_a_prompt_never_ping(server, start_bot):
     adapter = await start_bot()
@@ -376,6 +379,7 @@ async def test_an_expired_interaction_token_falls_back_to_a_channel_post(server,
     sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
     post = await server.wait_for(lambda c: c.name == "channel_message" and c.status == 200)
     await adapter.drain()
+    assert [c.status for c in server.calls_for(sent) if c.files] == [404]
     assert _text(post).startswith(f"<@{ALICE.id}> ") and post.pings == {f"user:{ALICE.id}"}
     assert post.files[0].data.startswith(PNG_SIGNATURE)
 
@@ -446,6 +450,10 @@ async def test_commands_are_synced_with_the_configured_limits(server, start_bot,
     imagine = next(c for c in sync.json if c["name"] == "imagine")
     steps = next(o for o in imagine["options"] if o["name"] == "steps")
     assert (steps["min_value"], steps["max_value"]) == (1, 30)
+    required = {o["name"] for o in imagine["options"] if o.get("required")}
+    assert required == {"prompt"}
+    aspect = next(o for o in imagine["options"] if o["name"] == "aspect")
+    assert {"16:9", "9:16", "1:1"} <= {c["value"] for c in aspect["choices"]}
     names = {c["name"] for c in sync.json}
     assert {"imagine", "queue", "cancel", "limits", "status", "pause", "resume", "limit"} <= names
 
@@ -564,3 +572,15 @@ def test_a_caption_pings_nobody_even_without_allowed_mentions(prompt, requester)
     text = result_caption(result, requester, render.conflicts_note(["seed"]))
     assert len(text) <= 2000  # Discord's message limit
     assert fake_pings({"content": text}) == frozenset()  # Discord's default: parse everything
+
+
+async def test_a_refused_token_fails_start_clearly_and_never_shows_the_token(
+        server, engine_factory, dconfig, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.fail_next("get_me", 401, {"message": "401: Unauthorized", "code": 0})
+    adapter = DiscordAdapter(await engine_factory(dconfig), dconfig, guild_ready_timeout=0.01)
+    with pytest.raises(discord.LoginFailure) as refused:
+        await adapter.start()
+    assert adapter.client is not None and adapter.client.is_closed()
+    assert "fake-discord-token" not in str(refused.value)
+    assert "fake-discord-token" not in caplog.text

@@ -79,6 +79,7 @@ class SentInteraction:
     id: str
     token: str
     payload: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)  # when it went out (for ack latency)
 
 
 class FakeDiscord:
@@ -147,7 +148,7 @@ class FakeDiscord:
 
     def rate_limit_next(self, name: str, retry_after: float = 0.05,
                         when: Callable[[Call], bool] = lambda call: True) -> None:
-        """A real-looking 429: JSON body with ``retry_after`` and the ``Via`` header Discord sends."""
+        """A real-looking 429: a JSON ``retry_after`` and the ``Via`` header Discord sends."""
         body = {"message": "You are being rate limited.", "retry_after": retry_after,
                 "global": False, "code": 0}
         self.fail_next(name, 429, body, when=when,
@@ -172,7 +173,7 @@ class FakeDiscord:
 
         try:
             return await asyncio.wait_for(matched(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             names = [(c.name, c.status) for c in self.calls]
             raise AssertionError(f"no {count} matching call(s) within {timeout} s; "
                                  f"calls so far: {names}") from None
@@ -300,8 +301,9 @@ class FakeDiscord:
         if message is not None:
             payload["message"] = message
         self._limits[token] = self.attachment_size_limit
+        sent = SentInteraction(iid, token, payload)
         await self.dispatch("INTERACTION_CREATE", payload)
-        return SentInteraction(iid, token, payload)
+        return sent
 
     # -- REST --------------------------------------------------------------------------------
     _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
