@@ -15,8 +15,10 @@ GPU memory the plan accounts for (all of it made once, at start-up, and kept):
   + resident blocks (fp8 bytes, or twice that in bf16)
   + the bf16 work buffer (the largest non-bf16 block)      when any block is fp8 or streamed
   + ``slots`` float8 staging buffers (the largest streamed block)  when any block is streamed
-  + the reserve (activations of the largest image, the VAE decode, allocator slack)
-  <= budget
+  + the reserve: the largest image's DiT activations
+  <= budget, and, for the other phases (VAE decode, text encoders), during which the streamer
+  releases its work buffer and slots (``StreamingHandle.release_buffers``):
+    fixed + resident blocks + the phase reserve <= budget
 
 Rules: (1) minimise the bytes streamed per pass; among equal plans keep the most headroom;
 (2) with nothing streamed, spend what is left on bf16 copies (no cast per use), all of them when
@@ -29,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GIB = 1024**3
 MIB = 1024**2
@@ -46,7 +48,7 @@ MAX_ENUMERATED_PLANS = 200_000  # beyond this many count combinations, fill gree
 
 # Activation and decode peaks, in bytes per unit, measured on an H100 (docs/benchmarks.md).
 DIT_BYTES_PER_TOKEN_CHANNEL = 48  # peak live activations of one block, per token x hidden
-VAE_BYTES_PER_PIXEL = 2200  # diffsynth FluxVAEDecoder, untiled, bf16, per output pixel
+VAE_BYTES_PER_PIXEL = 3000  # diffsynth FluxVAEDecoder, untiled, bf16, per output pixel
 VAE_TILED_BYTES = 1536 * MIB  # tiled decode (128-latent tiles): independent of the image size
 ALLOCATOR_SLACK = 0.10  # fragmentation of the caching allocator
 RESERVE_FLOOR_BYTES = 256 * MIB
@@ -62,18 +64,39 @@ def flux_dev_block_sizes(storage_itemsize: int = 1) -> list[int]:
             + [FLUX_SINGLE_BLOCK_WEIGHTS * storage_itemsize] * FLUX_SINGLE_BLOCKS)
 
 
+def _check_size(width: int, height: int, batch: int) -> None:
+    if width <= 0 or height <= 0 or batch <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height} (batch {batch})")
+
+
+def _with_slack(nbytes: float) -> int:
+    return int(max(RESERVE_FLOOR_BYTES, nbytes * (1 + ALLOCATOR_SLACK)))
+
+
+def dit_activation_bytes(width: int, height: int, *, text_tokens: int = 512,
+                         hidden: int = FLUX_HIDDEN, batch: int = 1) -> int:
+    """Peak GPU bytes of the DiT's activations for one image (one block's live tensors),
+    with allocator slack: the plan's ``reserve_bytes``."""
+    _check_size(width, height, batch)
+    tokens = (math.ceil(width / 16) * math.ceil(height / 16) + text_tokens) * batch
+    return _with_slack(tokens * hidden * DIT_BYTES_PER_TOKEN_CHANNEL)
+
+
+def vae_decode_bytes(width: int, height: int, *, batch: int = 1, tiled: bool = False) -> int:
+    """Peak GPU bytes of diffsynth's VAE decode above its weights, with allocator slack: the
+    plan's ``phase_reserve_bytes`` (add the VAE's weights when they are not resident)."""
+    _check_size(width, height, batch)
+    return _with_slack(VAE_TILED_BYTES if tiled else width * height * batch * VAE_BYTES_PER_PIXEL)
+
+
 def activation_reserve_bytes(width: int, height: int, *, text_tokens: int = 512,
                              hidden: int = FLUX_HIDDEN, batch: int = 1,
                              vae_tiled: bool = False) -> int:
-    """GPU bytes to keep free for the largest image: the larger of one DiT block's activations
-    and the VAE decode's peak (they never overlap), plus allocator slack."""
-    if width <= 0 or height <= 0 or batch <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height} (batch {batch})")
-    tokens = (math.ceil(width / 16) * math.ceil(height / 16) + text_tokens) * batch
-    dit = tokens * hidden * DIT_BYTES_PER_TOKEN_CHANNEL
-    vae = VAE_TILED_BYTES if vae_tiled else width * height * batch * VAE_BYTES_PER_PIXEL
-    peak = max(dit, vae)
-    return int(max(RESERVE_FLOOR_BYTES, peak * (1 + ALLOCATOR_SLACK)))
+    """GPU bytes to keep free at all times when the streamer's buffers are never released:
+    the larger of the DiT activations and the VAE decode (they never overlap)."""
+    return max(dit_activation_bytes(width, height, text_tokens=text_tokens, hidden=hidden,
+                                    batch=batch),
+               vae_decode_bytes(width, height, batch=batch, tiled=vae_tiled))
 
 
 @dataclass(frozen=True)
@@ -86,7 +109,7 @@ class ResidencyPlan:
     slots: int
     compute_itemsize: int = 2
     storage_itemsize: int = 1
-    notes: tuple[str, ...] = field(default=())
+    phase_reserve_bytes: int = 0  # VAE decode / text encoders, with the buffers released
 
     def _compute_bytes(self, i: int) -> int:
         return self.block_bytes[i] * self.compute_itemsize // self.storage_itemsize
@@ -116,13 +139,22 @@ class ResidencyPlan:
 
     @property
     def weights_gpu_bytes(self) -> int:
-        """Everything the plan allocates up front (the reserve excluded)."""
-        return (self.fixed_bytes + self.resident_bytes + self.work_bytes
-                + self.slots * self.slot_bytes)
+        """Everything the plan allocates for the denoising loop (the reserve excluded)."""
+        return self.fixed_bytes + self.resident_bytes + self.buffer_bytes
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.work_bytes + self.slots * self.slot_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most the plan can have allocated at once, in any phase."""
+        kept = self.fixed_bytes + self.resident_bytes
+        return kept + max(self.buffer_bytes + self.reserve_bytes, self.phase_reserve_bytes)
 
     @property
     def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.reserve_bytes - self.weights_gpu_bytes
+        return self.budget_bytes - self.peak_bytes
 
     def count(self, placement: str) -> int:
         return sum(1 for p in self.placements if p == placement)
@@ -136,32 +168,40 @@ class ResidencyPlan:
         return (f"{self.count(BF16)} blocks bf16, {self.count(FP8)} fp8 resident, "
                 f"{self.count(STREAMED)} streamed ({gib(self.streamed_bytes)}/pass); "
                 f"GPU weights+buffers {gib(self.weights_gpu_bytes)}, reserve "
-                f"{gib(self.reserve_bytes)}, budget {gib(self.budget_bytes)}")
+                f"{gib(self.reserve_bytes)} (other phases {gib(self.phase_reserve_bytes)}), "
+                f"peak {gib(self.peak_bytes)} of {gib(self.budget_bytes)}")
 
 
 def minimum_budget_bytes(block_sizes_bytes: Sequence[int], reserve_bytes: int,
                          fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
-                         storage_itemsize: int = 1) -> int:
+                         storage_itemsize: int = 1, phase_reserve_bytes: int = 0) -> int:
     """The smallest budget that runs: everything streamed."""
     biggest = max(block_sizes_bytes)
-    return (fixed_bytes + reserve_bytes + slots * biggest
-            + biggest * compute_itemsize // storage_itemsize)
+    buffers = slots * biggest + biggest * compute_itemsize // storage_itemsize
+    return fixed_bytes + max(reserve_bytes + buffers, phase_reserve_bytes)
 
 
 def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_bytes: int, *,
                    fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
-                   storage_itemsize: int = 1, allow_bf16: bool = True) -> ResidencyPlan:
-    """The residency plan for blocks of the given storage sizes (execution order)."""
+                   storage_itemsize: int = 1, allow_bf16: bool = True,
+                   phase_reserve_bytes: int = 0) -> ResidencyPlan:
+    """The residency plan for blocks of the given storage sizes (execution order).
+
+    ``reserve_bytes``: free memory the denoising loop needs (``dit_activation_bytes`` of the
+    largest image); ``phase_reserve_bytes``: what the VAE decode and text encoders need while
+    the streamer's buffers are released (``vae_decode_bytes``; 0 when they never are, in which
+    case fold the VAE into ``reserve_bytes``: ``activation_reserve_bytes``)."""
     sizes = tuple(int(s) for s in block_sizes_bytes)
     if not sizes or min(sizes) <= 0:
         raise ValueError("block_sizes_bytes must list at least one positive size")
     if slots < 1:
         raise ValueError(f"slots must be at least 1, got {slots}")
-    if budget_bytes <= 0 or reserve_bytes < 0 or fixed_bytes < 0:
+    if budget_bytes <= 0 or min(reserve_bytes, fixed_bytes, phase_reserve_bytes) < 0:
         raise ValueError("budget must be positive and reserve/fixed bytes not negative")
     base = dict(block_bytes=sizes, budget_bytes=int(budget_bytes),
                 reserve_bytes=int(reserve_bytes), fixed_bytes=int(fixed_bytes), slots=slots,
-                compute_itemsize=compute_itemsize, storage_itemsize=storage_itemsize)
+                compute_itemsize=compute_itemsize, storage_itemsize=storage_itemsize,
+                phase_reserve_bytes=int(phase_reserve_bytes))
     if allow_bf16:
         all_bf16 = ResidencyPlan(placements=(BF16,) * len(sizes), **base)
         if all_bf16.headroom_bytes >= 0:
@@ -169,7 +209,7 @@ def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_
     plan = _best_fp8_plan(sizes, base)
     if plan is None:
         need = minimum_budget_bytes(sizes, reserve_bytes, fixed_bytes, slots,
-                                    compute_itemsize, storage_itemsize)
+                                    compute_itemsize, storage_itemsize, phase_reserve_bytes)
         raise ResidencyError(
             f"a GPU budget of {budget_bytes / GIB:.2f} GiB is too small: streaming the DiT "
             f"needs at least {need / GIB:.2f} GiB ({reserve_bytes / GIB:.2f} GiB of it kept "

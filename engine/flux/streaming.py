@@ -119,6 +119,7 @@ class StreamingHandle:
         self.passes = 0
         self.bytes_streamed = 0
         self.restarts = 0  # times the call order differed from the prefetch order
+        self.releases = 0
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -191,6 +192,8 @@ class StreamingHandle:
             p.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
 
     def _make_buffers(self) -> None:
+        """Allocate the work buffer and the staging slots and point the cast blocks' weights
+        into the work buffer (at set-up, and again after ``release_buffers``)."""
         cast = [b for b in self._blocks if b.placement != BF16]
         if cast:
             self._work = torch.empty(max(b.numel for b in cast), dtype=self.compute_dtype,
@@ -202,9 +205,10 @@ class StreamingHandle:
             size = max(self._blocks[i].numel for i in self._order)
             self._slots = [torch.empty(size, dtype=self.storage_dtype, device=self.device)
                            for _ in range(self.plan.slots)]
-            self._copied = [self._event() for _ in self._slots]
-            self._free = [self._event() for _ in self._slots]
-            self._side = torch.cuda.Stream(self.device) if self._cuda else None
+            if not self._copied:
+                self._copied = [self._event() for _ in self._slots]
+                self._free = [self._event() for _ in self._slots]
+                self._side = torch.cuda.Stream(self.device) if self._cuda else None
 
     def _event(self) -> Any:
         return torch.cuda.Event() if self._cuda else None
@@ -216,6 +220,8 @@ class StreamingHandle:
         def hook(module: torch.nn.Module, args: Any) -> None:
             if first:
                 self.passes += 1
+            if block.placement != BF16 and self._work is None:
+                self._make_buffers()  # released between denoising loops
             if block.placement == FP8:
                 self._cast(block, block.source)
             elif block.placement == STREAMED:
@@ -266,6 +272,31 @@ class StreamingHandle:
             dst.copy_(block.source)
         self.bytes_streamed += block.numel * dst.element_size()
 
+    # -- between denoising loops -----------------------------------------------------------
+    def release_buffers(self) -> None:
+        """Free the work buffer and the staging slots, idle outside the denoising loop, so the
+        VAE decode and the text encoders can use that memory; the next block call allocates
+        them again (and restarts the prefetch). Resident blocks stay resident."""
+        if self._work is None and not self._slots:
+            return
+        if self._cuda and self._side is not None:
+            # copies still landing in a slot must finish before its memory is reused
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        for b in self._blocks:
+            if b.placement != BF16:
+                self._release(b)
+        self._work, self._slots = None, []
+        self._issued.clear()
+        self.releases += 1
+
+    def follow_pipeline_phases(self) -> None:
+        """Let diffsynth's phase changes release the buffers: ``load_models_to_device`` calls
+        ``offload()`` on a model flagged ``vram_management_enabled`` when another phase (VAE
+        decode, text encoders) starts, and ``onload()`` before the denoising loop."""
+        self.dit.vram_management_enabled = True
+        self.dit.offload = self.release_buffers
+        self.dit.onload = _nothing
+
     # -- reporting and tear-down -----------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {
@@ -277,6 +308,7 @@ class StreamingHandle:
             "bf16_resident_blocks": self.plan.count(BF16),
             "pinned": self._pinned,
             "restarts": self.restarts,
+            "releases": self.releases,
             "host_bytes": 0 if self._host is None else self._host.numel() * self._host.element_size(),
         }
 
@@ -290,6 +322,8 @@ class StreamingHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for name in ("vram_management_enabled", "offload", "onload"):
+            self.dit.__dict__.pop(name, None)
         for b in self._blocks:
             self._unpack(b)
         for p in self.dit.parameters():
@@ -313,6 +347,10 @@ class StreamingHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _register_host(t: torch.Tensor) -> bool:
