@@ -29,29 +29,12 @@ import aiohttp
 import yarl
 from aiohttp import web
 
+from tests.fakes import discord_payloads as payloads
+from tests.fakes.discord_payloads import FakeUser, Upload, pings_of
+
+__all__ = ["Call", "FakeDiscord", "FakeUser", "SentInteraction", "Upload", "pings_of"]
 API = "/api/v10"
 DISCORD_EPOCH_MS = 1_420_070_400_000
-MASS = re.compile(r"@(everyone|here)")
-USER_MENTION = re.compile(r"<@!?(\d+)>")
-ROLE_MENTION = re.compile(r"<@&(\d+)>")
-
-
-@dataclass(frozen=True)
-class FakeUser:
-    id: str
-    name: str
-
-    def payload(self, bot: bool = False) -> dict[str, Any]:
-        return {"id": self.id, "username": self.name, "global_name": self.name,
-                "discriminator": "0", "avatar": None, "bot": bot, "public_flags": 0}
-
-
-@dataclass
-class Upload:
-    field: str
-    filename: str
-    content_type: str
-    data: bytes
 
 
 @dataclass
@@ -97,7 +80,8 @@ class FakeDiscord:
         self.ready = asyncio.Event()
         self._failures: dict[str, list[tuple[Callable[[Call], bool], int, Any,
                                              dict[str, str]]]] = {}
-        self._limits: dict[str, int] = {}  # interaction token -> attachment size limit
+        # interaction token -> (channel id, guild id or None, attachment size limit)
+        self._where: dict[str, tuple[str, str | None, int]] = {}
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -186,24 +170,11 @@ class FakeDiscord:
         return self.messages.get(mid) if mid else None
 
     async def slash(self, name: str, user: FakeUser, /, *, guild: bool = True,
-                    channel_id: str | None = None, guild_id: str | None = None,
-                    **options: Any) -> SentInteraction:
-        """Send an application-command interaction; ``FakeUser`` values become user options."""
-        resolved: dict[str, Any] = {"users": {}, "members": {}}
-        opts = []
-        for key, value in options.items():
-            if value is None:
-                continue
-            opts.append({"name": key, "type": _option_type(value),
-                         "value": value.id if isinstance(value, FakeUser) else value})
-            if isinstance(value, FakeUser):
-                resolved["users"][value.id] = value.payload()
-                resolved["members"][value.id] = {"roles": [], "joined_at": _now_iso(),
-                                                 "deaf": False, "mute": False, "flags": 0}
-        data = {"id": self._snowflake(), "name": name, "type": 1, "options": opts}
-        if resolved["users"]:
-            data["resolved"] = resolved
-        return await self._interact(2, data, user, guild, channel_id, guild_id)
+                    channel_id: str | None = None, **options: Any) -> SentInteraction:
+        """Send a slash command (in the guild, or a DM with ``guild=False``)."""
+        data = payloads.command_data(self._snowflake(), name, options)
+        return await self._interact(2, data, user, self.guild_id if guild else None,
+                                    channel_id or self.channel_id)
 
     async def click(self, message_id: str, custom_id: str, user: FakeUser) -> SentInteraction:
         """Press the button ``custom_id`` on a message the bot sent (it must carry that button)."""
@@ -213,9 +184,23 @@ class FakeDiscord:
         if custom_id not in ids:
             raise AssertionError(f"message {message_id} has no button {custom_id!r}: {ids}")
         data = {"custom_id": custom_id, "component_type": 2}
-        guild = "guild_id" in message
-        return await self._interact(3, data, user, guild, message["channel_id"],
-                                    message.get("guild_id"), message=message)
+        return await self._interact(3, data, user, message.get("guild_id"),
+                                    message["channel_id"], message=message)
+
+    async def _interact(self, kind: int, data: dict[str, Any], user: FakeUser,
+                        guild_id: str | None, channel_id: str,
+                        message: dict[str, Any] | None = None) -> SentInteraction:
+        iid = self._snowflake()
+        token = f"interaction-token-{iid}"
+        payload = payloads.interaction(iid, token, self.app_id, kind, data, user,
+                                       guild_id=guild_id, channel_id=channel_id,
+                                       size_limit=self.attachment_size_limit)
+        if message is not None:
+            payload["message"] = message
+        self._where[token] = (channel_id, guild_id, self.attachment_size_limit)
+        sent = SentInteraction(iid, token, payload)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return sent
 
     # -- gateway -----------------------------------------------------------------------------
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
@@ -242,13 +227,9 @@ class FakeDiscord:
         return ws
 
     async def _identify(self, ws: web.WebSocketResponse) -> None:
-        await self.dispatch("READY", {
-            "v": 10, "user": self.bot.payload(bot=True), "session_id": "fake-session",
-            "resume_gateway_url": self.gateway_url, "guilds": [{"id": self.guild_id,
-                                                                "unavailable": True}],
-            "application": {"id": self.app_id, "flags": 0}, "private_channels": [],
-            "relationships": []})
-        await self.dispatch("GUILD_CREATE", self._guild_payload())
+        await self.dispatch("READY", payloads.ready(self.bot, self.guild_id, self.gateway_url))
+        await self.dispatch("GUILD_CREATE",
+                            payloads.guild_create(self.guild_id, self.channel_id, self.bot))
         self.ready.set()
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
@@ -256,54 +237,6 @@ class FakeDiscord:
             raise AssertionError("the client is not connected to the fake gateway")
         self._seq += 1
         await self._ws.send_json({"op": 0, "t": event, "s": self._seq, "d": data})
-
-    def _guild_payload(self) -> dict[str, Any]:
-        member = {"user": self.bot.payload(bot=True), "roles": [], "joined_at": _now_iso(),
-                  "deaf": False, "mute": False, "flags": 0}
-        channel = {"id": self.channel_id, "type": 0, "name": "general", "position": 0,
-                   "permission_overwrites": [], "guild_id": self.guild_id, "nsfw": False}
-        everyone = {"id": self.guild_id, "name": "@everyone", "permissions": "2248473465835073",
-                    "position": 0, "color": 0, "hoist": False, "managed": False,
-                    "mentionable": False, "flags": 0}
-        return {"id": self.guild_id, "name": "Fake Guild", "owner_id": "1", "unavailable": False,
-                "member_count": 2, "members": [member], "channels": [channel], "roles": [everyone],
-                "emojis": [], "stickers": [], "features": [], "premium_tier": 0, "threads": [],
-                "stage_instances": [], "guild_scheduled_events": [], "voice_states": [],
-                "presences": [], "large": False, "joined_at": _now_iso(), "icon": None,
-                "splash": None, "afk_channel_id": None, "system_channel_id": None}
-
-    async def _interact(self, kind: int, data: dict[str, Any], user: FakeUser, guild: bool,
-                        channel_id: str | None, guild_id: str | None,
-                        message: dict[str, Any] | None = None) -> SentInteraction:
-        iid = self._snowflake()
-        token = f"interaction-token-{iid}"
-        payload: dict[str, Any] = {
-            "id": iid, "application_id": self.app_id, "type": kind, "data": data,
-            "token": token, "version": 1, "locale": "en-US", "entitlements": [],
-            "app_permissions": "2248473465835073", "context": 0 if guild else 1,
-            "attachment_size_limit": self.attachment_size_limit,
-            "authorizing_integration_owners": {"0": guild_id or self.guild_id} if guild else {},
-        }
-        channel_id = channel_id or self.channel_id
-        if guild:
-            guild_id = guild_id or self.guild_id
-            payload.update(guild_id=guild_id, guild_locale="en-US", channel_id=channel_id,
-                           channel={"id": channel_id, "type": 0, "guild_id": guild_id,
-                                    "name": "general", "position": 0,
-                                    "permission_overwrites": [], "nsfw": False},
-                           member={"user": user.payload(), "roles": [], "joined_at": _now_iso(),
-                                   "deaf": False, "mute": False, "flags": 0,
-                                   "permissions": "2248473465835073"})
-        else:
-            payload.update(channel_id=channel_id, user=user.payload(),
-                           channel={"id": channel_id, "type": 1,
-                                    "recipients": [user.payload()]})
-        if message is not None:
-            payload["message"] = message
-        self._limits[token] = self.attachment_size_limit
-        sent = SentInteraction(iid, token, payload)
-        await self.dispatch("INTERACTION_CREATE", payload)
-        return sent
 
     # -- REST --------------------------------------------------------------------------------
     _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
@@ -334,7 +267,7 @@ class FakeDiscord:
             if match and method == request.method:
                 name, params = route, match.groupdict()
                 break
-        body, files = await _read_body(request)
+        body, files = await payloads.read_body(request)
         call = Call(name=name, method=request.method, path=path, query=dict(request.query),
                     json=body, files=files, token=params.get("token"),
                     pings=pings_of(body) if isinstance(body, dict) else frozenset())
@@ -343,7 +276,7 @@ class FakeDiscord:
         await self._record(call)
         if status == 0 and request.transport is not None:
             request.transport.close()  # the client sees the server disconnect
-        return _json_response(status or 500, answer, headers)
+        return payloads.json_response(status or 500, answer, headers)
 
     async def _record(self, call: Call) -> None:
         async with self._changed:
@@ -356,7 +289,7 @@ class FakeDiscord:
             if when(call):
                 del queued[index]
                 return status, body, headers
-        limit = self._limits.get(call.token or "", self.attachment_size_limit)
+        limit = self._where.get(call.token or "", ("", None, self.attachment_size_limit))[2]
         if any(len(f.data) > limit for f in call.files):
             return 413, {"message": "Request entity too large", "code": 40005}, {}
         handler = getattr(self, f"_on_{call.name}", None)
@@ -396,7 +329,7 @@ class FakeDiscord:
         answer: dict[str, Any] = {"interaction": info}
         if kind in (4, 5):  # a message (5: "is thinking…"), which becomes @original
             ephemeral = bool((data.get("flags") or 0) & 64)
-            message = self._new_message(self.channel_id, data, call.files,
+            message = self._new_message(params["token"], data, call.files,
                                         flags=(64 if ephemeral else 0) | (128 if kind == 5 else 0))
             self.originals[params["token"]] = message["id"]
             info.update(response_message_id=message["id"], response_message_loading=kind == 5,
@@ -422,7 +355,7 @@ class FakeDiscord:
 
     def _on_followup(self, call: Call, params: dict[str, str]) -> Any:
         payload = call.json or {}
-        return self._new_message(self.channel_id, payload, call.files,
+        return self._new_message(params["token"], payload, call.files,
                                  flags=payload.get("flags") or 0)
 
     def _on_edit_followup(self, call: Call, params: dict[str, str]) -> Any:
@@ -432,43 +365,27 @@ class FakeDiscord:
         return self._edit(message, call)
 
     def _on_channel_message(self, call: Call, params: dict[str, str]) -> Any:
-        return self._new_message(params["channel"], call.json or {}, call.files)
+        return self._new_message(None, call.json or {}, call.files,
+                                 channel_id=params["channel"])
 
     # -- messages ----------------------------------------------------------------------------
-    def _new_message(self, channel_id: str, payload: dict[str, Any], files: list[Upload],
-                     flags: int = 0) -> dict[str, Any]:
-        message = {
-            "id": self._snowflake(), "channel_id": channel_id, "guild_id": self.guild_id,
-            "author": self.bot.payload(bot=True), "content": "", "timestamp": _now_iso(),
-            "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
-            "mention_roles": [], "attachments": [], "embeds": [], "pinned": False, "type": 0,
-            "components": [], "flags": flags,
-        }
-        self._apply(message, payload, files)
-        self.messages[message["id"]] = message
-        return message
+    def _new_message(self, where: str | None, payload: dict[str, Any], files: list[Upload],
+                     flags: int = 0, channel_id: str | None = None) -> dict[str, Any]:
+        """A message in the interaction's channel (``where`` = its token) or in ``channel_id``."""
+        channel, guild = channel_id, self.guild_id
+        if where is not None:
+            channel, guild, _ = self._where.get(where, (self.channel_id, self.guild_id, 0))
+        created = payloads.message(self._snowflake(), channel or self.channel_id, guild,
+                                   self.bot, flags)
+        payloads.apply(created, payload, files, self._attachment)
+        self.messages[created["id"]] = created
+        return created
 
     def _edit(self, message: dict[str, Any], call: Call) -> dict[str, Any]:
-        self._apply(message, call.json or {}, call.files)
-        message["edited_timestamp"] = _now_iso()
+        payloads.apply(message, call.json or {}, call.files, self._attachment)
+        message["edited_timestamp"] = payloads.now_iso()
         message["flags"] = message["flags"] & ~128  # no longer "thinking"
         return message
-
-    def _apply(self, message: dict[str, Any], payload: dict[str, Any],
-               files: list[Upload]) -> None:
-        for key in ("content", "components", "embeds"):
-            if key in payload:
-                message[key] = payload[key] or ([] if key != "content" else "")
-        uploads = {f.field: f for f in files}
-        if "attachments" in payload:
-            kept = {str(a["id"]): a for a in message["attachments"]}
-            message["attachments"] = [
-                self._attachment(uploads[f"files[{a['id']}]"])
-                if f"files[{a['id']}]" in uploads else kept[str(a["id"])]
-                for a in payload["attachments"] if f"files[{a['id']}]" in uploads
-                or str(a["id"]) in kept]
-        elif files:
-            message["attachments"] = [self._attachment(f) for f in files]
 
     def _attachment(self, upload: Upload) -> dict[str, Any]:
         aid = self._snowflake()
@@ -479,66 +396,3 @@ class FakeDiscord:
     def _snowflake(self) -> str:
         ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
         return str((ms << 22) | (next(self._ids) % 4096))
-
-
-def _option_type(value: Any) -> int:
-    if isinstance(value, FakeUser):
-        return 6
-    if isinstance(value, bool):
-        return 5
-    if isinstance(value, int):
-        return 4
-    if isinstance(value, float):
-        return 10
-    return 3
-
-
-def pings_of(payload: dict[str, Any]) -> frozenset[str]:
-    """Who Discord would notify for this message content under its ``allowed_mentions``."""
-    content = payload.get("content") or ""
-    allowed = payload.get("allowed_mentions")
-    parse = {"everyone", "users", "roles"} if allowed is None else set(allowed.get("parse", []))
-    users = set() if allowed is None else {str(u) for u in allowed.get("users", [])}
-    roles = set() if allowed is None else {str(r) for r in allowed.get("roles", [])}
-    found = set()
-    if "everyone" in parse and MASS.search(content):
-        found.add("everyone")
-    for uid in USER_MENTION.findall(content):
-        if "users" in parse or uid in users:
-            found.add(f"user:{uid}")
-    for rid in ROLE_MENTION.findall(content):
-        if "roles" in parse or rid in roles:
-            found.add(f"role:{rid}")
-    return frozenset(found)
-
-
-async def _read_body(request: web.Request) -> tuple[Any, list[Upload]]:
-    ctype = request.headers.get("Content-Type", "")
-    if ctype.startswith("multipart/"):
-        body: Any = None
-        files = []
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            data = await part.read()  # type: ignore[union-attr]
-            if part.name == "payload_json":  # type: ignore[union-attr]
-                body = json.loads(data)
-            else:
-                files.append(Upload(part.name or "", part.filename or "",  # type: ignore
-                                    part.headers.get("Content-Type", ""), bytes(data)))
-        return body, files
-    raw = await request.read()
-    if raw and ctype == "application/json":
-        return json.loads(raw), []
-    return None, []
-
-
-def _json_response(status: int, body: Any, headers: dict[str, str]) -> web.Response:
-    if status == 204 or body is None:
-        return web.Response(status=status, headers=headers)
-    # discord.py parses JSON only when the Content-Type is exactly "application/json".
-    return web.Response(status=status, body=json.dumps(body).encode(),
-                        headers={"Content-Type": "application/json", **headers})
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000000+00:00", time.gmtime())
