@@ -34,6 +34,7 @@ from engine.config import Config
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidCommand
 from engine.grammar import ParsedCommand, parse_command
+from engine.job import Job
 from engine.request import ImageRequest, Origin, User
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,19 @@ class DiscordAdapter:
             await self.stop()
             raise
         for job in self.engine.recovered_jobs("discord"):
-            try:
-                reply = Reply.for_origin(job.origin, job.user.user_id)
-            except (TypeError, ValueError):  # a journal row without a usable channel id
-                log.error("recovered job %s has no channel to deliver to: %r", job.id, job.origin)
-                continue
-            log.info("delivering recovered job %s to channel %s", job.id, reply.channel_id)
-            self._spawn(self.follower.follow(job, reply), f"discord-recovered-{job.id}")
+            self.deliver_to_channel(job)
+
+    def deliver_to_channel(self, job: Job) -> None:
+        """Follow a job with no live interaction (restored from the journal, or an undelivered
+        result offered again): its result goes to its channel, mentioning its user."""
+        assert self.follower is not None, "start() first"
+        try:
+            reply = Reply.for_origin(job.origin, job.user.user_id)
+        except (TypeError, ValueError):  # a journal row without a usable channel id
+            log.error("job %s has no channel to deliver to: %r", job.id, job.origin)
+            return
+        log.info("delivering job %s to channel %s", job.id, reply.channel_id)
+        self._spawn(self.follower.follow(job, reply), f"discord-channel-{job.id}")
 
     async def _wait_ready(self) -> None:
         assert self.client is not None and self._gateway is not None
