@@ -430,8 +430,10 @@ async def test_typed_options_fill_in_and_the_prompt_flags_win(server, start_bot)
     assert render.conflicts_note(["seed"]) in _text(upload)
 
 
-async def test_a_guild_outside_the_allow_list_is_refused_politely(server, start_bot, dconfig):
-    dconfig.access.discord_guilds = ["123"]
+@pytest.mark.parametrize("allow_list", ["discord_guilds", "discord_channels"])
+async def test_a_place_outside_the_allow_list_is_refused_politely(server, start_bot, dconfig,
+                                                                  allow_list):
+    setattr(dconfig.access, allow_list, ["123"])
     adapter = await start_bot()
     sent = await server.slash("imagine", ALICE, prompt="a red fox")
     assert _text(await private_answer(server, sent)) == render.chat_not_allowed()
