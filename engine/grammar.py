@@ -50,7 +50,8 @@ _RATIO = re.compile(r"(\d{1,6}(?:\.\d{1,6})?) ?[:/] ?(\d{1,6}(?:\.\d{1,6})?)")
 # zero-width characters and lone surrogates go. U+200D (zero-width joiner) is kept only inside
 # emoji sequences such as 👩‍🚀, where it is part of the emoji.
 _DROP = (list(range(0x00, 0x20)) + list(range(0x7F, 0xA0)) + list(range(0x202A, 0x202F))
-         + list(range(0x2066, 0x206A)) + [0x200B, 0x200C, 0x2060, 0xFEFF]
+         + list(range(0x2066, 0x206A)) + [0x061C, 0x200E, 0x200F]  # direction marks
+         + [0x200B, 0x200C, 0x2060, 0xFEFF]
          + list(range(0xD800, 0xE000)))
 _CLEAN_TABLE = {c: (" " if chr(c).isspace() else None) for c in _DROP}
 _ZWJ = "\u200d"

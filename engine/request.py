@@ -38,7 +38,8 @@ class ImageRequest:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+        # ASCII escapes keep even a lone surrogate (possible in JSON from a chat platform) storable.
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=True, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ImageRequest":
@@ -59,7 +60,8 @@ class Origin:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+        # ASCII escapes keep even a lone surrogate (possible in JSON from a chat platform) storable.
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=True, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Origin":

@@ -184,7 +184,7 @@ class Store:
                 "INSERT INTO jobs (job_id, platform, user_id, display_name, origin_platform,"
                 " origin_json, request_json, status, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING seq",
-                (job_id, user.platform, user.user_id, user.display_name, origin.platform,
+                (job_id, user.platform, user.user_id, storable(user.display_name), origin.platform,
                  origin.to_json(), request.to_json(), created_at),
             ) as cursor:
                 row = await cursor.fetchone()
@@ -369,3 +369,8 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
             raise
+
+
+def storable(text: str) -> str:
+    """Text SQLite can store as UTF-8: a lone surrogate (valid in JSON, not in UTF-8) becomes '?'."""
+    return text.encode("utf-8", "replace").decode("utf-8")

@@ -23,6 +23,7 @@ CORPUS = [
     "fox " * 3000,
     "a fox\x00\x07\x1b[31m in snow\r\n--seed 5",
     "zero\u200bwidth\u200d joiners\ufeff and \u202eright-to-left\u202c marks",
+    "\u200fright-to-left mark\u200e and arabic letter mark\u061c",
     "🦊🔥 emoji only 👩\u200d🚀",
     "**bold** _it_ `code` [link](http://x) <b>html</b> <script>alert(1)</script>",
     "@everyone look @here <@&123456> <@!42> <#99>",
@@ -50,7 +51,7 @@ CORPUS = [
 
 def assert_safe_caption(text: str) -> None:
     assert not re.search(r"(?<!\\)@(everyone|here)\b", text), text
-    assert all(ch not in text for ch in "\x00\x07\x1b\u202e")
+    assert all(ch not in text for ch in "\x00\x07\x1b\u202e\u200f\u200e\u061c")
 
 
 @pytest.mark.parametrize("text", CORPUS)

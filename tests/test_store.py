@@ -74,20 +74,22 @@ async def test_round_trip_keeps_every_field(store: Store, prompt: str):
 
 @settings(max_examples=40, deadline=None)
 @given(prompt=st.text(alphabet=st.characters(blacklist_characters="\x00")),
-       name=st.text(max_size=20))
-def test_any_text_round_trips(tmp_path_factory: pytest.TempPathFactory, prompt: str, name: str):
+       name=st.text(max_size=20), user_id=st.text(alphabet="0123456789", min_size=1, max_size=20))
+def test_any_text_round_trips(tmp_path_factory: pytest.TempPathFactory, prompt: str, name: str,
+                              user_id: str):
     path = tmp_path_factory.mktemp("prop") / f"{uuid.uuid4().hex}.sqlite3"
 
     async def story() -> JobRecord | None:
         async with Store(path) as store:
-            await store.add_job("j", User("telegram", name, name), Origin("telegram"),
+            await store.add_job("j", User("telegram", user_id, name), Origin("telegram"),
                                 make_request(prompt), 1.0)
             return await store.get_job("j")
 
     record = asyncio.run(story())
     assert record is not None
     assert record.request.prompt == prompt
-    assert record.user == User("telegram", name, name)
+    assert record.user == User("telegram", user_id)
+    assert record.user.display_name == name.encode("utf-8", "replace").decode("utf-8")
 
 
 async def test_get_job_unknown_is_none(store: Store):
