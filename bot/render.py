@@ -14,6 +14,7 @@ from engine.config import LimitsSection
 from engine.engine import Health
 from engine.errors import EngineError
 from engine.grammar import clean_prompt
+from engine.grammar import usage as grammar_usage
 from engine.job import Job, JobResult
 from engine.rate_limit import Quota
 from engine.request import ImageRequest
@@ -138,14 +139,9 @@ def status(health: Health) -> str:
 
 
 def usage(limits: LimitsSection) -> str:
-    return (
-        "Usage: /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--size WxH] [--guidance X]\n"
-        f"steps {limits.steps_min}–{limits.steps_max} (default {limits.steps_default}), "
-        f"seed {limits.seed_min}–{limits.seed_max} (random if left out), "
-        f"size up to {limits.max_pixels:,} pixels in multiples of {limits.size_multiple}, "
-        f"guidance {limits.guidance_min:g}–{limits.guidance_max:g} (default "
-        f"{limits.guidance_default:g}).\nExample: /imagine a red fox in snow --seed 7 --ar 16:9"
-    )
+    """/help: the commands, then the grammar's own option summary."""
+    return (grammar_usage(limits) + "\nAlso: /queue (your images), /cancel [id], /limits "
+            "(images left).")
 
 
 # -- added for the chat adapters' commands and buttons (Telegram first) ---------------------------
