@@ -83,7 +83,7 @@ class DiscordAdapter:
         """``client_options`` go to ``discord.Client`` (tests: a small ``guild_ready_timeout``)."""
         self.engine = engine
         self.config = config
-        self.retry_policy = retry_policy or RetryPolicy()
+        self.retry_policy = retry_policy or RetryPolicy.from_config(config.delivery)
         self.clock = clock
         self.ready_timeout_s = ready_timeout_s
         self.rng = rng or random.SystemRandom()
