@@ -185,17 +185,21 @@ def set_cap(cap_gib: float | None) -> int:
     return int(cap_gib * GIB) if cap_gib else total - 2 * GIB
 
 
-def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: int,
-              h2d_gbs: float, compile_blocks: bool = False) -> list[dict[str, Any]]:
-    budget = set_cap(cap)
+def engine_plan(dit: torch.nn.Module, budget: int, slots: int = 2) -> Any:
+    """As the engine plans: the DiT's reserve for a 1024² image; the VAE (weights and an
+    untiled decode) uses the streamer's released buffers between denoising loops."""
     block_sizes, fixed = measure_blocks(dit)
-    # as the engine plans: the DiT's reserve for a 1024² image; the VAE (weights and decode)
-    # uses the streamer's released buffers between denoising loops
-    plan = plan_residency(block_sizes, budget, dit_activation_bytes(1024, 1024),
-                          fixed_bytes=fixed + VAE_WEIGHTS,
+    return plan_residency(block_sizes, budget, dit_activation_bytes(1024, 1024),
+                          fixed_bytes=fixed + VAE_WEIGHTS, slots=slots,
                           phase_reserve_bytes=vae_decode_bytes(1024, 1024))
+
+
+def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: int,
+              h2d_gbs: float, compile_blocks: bool = False, slots: int = 2,
+              cast: str = "copy") -> list[dict[str, Any]]:
+    plan = engine_plan(dit, set_cap(cap), slots)
     started = time.perf_counter()
-    handle = enable_block_streaming(dit, plan, "cuda")
+    handle = enable_block_streaming(dit, plan, "cuda", cast=cast)
     setup_s = time.perf_counter() - started
     if compile_blocks:
         compile_forwards(dit)
@@ -210,7 +214,9 @@ def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: 
             per_step = statistics.median(times[1:]) if len(times) > 1 else times[0]
             floor = plan.streamed_bytes / (h2d_gbs * 1e9)
             rows.append({
-                "setup": "ours" + ("+compile" if compile_blocks else ""), "cap_gib": cap,
+                "setup": "ours" + ("+compile" if compile_blocks else "")
+                + ("" if cast == "copy" else "+fastcast") + ("" if slots == 2 else f"+{slots}slots"),
+                "cap_gib": cap,
                 "size": size, "steps": steps, "s_per_step": per_step, "step1_s": times[0],
                 "transfer_floor_s": floor, "streamed_gb_per_step": plan.streamed_bytes / 1e9,
                 "plan": plan.describe(), "setup_s": setup_s,
@@ -267,6 +273,42 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "" if not x else f"{x:.{digits}f}"
 
 
+def cast_rates(total_elements: int) -> dict[str, float]:
+    """float8 -> bf16 cast of one double block's weights: GB/s (read + written) and the
+    milliseconds a pass over ``total_elements`` costs, for each cast kind."""
+    from engine.flux.residency import FLUX_DOUBLE_BLOCK_WEIGHTS
+    from engine.flux.streaming import _make_cast
+
+    n = FLUX_DOUBLE_BLOCK_WEIGHTS
+    src = torch.randn(n, device="cuda").to(FP8)
+    dst = torch.empty(n, device="cuda", dtype=BF16)
+    out = {}
+    for kind in ("copy", "compiled"):
+        fn = _make_cast(kind)
+        seconds = _cuda_seconds(lambda: fn(dst, src), 10)  # noqa: B023
+        out[f"{kind}_gbs"] = 3 * n / seconds / 1e9
+        out[f"{kind}_ms_per_pass"] = seconds * total_elements / n * 1000
+    return out
+
+
+def profile_step(dit: torch.nn.Module, cap: float, size: int, cast: str, path: Path | None,
+                 h2d_gbs: float) -> None:
+    """torch.profiler over two steps (after two warm-up steps): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = engine_plan(dit, set_cap(cap))
+    with enable_block_streaming(dit, plan, "cuda", cast=cast):
+        inputs = flux_inputs(size, size)
+        denoise(dit, inputs, 2)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            denoise(dit, inputs, 2)
+    text = prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=60)
+    print(f"profile: cap {cap} GiB, {size}², cast {cast}, floor {plan.streamed_bytes / h2d_gbs / 1e9:.3f} s")
+    print(text[:6000])
+    if path is not None:
+        path.write_text(text)
+
+
 def table(rows: list[dict[str, Any]], compute: dict[int, float]) -> str:
     """s/step against the transfer floor, the compute floor (the uncapped bf16 step) and the
     larger of the two ("ratio")."""
@@ -290,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-caps", default="12,8")
     ap.add_argument("--baseline-steps", type=int, default=3)
     ap.add_argument("--compile-cap", type=float, default=None, help="also time compiled blocks")
+    ap.add_argument("--variants", default="", help="space-separated cap:sizes:slots:compile:cast, "
+                    "e.g. 12:1024,512:3:0:compiled (cap 0 = uncapped)")
+    ap.add_argument("--profile", default="", help="cap:size:cast, e.g. 12:1024:copy")
+    ap.add_argument("--profile-out", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting rows after this")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -301,18 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     dit = random_flux_dit()
     env["dit_built_s"] = time.perf_counter() - t0
     h2d = env["h2d_gbs"]["registered"]
+    total = sum(p.numel() for b in list(dit.blocks) + list(dit.single_blocks)
+                for p in b.parameters() if p.dim() >= 2)
+    env["cast"] = cast_rates(total)
+    print(json.dumps(env["cast"]), flush=True)
     rows: list[dict[str, Any]] = []
-    for cap in [float(c) or None for c in args.caps.split(",")]:
+    for cap in [float(c) or None for c in args.caps.split(",") if c]:
         if time.perf_counter() - t0 < args.budget_s:
             rows += ours_rows(dit, cap, sizes, args.steps, h2d)
+    for spec in args.variants.split():
+        cap_s, sizes_s, slots_s, comp_s, cast = spec.split(":")
+        if time.perf_counter() - t0 < args.budget_s:
+            rows += ours_rows(dit, float(cap_s) or None, [int(x) for x in sizes_s.split(",")],
+                              args.steps, h2d, comp_s == "1", int(slots_s), cast)
+    if args.profile and time.perf_counter() - t0 < args.budget_s:
+        cap_s, size_s, cast = args.profile.split(":")
+        profile_step(dit, float(cap_s), int(size_s), cast, args.profile_out, h2d)
     if args.compile_cap is not None and time.perf_counter() - t0 < args.budget_s - 60:
         rows += ours_rows(dit, args.compile_cap or None, sizes[:1], args.steps, h2d, True)
     compute = {r["size"]: r["s_per_step"] for r in rows if r["cap_gib"] is None
                and r["setup"] == "ours"}
-    for cap in [float(c) for c in args.baseline_caps.split(",") if float(c)]:
+    compiled = {r["size"]: r["s_per_step"] for r in rows if r["cap_gib"] is None
+                and "+compile" in r["setup"]}
+    for cap in [float(c) for c in args.baseline_caps.split(",") if c and float(c)]:
         if time.perf_counter() - t0 < args.budget_s - 40:
             rows.append(baseline_row(dit, cap, sizes[0], args.baseline_steps))
-    print(table(rows, compute))
+    print(table([r for r in rows if "+compile" not in r["setup"]], compute))
+    print("compiled rows against the compiled uncapped step:")
+    print(table([r for r in rows if "+compile" in r["setup"]], compiled))
     if args.json:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     return 0

@@ -337,3 +337,10 @@ def test_refuses_a_managed_dit_and_a_plan_of_the_wrong_length():
     model.vram_management_enabled = True
     with pytest.raises(ValueError, match="unmanaged"):
         enable_block_streaming(model, plan_for(TinyDiT(), MIXED), "cpu")
+
+
+def test_an_unknown_cast_kind_is_refused_before_anything_moves():
+    model, _ = make_models()
+    with pytest.raises(ValueError, match="cast must be"):
+        enable_block_streaming(model, plan_for(model, MIXED), "cpu", cast="fast")
+    assert all(p.dtype == torch.float8_e4m3fn for p in model.parameters())

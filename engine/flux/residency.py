@@ -46,10 +46,13 @@ FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
 FLUX_FIXED_BYTES = 150 * MIB
 MAX_ENUMERATED_PLANS = 200_000  # beyond this many count combinations, fill greedily
 
-# Activation and decode peaks, in bytes per unit, measured on an H100 (docs/benchmarks.md).
-DIT_BYTES_PER_TOKEN_CHANNEL = 48  # peak live activations of one block, per token x hidden
-VAE_BYTES_PER_PIXEL = 3000  # diffsynth FluxVAEDecoder, untiled, bf16, per output pixel
-VAE_TILED_BYTES = 1536 * MIB  # tiled decode (128-latent tiles): independent of the image size
+# Activation and decode peaks above the weights, measured on an H100 with torch 2.11 and
+# diffsynth 2.1.12 (bench/bench_streaming.py): the DiT, eager, 0.62 GiB at 1024² (47 bytes per
+# token x hidden channel; 0.43 GiB with compiled blocks); the VAE decode 2.48 GiB at 1024²
+# untiled (2544 B/px), 0.53 GiB at 512², 0.55 GiB at 1024² with 64-latent tiles.
+DIT_BYTES_PER_TOKEN_CHANNEL = 48
+VAE_BYTES_PER_PIXEL = 2600  # untiled
+VAE_TILED_BYTES = 640 * MIB  # tile_size=64, tile_stride=32 (latent units): size-independent
 ALLOCATOR_SLACK = 0.10  # fragmentation of the caching allocator
 RESERVE_FLOOR_BYTES = 256 * MIB
 

@@ -99,9 +99,11 @@ class StreamingHandle:
     """The live streaming state of one DiT; ``close()`` puts the DiT back on the CPU."""
 
     def __init__(self, dit: torch.nn.Module, plan: ResidencyPlan, device: torch.device,
-                 compute_dtype: torch.dtype, storage_dtype: torch.dtype) -> None:
+                 compute_dtype: torch.dtype, storage_dtype: torch.dtype,
+                 cast: str = "copy") -> None:
         self.dit, self.plan, self.device = dit, plan, device
         self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
+        self._cast_fn = _make_cast(cast)
         self._cuda = device.type == "cuda"
         self._blocks: list[_Block] = []
         self._hooks: list[Any] = []
@@ -231,7 +233,7 @@ class StreamingHandle:
 
     def _cast(self, block: _Block, flat: torch.Tensor) -> None:
         assert self._work is not None
-        self._work[:block.numel].copy_(flat[:block.numel])  # float8 -> bf16 on the GPU
+        self._cast_fn(self._work[:block.numel], flat[:block.numel])  # float8 -> bf16 on the GPU
 
     def _consume(self, block: _Block) -> None:
         if not self._issued or self._issued[0][0] != block.index:
@@ -353,6 +355,20 @@ def _nothing() -> None:
     return None
 
 
+def _copy_cast(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _make_cast(kind: str) -> Any:
+    """``copy``: PyTorch's elementwise copy kernel; ``compiled``: the same copy through
+    torch.compile (a Triton kernel; one compilation per block size, at the first pass)."""
+    if kind == "copy":
+        return _copy_cast
+    if kind == "compiled":
+        return torch.compile(_copy_cast, dynamic=False, fullgraph=True)
+    raise ValueError(f"cast must be 'copy' or 'compiled', got {kind!r}")
+
+
 def _register_host(t: torch.Tensor) -> bool:
     """Page-lock an existing host tensor in place (cudaHostRegister): unlike
     ``pin_memory()``, no second copy and no rounding of the size up to a power of two."""
@@ -373,12 +389,13 @@ def _unregister_host(t: torch.Tensor) -> None:
 def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
                            device: str | torch.device = "cuda", *,
                            compute_dtype: torch.dtype = torch.bfloat16,
-                           storage_dtype: torch.dtype = torch.float8_e4m3fn) -> StreamingHandle:
+                           storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                           cast: str = "copy") -> StreamingHandle:
     """Lay the DiT out as ``plan`` says and hook its blocks. The DiT must be on the CPU and
     unmanaged by diffsynth; afterwards its non-block weights are on ``device`` in
     ``compute_dtype``, and it is called exactly as before."""
     _refuse_managed(dit)
-    handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype)
+    handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype, cast)
     handle._setup()
     log.info("block streaming: %s; host buffer %s", plan.describe(),
              "page-locked" if handle._pinned else "pageable")
