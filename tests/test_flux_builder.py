@@ -61,8 +61,8 @@ def test_low_preset_is_the_seeds_set_up() -> None:
     for name in ("clip", "t5", "vae"):
         assert cfg[name].vram_config() == STREAMED_BF16, name
     assert all(managed(c) for c in cfg.values())
-    # the device's used memory at start + the 11.5 GiB budget - 1 GiB kept for activations
-    assert kwargs["vram_limit"] == pytest.approx(11.0)
+    # the device's used memory at start + the 11.5 GiB budget - 0.5 GiB kept free
+    assert kwargs["vram_limit"] == pytest.approx(11.5)
     assert kwargs["torch_dtype"] is BF16 and kwargs["device"] == "cuda"
 
 
@@ -73,7 +73,7 @@ def test_balanced_keeps_the_float8_dit_resident_and_streams_t5() -> None:
     for name in ("clip", "vae"):
         assert not managed(cfg[name])
         assert (cfg[name].computation_device, cfg[name].computation_dtype) == ("cuda", BF16)
-    assert kwargs["vram_limit"] == pytest.approx(22.0)
+    assert kwargs["vram_limit"] == pytest.approx(22.5)
 
 
 def test_max_loads_everything_resident_without_vram_management() -> None:
@@ -95,7 +95,7 @@ def test_auto_picks_from_the_free_memory(free: float, expected: str) -> None:
 def test_vram_limit_gib_overrides_the_free_memory() -> None:
     plan, kwargs, _ = configs_for("auto", free=78.0, used=0.5, vram_limit_gib=8.0)
     assert plan.preset == "low" and plan.budget_gib == 8.0
-    assert kwargs["vram_limit"] == pytest.approx(7.5)
+    assert kwargs["vram_limit"] == pytest.approx(8.0)
 
 
 def test_configs_point_at_local_files_and_never_download() -> None:
@@ -119,7 +119,7 @@ def test_tighter_plans_only_shrink_and_end() -> None:
     lows = [p.vram_limit_gib for p in seen[2:]]
     assert lows == sorted(lows, reverse=True) and lows[-1] == 0.0
     assert seen[-1].vae_tiled and tighter(seen[-1]) is None
-    assert seen[1].vram_limit_gib == pytest.approx(39.5)  # budget kept through the ladder
+    assert seen[1].vram_limit_gib == pytest.approx(40.0)  # budget kept through the ladder
 
 
 def test_cpu_only_torch_survives_diffsynths_empty_cache() -> None:
