@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import traceback
+from types import TracebackType
 
 # Telegram tokens look like 123456:ABC..., Discord tokens like three dot-separated base64 parts.
 _TOKEN_SHAPES = [
-    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),
+    re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}"),  # also inside ".../bot<token>/..."
     re.compile(r"\b[A-Za-z0-9_-]{20,30}\.[A-Za-z0-9_-]{5,8}\.[A-Za-z0-9_-]{25,}\b"),
 ]
 
@@ -45,11 +48,18 @@ class SecretFilter(logging.Filter):
 
 
 def install_secret_filter(secrets: list[str]) -> SecretFilter:
-    """Attach to every handler of the root logger (filters on handlers see all records)."""
+    """Attach to every handler of the root logger (filters on handlers see all records), and
+    redact tracebacks that reach the top level without going through logging."""
     flt = SecretFilter(secrets)
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig()
     for handler in root.handlers:
         handler.addFilter(flt)
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        sys.stderr.write(redact(text, flt.secrets))
+
+    sys.excepthook = excepthook
     return flt
