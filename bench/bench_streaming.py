@@ -196,7 +196,7 @@ def engine_plan(dit: torch.nn.Module, budget: int, slots: int = 2) -> Any:
 
 def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: int,
               h2d_gbs: float, compile_blocks: bool = False, slots: int = 2,
-              cast: str = "copy") -> list[dict[str, Any]]:
+              cast: str = "auto") -> list[dict[str, Any]]:
     plan = engine_plan(dit, set_cap(cap), slots)
     started = time.perf_counter()
     handle = enable_block_streaming(dit, plan, "cuda", cast=cast)
@@ -215,7 +215,8 @@ def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: 
             floor = plan.streamed_bytes / (h2d_gbs * 1e9)
             rows.append({
                 "setup": "ours" + ("+compile" if compile_blocks else "")
-                + ("" if cast == "copy" else "+fastcast") + ("" if slots == 2 else f"+{slots}slots"),
+                + ("" if cast == "auto" else f"+cast-{cast}")
+                + ("" if slots == 2 else f"+{slots}slots"),
                 "cap_gib": cap,
                 "size": size, "steps": steps, "s_per_step": per_step, "step1_s": times[0],
                 "transfer_floor_s": floor, "streamed_gb_per_step": plan.streamed_bytes / 1e9,
@@ -245,7 +246,8 @@ def baseline_row(dit: torch.nn.Module, cap: float, size: int, steps: int) -> dic
     set_cap(cap)
     pool = ModelPool()
     mapping = VRAM_MANAGEMENT_MODULE_MAPS["diffsynth.models.flux_dit.FluxDiT"]
-    module_map = {pool.import_model_class(k): pool.import_model_class(v) for k, v in mapping.items()}
+    module_map = {pool.import_model_class(k): pool.import_model_class(v)
+                  for k, v in mapping.items()}
     vram = {"offload_dtype": FP8, "offload_device": "cpu", "onload_dtype": FP8,
             "onload_device": "cpu", "preparing_dtype": FP8, "preparing_device": "cuda",
             "computation_dtype": BF16, "computation_device": "cuda"}
@@ -302,8 +304,10 @@ def profile_step(dit: torch.nn.Module, cap: float, size: int, cast: str, path: P
         denoise(dit, inputs, 2)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             denoise(dit, inputs, 2)
-    text = prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=60)
-    print(f"profile: cap {cap} GiB, {size}², cast {cast}, floor {plan.streamed_bytes / h2d_gbs / 1e9:.3f} s")
+    text = prof.key_averages().table(sort_by="device_time_total", row_limit=18,
+                                     max_name_column_width=60)
+    floor = plan.streamed_bytes / h2d_gbs / 1e9
+    print(f"profile: cap {cap} GiB, {size}², cast {cast}, transfer floor {floor:.3f} s")
     print(text[:6000])
     if path is not None:
         path.write_text(text)

@@ -29,6 +29,7 @@ stream waits for the slot's ``free`` event (recorded after that cast) before reu
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -100,10 +101,10 @@ class StreamingHandle:
 
     def __init__(self, dit: torch.nn.Module, plan: ResidencyPlan, device: torch.device,
                  compute_dtype: torch.dtype, storage_dtype: torch.dtype,
-                 cast: str = "copy") -> None:
+                 cast: str = "auto") -> None:
         self.dit, self.plan, self.device = dit, plan, device
         self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
-        self._cast_fn = _make_cast(cast)
+        self._cast_fn = _make_cast(cast, device)
         self._cuda = device.type == "cuda"
         self._blocks: list[_Block] = []
         self._hooks: list[Any] = []
@@ -134,6 +135,7 @@ class StreamingHandle:
         self._pack_resident()
         self._pack_streamed()
         self._make_buffers()
+        self._warm_cast()
         for block, module in zip(self._blocks, blocks, strict=True):
             self._hooks.append(module.register_forward_pre_hook(self._pre_hook(block)))
 
@@ -211,6 +213,23 @@ class StreamingHandle:
                 self._copied = [self._event() for _ in self._slots]
                 self._free = [self._event() for _ in self._slots]
                 self._side = torch.cuda.Stream(self.device) if self._cuda else None
+
+    def _warm_cast(self) -> None:
+        """Compile the cast for each block size now (start-up), not in the first user's step;
+        fall back to the plain copy where compilation fails (no Triton, no C compiler)."""
+        if self._cast_fn is _copy_cast:
+            return
+        done: set[int] = set()
+        try:
+            for b in self._blocks:
+                if b.placement == BF16 or b.numel in done:
+                    continue
+                src = b.source if b.placement == FP8 else self._slots[0]
+                self._cast(b, src)
+                done.add(b.numel)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: use the eager copy
+            log.warning("compiled float8 cast unavailable (%s); using the eager copy", e)
+            self._cast_fn = _copy_cast
 
     def _event(self) -> Any:
         return torch.cuda.Event() if self._cuda else None
@@ -311,7 +330,7 @@ class StreamingHandle:
             "pinned": self._pinned,
             "restarts": self.restarts,
             "releases": self.releases,
-            "host_bytes": 0 if self._host is None else self._host.numel() * self._host.element_size(),
+            "host_bytes": 0 if self._host is None else self._host.nbytes,
         }
 
     def close(self) -> None:
@@ -359,14 +378,18 @@ def _copy_cast(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _make_cast(kind: str) -> Any:
-    """``copy``: PyTorch's elementwise copy kernel; ``compiled``: the same copy through
-    torch.compile (a Triton kernel; one compilation per block size, at the first pass)."""
+def _make_cast(kind: str, device: torch.device | None = None) -> Any:
+    """``copy``: PyTorch's elementwise copy kernel (0.97 TB/s for float8 -> bf16 on an H100,
+    37 ms per FLUX pass); ``compiled``: the same copy through torch.compile, a Triton kernel
+    (2.27 TB/s, 16 ms); ``auto``: compiled on a CUDA device where Triton is installed."""
+    if kind == "auto":
+        cuda = device is not None and device.type == "cuda"
+        kind = "compiled" if cuda and importlib.util.find_spec("triton") else "copy"
     if kind == "copy":
         return _copy_cast
     if kind == "compiled":
         return torch.compile(_copy_cast, dynamic=False, fullgraph=True)
-    raise ValueError(f"cast must be 'copy' or 'compiled', got {kind!r}")
+    raise ValueError(f"cast must be 'auto', 'copy' or 'compiled', got {kind!r}")
 
 
 def _register_host(t: torch.Tensor) -> bool:
@@ -390,10 +413,10 @@ def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
                            device: str | torch.device = "cuda", *,
                            compute_dtype: torch.dtype = torch.bfloat16,
                            storage_dtype: torch.dtype = torch.float8_e4m3fn,
-                           cast: str = "copy") -> StreamingHandle:
-    """Lay the DiT out as ``plan`` says and hook its blocks. The DiT must be on the CPU and
-    unmanaged by diffsynth; afterwards its non-block weights are on ``device`` in
-    ``compute_dtype``, and it is called exactly as before."""
+                           cast: str = "auto") -> StreamingHandle:
+    """Lay the DiT out as ``plan`` says and hook its blocks (``cast``: see ``_make_cast``).
+    The DiT must be on the CPU and unmanaged by diffsynth; afterwards its non-block weights
+    are on ``device`` in ``compute_dtype``, and it is called exactly as before."""
     _refuse_managed(dit)
     handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype, cast)
     handle._setup()
