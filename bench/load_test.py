@@ -12,7 +12,8 @@ it again on the same database before sending the rest. ``bench.load_report`` cou
 
 Acknowledgement latency: Discord, from the INTERACTION_CREATE dispatch to the deferral callback;
 Telegram, from the update being served by getUpdates to the bot's first reply to that message
-(the status message or the refusal; the sendChatAction before a status message is not counted,
+(the status message, the refusal, or the image itself for a job that finished before its status
+message went out; the sendChatAction before a status message names no message and is not counted,
 so this is an upper bound).
 """
 
@@ -245,6 +246,7 @@ class LoadRun:
             self.rss += [(f"after (life {len(self.lives)})", rss),
                          (f"peak (life {len(self.lives)})", peak)]
             counts = self._count()
+            self._dump()
         return RunResult(self.s, counts, report.problems(counts), self.rss, self.at_kill,
                          time.monotonic() - started)
 
@@ -311,8 +313,8 @@ class LoadRun:
             if call.token and call.status == 200:
                 by_token.setdefault(call.token, []).append(call)
         replies: dict[str, list[Any]] = {}
-        for call in self.tg.calls_to("sendMessage", ok_only=True):
-            reply = call.json("reply_parameters")
+        for call in self.tg.calls:
+            reply = call.json("reply_parameters") if call.status == 200 else None
             if isinstance(reply, dict):
                 replies.setdefault(f"{call.params['chat_id']}:{reply['message_id']}",
                                    []).append(call)
@@ -342,6 +344,12 @@ class LoadRun:
                 f = call.upload(name)
                 uploads.append(report.upload_of(f.filename, f.data, call.at))
         return uploads
+
+    def _dump(self) -> None:
+        """Every command's fate, for a closer look (``--workdir`` keeps it)."""
+        rows = [{**vars(c), "life": sum(1 for b in self.lives if b.started_at <= c.sent_at)}
+                for c in self.commands]
+        (self.workdir / "commands.json").write_text(json.dumps(rows, indent=0))
 
     def _count(self) -> Counts:
         journal = report.read_journal(str(self.workdir / "bot.sqlite3"))

@@ -1,0 +1,93 @@
+"""The load test's counting, small: the same script (bot in its own process, both fakes) with
+10 users, and its tally rules on hand-made records. No timing assertions: latency is reported by
+``python -m bench.load_test``, not tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.load_report import Command, JournalRow, Upload, count, problems
+from bench.load_test import Scenario, run_load
+
+SMALL = Scenario(users=10, commands=30, burst_size=10, burst_gap_s=0.3, images_per_window=2,
+                 max_queue_per_user=2, max_queue_total=4, step_s=0.02, settle_timeout_s=60)
+
+
+def test_scenario_plan_gives_every_user_their_share_and_floods_back_to_back() -> None:
+    plan = SMALL.plan()
+    assert sorted(plan) == sorted(list(range(10)) * 3)
+    for user in range(10):
+        places = [i for i, u in enumerate(plan) if u == user]
+        consecutive = places == list(range(places[0], places[0] + 3))
+        assert consecutive == SMALL.is_flooder(user), (user, places)
+    assert {SMALL.platform_of(u) for u in range(10)} == {"discord", "telegram"}
+
+
+async def test_small_run_accounts_for_every_command_and_delivers_each_job_once(
+        tmp_path: Path) -> None:
+    result = await run_load(SMALL, tmp_path)
+    c = result.counts
+    assert result.problems == []
+    assert c.sent == 30 and sum(c.outcomes.values()) == 30
+    assert c.outcomes["unanswered"] == 0 and c.outcomes["other"] == 0
+    # 10 users × a limit of 2: at most 20 accepted, so at least 10 refusals of some kind.
+    assert 1 <= c.outcomes["accepted"] <= 20
+    assert c.outcomes["rate_limit"] + c.outcomes["user_cap"] + c.outcomes["total_cap"] >= 10
+    assert c.jobs == c.completed == c.delivered_once == c.outcomes["accepted"]
+    assert c.lost == 0 and c.delivered_twice == 0 and c.wrong_image == 0
+    assert c.ack["discord"].count == 15 and c.ack["telegram"].count == 15
+    labels = [label for label, _ in result.rss]
+    assert labels[0] == "before (life 1)" and all(kib > 0 for _, kib in result.rss)
+
+
+async def test_small_restart_run_delivers_every_accepted_job_exactly_once(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    result = await run_load(replace(SMALL, commands=40, max_queue_total=20, restart=True),
+                            tmp_path)
+    c = result.counts
+    assert result.problems == []
+    assert sum(result.at_kill.values()) >= 1, "the bot was killed with jobs in the journal"
+    assert c.lost == 0 and c.delivered_twice == 0 and c.jobs == c.delivered_once
+    assert sum(c.uploads_by_life.values()) == c.jobs
+    assert "before (life 2)" in [label for label, _ in result.rss]
+
+
+# -- the tally rules on hand-made records --------------------------------------------------------
+def _command(i: int, user: int, outcome: str) -> Command:
+    return Command(i, user, "discord", f"k{i}", sent_at=float(i), outcome=outcome,
+                   start_at=float(i), ack_at=i + 0.01)
+
+
+def _row(i: int, seed: int = 0) -> JournalRow:
+    return JournalRow(f"job{i}", "discord", "u", f"k{i}", seed, "finished", True)
+
+
+def test_rate_limit_expectation_counts_only_commands_past_the_queue_caps() -> None:
+    # User 0: 2 accepted, 1 queue-capped, then 1 rate-limited -> with a limit of 3 that
+    # refusal came one image too early.
+    commands = [_command(0, 0, "accepted"), _command(1, 0, "accepted"),
+                _command(2, 0, "total_cap"), _command(3, 0, "rate_limit")]
+    journal = [_row(0), _row(1)]
+    uploads = [Upload("job0", 1.0, "0"), Upload("job1", 1.0, "0")]
+    c = count(commands, journal, uploads, limit=3, lives=[0.0], full_window=None)
+    assert c.expected_rate_limited == 0 and c.outcomes["rate_limit"] == 1
+    assert c.expected_accepted == 3 and c.pattern_only_rate_limited == 1
+    assert any("rate-limit refusals 1 != expected 0" in p for p in problems(c))
+    # The same records are right for a limit of 2.
+    c = count(commands, journal, uploads, limit=2, lives=[0.0], full_window=None)
+    assert problems(c) == []
+
+
+def test_lost_duplicate_and_wrong_uploads_are_counted_per_job() -> None:
+    commands = [_command(i, i, "accepted") for i in range(4)]
+    journal = [_row(0, seed=5), _row(1), _row(2), _row(3)]
+    uploads = [Upload("job0", 1.0, "6"),  # the wrong image for job0 (seed 6, journal says 5)
+               Upload("job1", 1.0, "0"), Upload("job1", 9.0, "0"),  # twice, once per life
+               Upload("job3", 1.0, "0")]  # job2: never uploaded
+    c = count(commands, journal, uploads, limit=3, lives=[0.0, 5.0], full_window=None)
+    assert (c.lost, c.delivered_twice, c.wrong_image, c.delivered_once) == (1, 1, 1, 2)
+    assert c.uploads_by_life == {1: 3, 2: 1}
+    found = problems(c)
+    assert "1 accepted jobs lost" in found and "1 jobs delivered twice" in found
+    assert "1 wrong images" in found
