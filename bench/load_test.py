@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -39,11 +38,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import load_report as report  # noqa: E402
+from bench.load_bot_launcher import BotProcess  # noqa: E402
 from bench.load_report import Command, Counts  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord, FakeUser  # noqa: E402
 from tests.fakes.telegram_server import FakeTelegramServer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TG_TOKEN = "123456789:AAHfakeTokenForLoadTest_abcdefghijklmno"
 TG_USER_BASE = 5_000_000
 DISCORD_USER_BASE = 100_000_000_000_000_000
@@ -139,61 +138,6 @@ class RecordingTelegram(FakeTelegramServer):
         return updates
 
 
-class BotProcess:
-    """One life of the bot under test: ``python -m bench.load_bot_launcher ... run``."""
-
-    def __init__(self, workdir: Path, discord: FakeDiscord, life: int) -> None:
-        self.workdir, self.discord, self.life = workdir, discord, life
-        self.proc: asyncio.subprocess.Process | None = None
-        self.started_at = 0.0
-
-    async def start(self, tg: RecordingTelegram, timeout: float = 60.0) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "TELEGRAM_TOKEN")}
-        log = open(self.workdir / f"bot-life{self.life}.log", "wb")  # noqa: SIM115 - child owns it
-        self.started_at = time.monotonic()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.load_bot_launcher",
-            "--discord-api", self.discord.api_base, "--discord-gateway", self.discord.gateway_url,
-            "run", "--config", str(self.workdir / "load.toml"),
-            cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + timeout
-        # Ready: Discord identified for this life, and Telegram (started after it) is polling.
-        while not (self._identifies() >= self.life
-                   and any(t > self.started_at for t in tg.polls)):
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bot life {self.life} did not start; see {log.name}")
-            await asyncio.sleep(0.05)
-
-    def _identifies(self) -> int:
-        return sum(1 for frame in self.discord.gateway_log if frame.get("op") == 2)
-
-    def memory_kib(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) of the bot process, in KiB."""
-        assert self.proc is not None
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (the bot's clean shutdown); SIGKILL if it takes longer than ``timeout``."""
-        if self.proc is None or self.proc.returncode is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            await self.kill()
-            return None
-
-
 def write_config(s: Scenario, workdir: Path, tg: RecordingTelegram) -> None:
     settings = {
         "engine": {"backend": "dry-run", "database": str(workdir / "bot.sqlite3"),
@@ -251,10 +195,17 @@ class LoadRun:
                          time.monotonic() - started)
 
     async def _start_life(self) -> None:
-        bot = BotProcess(self.workdir, self.discord, len(self.lives) + 1)
+        life = len(self.lives) + 1
+        bot = BotProcess(self.workdir / "load.toml", self.discord.api_base,
+                         self.discord.gateway_url, self.workdir / f"bot-life{life}.log")
         self.lives.append(bot)
-        await bot.start(self.tg)
-        self.rss.append((f"before (life {bot.life})", bot.memory_kib()[0]))
+
+        def ready() -> bool:  # Discord identified in this life; Telegram (started next) polls
+            identified = sum(1 for f in self.discord.gateway_log if f.get("op") == 2)
+            return identified >= life and any(t > bot.started_at for t in self.tg.polls)
+
+        await bot.start(ready)
+        self.rss.append((f"before (life {life})", bot.memory_kib()[0]))
 
     async def _stop_bot(self) -> None:
         if self.lives:
@@ -263,7 +214,8 @@ class LoadRun:
     async def _kill_and_restart(self) -> None:
         bot = self.lives[-1]
         rss, peak = bot.memory_kib()
-        self.rss += [(f"at SIGKILL (life {bot.life})", rss), (f"peak (life {bot.life})", peak)]
+        life = len(self.lives)
+        self.rss += [(f"at SIGKILL (life {life})", rss), (f"peak (life {life})", peak)]
         await bot.kill()
         journal = await asyncio.to_thread(report.read_journal, str(self.workdir / "bot.sqlite3"))
         self.at_kill = dict(Counter(
