@@ -37,11 +37,11 @@ def baseline_for(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, A
     """The baseline row measured at the same size: the seed's set-up at the same cap, or, for
     an uncapped row, everything resident."""
     want = "baseline-low" if row.get("cap") else "baseline-resident"
-    for other in rows:
-        if (other.get("setup") == want and other.get("size") == row.get("size")
-                and other.get("cap") == row.get("cap") and "s_step" in other):
-            return other
-    return None
+    found = [o for o in rows if o.get("setup") == want and o.get("size") == row.get("size")
+             and o.get("cap") == row.get("cap") and "s_step" in o]
+    # prefer the same step count, then the same image of the run (the warm one when two)
+    found.sort(key=lambda o: (o["steps"] != row["steps"], o["image"] != row["image"]))
+    return found[0] if found else None
 
 
 def one_line(r: dict[str, Any]) -> str:
@@ -69,10 +69,11 @@ HEADER = ("| set-up | preset | cap | size | steps | img | load s | s/image | s/s
 def table_row(r: dict[str, Any], rows: list[dict[str, Any]], rates: dict[str, Any]) -> str:
     if "error" in r:
         return f"| `{r['spec']}` | failed: {r['error']} |" + " |" * 19
-    compute, transfer = floors(r, rates)
+    compute, transfer = floors(r, r.get("rates", rates))  # a merged report keeps each run's rates
     base = baseline_for(r, rows) if r["setup"].startswith("ours") else None
     ratio_step = r["s_step"] / base["s_step"] if base else None
-    ratio_image = r["s_image"] / base["s_image"] if base else None
+    same_steps = base is not None and base["steps"] == r["steps"]
+    ratio_image = r["s_image"] / base["s_image"] if same_steps else None  # type: ignore[index]
     cells = [r["setup"], r["preset"], _cap(r), f"{r['size']}²", str(r["steps"]), r["image"],
              _f(r["load_s"], ".1f"), _f(r["s_image"]), _f(r["s_step"], ".3f"),
              _f(r["step1_s"], ".3f"), _f(r["before_first_s"]), _f(r["after_last_s"]),
@@ -83,8 +84,9 @@ def table_row(r: dict[str, Any], rows: list[dict[str, Any]], rates: dict[str, An
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown(rows: list[dict[str, Any]], rates: dict[str, Any], command: str) -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def markdown(rows: list[dict[str, Any]], rates: dict[str, Any], command: str,
+             date: str | None = None) -> str:
+    now = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "## Benchmark run", "",
         f"- date: {now}",
