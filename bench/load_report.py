@@ -53,6 +53,7 @@ class Upload:
     job_id: str
     at: float
     seed: str  # from the PNG's parameters
+    platform: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ def read_journal(path: str) -> list[JournalRow]:
     return journal
 
 
-def upload_of(filename: str, data: bytes, at: float) -> Upload:
-    return Upload(filename.split("-", 1)[0], at, read_parameters(data).get("Seed", ""))
+def upload_of(filename: str, data: bytes, at: float, platform: str) -> Upload:
+    return Upload(filename.split("-", 1)[0], at, read_parameters(data).get("Seed", ""), platform)
 
 
 def classify(text: str) -> str | None:
