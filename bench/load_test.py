@@ -69,10 +69,10 @@ class Scenario:
     def plan(self) -> list[int]:
         """Who sends each command, in sending order.
 
-        Users take turns in rounds. Half of them are "steady" (one command per round, so their
-        earlier images are done when the next command comes: the rate limit refuses the ones
-        over the limit); the others are "flooders" (all their commands back to back in one
-        round: the per-user queue cap refuses those over it). Shuffled within a round (fixed
+        Users take turns in rounds. Half of them are "steady" (one command per round: their
+        earlier images are usually done by their next command, so it is the rate limit that
+        refuses those over the limit); the others are "flooders" (all their commands back to
+        back in one round: the per-user queue cap refuses those over it). Shuffled within a round (fixed
         seed, so every run sends the same pattern).
         """
         share = [self.commands // self.users + (u < self.commands % self.users)
