@@ -227,9 +227,10 @@ class LoadRun:
         # An image the platform has but the journal does not know was delivered: it will be
         # sent again after the restart (delivery is at least once).
         marked = {r.job_id for r in journal if r.delivered}
-        for upload in {u.job_id: u for u in self._uploads() if u.job_id not in marked}.values():
-            key = f"uploaded to {upload.platform}, not marked"
-            self.at_kill[key] = self.at_kill.get(key, 0) + 1
+        unmarked = {u.job_id: u.platform for u in self._uploads() if u.job_id not in marked}
+        for name in ("discord", "telegram"):
+            self.at_kill[f"uploaded to {name}, not marked"] = sum(
+                1 for p in unmarked.values() if p == name)
         await self._start_life()
 
     async def _next_upload(self) -> None:
@@ -360,7 +361,7 @@ def describe(result: RunResult, title: str) -> str:
     if result.at_kill:
         state = ", ".join(f"{v} {k}" for k, v in sorted(result.at_kill.items()))
         lines += [f"Journal at the SIGKILL: {state}.", ""]
-        if any(k.startswith("uploaded") for k in result.at_kill):
+        if any(v for k, v in result.at_kill.items() if k.startswith("uploaded")):
             lines += ["Uploaded but not yet marked delivered when the bot died: those are sent "
                       "again by the restarted bot (delivery is at least once).", ""]
     lines += [report.table(result.counts, result.rss, s.images_per_window), ""]
