@@ -55,8 +55,8 @@ def managed(config) -> bool:
     return ModelPool().need_to_enable_vram_management(config.vram_config())
 
 
-def test_low_preset_is_the_seeds_set_up() -> None:
-    plan, kwargs, cfg = configs_for("low", free=11.5, used=0.5)
+def test_low_preset_without_streaming_is_the_seeds_set_up() -> None:
+    plan, kwargs, cfg = configs_for("low", free=11.5, used=0.5, dit_streaming=False)
     assert cfg["dit"].vram_config() == EXAMPLE_VRAM_CONFIG
     for name in ("clip", "t5", "vae"):
         assert cfg[name].vram_config() == STREAMED_BF16, name
@@ -66,14 +66,52 @@ def test_low_preset_is_the_seeds_set_up() -> None:
     assert kwargs["torch_dtype"] is BF16 and kwargs["device"] == "cuda"
 
 
-def test_balanced_keeps_the_float8_dit_resident_and_streams_t5() -> None:
-    plan, kwargs, cfg = configs_for("balanced", free=22.0, used=1.0)
+def test_balanced_without_streaming_keeps_the_float8_dit_resident_and_streams_t5() -> None:
+    plan, kwargs, cfg = configs_for("balanced", free=22.0, used=1.0, dit_streaming=False)
     assert cfg["dit"].vram_config() == RESIDENT_FP8
     assert cfg["t5"].vram_config() == STREAMED_BF16
     for name in ("clip", "vae"):
         assert not managed(cfg[name])
         assert (cfg[name].computation_device, cfg[name].computation_dtype) == ("cuda", BF16)
     assert kwargs["vram_limit"] == pytest.approx(22.5)
+
+
+def test_low_with_streaming_loads_the_dit_on_the_cpu_in_float8_unmanaged() -> None:
+    plan, kwargs, cfg = configs_for("low", free=11.5, used=0.5)
+    assert plan.streaming and "block streaming" in plan.describe()
+    assert not managed(cfg["dit"])  # the streamer, not diffsynth, places it after loading
+    assert (cfg["dit"].computation_device, cfg["dit"].computation_dtype) == ("cpu", FP8)
+    # T5 stays in float8 in host memory (half the RAM), CLIP and the VAE bf16; all streamed
+    assert cfg["t5"].vram_config() == EXAMPLE_VRAM_CONFIG
+    for name in ("clip", "vae"):
+        assert cfg[name].vram_config() == STREAMED_BF16, name
+    assert kwargs["vram_limit"] == pytest.approx(11.5)
+
+
+def test_balanced_with_streaming_keeps_clip_and_vae_resident() -> None:
+    plan, _, cfg = configs_for("balanced", free=22.0, used=1.0)
+    assert plan.streaming and not managed(cfg["dit"]) and managed(cfg["t5"])
+    for name in ("clip", "vae"):
+        assert not managed(cfg[name]) and cfg[name].computation_device == "cuda"
+
+
+def test_streaming_tightens_by_tiling_then_shrinking_the_budget() -> None:
+    plan = plan_memory(ModelSection(preset="max"), 40.0, 0.5)
+    assert plan.stream_dit and not plan.streaming  # max keeps everything resident
+    seen = [plan]
+    while (nxt := tighter(seen[-1])) is not None:
+        seen.append(nxt)
+        assert len(seen) < 30
+    assert [p.preset for p in seen[:3]] == ["max", "balanced", "low"]
+    assert all(p.streaming for p in seen[1:])
+    assert seen[3].vae_tiled and seen[3].budget_gib == 40.0
+    budgets = [p.budget_gib for p in seen[3:]]
+    assert budgets == sorted(budgets, reverse=True) and budgets[-1] >= 3.0 > budgets[-1] * 0.75
+
+
+def test_streaming_is_never_planned_without_cuda() -> None:
+    plan = plan_memory(ModelSection(preset="low", device="cpu"), None, 0.0)
+    assert not plan.streaming
 
 
 def test_max_loads_everything_resident_without_vram_management() -> None:
@@ -93,7 +131,8 @@ def test_auto_picks_from_the_free_memory(free: float, expected: str) -> None:
 
 
 def test_vram_limit_gib_overrides_the_free_memory() -> None:
-    plan, kwargs, _ = configs_for("auto", free=78.0, used=0.5, vram_limit_gib=8.0)
+    plan, kwargs, _ = configs_for("auto", free=78.0, used=0.5, vram_limit_gib=8.0,
+                                  dit_streaming=False)
     assert plan.preset == "low" and plan.budget_gib == 8.0
     assert kwargs["vram_limit"] == pytest.approx(8.0)
 

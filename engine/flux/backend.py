@@ -41,6 +41,7 @@ class FluxBackend:
         self._downloader = downloader
         self._factory = pipeline_factory
         self._pipe: Any = None
+        self._stream: Any = None  # StreamingHandle when the plan block-streams the DiT
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -62,10 +63,15 @@ class FluxBackend:
         started = time.monotonic()
         factory = self._factory or pipeline.build_pipeline
         self._pipe = factory(self.plan, self.paths)
+        if self.plan.streaming and self._factory is None:
+            self._stream = pipeline.start_dit_streaming(self._pipe, self.plan)
         self.load_seconds = time.monotonic() - started
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # unregisters the page-locked host memory
+            self._stream = None
         self._pipe = None
         gc.collect()
         _empty_cache()
@@ -91,6 +97,9 @@ class FluxBackend:
             cfg_scale=1.0,  # FLUX.1-dev is guidance-distilled: no negative pass
             rand_device="cpu",  # the same seed gives the same image on any GPU
             tiled=self.plan.vae_tiled,
+            # diffsynth's default 128-latent tiles fail below 1024 px; 64/32 works at any size
+            tile_size=64,
+            tile_stride=32,
             progress_bar_cmd=step_reporter(on_step, sync),
         )
 
@@ -107,7 +116,15 @@ class FluxBackend:
         log.warning("out of GPU memory; %s", nxt.describe())
         same_layout = nxt.placements == self.plan.placements
         self.plan = nxt
-        if same_layout and self._pipe is not None and self._factory is None:
+        if same_layout and self._stream is not None and self._factory is None:
+            from engine.flux import pipeline
+
+            self._stream.close()  # the DiT goes back to the CPU; lay it out for the new budget
+            self._stream = None
+            _empty_cache()
+            pipeline.set_vram_limit(self._pipe, nxt.vram_limit_gib)
+            self._stream = pipeline.start_dit_streaming(self._pipe, nxt)
+        elif same_layout and self._pipe is not None and self._factory is None:
             from engine.flux.pipeline import set_vram_limit
 
             set_vram_limit(self._pipe, nxt.vram_limit_gib)
@@ -147,15 +164,19 @@ class FluxBackend:
                 'model.device = "cpu" (very slow), or use backend = "dry-run"')
 
     def _compile(self) -> None:
-        """Regional torch.compile of the DiT blocks (max preset only), warmed up before the
-        bot says it is ready so that no user waits for the compiler."""
+        """Regional torch.compile of the DiT blocks, warmed up before the bot says it is ready
+        so that no user waits for the compiler."""
         assert self.plan is not None
-        if self.plan.preset != "max":
-            log.warning("model.compile is only used with the max preset; ignored for %s",
-                        self.plan.preset)
-            return
         started = time.monotonic()
-        self._pipe.compile_pipeline(mode="default", dynamic=True)
+        if self._stream is not None:
+            from engine.flux.pipeline import compile_streamed_blocks
+
+            compile_streamed_blocks(self._pipe)
+        elif self.plan.preset == "max":
+            self._pipe.compile_pipeline(mode="default", dynamic=True)
+        else:
+            log.warning("model.compile needs the max preset or DiT streaming; ignored")
+            return
         warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=1024, height=1024, guidance=3.5)
         self.generate(warm, lambda i, n: None)
         log.info("compiled and warmed up in %.1f s", time.monotonic() - started)

@@ -91,3 +91,52 @@ def step_reporter(on_step: Callable[[int, int], None],
             on_step(i, len(items))
 
     return progress
+
+
+# Images the streamer budgets activations for: the grammar caps images at 1,048,576 pixels, and
+# the DiT's activations depend only on the pixel count (tokens), so 1024² covers every shape.
+MAX_STREAM_SIDE = 1024
+
+
+def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
+    """Lay the CPU float8 DiT out for block streaming within the plan's budget.
+
+    The budget is what the plan allows the whole pipeline, less what the other models keep
+    resident on the GPU (CLIP and the VAE in ``balanced``); the VAE decode and text encoders run
+    while the streamer's buffers are released, so the decode is budgeted as a separate phase.
+    Returns the ``StreamingHandle`` (``close()`` it before dropping the pipeline).
+    """
+    from engine.flux.presets import GIB
+    from engine.flux.residency import dit_activation_bytes, plan_residency, vae_decode_bytes
+    from engine.flux.streaming import enable_block_streaming, measure_blocks
+
+    assert plan.budget_gib is not None, "streaming needs a known GPU budget"
+    others = sum(p.numel() * p.element_size() for name, module in pipe.named_children()
+                 if name != "dit" and isinstance(module, torch.nn.Module)
+                 for p in module.parameters() if p.device.type == "cuda")
+    sizes, fixed = measure_blocks(pipe.dit)
+    side = MAX_STREAM_SIDE
+    residency = plan_residency(
+        sizes, int(plan.budget_gib * GIB) - others, dit_activation_bytes(side, side),
+        fixed_bytes=fixed, phase_reserve_bytes=vae_decode_bytes(side, side, tiled=plan.vae_tiled))
+    handle = enable_block_streaming(pipe.dit, residency, plan.device)
+    if getattr(pipe, "vram_management_enabled", False):
+        handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE
+    return handle
+
+
+def compile_streamed_blocks(pipe: Any) -> int:
+    """Compile each DiT block's forward on its own (two graphs, one per block type); the
+    streamer's hooks stay outside the compiled code. Returns how many blocks were compiled."""
+    import types
+
+    from engine.flux.streaming import dit_blocks
+
+    compiled = {}
+    blocks = dit_blocks(pipe.dit)
+    for block in blocks:
+        kind = type(block)
+        if kind not in compiled:
+            compiled[kind] = torch.compile(kind.forward, dynamic=False)
+        block.forward = types.MethodType(compiled[kind], block)
+    return len(blocks)

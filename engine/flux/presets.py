@@ -5,13 +5,19 @@ No torch here: the plan is made from numbers (the free GPU memory at start-up, o
 turns a plan into diffsynth ``ModelConfig``s.
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
-    low        float8 on the CPU, bf16 compute  bf16 on the CPU, streamed   any (8 GB cards)
-    balanced   float8 resident on the GPU       T5 streamed, CLIP/VAE res.  >= 18
+    low        float8, block streaming          on the CPU, streamed        any (8 GB cards)
+    balanced   float8, block streaming          T5 streamed, CLIP/VAE res.  >= 18
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
 
-"Streamed" is diffsynth's VRAM management: a layer is copied to the GPU for each call, except the
-layers it keeps resident while the device's used memory stays under ``vram_limit``.
+"Block streaming" (``model.dit_streaming``, the default) is ours: the DiT is loaded on the CPU in
+float8, and ``engine/flux/streaming.py`` keeps the blocks that fit the budget on the GPU and
+streams the rest from page-locked memory while the previous block computes (``residency.py``
+plans which). With ``dit_streaming = false`` the DiT uses diffsynth's own VRAM management
+instead (the seed's set-up in ``low``, float8 resident in ``balanced``).
+"Streamed" text encoders and VAE are diffsynth's VRAM management: a layer is copied to the GPU for
+each call, except the layers it keeps resident while the device's used memory stays under
+``vram_limit``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ ACTIVATION_RESERVE_GIB = 0.5
 LOW_FLOOR_GIB = 2.0
 FP8 = "float8_e4m3fn"
 BF16 = "bfloat16"
+# The least the block streamer runs a 1024² image with (everything streamed, tiled VAE decode):
+# residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, rounded up.
+STREAM_MIN_GIB = 3.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,12 @@ class MemoryPlan:
     vae_tiled: bool = False
     reason: str = ""
     used_at_start_gib: float = 0.0  # device memory others (and the CUDA context) held at start
+    stream_dit: bool = False  # block-stream the DiT in low/balanced (model.dit_streaming)
+
+    @property
+    def streaming(self) -> bool:
+        """The DiT is loaded on the CPU in float8 and laid out by the block streamer."""
+        return self.stream_dit and self.preset in ("low", "balanced")
 
     @property
     def placements(self) -> dict[str, Placement]:
@@ -92,7 +107,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         limit = "none" if self.vram_limit_gib is None else f"{self.vram_limit_gib:.1f} GiB"
-        return f"preset {self.preset} (vram_limit {limit}{', tiled VAE' if self.vae_tiled else ''}): {self.reason}"
+        extras = (", DiT block streaming" if self.streaming else "") + (
+            ", tiled VAE" if self.vae_tiled else "")
+        return f"preset {self.preset} (vram_limit {limit}{extras}): {self.reason}"
 
 
 def resolve_budget(config: ModelSection, free_gib: float | None) -> float | None:
@@ -118,15 +135,19 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
     device at start-up (None without CUDA); ``used_gib``: what the whole device holds already."""
     budget = resolve_budget(config, free_gib)
     preset, why = choose_preset(config, budget)
-    return make_plan(preset, config.device, budget, used_gib=used_gib, reason=why)
+    return make_plan(preset, config.device, budget, used_gib=used_gib, reason=why,
+                     stream_dit=config.dit_streaming and config.device.startswith("cuda"))
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
-              reason: str = "", vae_tiled: bool = False) -> MemoryPlan:
+              reason: str = "", vae_tiled: bool = False, stream_dit: bool = False) -> MemoryPlan:
     dev, extra = device, {"reason": reason, "used_at_start_gib": used_gib, "vae_tiled": vae_tiled}
+    if stream_dit and preset in ("low", "balanced"):
+        return _streaming_plan(preset, dev, budget_gib, extra)
     if preset == "max":
         plain = resident(dev)
-        return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib, **extra)
+        return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
+                          stream_dit=stream_dit, **extra)
     # diffsynth compares the whole device's used memory (other processes and the CUDA context
     # included) with vram_limit, so the limit is what was used at start plus our budget.
     limit = None if budget_gib is None else max(0.0, used_gib + budget_gib - ACTIVATION_RESERVE_GIB)
@@ -141,6 +162,25 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
 
 
+def _streaming_plan(preset: str, dev: str, budget_gib: float | None,
+                    extra: dict) -> MemoryPlan:  # type: ignore[type-arg]
+    """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
+
+    ``low`` keeps T5's 4.7 B weights in float8 in host memory (half the RAM; cast per layer on
+    the GPU); ``balanced`` keeps CLIP and the VAE resident and streams T5 in bf16."""
+    used = extra["used_at_start_gib"]
+    limit = None if budget_gib is None else max(0.0, used + budget_gib - ACTIVATION_RESERVE_GIB)
+    if limit is None and dev.startswith("cuda"):
+        limit = 0.0
+    dit = Placement(computation_device="cpu", computation_dtype=FP8)
+    if preset == "balanced":
+        return MemoryPlan("balanced", dev, dit, resident(dev), streamed(dev, BF16), resident(dev),
+                          limit, budget_gib, stream_dit=True, **extra)
+    bf16 = streamed(dev, BF16)
+    return MemoryPlan("low", dev, dit, bf16, streamed(dev, FP8), bf16, limit, budget_gib,
+                      stream_dit=True, **extra)
+
+
 def tighter(plan: MemoryPlan) -> MemoryPlan | None:
     """The next plan after an out-of-memory error, or None when nothing tighter is left.
 
@@ -151,9 +191,24 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
     if plan.preset in ("max", "balanced"):
         lower = "balanced" if plan.preset == "max" else "low"
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
-                         plan.vae_tiled)
+                         plan.vae_tiled, stream_dit=plan.stream_dit)
+    if plan.streaming:
+        return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
         return None if plan.vae_tiled else dataclasses.replace(plan, vae_tiled=True, reason=why)
     limit = plan.vram_limit_gib / 2
     return dataclasses.replace(plan, vram_limit_gib=limit if limit >= LOW_FLOOR_GIB else 0.0,
                                vae_tiled=True, reason=why)
+
+
+def _tighter_streaming(plan: MemoryPlan, why: str) -> MemoryPlan | None:
+    """Streaming: first tile the VAE decode, then give the streamer a quarter less each time,
+    down to the least it can run with (everything streamed)."""
+    if not plan.vae_tiled:
+        return dataclasses.replace(plan, vae_tiled=True, reason=why)
+    if plan.budget_gib is None or plan.budget_gib * 0.75 < STREAM_MIN_GIB:
+        return None
+    budget = plan.budget_gib * 0.75
+    return _streaming_plan(plan.preset, plan.device, budget,
+                           {"reason": why, "used_at_start_gib": plan.used_at_start_gib,
+                            "vae_tiled": True})

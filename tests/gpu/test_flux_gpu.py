@@ -27,9 +27,11 @@ pytestmark = pytest.mark.gpu
 GIB = 1024**3
 
 
-def model_section(root: Path, preset: str, cap: float | None) -> ModelSection:
+def model_section(root: Path, preset: str, cap: float | None,
+                  streaming: bool = True) -> ModelSection:
     return ModelSection(preset=preset, vram_limit_gib=cap or 0.0, models_dir=str(root),
-                        offline=True, dit_path=str(root / mrf.REPO_DIR / mrf.DIT_FILE))
+                        offline=True, dit_path=str(root / mrf.REPO_DIR / mrf.DIT_FILE),
+                        dit_streaming=streaming)
 
 
 def dit_storage(backend: FluxBackend) -> set[tuple[str, torch.dtype]]:
@@ -48,19 +50,29 @@ def assert_real_image(image: Image.Image, size: int) -> None:
     assert pixels.std() > 0.3 and len(np.unique(pixels)) > 3
 
 
-@pytest.mark.parametrize(("preset", "cap", "expected", "dit_place"), [
-    ("low", 8.0, "low", {("cpu", torch.float8_e4m3fn)}),
-    ("auto", 12.0, "low", {("cpu", torch.float8_e4m3fn)}),
-    ("balanced", 20.0, "balanced", {("cuda", torch.float8_e4m3fn)}),
-], ids=["low-8GiB", "auto-12GiB", "balanced-20GiB"])
+STREAMED = None  # the block streamer lays the DiT out: checked through its handle instead
+
+
+@pytest.mark.parametrize(("preset", "cap", "expected", "dit_place", "streaming"), [
+    ("low", 8.0, "low", STREAMED, True),
+    ("low", 8.0, "low", {("cpu", torch.float8_e4m3fn)}, False),
+    ("auto", 12.0, "low", STREAMED, True),
+    ("balanced", 20.0, "balanced", STREAMED, True),
+], ids=["low-8GiB-streamed", "low-8GiB-diffsynth", "auto-12GiB-streamed",
+        "balanced-20GiB-streamed"])
 def test_preset_makes_an_image_within_its_budget(random_flux, cap_gpu, preset, cap, expected,
-                                                 dit_place) -> None:
+                                                 dit_place, streaming) -> None:
     cap_gpu(cap)
-    backend = FluxBackend(model_section(random_flux, preset, cap))
+    backend = FluxBackend(model_section(random_flux, preset, cap, streaming))
     try:
         backend.load()
-        assert backend.plan.preset == expected
-        assert dit_storage(backend) == dit_place  # float8 storage, where the preset says
+        assert backend.plan.preset == expected and backend.plan.streaming is streaming
+        if streaming:
+            stats = backend._stream.stats()
+            assert stats["pinned"] and stats["streamed_blocks"] + stats[
+                "fp8_resident_blocks"] + stats["bf16_resident_blocks"] == 57
+        else:
+            assert dit_storage(backend) == dit_place  # float8 storage, where the preset says
         torch.cuda.reset_peak_memory_stats()
         steps: list[tuple[int, int]] = []
         image = backend.generate(request(), lambda i, n: steps.append((i, n)))

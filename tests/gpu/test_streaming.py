@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
 pytest.importorskip("diffsynth")
 
 from bench.bench_streaming import denoise, flux_inputs, random_flux_dit  # noqa: E402
