@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import secrets
 import threading
 import time
@@ -49,6 +50,9 @@ from engine.worker import Aborted, GpuWorker
 
 log = logging.getLogger(__name__)
 LOCAL_PLATFORMS = ("console", "cli")
+# Finished jobs (and their PNGs) kept in memory for buttons and late watchers; delivered ones
+# leave at once, the journal keeps everything. Bounds memory on a bot that runs for weeks.
+KEEP_FINISHED_JOBS = 32
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class Engine:
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock)
         self._worker = GpuWorker(self.backend)
         self._queue: FairQueue[Job] = FairQueue()
-        self._jobs: dict[str, Job] = {}  # live jobs (queued, running, recent)
+        self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
+        self._terminal: deque[Job] = deque()  # finished jobs still in _jobs, oldest first
         self._recovered: list[Job] = []
         self._running: Job | None = None
         self._abort = threading.Event()
@@ -253,6 +258,7 @@ class Engine:
     # -- delivery bookkeeping (adapters call these) -----------------------------------------
     async def mark_delivered(self, job: Job, where: str) -> None:
         await self.store.mark_delivered(job.id, at=self.clock(), where=where)
+        self._forget(job)
         if not self.config.engine.save_outputs and job.result_now and job.result_now.path:
             Path(job.result_now.path).unlink(missing_ok=True)
 
@@ -262,6 +268,17 @@ class Engine:
     async def give_up_delivery(self, job: Job, reason: str) -> None:
         log.warning("giving up delivering job %s: %s", job.id, reason)
         await self.store.give_up_delivery(job.id, at=self.clock(), reason=reason)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        if job.status.is_terminal:
+            self._jobs.pop(job.id, None)
+
+    def _retire(self, job: Job) -> None:
+        """A job just ended: keep it for a while, then let it go (its record stays)."""
+        self._terminal.append(job)
+        while len(self._terminal) > KEEP_FINISHED_JOBS:
+            self._forget(self._terminal.popleft())
 
     # -- running ---------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -317,6 +334,7 @@ class Engine:
         await self.store.set_status(job.id, "finished", at=self.clock(), result_path=path)
         self._counts["finished"] += 1
         job._emit(Finished(result))
+        self._retire(job)
         log.info("job %s finished in %.1f s", job.id, result.seconds)
 
     def _render(self, job: Job, on_step: Callable[[int, int], None],
@@ -342,6 +360,7 @@ class Engine:
                       error: str | None = None) -> None:
         await self.store.set_status(job.id, status.value, at=self.clock(), error=error)
         job._emit(event)
+        self._retire(job)
 
     def _announce_positions(self) -> None:
         for index, job in enumerate(self._queue.ordered(), start=1):

@@ -192,3 +192,21 @@ async def test_a_renamed_user_is_still_the_same_user(engine_factory, config):
         await engine.submit(User("telegram", "5", "new name"), make_request(), ORIGIN)
     assert engine.jobs_of(User("telegram", "5", "new name")) == [job]
     assert await engine.cancel(job.id, User("telegram", "5", "newer")) is True
+
+
+async def test_finished_jobs_do_not_pile_up_in_memory(engine_factory):
+    from engine.engine import KEEP_FINISHED_JOBS
+
+    engine = await engine_factory()
+    delivered = await engine.submit(discord_user("0"), make_request(), ORIGIN)
+    await delivered.wait()
+    await engine.mark_delivered(delivered, "discord:channel/1/message/1")
+    assert engine.get_job(delivered.id) is None  # delivered: only the journal keeps it
+    assert (await engine.job_record(delivered.id)).status == "finished"
+    undelivered = []
+    for i in range(KEEP_FINISHED_JOBS + 5):
+        job = await engine.submit(discord_user(str(i % 40)), make_request(), ORIGIN)
+        await job.wait()
+        undelivered.append(job)
+    kept = [j for j in undelivered if engine.get_job(j.id) is not None]
+    assert kept == undelivered[-KEEP_FINISHED_JOBS:]
