@@ -45,6 +45,13 @@ def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TELEGRAM_TOKEN", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _keep_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read every job the adapter submitted from ``engine._jobs``; keep delivered
+    ones there too (the engine's own retention is tested in test_engine.py)."""
+    monkeypatch.setattr(Engine, "_forget", lambda self, job: None)
+
+
 @pytest.fixture
 async def tg() -> AsyncIterator[FakeTelegramServer]:
     async with FakeTelegramServer() as server:
