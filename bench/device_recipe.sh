@@ -51,7 +51,7 @@ device() {
   for stage in "${stages[@]}"; do
     case "$stage" in
       tests)
-        python3 -m pytest -q -p no:cacheprovider tests/gpu -m gpu -x 2>&1 | tee "$OUT/gpu-tests.log" \
+        python3 -m pytest -q -p no:cacheprovider tests/gpu -m gpu 2>&1 | tee "$OUT/gpu-tests.log" \
           || echo "GPU TESTS FAILED" ;;
       bench)
         # shellcheck disable=SC2086

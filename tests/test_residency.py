@@ -390,3 +390,34 @@ def test_an_unknown_cast_kind_is_refused_before_anything_moves():
     with pytest.raises(ValueError, match="cast must be"):
         enable_block_streaming(model, plan_for(model, MIXED), "cpu", cast="fast")
     assert all(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+
+
+def test_t5_encoder_streamed_block_by_block_equals_the_plain_encoder():
+    """The same streamer drives transformers' T5 encoder (``encoder.block``), as ``low`` does."""
+    from transformers import T5Config, T5EncoderModel
+
+    from engine.flux.residency import STREAMED as S
+    from engine.flux.streaming import dit_blocks
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    model = T5EncoderModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = model.to(torch.float8_e4m3fn)
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    blocks = ("encoder.block",)
+    assert len(dit_blocks(model, blocks)) == 3
+    sizes, fixed = measure_blocks(model, block_lists=blocks)
+    plan = ResidencyPlan((S,) * 3, tuple(sizes), 10**12, 0, fixed, slots=2)
+    handle = enable_block_streaming(model, plan, "cpu", block_lists=blocks)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(2):  # a second image: the prefetch wraps around
+            got = model(input_ids=ids).last_hidden_state
+            want = reference(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert handle.stats()["streamed_blocks"] == 3 and handle.stats()["passes"] >= 2
+    handle.close()

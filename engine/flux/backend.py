@@ -42,6 +42,7 @@ class FluxBackend:
         self._factory = pipeline_factory
         self._pipe: Any = None
         self._stream: Any = None  # StreamingHandle when the plan block-streams the DiT
+        self._t5_stream: Any = None  # and when it block-streams T5 (low)
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -63,15 +64,18 @@ class FluxBackend:
         started = time.monotonic()
         factory = self._factory or pipeline.build_pipeline
         self._pipe = factory(self.plan, self.paths)
+        if self.plan.stream_t5 and self._factory is None:
+            self._t5_stream = pipeline.start_t5_streaming(self._pipe, self.plan)
         if self.plan.streaming and self._factory is None:
             self._stream = pipeline.start_dit_streaming(self._pipe, self.plan)
         self.load_seconds = time.monotonic() - started
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()  # unregisters the page-locked host memory
-            self._stream = None
+        for handle in (self._stream, self._t5_stream):
+            if handle is not None:
+                handle.close()  # unregisters the page-locked host memory
+        self._stream = self._t5_stream = None
         self._pipe = None
         gc.collect()
         _empty_cache()

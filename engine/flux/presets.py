@@ -102,6 +102,11 @@ class MemoryPlan:
         return self.stream_dit and self.preset in ("low", "balanced")
 
     @property
+    def stream_t5(self) -> bool:
+        """T5 is loaded on the CPU in float8 and block-streamed too (the ``low`` preset)."""
+        return self.streaming and not self.t5.managed and self.t5.computation_device == "cpu"
+
+    @property
     def placements(self) -> dict[str, Placement]:
         return {"dit": self.dit, "clip": self.clip, "t5": self.t5, "vae": self.vae}
 
@@ -166,8 +171,9 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None,
                     extra: dict) -> MemoryPlan:  # type: ignore[type-arg]
     """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
 
-    ``low`` keeps T5's 4.7 B weights in float8 in host memory (half the RAM; cast per layer on
-    the GPU); ``balanced`` keeps CLIP and the VAE resident and streams T5 in bf16."""
+    ``low`` loads T5's 4.7 B weights in float8 on the CPU too (half the RAM) and block-streams
+    them the same way; ``balanced`` keeps CLIP and the VAE resident and lets diffsynth stream
+    T5 in bf16 within ``vram_limit``."""
     used = extra["used_at_start_gib"]
     limit = None if budget_gib is None else max(0.0, used + budget_gib - ACTIVATION_RESERVE_GIB)
     if limit is None and dev.startswith("cuda"):
@@ -177,8 +183,8 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None,
         return MemoryPlan("balanced", dev, dit, resident(dev), streamed(dev, BF16), resident(dev),
                           limit, budget_gib, stream_dit=True, **extra)
     bf16 = streamed(dev, BF16)
-    return MemoryPlan("low", dev, dit, bf16, streamed(dev, FP8), bf16, limit, budget_gib,
-                      stream_dit=True, **extra)
+    return MemoryPlan("low", dev, dit, bf16, dit, bf16, limit, budget_gib, stream_dit=True,
+                      **extra)
 
 
 def tighter(plan: MemoryPlan) -> MemoryPlan | None:

@@ -49,7 +49,10 @@ def dit_blocks(dit: torch.nn.Module, names: Iterable[str] = BLOCK_LISTS) -> list
     """The transformer blocks in the order the model function calls them."""
     blocks: list[torch.nn.Module] = []
     for name in names:
-        blocks.extend(getattr(dit, name, []) or [])
+        owner: Any = dit
+        for part in name.split("."):  # dotted: "encoder.block" for T5
+            owner = getattr(owner, part, None)
+        blocks.extend(owner or [])
     if not blocks:
         raise ValueError(f"{type(dit).__name__} has none of the block lists {tuple(names)}")
     return blocks
@@ -64,11 +67,12 @@ def _aligned(n: int) -> int:
 
 
 def measure_blocks(dit: torch.nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,
-                   compute_dtype: torch.dtype = torch.bfloat16) -> tuple[list[int], int]:
+                   compute_dtype: torch.dtype = torch.bfloat16,
+                   block_lists: Iterable[str] = BLOCK_LISTS) -> tuple[list[int], int]:
     """(storage bytes of each block's packed weights, bytes of everything kept resident in
     the compute dtype: non-block weights plus every block's biases and norm scales)."""
     _refuse_managed(dit)
-    blocks = dit_blocks(dit)
+    blocks = dit_blocks(dit, block_lists)
     item_s = torch.empty(0, dtype=storage_dtype).element_size()
     item_c = torch.empty(0, dtype=compute_dtype).element_size()
     sizes = [sum(_aligned(p.numel()) for p in b.parameters() if _is_packed(p)) * item_s
@@ -101,8 +105,9 @@ class StreamingHandle:
 
     def __init__(self, dit: torch.nn.Module, plan: ResidencyPlan, device: torch.device,
                  compute_dtype: torch.dtype, storage_dtype: torch.dtype,
-                 cast: str = "auto") -> None:
+                 cast: str = "auto", block_lists: Iterable[str] = BLOCK_LISTS) -> None:
         self.dit, self.plan, self.device = dit, plan, device
+        self.block_lists = tuple(block_lists)
         self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
         self._cast_fn = _make_cast(cast, device)
         self._cuda = device.type == "cuda"
@@ -126,7 +131,7 @@ class StreamingHandle:
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup(self) -> None:
-        blocks = dit_blocks(self.dit)
+        blocks = dit_blocks(self.dit, self.block_lists)
         if len(blocks) != len(self.plan.placements):
             raise ValueError(f"the plan has {len(self.plan.placements)} placements but the DiT "
                              f"has {len(blocks)} blocks")
@@ -414,12 +419,14 @@ def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
                            device: str | torch.device = "cuda", *,
                            compute_dtype: torch.dtype = torch.bfloat16,
                            storage_dtype: torch.dtype = torch.float8_e4m3fn,
-                           cast: str = "auto") -> StreamingHandle:
+                           cast: str = "auto",
+                           block_lists: Iterable[str] = BLOCK_LISTS) -> StreamingHandle:
     """Lay the DiT out as ``plan`` says and hook its blocks (``cast``: see ``_make_cast``).
     The DiT must be on the CPU and unmanaged by diffsynth; afterwards its non-block weights
     are on ``device`` in ``compute_dtype``, and it is called exactly as before."""
     _refuse_managed(dit)
-    handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype, cast)
+    handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype, cast,
+                             block_lists)
     handle._setup()
     log.info("block streaming: %s; host buffer %s", plan.describe(),
              "page-locked" if handle._pinned else "pageable")
