@@ -76,14 +76,14 @@ def run_floors() -> dict[str, Any]:
 
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    matmul_s = _time_cuda(lambda: a @ b, repeat=10)
+    matmul_s = time_cuda(lambda: a @ b, repeat=10)
     pinned = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
     pinned.random_(0, 255)
     dev = torch.empty(GIB, dtype=torch.uint8, device="cuda")
-    h2d_s = _time_cuda(lambda: dev.copy_(pinned, non_blocking=True), repeat=5)
+    h2d_s = time_cuda(lambda: dev.copy_(pinned, non_blocking=True), repeat=5)
     # diffsynth's copy of a CPU float8 layer: empty_like(bf16, cuda).copy_(cpu fp8)
     w8 = torch.randn(4096, 16384).to(torch.float8_e4m3fn)
-    ds_s = _time_cuda(lambda: torch.empty_like(w8, dtype=torch.bfloat16, device="cuda").copy_(w8),
+    ds_s = time_cuda(lambda: torch.empty_like(w8, dtype=torch.bfloat16, device="cuda").copy_(w8),
                       repeat=5)
     return {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -101,7 +101,7 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def _time_cuda(fn: Any, repeat: int) -> float:
+def time_cuda(fn: Any, repeat: int) -> float:
     import torch
 
     for _ in range(3):

@@ -36,6 +36,7 @@ from engine.flux.residency import (  # noqa: E402
     plan_residency,
     vae_decode_bytes,
 )
+from bench.bench_measure import time_cuda  # noqa: E402
 from engine.flux.streaming import enable_block_streaming, measure_blocks  # noqa: E402
 
 FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
@@ -101,17 +102,7 @@ def denoise(dit: torch.nn.Module, inputs: dict[str, Any], steps: int,
 
 # -- floors and peaks ---------------------------------------------------------------------------
 def _cuda_seconds(fn: Any, repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return time_cuda(fn, repeat=repeat)
 
 
 def h2d_bandwidth(nbytes: int = GIB) -> dict[str, float]:
