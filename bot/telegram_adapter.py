@@ -21,11 +21,10 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from telegram import BotCommand, CallbackQuery, Message, Update
+from telegram import BotCommand, CallbackQuery, Message, ReplyParameters, Update
 from telegram.constants import MessageLimit
 from telegram.error import TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     CallbackQueryHandler,
     CommandHandler,
@@ -37,6 +36,7 @@ from telegram.ext import (
 from bot import render
 from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower, clip
+from bot.telegram_limiter import ACK, PriorityRateLimiter
 from engine.config import Config
 from engine.engine import Engine
 from engine.errors import EngineError, JobNotFound
@@ -54,22 +54,24 @@ COMMANDS = [
     BotCommand("help", "How to use the options"),
 ]
 CALLBACK_ANSWER_CHARS = 200  # Telegram's limit for a callback query answer
-RATE_LIMIT_RETRIES = 3  # AIORateLimiter waits out a 429's retry_after this many times
+RATE_LIMIT_RETRIES = 3  # the rate limiter waits out a 429's retry_after this many times
 # Loggers that see this adapter's requests and errors. httpx logs every request URL, and the URL
 # holds the token; an exception text might too. The filter masks the token at the source, also
 # where no root-handler filter (bot.secrets_filter.install_secret_filter) is installed.
 MASKED_LOGGERS = ("httpx", __name__, "bot.telegram_jobs", "bot.delivery", "telegram.ext.Updater",
-                  "telegram.ext.Application", "telegram.ext.AIORateLimiter", "telegram.ext.ExtBot")
+                  "telegram.ext.Application", "bot.telegram_limiter", "telegram.ext.ExtBot")
 Handler = Callable[[Message, User, list[str]], Awaitable[None]]
 
 
 class TelegramAdapter:
     name = "telegram"
 
-    def __init__(self, engine: Engine, config: Config, *, poll_timeout_s: float = 10.0) -> None:
+    def __init__(self, engine: Engine, config: Config, *, poll_timeout_s: float = 10.0,
+                 rate_limiter: PriorityRateLimiter | None = None) -> None:
         self.engine = engine
         self.config = config
         self.poll_timeout_s = poll_timeout_s
+        self.rate_limiter = rate_limiter  # None: Telegram's own limits (tests pass slower ones)
         self.application: Application | None = None  # type: ignore[type-arg]
         self.follower: JobFollower | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -121,7 +123,9 @@ class TelegramAdapter:
     def _build(self) -> Application:  # type: ignore[type-arg]
         tg = self.config.telegram
         builder = (Application.builder().token(self.config.telegram_token)
-                   .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+                   # Telegram's limits, but replies to commands go ahead of edits and uploads
+                   .rate_limiter(self.rate_limiter
+                                 or PriorityRateLimiter(max_retries=RATE_LIMIT_RETRIES))
                    .concurrent_updates(True))  # one slow chat must not hold up the others
         if tg.base_url:
             builder = builder.base_url(tg.base_url)
@@ -312,8 +316,13 @@ class TelegramAdapter:
             log.exception("telegram: following job %s failed", job.id)
 
     async def _reply(self, message: Message, text: str) -> None:
-        await message.reply_text(clip(text, MessageLimit.MAX_TEXT_LENGTH), do_quote=True,
-                                 allow_sending_without_reply=True)
+        """Answer a command; marked ACK so it goes ahead of other jobs' edits and uploads."""
+        # Message.reply_text cannot carry rate_limit_args; this is what it sends.
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        await message.get_bot().send_message(
+            message.chat_id, clip(text, MessageLimit.MAX_TEXT_LENGTH),
+            reply_parameters=ReplyParameters(message.message_id, allow_sending_without_reply=True),
+            message_thread_id=thread_id, rate_limit_args=ACK)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""

@@ -16,14 +16,17 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters
 from telegram.constants import ChatAction, MessageLimit
 from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
+from telegram.ext import ExtBot
 
 from bot import render
 from bot.delivery import RetryPolicy, deliver
 from bot.media import fit_under
+from bot.telegram_limiter import ACK
 from engine.config import Config
 from engine.engine import Engine
 from engine.job import (
@@ -102,7 +105,7 @@ class Target:
 class StatusMessage:
     """The one message that shows a job's place in the queue and its progress."""
 
-    def __init__(self, bot: Bot, message: Message, text: str, interval_s: float,
+    def __init__(self, bot: ExtBot[Any], message: Message, text: str, interval_s: float,
                  markup: InlineKeyboardMarkup | None, events_shown: int = 0) -> None:
         self.bot = bot
         self.events_shown = events_shown  # how many of the job's events ``text`` reflects
@@ -173,7 +176,7 @@ def event_text(event: JobEvent, job: Job) -> str | None:
 class JobFollower:
     """Shows one job's life in its chat and delivers its result (also after a restart)."""
 
-    def __init__(self, bot: Bot, engine: Engine, config: Config) -> None:
+    def __init__(self, bot: ExtBot[Any], engine: Engine, config: Config) -> None:
         self.bot = bot
         self.engine = engine
         self.config = config
@@ -187,7 +190,7 @@ class JobFollower:
         status: StatusMessage | None = None
         try:
             if announce or not job.status.is_terminal:
-                status = await self._post_status(job, target)
+                status = await self._post_status(job, target, ack=announce)
             index = 0
             async for event in job.events():
                 index += 1
@@ -211,13 +214,19 @@ class JobFollower:
         except TelegramError as exc:  # only a hint to the user: never worth failing for
             log.info("chat action in chat %s failed: %s", target.chat_id, exc)
 
-    async def _post_status(self, job: Job, target: Target) -> StatusMessage | None:
-        await self._chat_action(target)
+    async def _post_status(self, job: Job, target: Target, *, ack: bool) -> StatusMessage | None:
+        """``ack``: this message answers a new command, so it goes ahead of other jobs' traffic.
+
+        No chat action first: the message follows at once, so the action would only spend the
+        bot's 30 requests a second.
+        """
         events = job.events_so_far  # the message shows these; later events become edits
         text = (event_text(events[-1], job) if events else None) or render.queued(job.position())
         markup = cancel_keyboard(job.id)
         try:
-            message = await self.bot.send_message(text=text, reply_markup=markup, **target.kwargs())
+            message = await self.bot.send_message(text=text, reply_markup=markup,
+                                                  rate_limit_args=ACK if ack else None,
+                                                  **target.kwargs())
         except TelegramError as exc:
             log.warning("could not post the status of job %s in chat %s: %s", job.id,
                         target.chat_id, exc)

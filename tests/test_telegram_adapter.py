@@ -1,6 +1,6 @@
 """The Telegram adapter end to end: the real python-telegram-bot client against a fake Bot API.
 
-Each test starts the real ``TelegramAdapter`` (PTB Application, AIORateLimiter, long polling)
+Each test starts the real ``TelegramAdapter`` (PTB Application, its rate limiter, long polling)
 pointed at ``FakeTelegramServer`` on 127.0.0.1, feeds it updates and asserts the calls PTB made.
 """
 
@@ -18,6 +18,7 @@ from telegram.error import InvalidToken
 
 from bot import render, telegram_jobs
 from bot.telegram_adapter import TelegramAdapter
+from bot.telegram_limiter import ACK, PriorityRateLimiter
 from engine.backends.dry_run import DryRunBackend
 from engine.config import Config
 from engine.engine import Engine
@@ -79,9 +80,10 @@ async def start_bot(tg_config: Config, engine_factory: Any) -> AsyncIterator[Sta
     adapters: list[TelegramAdapter] = []
 
     async def start(step_s: float = 0.0, engine: Engine | None = None,
-                    backend: DryRunBackend | None = None) -> tuple[Engine, TelegramAdapter]:
+                    backend: DryRunBackend | None = None,
+                    limiter: PriorityRateLimiter | None = None) -> tuple[Engine, TelegramAdapter]:
         engine = engine or await engine_factory(tg_config, backend or DryRunBackend(step_s))
-        adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
+        adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1, rate_limiter=limiter)
         await adapter.start()
         adapters.append(adapter)
         return engine, adapter
@@ -126,10 +128,10 @@ async def test_imagine_posts_status_progress_and_png_with_the_seed(
     await tg.wait_for("deleteMessage")
 
     # The number of progress edits depends on timing (the editor always shows the latest
-    # state and coalesces the rest), so runs of edits are collapsed before comparing.
+    # state and coalesces the rest), so runs of edits are collapsed before comparing. No chat
+    # action before the status message (it follows at once); one before the upload.
     assert collapse(tg.methods(ignore=SETUP_CALLS)) == [
-        "sendChatAction", "sendMessage", "editMessageText", "sendChatAction", "sendPhoto",
-        "deleteMessage"]
+        "sendMessage", "editMessageText", "sendChatAction", "sendPhoto", "deleteMessage"]
     job = await finished_job(engine, ALICE)
     action = tg.calls_to("sendChatAction")[0]
     assert action.params["action"] == "upload_photo"
@@ -570,3 +572,78 @@ async def test_queue_limits_and_help(tg: FakeTelegramServer, start_bot: Starter)
     assert queue == render.queue_list([job]) and job.id in queue
     assert limits == render.quota(await engine.quota(user(ALICE)), engine.clock())
     assert help_text == render.usage(engine.config.limits)
+
+
+# -- acknowledgements first ------------------------------------------------------------------
+BACKGROUND = ("sendChatAction", "sendPhoto", "deleteMessage", "editMessageText")
+
+
+async def test_a_new_command_is_answered_before_other_jobs_queued_uploads(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    # A slow limiter (10 requests a second) so that six finished jobs' chat actions, photos and
+    # deletes (18 requests) are still waiting in it when a seventh user's command arrives.
+    engine, _ = await start_bot(limiter=PriorityRateLimiter(overall_per_s=10))
+    for uid in range(100, 106):
+        tg.message(f"/imagine fox {uid} --seed 1 --steps 1", chat_id=uid, user_id=uid)
+    await tg.wait_for("sendMessage", 6)
+    for uid in range(100, 106):
+        await finished_job(engine, uid)  # every job over: its uploads are queued in the limiter
+    await tg.wait_for("sendChatAction")  # ...and the backlog has started to drain
+    late = tg.message("/imagine a late fox --seed 2 --steps 1", chat_id=200, user_id=200)
+    ack = await tg.wait_for("sendMessage", where=lambda c: reply_to(c) == late["message_id"])
+
+    served = tg.served[tg.update_of[(200, late["message_id"])]][0]
+    before = [c for c in tg.calls[:tg.calls.index(ack)]
+              if c.method in BACKGROUND and c.at >= served]
+    assert buttons(ack)[0].startswith("cancel:"), "the acknowledgement is the status message"
+    # Behind at most the two background requests already waiting in the bucket (and one sent).
+    assert len(before) <= 3, [c.method for c in before]
+    await tg.wait_for("deleteMessage", 7, timeout=10)
+    after = tg.calls[tg.calls.index(ack) + 1:]
+    queued_earlier = [c for c in after if c.method in BACKGROUND
+                      and c.json("chat_id") in range(100, 106)]
+    assert len(queued_earlier) >= 10, "the earlier jobs' requests waited behind the reply"
+
+
+async def test_limiter_sends_acks_first_and_keeps_the_overall_rate() -> None:
+    limiter = PriorityRateLimiter(overall_per_s=5, background_slots=2)
+    sent: list[str] = []
+
+    async def call(name: str) -> bool:
+        sent.append(name)
+        return True
+
+    async def request(name: str, lane: object) -> None:
+        await limiter.process_request(call, (name,), {}, "sendMessage", {"chat_id": 1}, lane)
+
+    background = [asyncio.create_task(request(f"bg{i}", None)) for i in range(10)]
+    await asyncio.sleep(0)  # the background requests are queued first
+    acks = [asyncio.create_task(request(f"ack{i}", ACK)) for i in range(3)]
+    await asyncio.gather(*background, *acks)
+    # The bucket's first 5 tokens go at once to the first background requests; then the two
+    # waiting in the bucket, then the acks, then the rest.
+    first_ack = sent.index("ack0")
+    assert sent[first_ack:first_ack + 3] == ["ack0", "ack1", "ack2"]
+    assert first_ack <= 5 + 2, sent
+    assert sorted(sent) == sorted([f"bg{i}" for i in range(10)] + ["ack0", "ack1", "ack2"])
+
+
+async def test_group_requests_keep_the_group_budget() -> None:
+    limiter = PriorityRateLimiter(overall_per_s=100, group_per_minute=3)
+    sent: list[int] = []
+
+    async def call(chat: int) -> bool:
+        sent.append(chat)
+        return True
+
+    async def request(chat: int) -> None:
+        await limiter.process_request(call, (chat,), {}, "sendMessage", {"chat_id": chat}, None)
+
+    tasks = [asyncio.create_task(request(GROUP)) for _ in range(5)]
+    tasks += [asyncio.create_task(request(ALICE)) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    assert sent.count(GROUP) == 3, "a group gets its 3 a minute, the rest wait"
+    assert sent.count(ALICE) == 5, "a private chat is not held up by a busy group"
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
