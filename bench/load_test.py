@@ -111,36 +111,7 @@ class RunResult:
     seconds: float = 0.0
 
 
-class RecordingTelegram(FakeTelegramServer):
-    """The fake Bot API plus what a load test needs: when each update was served, and the real
-    API's confirmation (a getUpdates with ``offset`` N forgets updates below N), so a restarted
-    bot gets only the updates its killed predecessor never confirmed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.served: dict[int, list[float]] = {}
-        self.update_of: dict[str, int] = {}  # "<chat>:<message id>" -> update id
-        self.polls: list[float] = []  # when each getUpdates arrived
-
-    def _push(self, update: dict[str, Any]) -> None:
-        super()._push(update)
-        message = update.get("message")
-        if message is not None:
-            self.update_of[f"{message['chat']['id']}:{message['message_id']}"] = update["update_id"]
-
-    async def _get_updates(self, params: dict[str, str]) -> list[dict[str, Any]]:
-        self.polls.append(time.monotonic())
-        offset = int(params.get("offset", "0") or 0)
-        if offset:
-            self._updates = [u for u in self._updates if u["update_id"] >= offset]
-        updates = await super()._get_updates(params)
-        now = time.monotonic()
-        for update in updates:
-            self.served.setdefault(update["update_id"], []).append(now)
-        return updates
-
-
-def write_config(s: Scenario, workdir: Path, tg: RecordingTelegram) -> None:
+def write_config(s: Scenario, workdir: Path, tg: FakeTelegramServer) -> None:
     settings = {
         "engine": {"backend": "dry-run", "database": str(workdir / "bot.sqlite3"),
                    "output_dir": str(workdir / "outputs"), "dry_run_step_s": s.step_s,
@@ -166,7 +137,7 @@ class LoadRun:
         self.s = scenario
         self.workdir = workdir
         self.discord = FakeDiscord()
-        self.tg = RecordingTelegram()
+        self.tg = FakeTelegramServer()
         self.commands: list[Command] = []
         self.lives: list[BotProcess] = []
         self.rss: list[tuple[str, int]] = []
@@ -255,7 +226,7 @@ class LoadRun:
                                           first_name=f"load{user}")
                 key = f"{uid}:{message['message_id']}"
                 self.commands.append(Command(index, user, "telegram", key, time.monotonic(),
-                                             update_id=self.tg.update_of[key]))
+                                             update_id=self.tg.update_of[(uid, message['message_id'])]))
 
     async def _settle(self) -> None:
         """Wait until every journaled job is delivered and every command answered (or no more

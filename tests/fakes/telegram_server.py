@@ -9,6 +9,9 @@ PTB posts form-encoded or multipart bodies to ``/bot<token>/<method>``; every va
 string (JSON-encoded when not a string), so ``Call.params`` holds strings and ``Call.json(name)``
 decodes one. Every call is recorded (unknown methods too, answered 404 like the real API) with its
 HTTP status, so a test sees exactly what the client sent. ``fail_next`` injects one-shot failures.
+Like the real Bot API, a ``getUpdates`` with ``offset`` N confirms (forgets) the updates below N,
+so a restarted bot gets only what its predecessor had not confirmed. ``served`` records when each
+update was handed out (the load test measures acknowledgement latency from it).
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ class FakeTelegramServer:
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
-        self._updates: list[dict[str, Any]] = []
+        self._updates: list[dict[str, Any]] = []  # not yet confirmed by a getUpdates offset
+        self.served: dict[int, list[float]] = {}  # update id -> when getUpdates handed it out
+        self.update_of: dict[tuple[int, int], int] = {}  # (chat id, message id) -> update id
+        self.polls: list[float] = []  # when each getUpdates arrived
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(100)
         self._query_ids = itertools.count(1)
@@ -140,6 +146,7 @@ class FakeTelegramServer:
                                     "length": _utf16_len(command)}]
         self._messages[(chat_id, message["message_id"])] = message
         self._push({"message": message})
+        self.update_of[(chat_id, message["message_id"])] = self._updates[-1]["update_id"]
         return message
 
     def press(self, message: dict[str, Any], data: str, *, user_id: int,
@@ -250,8 +257,11 @@ class FakeTelegramServer:
         return web.json_response(body, status=status)
 
     async def _get_updates(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        self.polls.append(time.monotonic())
         offset = int(params.get("offset", "0") or 0)
         timeout = float(params.get("timeout", "0") or 0)
+        if offset > 0:  # the Bot API forgets confirmed updates (negative offsets: not modelled)
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
 
         def pending() -> list[dict[str, Any]]:
             return [u for u in self._updates if u["update_id"] >= offset]
@@ -262,7 +272,11 @@ class FakeTelegramServer:
                     self._changed.wait_for(lambda: bool(pending()) or self._closing), timeout)
         except TimeoutError:
             pass
-        return pending()
+        updates = pending()
+        now = time.monotonic()
+        for update in updates:
+            self.served.setdefault(update["update_id"], []).append(now)
+        return updates
 
     def _sent(self, method: str, call: Call) -> dict[str, Any]:
         chat_id = int(call.params["chat_id"])
