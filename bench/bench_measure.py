@@ -211,7 +211,7 @@ def measure_image(spec: Spec, runner: Any, pipe: Any, size: int, seed: int) -> d
              embedded_guidance=3.5, cfg_scale=1.0, rand_device="cpu", progress_bar_cmd=timer.wrap())
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    steps = [timer.ends[0] - timer.first] + [b - a for a, b in zip(timer.ends, timer.ends[1:])]
+    steps = [timer.ends[0] - timer.first] + [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     return {
         "s_image": t1 - t0, "s_step": statistics.median(steps[1:] or steps), "step1_s": steps[0],
         "before_first_s": timer.first - t0, "after_last_s": t1 - timer.ends[-1],

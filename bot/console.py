@@ -30,7 +30,8 @@ class ConsoleAdapter:
     name = "console"
 
     def __init__(self, engine: Engine, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
-                 on_quit: Callable[[], None] | None = None, progress_interval_s: float = 1.0) -> None:
+                 on_quit: Callable[[], None] | None = None,
+                 progress_interval_s: float = 1.0) -> None:
         self.engine = engine
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
@@ -118,7 +119,8 @@ class ConsoleAdapter:
         return None
 
     async def imagine(self, text: str) -> Job:
-        request = parse_command(text, self.engine.config.limits).to_request(self.engine.config.limits)
+        limits = self.engine.config.limits
+        request = parse_command(text, limits).to_request(limits)
         job = await self.engine.submit(CONSOLE_USER, request, Origin("console"))
         self.say(f"Job {job.id}: seed {request.seed}, {request.steps} steps, "
                  f"{request.width}×{request.height}.")

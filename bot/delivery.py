@@ -27,7 +27,7 @@ class RetryPolicy:
     give_up_after_s: float = 24 * 3600.0
 
     @classmethod
-    def from_config(cls, section: DeliverySection) -> "RetryPolicy":
+    def from_config(cls, section: DeliverySection) -> RetryPolicy:
         return cls(attempts=section.attempts, first_delay_s=section.first_delay_s,
                    max_delay_s=section.max_delay_s, give_up_after_s=section.give_up_after_s)
 

@@ -61,7 +61,8 @@ def check_tokens(config: Config, config_path: str | None) -> list[Check]:
     if path.exists() and (config.discord.token or config.telegram.token):
         mode = path.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
-            checks.append(Check("config file", False, f"{path} holds a token and others can read it",
+            checks.append(Check("config file", False,
+                                f"{path} holds a token and others can read it",
                                 f"chmod 600 {path}"))
     return checks
 
@@ -131,7 +132,8 @@ def check_models(config: Config) -> list[Check]:
             checks.append(Check(entry.name, True, f"missing, will be downloaded to {entry.path}"))
         else:
             checks.append(Check(entry.name, False, f"missing: {entry.path}",
-                                "copy the file there, set its *_path, or set model.offline = false"))
+                                "copy the file there, set its *_path, or set "
+                                "model.offline = false"))
     return checks
 
 

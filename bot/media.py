@@ -26,7 +26,8 @@ def fit_under(png: bytes, limit_bytes: int) -> tuple[bytes, str]:
             return data, "jpg"
     scale = 0.7
     while True:  # last resort: smaller pixels
-        small = image.resize((max(16, int(image.width * scale)), max(16, int(image.height * scale))))
+        size = (max(16, int(image.width * scale)), max(16, int(image.height * scale)))
+        small = image.resize(size)
         data = _encode(small, "JPEG", 75)
         if len(data) <= limit_bytes or small.width <= 16:
             return data, "jpg"

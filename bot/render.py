@@ -1,8 +1,9 @@
 """Every sentence the bot says, in one place, with no chat library: both platforms say the same.
 
-Prompts are user text: in Discord messages they are Markdown-escaped (``md=True``); Telegram messages
-are sent as plain text, so nothing there is interpreted. Mentions are never pinged (the adapters
-turn allowed mentions off), but ``@everyone`` is also broken with a zero-width joiner as a second guard.
+Prompts are user text: in Discord messages they are Markdown-escaped (``md=True``); Telegram
+messages are sent as plain text, so nothing there is interpreted. Mentions are never pinged (the
+adapters turn allowed mentions off), but ``@everyone`` is also broken with a zero-width joiner as
+a second guard.
 """
 
 from __future__ import annotations

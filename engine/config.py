@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,8 +204,6 @@ def _coerce(hint: Any, raw: Any, key: str) -> Any:
         if not isinstance(raw, str):
             raise ConfigError(f"{key} = {raw!r} must be a string")
         return raw
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
-        return raw
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
@@ -223,7 +220,7 @@ def _validated(config: Config) -> Config:
     need(e.max_queue_per_user >= 1, "engine.max_queue_per_user", e.max_queue_per_user, "at least 1")
     need(e.job_timeout_s > 0, "engine.job_timeout_s", e.job_timeout_s, "more than 0 seconds")
     need(1 <= lim.steps_min <= lim.steps_default <= lim.steps_max, "limits.steps_default",
-         lim.steps_default, f"between steps_min and steps_max")
+         lim.steps_default, "between steps_min and steps_max")
     need(0 <= lim.seed_min <= lim.seed_max <= SEED_MAX, "limits.seed_max", lim.seed_max,
          f"seed_min..{SEED_MAX}")
     need(lim.size_multiple >= 1, "limits.size_multiple", lim.size_multiple, "at least 1")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +99,7 @@ class Engine:
         self.load_seconds: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         await self.store.__aenter__()
         try:
             started = time.monotonic()
@@ -128,7 +128,7 @@ class Engine:
         if running is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(running.wait()), timeout=grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("job %s still running after %.0f s grace; it will be re-queued",
                             running.id, grace)
                 self._abort.set()

@@ -84,7 +84,8 @@ class JobCancelled(EngineError):
 
 @dataclass(eq=False)
 class Job:
-    """Handle on one job (arq's ``Job`` shape): ``status``, ``events()``, ``result()``, ``cancel()``."""
+    """Handle on one job (arq's ``Job`` shape): ``status``, ``events()``, ``result()``,
+    ``cancel()``."""
 
     id: str
     user: User

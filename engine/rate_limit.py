@@ -92,7 +92,8 @@ def _plural(count: int, unit: str) -> str:
 
 
 def describe_window(window_s: float) -> str:
-    """'this hour', 'the last 6 hours', 'the last 90 minutes' (the largest unit that fits evenly)."""
+    """'this hour', 'the last 6 hours', 'the last 90 minutes' (the largest unit that fits
+    evenly)."""
     seconds = math.ceil(window_s)
     for unit, size in _UNITS:
         if seconds % size == 0:

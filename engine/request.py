@@ -34,7 +34,7 @@ class ImageRequest:
     guidance: float
     seed_was_random: bool = False
 
-    def with_changes(self, **changes: Any) -> "ImageRequest":
+    def with_changes(self, **changes: Any) -> ImageRequest:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -42,7 +42,7 @@ class ImageRequest:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=True, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ImageRequest":
+    def from_json(cls, text: str) -> ImageRequest:
         return cls(**json.loads(text))
 
 
@@ -64,5 +64,5 @@ class Origin:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=True, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Origin":
+    def from_json(cls, text: str) -> Origin:
         return cls(**json.loads(text))

@@ -372,5 +372,6 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 
 
 def storable(text: str) -> str:
-    """Text SQLite can store as UTF-8: a lone surrogate (valid in JSON, not in UTF-8) becomes '?'."""
+    """Text SQLite can store as UTF-8: a lone surrogate (valid in JSON, not in UTF-8) becomes
+    '?'."""
     return text.encode("utf-8", "replace").decode("utf-8")

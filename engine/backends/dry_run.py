@@ -44,7 +44,7 @@ class DryRunBackend:
 
 
 def placeholder_image(request: ImageRequest) -> Image.Image:
-    """Two-colour diagonal gradient chosen by the seed, with "DRY RUN" and the seed written on it."""
+    """A two-colour gradient chosen by the seed, with "DRY RUN" and the seed written on it."""
     rng = random.Random(request.seed)
     a = [rng.randrange(40, 216) for _ in range(3)]
     b = [rng.randrange(40, 216) for _ in range(3)]

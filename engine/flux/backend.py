@@ -81,7 +81,7 @@ class FluxBackend:
         _empty_cache()
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, request: ImageRequest, on_step: StepCallback) -> "Image":
+    def generate(self, request: ImageRequest, on_step: StepCallback) -> Image:
         """Sample one image. Exceptions (``on_step``'s abort, ``torch.cuda.OutOfMemoryError``)
         propagate to the engine."""
         import torch
@@ -181,7 +181,8 @@ class FluxBackend:
         else:
             log.warning("model.compile needs the max preset or DiT streaming; ignored")
             return
-        warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=1024, height=1024, guidance=3.5)
+        warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=1024, height=1024,
+                            guidance=3.5)
         self.generate(warm, lambda i, n: None)
         log.info("compiled and warmed up in %.1f s", time.monotonic() - started)
 

@@ -44,7 +44,8 @@ class ModelFileStatus:
     present: bool
     size_bytes: int | None
     will_download: bool
-    source: str  # "MAILAND/majicflus_v1: majicflus_v134.safetensors" or "local path (model.dit_path)"
+    # "MAILAND/majicflus_v1: majicflus_v134.safetensors" or "local path (model.dit_path)"
+    source: str
     approx_bytes: int | None = None
 
 
@@ -148,7 +149,8 @@ def missing_message(entries: Sequence[ModelEntry], offline: bool) -> str:
             lines.append(f"{e.name}: expected at {e.path} ({e.model_id}: {e.pattern})")
     fix = ("model.offline is true, so nothing is downloaded: put the files there, point the "
            "model.*_path settings at them, or set offline = false"
-           if offline else "check the network and the disk space, then start again (downloads resume)")
+           if offline else
+           "check the network and the disk space, then start again (downloads resume)")
     return "Model files are missing:\n  " + "\n  ".join(lines) + f"\n{fix}."
 
 
@@ -163,7 +165,8 @@ def ensure_model_files(config: ModelSection, downloader: Downloader | None = Non
         for model_id in dict.fromkeys(e.model_id for e in missing):
             patterns = [e.pattern for e in missing if e.model_id == model_id]
             target = Path(config.models_dir) / model_id
-            log.info("downloading %s (%s) from ModelScope into %s", model_id, ", ".join(patterns), target)
+            log.info("downloading %s (%s) from ModelScope into %s", model_id, ", ".join(patterns),
+                     target)
             fetch(model_id, target, patterns)
         still = [e for e in entries if not _present(e)]
         if still:

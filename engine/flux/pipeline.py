@@ -76,7 +76,8 @@ def set_vram_limit(pipe: Any, limit_gib: float | None) -> int:
 
 
 def step_reporter(on_step: Callable[[int, int], None],
-                  sync: Callable[[], None] | None = None) -> Callable[[Iterable[Any]], Iterator[Any]]:
+                  sync: Callable[[], None] | None = None,
+                  ) -> Callable[[Iterable[Any]], Iterator[Any]]:
     """A stand-in for diffsynth's ``progress_bar_cmd``: it wraps the timestep loop, and when the
     loop asks for the next timestep (the previous step is done) it calls ``on_step(i, n)``.
     ``sync`` waits for the GPU first, so step times and cancellation are honest. An exception

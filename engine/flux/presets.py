@@ -163,7 +163,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
                           resident(dev), limit, budget_gib, **extra)
     if preset == "low":
         bf16 = streamed(dev, BF16)
-        return MemoryPlan("low", dev, streamed(dev, FP8), bf16, bf16, bf16, limit, budget_gib, **extra)
+        return MemoryPlan("low", dev, streamed(dev, FP8), bf16, bf16, bf16, limit, budget_gib,
+                          **extra)
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
 
 
