@@ -46,10 +46,14 @@ async def test_small_restart_run_delivers_every_accepted_job_exactly_once(tmp_pa
     result = await run_load(replace(SMALL, commands=40, max_queue_total=20, restart=True),
                             tmp_path)
     c = result.counts
-    assert result.problems == []
     assert sum(result.at_kill.values()) >= 1, "the bot was killed with jobs in the journal"
-    assert c.lost == 0 and c.delivered_twice == 0 and c.jobs == c.delivered_once
-    assert sum(c.uploads_by_life.values()) == c.jobs
+    # Delivery is at least once (docs/reliability.md, finding 2): a SIGKILL that lands between an
+    # upload and its journal mark sends that one image again. Only those may come twice.
+    in_window = sum(n for what, n in result.at_kill.items() if what.startswith("uploaded"))
+    assert [p for p in result.problems if "delivered twice" not in p] == []
+    assert c.lost == 0 and c.delivered_twice <= in_window
+    assert c.jobs == c.delivered_once + c.delivered_twice
+    assert sum(c.uploads_by_life.values()) == c.jobs + c.delivered_twice
     assert "before (life 2)" in [label for label, _ in result.rss]
 
 
