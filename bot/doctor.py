@@ -106,8 +106,11 @@ def check_gpu(config: Config) -> Check:
                      "install the NVIDIA driver and a CUDA build of PyTorch, or set "
                      'engine.backend = "dry-run" to try the bot without a GPU')
     detail = f"{gpu.name}, {gpu.free_gib:.1f} of {gpu.total_gib:.1f} GiB free"
-    if gpu.free_gib < 6:
-        return Check("GPU", False, detail + "; at least 6 GiB free is needed",
+    from engine.flux.presets import STREAM_MIN_GIB
+
+    least = STREAM_MIN_GIB + 1  # the block streamer's least, plus the CUDA context
+    if gpu.free_gib < least:
+        return Check("GPU", False, f"{detail}; at least {least:.0f} GiB free is needed",
                      "close other programs using the GPU")
     return Check("GPU", True, detail)
 
