@@ -86,7 +86,7 @@ def table_row(r: dict[str, Any], rows: list[dict[str, Any]], rates: dict[str, An
 
 def markdown(rows: list[dict[str, Any]], rates: dict[str, Any], command: str,
              date: str | None = None) -> str:
-    now = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = date or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "## Benchmark run", "",
         f"- date: {now}",

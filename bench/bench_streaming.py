@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_measure import time_cuda  # noqa: E402
 from engine.flux.residency import (  # noqa: E402
     GIB,
     dit_activation_bytes,
     plan_residency,
     vae_decode_bytes,
 )
-from bench.bench_measure import time_cuda  # noqa: E402
 from engine.flux.streaming import enable_block_streaming, measure_blocks  # noqa: E402
 
 FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
