@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bot.secrets_filter import install_secret_filter
+    from bot.secrets_filter import install_secret_filter, redact
 
     try:
         config = load_config(args.config)
@@ -53,14 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         from bot.doctor import run_doctor
 
         return run_doctor(config, args.config)
-    if args.command == "imagine":
-        return asyncio.run(_imagine(config, args))
     from bot.app import run_bot
 
     try:
+        if args.command == "imagine":
+            return asyncio.run(_imagine(config, args))
         asyncio.run(run_bot(config))
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
         pass
+    except Exception as exc:  # a start-up failure: one clear line, the trace only with -v
+        logging.getLogger("bot").debug("start-up failed", exc_info=True)
+        reason = redact(str(exc), [config.discord_token, config.telegram_token])
+        print(f"could not start: {reason}\n(run `python -m bot doctor` for a check of the set-up; "
+              "-v shows the trace)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.png import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +83,14 @@ def test_doctor_passes_for_dry_run(tmp_path):
     done = run_bot(["doctor"], tmp_path)
     assert done.returncode == 0, done.stdout
     assert "dry-run" in done.stdout and "All good." in done.stdout
+
+
+def test_start_up_failure_is_one_clear_line(tmp_path):
+    # No GPU here: the default flux backend cannot start, and says why without a traceback.
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = run_bot(["run"], tmp_path, stdin="")
+    assert done.returncode == 1
+    assert "could not start: model.device is 'cuda' but PyTorch sees no CUDA GPU" in done.stderr
+    assert "doctor" in done.stderr and "Traceback" not in done.stderr
