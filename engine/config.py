@@ -180,7 +180,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(hint: Any, raw: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, raw, key)
     origin = typing.get_origin(hint)
     if origin is list:

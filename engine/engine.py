@@ -183,7 +183,7 @@ class Engine:
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.id] = job
         self._queue.push(job.user.key, job)
-        job._emit(Queued(self.position_of(job)))
+        job._emit(Queued(self.position_of(job) or 1))
         self._wake.set()
 
     # -- queries ---------------------------------------------------------------------------
@@ -380,9 +380,9 @@ class Engine:
             self._recovered.append(job)
             self._enqueue(job)
         for record in await self.store.undelivered_jobs():
-            job = _job_from_finished_record(record, self)
-            if job is not None:
-                self._recovered.append(job)
+            finished = _job_from_finished_record(record, self)
+            if finished is not None:
+                self._recovered.append(finished)
         if self._recovered:
             log.info("recovered %d jobs from the journal", len(self._recovered))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from engine.config import ModelSection
 
@@ -146,7 +147,9 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False) -> MemoryPlan:
-    dev, extra = device, {"reason": reason, "used_at_start_gib": used_gib, "vae_tiled": vae_tiled}
+    dev = device
+    extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
+                             "vae_tiled": vae_tiled}
     if stream_dit and preset in ("low", "balanced"):
         return _streaming_plan(preset, dev, budget_gib, extra)
     if preset == "max":
@@ -169,7 +172,7 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
 
 
 def _streaming_plan(preset: str, dev: str, budget_gib: float | None,
-                    extra: dict) -> MemoryPlan:  # type: ignore[type-arg]
+                    extra: dict[str, Any]) -> MemoryPlan:
     """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
 
     ``low`` loads T5's 4.7 B weights in float8 on the CPU too (half the RAM) and block-streams

@@ -40,6 +40,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 GIB = 1024**3
 MIB = 1024**2
@@ -214,7 +215,7 @@ def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_
         raise ValueError(f"slots must be at least 1, got {slots}")
     if budget_bytes <= 0 or min(reserve_bytes, fixed_bytes, phase_reserve_bytes) < 0:
         raise ValueError("budget must be positive and reserve/fixed bytes not negative")
-    base = dict(block_bytes=sizes, budget_bytes=int(budget_bytes),
+    base: dict[str, Any] = dict(block_bytes=sizes, budget_bytes=int(budget_bytes),
                 reserve_bytes=int(reserve_bytes), fixed_bytes=int(fixed_bytes), slots=slots,
                 compute_itemsize=compute_itemsize, storage_itemsize=storage_itemsize,
                 phase_reserve_bytes=int(phase_reserve_bytes))
