@@ -191,7 +191,7 @@ class DiscordAdapter:
     # -- who and where -------------------------------------------------------------------------
     @staticmethod
     def user_of(interaction: discord.Interaction) -> User:
-        # The account name, not the guild nickname: the engine compares whole User values.
+        # The account name, not the guild nickname (identity is the id; the name is for captions).
         return User("discord", str(interaction.user.id), interaction.user.name)
 
     def allowed_here(self, interaction: discord.Interaction) -> bool:
@@ -247,10 +247,8 @@ class DiscordAdapter:
         await self._cancel(interaction, job_id.strip())
 
     async def _cancel(self, interaction: discord.Interaction, job_id: str) -> None:
-        user = self.user_of(interaction)
-        live = self.engine.get_job(job_id)
-        by = live.user if live is not None and live.user.user_id == user.user_id else user
-        done = await self.engine.cancel(job_id, by)  # JobNotFound for someone else's job
+        # JobNotFound for someone else's job (unless an admin asks)
+        done = await self.engine.cancel(job_id, self.user_of(interaction))
         await self.say(interaction, render.cancelling(job_id) if done else render.already_over())
 
     async def set_limit(self, interaction: discord.Interaction, member: discord.User,

@@ -211,7 +211,7 @@ class TelegramAdapter:
                 await self._reply(message, render.queue_list([]))
                 return
             job_id = mine[-1].id
-        done = await self.engine.cancel(job_id, self._as_owner(job_id, user))
+        done = await self.engine.cancel(job_id, user)
         await self._reply(message, render.cancelling(job_id) if done else render.already_over())
 
     async def _status(self, message: Message, user: User, args: list[str]) -> None:
@@ -276,7 +276,7 @@ class TelegramAdapter:
             return render.not_your_job(), True
         if action == CANCEL:
             try:
-                done = await self.engine.cancel(job_id, self._as_owner(job_id, user))
+                done = await self.engine.cancel(job_id, user)
             except JobNotFound:  # no longer live (finished before a restart)
                 done = False
             return (render.cancelling(job_id) if done else render.already_over()), False
@@ -291,18 +291,6 @@ class TelegramAdapter:
         return render.rerolling(request.seed), False
 
     # -- helpers ---------------------------------------------------------------------------
-    def _as_owner(self, job_id: str, user: User) -> User:
-        """The job's own User when ``user`` is its owner under a new display name.
-
-        ``User`` equality includes the display name, so a renamed Telegram user would otherwise
-        no longer own their jobs in the engine's eyes.
-        """
-        job = self.engine.get_job(job_id)
-        if job is not None and (job.user.platform, job.user.user_id) == (user.platform,
-                                                                         user.user_id):
-            return job.user
-        return user
-
     def _follow(self, job: Job, *, announce: bool) -> None:
         assert self.follower is not None
         task = asyncio.create_task(self._follow_safely(job, announce), name=f"telegram-{job.id}")
