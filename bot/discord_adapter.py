@@ -30,15 +30,15 @@ from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
 from bot.discord_reply import Follower, Reply
 from bot.discord_views import JobButton
+from engine import variants
 from engine.config import Config
 from engine.engine import Engine
-from engine.errors import EngineError, InvalidCommand
-from engine.grammar import ParsedCommand, parse_command
+from engine.errors import EngineError
+from engine.grammar import parse_command
 from engine.job import Job
 from engine.request import ImageRequest, Origin, User
 
 log = logging.getLogger(__name__)
-MORE_STEPS = 10  # "Same seed, more steps" adds this many (up to limits.steps_max)
 
 
 class NotHere(app_commands.CheckFailure):
@@ -297,22 +297,10 @@ class DiscordAdapter:
             await self.report_error(interaction, exc)
 
     def _variant(self, request: ImageRequest, action: str) -> ImageRequest:
-        """Re-roll: same request, new seed. More: same seed, ``MORE_STEPS`` more steps."""
-        limits = self.config.limits
-        seed, steps = request.seed, request.steps
+        """Re-roll: same request, new seed. More: same seed, more steps."""
         if action == "reroll":
-            for _ in range(10):  # a different seed (unless the limits allow only one)
-                seed = self.rng.randint(limits.seed_min, limits.seed_max)
-                if seed != request.seed:
-                    break
-        else:
-            steps = min(request.steps + MORE_STEPS, limits.steps_max)
-            if steps <= request.steps:
-                raise InvalidCommand(render.steps_at_max(limits.steps_max))
-        parsed = ParsedCommand(prompt=request.prompt, seed=seed, steps=steps, width=request.width,
-                               height=request.height, guidance=request.guidance)
-        new = parsed.to_request(limits)  # checked again: the limits may have changed since
-        return new.with_changes(seed_was_random=action == "reroll")
+            return variants.reroll(request, self.config.limits, self.rng)
+        return variants.more_steps(request, self.config.limits)
 
     # -- errors ------------------------------------------------------------------------------
     async def report_error(self, interaction: discord.Interaction, error: BaseException) -> None:

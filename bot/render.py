@@ -205,10 +205,6 @@ def button_label(action: str) -> str:
     return _BUTTON_LABELS[action]
 
 
-def steps_at_max(steps_max: int) -> str:
-    return f"This image already uses the most steps allowed ({steps_max})."
-
-
 def addressed(mention: str, text: str) -> str:
     """A message for one user outside their own interaction (e.g. a result after a restart)."""
     return f"{mention} {text}"

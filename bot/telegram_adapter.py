@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 from telegram import BotCommand, CallbackQuery, Message, ReplyParameters, Update
@@ -37,10 +36,11 @@ from bot import render
 from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower, clip
 from bot.telegram_limiter import ACK, PriorityRateLimiter
+from engine import variants
 from engine.config import Config
 from engine.engine import Engine
 from engine.errors import EngineError, JobNotFound
-from engine.grammar import ParsedCommand, parse_command
+from engine.grammar import parse_command
 from engine.job import Job
 from engine.request import Origin, User
 
@@ -280,10 +280,7 @@ class TelegramAdapter:
             except JobNotFound:  # no longer live (finished before a restart)
                 done = False
             return (render.cancelling(job_id) if done else render.already_over()), False
-        request = ParsedCommand(prompt=record.request.prompt, steps=record.request.steps,
-                                width=record.request.width, height=record.request.height,
-                                guidance=record.request.guidance).to_request(
-            self.config.limits, _OtherSeed(record.request.seed))
+        request = variants.reroll(record.request, self.config.limits)
         origin = Origin("telegram", chat_id=str(message.chat.id),
                         message_id=str(message.message_id), extra=record.origin.extra)
         job = await self.engine.submit(user, request, origin)
@@ -331,22 +328,6 @@ class TelegramAdapter:
 
     def _polling_error(self, error: TelegramError) -> None:
         log.warning("telegram: polling failed (%s); retrying", error)
-
-
-class _OtherSeed(random.Random):
-    """A system-random seed that differs from the one being re-rolled (when the range allows)."""
-
-    def __init__(self, old: int) -> None:
-        super().__init__()
-        self.old = old
-        self.system = random.SystemRandom()
-
-    def randint(self, a: int, b: int) -> int:
-        for _ in range(8):
-            seed = self.system.randint(a, b)
-            if seed != self.old:
-                return seed
-        return seed
 
 
 def telegram_user(user_id: int, name: str) -> User:
