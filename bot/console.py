@@ -10,15 +10,15 @@ import asyncio
 import logging
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import TextIO
 
 from bot import render
+from bot.throttle import Throttle
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.grammar import parse_command
-from engine.job import Cancelled, Failed, Finished, Job, Progress, Queued, Started
+from engine.job import Cancelled, Failed, Finished, Job, Progress
 from engine.request import Origin, User
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class ConsoleAdapter:
             self.say(render.status(self.engine.health()))
         elif word == "/cancel":
             done = await self.engine.cancel(rest, CONSOLE_USER)
-            self.say("Cancelling." if done else "That job has already finished.")
+            self.say(render.cancelling(rest) if done else render.already_over())
         else:
             await self.imagine(line)
         return None
@@ -133,17 +133,13 @@ class ConsoleAdapter:
         task.add_done_callback(self._watchers.discard)
 
     async def _follow(self, job: Job) -> None:
-        last_progress = 0.0
+        throttle = Throttle(self.progress_interval_s)
         async for event in job.events():
-            if isinstance(event, Queued):
-                self.say(f"[{job.id}] {render.queued(event.position)}")
-            elif isinstance(event, Started):
-                self.say(f"[{job.id}] {render.started(job.request)}")
-            elif isinstance(event, Progress):
-                now = time.monotonic()
-                if event.step == event.total or now - last_progress >= self.progress_interval_s:
-                    last_progress = now
-                    self.say(f"[{job.id}] {render.progress(event.step, event.total, event.eta_s)}")
+            text = render.job_status(event, job.request)
+            if text is not None:
+                last_step = isinstance(event, Progress) and event.step == event.total
+                if not isinstance(event, Progress) or throttle.ready(force=last_step):
+                    self.say(f"[{job.id}] {text}")
             elif isinstance(event, Finished):
                 self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n"
                          f"[{job.id}] saved to {event.result.path}")

@@ -22,7 +22,7 @@ from bot.delivery import RetryPolicy, deliver
 from bot.discord_views import job_view
 from bot.media import fit_under
 from engine.engine import Engine
-from engine.job import Cancelled, Failed, Finished, Job, JobResult, Progress, Queued, Started
+from engine.job import Cancelled, Failed, Finished, Job, JobResult
 from engine.request import Origin
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,9 @@ class Follower:
                                 self.interval_s)
         try:
             async for event in job.events():
-                if isinstance(event, Queued):
-                    editor.show(reply.with_note(render.queued(event.position)))
-                elif isinstance(event, Started):
-                    editor.show(reply.with_note(render.started(job.request)))
-                elif isinstance(event, Progress):
-                    editor.show(reply.with_note(render.progress(event.step, event.total,
-                                                                event.eta_s)))
+                text = render.job_status(event, job.request)
+                if text is not None:
+                    editor.show(reply.with_note(text))
                 else:
                     await editor.close()
                     await self._conclude(job, reply, event)

@@ -16,7 +16,7 @@ from engine.engine import Health
 from engine.errors import EngineError
 from engine.grammar import clean_prompt
 from engine.grammar import usage as grammar_usage
-from engine.job import Job, JobResult
+from engine.job import Job, JobEvent, JobResult, Progress, Queued, Started
 from engine.rate_limit import Quota
 from engine.request import ImageRequest
 
@@ -67,6 +67,18 @@ def progress(step: int, total: int, eta_s: float | None) -> str:
     bar = "▰" * filled + "▱" * (bar_len - filled)
     eta = f", about {duration(eta_s)} left" if eta_s is not None and step < total else ""
     return f"🎨 {bar} step {step}/{total}{eta}"
+
+
+def job_status(event: JobEvent, request: ImageRequest) -> str | None:
+    """The status line for a waiting or running job's event; None for the final events
+    (finished, failed, cancelled), which each adapter answers in its own way."""
+    if isinstance(event, Queued):
+        return queued(event.position)
+    if isinstance(event, Started):
+        return started(request)
+    if isinstance(event, Progress):
+        return progress(event.step, event.total, event.eta_s)
+    return None
 
 
 def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:

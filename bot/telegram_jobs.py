@@ -34,11 +34,7 @@ from engine.job import (
     Failed,
     Finished,
     Job,
-    JobEvent,
     JobResult,
-    Progress,
-    Queued,
-    Started,
 )
 from engine.request import Origin
 
@@ -163,16 +159,6 @@ class StatusMessage:
             log.info("could not delete status message in chat %s: %s", self.message.chat_id, exc)
 
 
-def event_text(event: JobEvent, job: Job) -> str | None:
-    if isinstance(event, Queued):
-        return render.queued(event.position)
-    if isinstance(event, Started):
-        return render.started(job.request)
-    if isinstance(event, Progress):
-        return render.progress(event.step, event.total, event.eta_s)
-    return None
-
-
 class JobFollower:
     """Shows one job's life in its chat and delivers its result (also after a restart)."""
 
@@ -202,7 +188,7 @@ class JobFollower:
                     if status is not None:
                         await status.finish(render.cancelled(event.by_owner))
                 elif status is not None and index > status.events_shown:
-                    status.show(event_text(event, job) or "")
+                    status.show(render.job_status(event, job.request) or "")
         finally:
             if status is not None:
                 await status.stop_editing()
@@ -221,7 +207,8 @@ class JobFollower:
         bot's 30 requests a second.
         """
         events = job.events_so_far  # the message shows these; later events become edits
-        text = (event_text(events[-1], job) if events else None) or render.queued(job.position())
+        text = ((render.job_status(events[-1], job.request) if events else None)
+                or render.queued(job.position()))
         markup = cancel_keyboard(job.id)
         try:
             message = await self.bot.send_message(text=text, reply_markup=markup,
