@@ -7,6 +7,7 @@
     ├── QueueFull               per-user or global queue cap reached
     ├── JobNotFound             no such job, or not the caller's
     ├── EngineClosed            the engine is shutting down or paused
+    ├── JobCancelled            ``Job.result()`` of a cancelled job
     └── GenerationFailed        the backend failed this one job
         ├── OutOfMemory         the GPU ran out of memory (after the retry)
         └── JobTimedOut         the job ran past ``engine.job_timeout_s``
@@ -44,6 +45,10 @@ class JobNotFound(EngineError):
 
 
 class EngineClosed(EngineError):
+    pass
+
+
+class JobCancelled(EngineError):
     pass
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.errors import EngineError, GenerationFailed
+from engine.errors import GenerationFailed, JobCancelled
 from engine.request import ImageRequest, Origin, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,10 +76,6 @@ class Cancelled:
 
 
 JobEvent = Queued | Started | Progress | Finished | Failed | Cancelled
-
-
-class JobCancelled(EngineError):
-    """Raised by ``Job.result()`` for a cancelled job."""
 
 
 @dataclass(eq=False)
