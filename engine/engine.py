@@ -26,7 +26,6 @@ from engine.errors import (
     AccessDenied,
     EngineClosed,
     EngineError,
-    GenerationFailed,
     JobNotFound,
     QueueFull,
 )
@@ -417,4 +416,4 @@ def new_job_id() -> str:
     return secrets.token_hex(4)
 
 
-__all__ = ["Engine", "GenerationFailed", "Health"]
+__all__ = ["Engine", "Health"]

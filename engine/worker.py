@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from engine.backends.base import Backend, is_out_of_memory
-from engine.errors import GenerationFailed, JobTimedOut, OutOfMemory
+from engine.errors import JobTimedOut, OutOfMemory
 from engine.request import ImageRequest
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ class GpuWorker:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
-        self.busy = False
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -62,24 +61,20 @@ class GpuWorker:
                 raise JobTimedOut("This image took too long and was stopped.")
             on_step(i, n)
 
-        self.busy = True
         try:
-            try:
-                return self.backend.generate(request, step)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                log.warning("out of GPU memory (%s); retrying once with a tighter plan", exc)
-                if not self.backend.reduce_memory():
-                    raise OutOfMemory(_OOM_MESSAGE) from exc
-            try:
-                return self.backend.generate(request, step)
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise OutOfMemory(_OOM_MESSAGE) from exc
+            return self.backend.generate(request, step)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
                 raise
-        finally:
-            self.busy = False
+            log.warning("out of GPU memory (%s); retrying once with a tighter plan", exc)
+            if not self.backend.reduce_memory():
+                raise OutOfMemory(_OOM_MESSAGE) from exc
+        try:
+            return self.backend.generate(request, step)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise OutOfMemory(_OOM_MESSAGE) from exc
+            raise
 
 
 _OOM_MESSAGE = (
@@ -87,4 +82,4 @@ _OOM_MESSAGE = (
     "bot is less busy."
 )
 
-__all__ = ["Aborted", "GenerationFailed", "GpuWorker"]
+__all__ = ["Aborted", "GpuWorker"]
