@@ -13,11 +13,15 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.request import User
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 SEED_MAX = 2**32 - 1
 BACKENDS = ("flux", "dry-run")
+LOCAL_PLATFORMS = ("console", "cli")
 PRESETS = ("auto", "low", "balanced", "max")
 
 
@@ -73,6 +77,11 @@ class AccessSection:
 
     def admins_for(self, platform: str) -> list[str]:
         return {"discord": self.discord_admins, "telegram": self.telegram_admins}.get(platform, [])
+
+    def is_admin(self, user: User) -> bool:
+        """Listed for the user's platform, or at the machine's own console or command line
+        (whoever types there owns the bot)."""
+        return user.platform in LOCAL_PLATFORMS or user.user_id in self.admins_for(user.platform)
 
 
 @dataclass

@@ -48,7 +48,6 @@ from engine.store import JobRecord, Store
 from engine.worker import Aborted, GpuWorker
 
 log = logging.getLogger(__name__)
-LOCAL_PLATFORMS = ("console", "cli")
 # Finished jobs (and their PNGs) kept in memory for buttons and late watchers; delivered ones
 # leave at once, the journal keeps everything. Bounds memory on a bot that runs for weeks.
 KEEP_FINISHED_JOBS = 32
@@ -153,8 +152,7 @@ class Engine:
         self._check_banned(user, request)
         async with self._submit_lock:
             self._check_capacity(user)
-            if not self.is_admin(user):
-                await self.rate_limiter.check(user)
+            await self.rate_limiter.check(user)  # admins have no limit
             job = Job(id=new_job_id(), user=user, origin=origin, request=request,
                       created_at=self.clock(), _engine=self)
             job.seq = await self.store.add_job(job.id, user, origin, request, job.created_at)
@@ -187,9 +185,7 @@ class Engine:
 
     # -- queries ---------------------------------------------------------------------------
     def is_admin(self, user: User) -> bool:
-        if user.platform in LOCAL_PLATFORMS:
-            return True  # the person at the machine's own console owns the bot
-        return user.user_id in self.config.access.admins_for(user.platform)
+        return self.config.access.is_admin(user)
 
     def position_of(self, job: Job) -> int | None:
         for index, queued in enumerate(self._queue.ordered(), start=1):

@@ -41,7 +41,7 @@ class RateLimiter:
 
     async def limit_for(self, user: User) -> int | None:
         """The user's images per window, or None for no limit."""
-        if user.user_id in self.access.admins_for(user.platform):
+        if self.access.is_admin(user):
             return None
         override = await self.store.get_limit_override(user)
         limit = self.config.images_per_window if override is None else override

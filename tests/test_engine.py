@@ -210,3 +210,15 @@ async def test_finished_jobs_do_not_pile_up_in_memory(engine_factory):
         undelivered.append(job)
     kept = [j for j in undelivered if engine.get_job(j.id) is not None]
     assert kept == undelivered[-KEEP_FINISHED_JOBS:]
+
+
+async def test_the_local_console_is_exempt_and_its_quota_says_so(engine_factory, config):
+    from engine.request import User
+
+    config.rate_limit.images_per_window = 1
+    engine = await engine_factory()
+    console = User("console", "local")
+    for _ in range(2):
+        await (await engine.submit(console, make_request(), ORIGIN)).wait()
+    quota = await engine.quota(console)
+    assert quota.limit is None and quota.used == 2
