@@ -288,15 +288,6 @@ class Store:
             "seq DESC LIMIT ?", (max(0, limit),),
         )
 
-    async def count_charged_since(self, user: User, since: float) -> int:
-        async with self.db.execute(
-            f"SELECT COUNT(*) FROM jobs WHERE platform = ? AND user_id = ? AND created_at >= ?"
-            f" AND {_CHARGED}",
-            (user.platform, user.user_id, since),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
-
     async def charged_times_since(self, user: User, since: float) -> list[float]:
         async with self.db.execute(
             f"SELECT created_at FROM jobs WHERE platform = ? AND user_id = ? AND created_at >= ?"
