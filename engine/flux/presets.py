@@ -150,17 +150,13 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled}
-    if stream_dit and preset in ("low", "balanced"):
-        return _streaming_plan(preset, dev, budget_gib, extra)
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
                           stream_dit=stream_dit, **extra)
-    # diffsynth compares the whole device's used memory (other processes and the CUDA context
-    # included) with vram_limit, so the limit is what was used at start plus our budget.
-    limit = None if budget_gib is None else max(0.0, used_gib + budget_gib - ACTIVATION_RESERVE_GIB)
-    if limit is None and dev.startswith("cuda"):
-        limit = 0.0  # unknown budget on a GPU: keep nothing resident rather than risk an OOM
+    limit = _vram_limit(dev, budget_gib, used_gib)
+    if stream_dit and preset in ("low", "balanced"):
+        return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
                           resident(dev), limit, budget_gib, **extra)
@@ -171,17 +167,22 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
 
 
-def _streaming_plan(preset: str, dev: str, budget_gib: float | None,
+def _vram_limit(device: str, budget_gib: float | None, used_gib: float) -> float | None:
+    """diffsynth compares the whole device's used memory (other processes and the CUDA context
+    included) with vram_limit, so the limit is what was used at start plus our budget."""
+    if budget_gib is None:
+        # unknown budget on a GPU: keep nothing resident rather than risk an OOM
+        return 0.0 if device.startswith("cuda") else None
+    return max(0.0, used_gib + budget_gib - ACTIVATION_RESERVE_GIB)
+
+
+def _streaming_plan(preset: str, dev: str, budget_gib: float | None, limit: float | None,
                     extra: dict[str, Any]) -> MemoryPlan:
     """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
 
     ``low`` loads T5's 4.7 B weights in float8 on the CPU too (half the RAM) and block-streams
     them the same way; ``balanced`` keeps CLIP and the VAE resident and lets diffsynth stream
     T5 in bf16 within ``vram_limit``."""
-    used = extra["used_at_start_gib"]
-    limit = None if budget_gib is None else max(0.0, used + budget_gib - ACTIVATION_RESERVE_GIB)
-    if limit is None and dev.startswith("cuda"):
-        limit = 0.0
     dit = Placement(computation_device="cpu", computation_dtype=FP8)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, dit, resident(dev), streamed(dev, BF16), resident(dev),
@@ -218,7 +219,5 @@ def _tighter_streaming(plan: MemoryPlan, why: str) -> MemoryPlan | None:
         return dataclasses.replace(plan, vae_tiled=True, reason=why)
     if plan.budget_gib is None or plan.budget_gib * 0.75 < STREAM_MIN_GIB:
         return None
-    budget = plan.budget_gib * 0.75
-    return _streaming_plan(plan.preset, plan.device, budget,
-                           {"reason": why, "used_at_start_gib": plan.used_at_start_gib,
-                            "vae_tiled": True})
+    return make_plan(plan.preset, plan.device, plan.budget_gib * 0.75, plan.used_at_start_gib,
+                     why, vae_tiled=True, stream_dit=True)
