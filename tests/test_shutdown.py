@@ -41,27 +41,28 @@ def journal(folder: Path) -> list[tuple[str, str]]:
         return db.execute("SELECT job_id, status FROM jobs ORDER BY seq").fetchall()
 
 
-def test_sigterm_lets_the_running_job_finish(tmp_path):
-    proc = start_bot(tmp_path, grace=30)
-    proc.stdin.write("/imagine a slow fox --steps 20 --seed 3\n/imagine queued --steps 2\n")
-    proc.stdin.flush()
+def sigterm_mid_job(folder: Path, grace: float, commands: str) -> str:
+    """Start the bot, send ``commands``, SIGTERM it once a job is drawing; its output."""
+    proc = start_bot(folder, grace=grace)
+    proc.stdin.write(commands)  # type: ignore[union-attr]
+    proc.stdin.flush()  # type: ignore[union-attr]
     wait_for_line(proc, "step ")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    return out
+
+
+def test_sigterm_lets_the_running_job_finish(tmp_path):
+    out = sigterm_mid_job(tmp_path, 30,
+                          "/imagine a slow fox --steps 20 --seed 3\n/imagine queued --steps 2\n")
     assert "saved to" in out  # the running job completed and was delivered
     statuses = [status for _, status in journal(tmp_path)]
     assert statuses == ["finished", "queued"]  # the waiting one runs after the next start
 
 
 def test_sigterm_past_grace_leaves_the_job_for_the_next_start(tmp_path):
-    proc = start_bot(tmp_path, grace=0.2)
-    proc.stdin.write("/imagine a very slow fox --steps 50\n")
-    proc.stdin.flush()
-    wait_for_line(proc, "step ")
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    out = sigterm_mid_job(tmp_path, 0.2, "/imagine a very slow fox --steps 50\n")
     assert "saved to" not in out
     assert [status for _, status in journal(tmp_path)] == ["running"]
     # The next start re-queues it and the console delivers it.
