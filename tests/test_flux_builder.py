@@ -90,10 +90,11 @@ def test_low_with_streaming_loads_the_dit_on_the_cpu_in_float8_unmanaged() -> No
     assert kwargs["vram_limit"] == pytest.approx(11.5)
 
 
-def test_balanced_with_streaming_keeps_clip_and_vae_resident() -> None:
+def test_balanced_with_streaming_keeps_clip_and_vae_resident_and_streams_t5_itself() -> None:
     plan, _, cfg = configs_for("balanced", free=22.0, used=1.0)
-    assert plan.streaming and not plan.stream_t5
-    assert not managed(cfg["dit"]) and managed(cfg["t5"])
+    assert plan.streaming and plan.stream_t5
+    assert not managed(cfg["dit"]) and not managed(cfg["t5"])
+    assert (cfg["t5"].computation_device, cfg["t5"].computation_dtype) == ("cpu", FP8)
     for name in ("clip", "vae"):
         assert not managed(cfg[name]) and cfg[name].computation_device == "cuda"
 

@@ -392,12 +392,8 @@ def test_an_unknown_cast_kind_is_refused_before_anything_moves():
     assert all(p.dtype == torch.float8_e4m3fn for p in model.parameters())
 
 
-def test_t5_encoder_streamed_block_by_block_equals_the_plain_encoder():
-    """The same streamer drives transformers' T5 encoder (``encoder.block``), as ``low`` does."""
+def tiny_t5():
     from transformers import T5Config, T5EncoderModel
-
-    from engine.flux.residency import STREAMED as S
-    from engine.flux.streaming import dit_blocks
 
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3,
@@ -406,7 +402,15 @@ def test_t5_encoder_streamed_block_by_block_equals_the_plain_encoder():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    model = model.to(torch.float8_e4m3fn)
+    return model.to(torch.float8_e4m3fn)
+
+
+def test_t5_encoder_streamed_block_by_block_equals_the_plain_encoder():
+    """The same streamer drives transformers' T5 encoder (``encoder.block``), as ``low`` does."""
+    from engine.flux.residency import STREAMED as S
+    from engine.flux.streaming import dit_blocks
+
+    model = tiny_t5()
     reference = copy.deepcopy(model).to(torch.bfloat16)
     blocks = ("encoder.block",)
     assert len(dit_blocks(model, blocks)) == 3
@@ -420,4 +424,40 @@ def test_t5_encoder_streamed_block_by_block_equals_the_plain_encoder():
             want = reference(input_ids=ids).last_hidden_state
             torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert handle.stats()["streamed_blocks"] == 3 and handle.stats()["passes"] >= 2
+    handle.close()
+
+
+def test_t5_streaming_releases_its_buffers_at_diffsynths_phase_change():
+    """In ``balanced`` no model is under diffsynth's VRAM management (CLIP and the VAE are plain
+    resident), so diffsynth would skip its phase changes; start_t5_streaming turns them on so
+    that T5's buffers are given back before the DiT runs."""
+    from diffsynth.diffusion.base_pipeline import BasePipeline
+
+    from engine.flux.pipeline import start_t5_streaming
+    from engine.flux.presets import make_plan
+
+    class Pipe(torch.nn.Module):
+        load_models_to_device = BasePipeline.load_models_to_device
+        device_type = "cpu"
+        vram_management_enabled = False
+
+        def __init__(self):
+            super().__init__()
+            self.text_encoder_2 = tiny_t5()
+            self.dit = torch.nn.Linear(2, 2)
+
+    pipe = Pipe()
+    plan = make_plan("balanced", "cpu", 20.0, stream_dit=True)
+    assert plan.stream_t5
+    handle = start_t5_streaming(pipe, plan)
+    assert pipe.vram_management_enabled and handle._work is None  # nothing held until T5 runs
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    pipe.load_models_to_device(["text_encoder_2"])
+    with torch.no_grad():
+        pipe.text_encoder_2(input_ids=ids)
+    assert handle._work is not None and handle._slots
+    releases = handle.stats()["releases"]
+    pipe.load_models_to_device(["dit"])
+    assert handle._work is None and not handle._slots
+    assert handle.stats()["releases"] == releases + 1
     handle.close()

@@ -119,6 +119,9 @@ def start_t5_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     handle = enable_block_streaming(t5, residency, plan.device, block_lists=T5_BLOCKS)
     handle.follow_pipeline_phases()
     handle.release_buffers()
+    # diffsynth only calls offload()/onload() at phase changes when the pipeline says some model
+    # is managed; in balanced nothing else is (CLIP and the VAE are plain resident modules)
+    pipe.vram_management_enabled = True
     return handle
 
 

@@ -104,7 +104,7 @@ class MemoryPlan:
 
     @property
     def stream_t5(self) -> bool:
-        """T5 is loaded on the CPU in float8 and block-streamed too (the ``low`` preset)."""
+        """T5 is loaded on the CPU in float8 and block-streamed too."""
         return self.streaming and not self.t5.managed and self.t5.computation_device == "cpu"
 
     @property
@@ -180,12 +180,12 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None, limit: floa
                     extra: dict[str, Any]) -> MemoryPlan:
     """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
 
-    ``low`` loads T5's 4.7 B weights in float8 on the CPU too (half the RAM) and block-streams
-    them the same way; ``balanced`` keeps CLIP and the VAE resident and lets diffsynth stream
-    T5 in bf16 within ``vram_limit``."""
+    T5's 4.7 B weights are loaded in float8 on the CPU too (half the RAM) and block-streamed
+    the same way (it runs once per image, so none of it needs to stay resident); ``balanced``
+    keeps CLIP and the VAE resident, ``low`` lets diffsynth stream them within ``vram_limit``."""
     dit = Placement(computation_device="cpu", computation_dtype=FP8)
     if preset == "balanced":
-        return MemoryPlan("balanced", dev, dit, resident(dev), streamed(dev, BF16), resident(dev),
+        return MemoryPlan("balanced", dev, dit, resident(dev), dit, resident(dev),
                           limit, budget_gib, stream_dit=True, **extra)
     bf16 = streamed(dev, BF16)
     return MemoryPlan("low", dev, dit, bf16, dit, bf16, limit, budget_gib, stream_dit=True,
