@@ -8,7 +8,9 @@ Setups: ``ours-<preset>`` (our FluxBackend, preset low|balanced|max|auto, vram_l
 ``baseline-low`` (plain diffsynth, the seed's set-up: DiT float8 on the CPU with the vram_config of
 diffsynth's low-VRAM FLUX example, text encoders and VAE bf16 on the CPU, vram_limit = cap) and
 ``baseline-resident`` (plain diffsynth, everything bf16 on the GPU). Append ``+engine`` to an ours
-setup to also time the same job through the Engine (queue, worker thread, events).
+setup to also time the same job through the Engine (queue, worker thread, events), ``+compile``
+for ``model.compile`` (its start-up cost is reported as compile s) and ``+fp8`` for
+``model.float8_compute`` (``ours-max+compile+fp8:0:1024:20``).
 
 Each row runs in its own process (clean GPU state, its own host peak RSS). A separate process
 measures the floors' rates: the bf16 matmul rate and pinned host->device bandwidth.

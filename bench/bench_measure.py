@@ -24,7 +24,7 @@ PROMPT = "a red fox in fresh snow at dawn, detailed photograph, 35mm"
 
 @dataclass(frozen=True)
 class Spec:
-    setup: str  # ours-low, ours-balanced, ours-max, ours-auto, baseline-low, baseline-resident
+    setup: str  # ours-<preset>[+compile][+fp8], baseline-low, baseline-resident
     engine: bool
     cap: float | None
     sizes: list[int]
@@ -34,12 +34,26 @@ class Spec:
     def ours(self) -> bool:
         return self.setup.startswith("ours-")
 
+    @property
+    def preset(self) -> str:
+        return self.setup.removeprefix("ours-").split("+")[0]
+
+    @property
+    def options(self) -> set[str]:
+        """``compile`` (model.compile) and ``fp8`` (model.float8_compute)."""
+        return set(self.setup.split("+")[1:])
+
 
 def parse_spec(text: str) -> Spec:
     setup, cap, sizes, steps = text.split(":")
-    engine = setup.endswith("+engine")
-    setup = setup.removesuffix("+engine")
-    return Spec(setup, engine, float(cap) or None, [int(s) for s in sizes.split(",")], int(steps))
+    engine = "+engine" in setup
+    setup = setup.replace("+engine", "")
+    spec = Spec(setup, engine, float(cap) or None, [int(s) for s in sizes.split(",")], int(steps))
+    unknown = spec.options - {"compile", "fp8"}
+    if unknown or (spec.options and not spec.ours):
+        raise ValueError(f"{text}: options {sorted(unknown) or sorted(spec.options)} unknown "
+                         "here (ours-<preset> takes +compile, +fp8, +engine)")
+    return spec
 
 
 class StepTimer:
@@ -130,9 +144,10 @@ def load_ours(spec: Spec, ckpt: Path) -> Any:
     from engine.config import ModelSection
     from engine.flux.backend import FluxBackend
 
-    preset = spec.setup.removeprefix("ours-")
-    config = ModelSection(preset=preset, vram_limit_gib=spec.cap or 0.0, models_dir=str(ckpt),
-                          offline=True, dit_path=checkpoint_paths(ckpt)["dit"])
+    config = ModelSection(preset=spec.preset, vram_limit_gib=spec.cap or 0.0,
+                          models_dir=str(ckpt), offline=True, dit_path=checkpoint_paths(ckpt)["dit"],
+                          compile="compile" in spec.options,
+                          float8_compute="fp8" in spec.options)
     backend = FluxBackend(config)
     backend.load()
     return backend
@@ -179,6 +194,11 @@ def run_row(text: str, ckpt: Path) -> list[dict[str, Any]]:
     base = {"spec": text, "setup": spec.setup, "cap": spec.cap, "steps": spec.steps,
             "load_s": load_s, "plan": runner.plan.describe() if spec.ours else "diffsynth as-is",
             "preset": runner.plan.preset if spec.ours else spec.setup}
+    if spec.ours:  # load() = build + (float8) + compile and warm-up
+        base["compile_s"] = runner.compile_seconds
+        base["float8"] = runner.float8.describe() if runner.float8 else None
+        if runner._stream is not None:
+            base["streaming"] = runner._stream.plan.describe()
     results = []
     for size in spec.sizes:
         images = 2 if spec.steps >= 10 else 1  # fast rows: the second image is the warm one
@@ -193,7 +213,8 @@ def run_row(text: str, ckpt: Path) -> list[dict[str, Any]]:
 def measure_image(spec: Spec, runner: Any, pipe: Any, size: int, seed: int) -> dict[str, Any]:
     import torch
 
-    timer = StepTimer(torch.cuda.synchronize, lambda: snapshot(pipe))
+    stream = getattr(runner, "_stream", None) if spec.ours else None
+    timer = StepTimer(torch.cuda.synchronize, lambda: snapshot(pipe, stream))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -222,17 +243,21 @@ def measure_image(spec: Spec, runner: Any, pipe: Any, size: int, seed: int) -> d
     }
 
 
-def snapshot(pipe: Any) -> dict[str, float]:
-    """At the end of the last step: where the DiT's weights are, and the device's used memory."""
+def snapshot(pipe: Any, stream: Any = None) -> dict[str, float]:
+    """At the end of the last step: where the DiT's weights are, and the device's used memory.
+    Under our block streamer the parameters all look resident (they are views into its GPU
+    work buffer); what crosses PCIe per step is its plan's streamed bytes."""
     import torch
 
     on_gpu = on_host = 0
-    for param in pipe.dit.parameters():
-        size = param.numel() * param.element_size()
-        if param.device.type == "cuda":
+    for tensor in [*pipe.dit.parameters(), *pipe.dit.buffers()]:  # float8 compute: buffers
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cuda":
             on_gpu += size
         else:
             on_host += size
+    if stream is not None:
+        on_host = stream.plan.streamed_bytes
     free, total = torch.cuda.mem_get_info()
     return {"dit_resident_gib": on_gpu / GIB, "dit_streamed_gib": on_host / GIB,
             "dit_streamed_bytes": float(on_host), "device_used_gib": (total - free) / GIB}

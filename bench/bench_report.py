@@ -60,7 +60,7 @@ def _f(value: float | None, fmt: str = ".2f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
-HEADER = ("| set-up | preset | cap | size | steps | img | load s | s/image | s/step | step 1 s "
+HEADER = ("| set-up | preset | cap | size | steps | img | load s | compile s | s/image | s/step | step 1 s "
           "| before 1st s | after last s | peak alloc GiB | peak reserved GiB | device used GiB "
           "| host peak RSS GiB | DiT streamed GiB | compute floor s/step | transfer floor s/step "
           "| s/step ÷ baseline | s/image ÷ baseline |")
@@ -68,14 +68,15 @@ HEADER = ("| set-up | preset | cap | size | steps | img | load s | s/image | s/s
 
 def table_row(r: dict[str, Any], rows: list[dict[str, Any]], rates: dict[str, Any]) -> str:
     if "error" in r:
-        return f"| `{r['spec']}` | failed: {r['error']} |" + " |" * 19
+        return f"| `{r['spec']}` | failed: {r['error']} |" + " |" * 20
     compute, transfer = floors(r, r.get("rates", rates))  # a merged report keeps each run's rates
     base = baseline_for(r, rows) if r["setup"].startswith("ours") else None
     ratio_step = r["s_step"] / base["s_step"] if base else None
     same_steps = base is not None and base["steps"] == r["steps"]
     ratio_image = r["s_image"] / base["s_image"] if same_steps else None  # type: ignore[index]
     cells = [r["setup"], r["preset"], _cap(r), f"{r['size']}²", str(r["steps"]), r["image"],
-             _f(r["load_s"], ".1f"), _f(r["s_image"]), _f(r["s_step"], ".3f"),
+             _f(r["load_s"], ".1f"), _f(r.get("compile_s"), ".1f"), _f(r["s_image"]),
+             _f(r["s_step"], ".3f"),
              _f(r["step1_s"], ".3f"), _f(r["before_first_s"]), _f(r["after_last_s"]),
              _f(r["peak_alloc_gib"], ".1f"), _f(r["peak_reserved_gib"], ".1f"),
              _f(r.get("device_used_gib"), ".1f"), _f(r["host_peak_rss_gib"], ".1f"),
@@ -101,7 +102,7 @@ def markdown(rows: list[dict[str, Any]], rates: dict[str, Any], command: str,
         f"{sum(flops_per_step(512)) / 1e12:.1f} TFLOP at 512², over the measured matmul rate; "
         "transfer floor: the DiT bytes left in host memory (streamed every step) over the "
         "pinned host→device rate",
-        "", HEADER, "|" + "---|" * 21,
+        "", HEADER, "|" + "---|" * 22,
     ]
     lines += [table_row(r, rows, rates) for r in rows]
     overhead = [r for r in rows if "engine_s" in r]

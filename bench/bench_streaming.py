@@ -45,16 +45,19 @@ VAE_WEIGHTS = 168 * 1024**2  # FluxVAEDecoder in bf16, counted as resident by th
 
 # -- model and inputs ---------------------------------------------------------------------------
 def random_flux_dit(std: float = 0.02, seed: int = 0, draw_on: str = "cuda",
-                    single_blocks: int | None = None) -> torch.nn.Module:
-    """diffsynth's FluxDiT with random weights, every parameter float8 on the CPU (as an
-    unmanaged float8 load leaves it). Drawn on the GPU: fast. ``single_blocks`` truncates the
-    single-stream list (small models for CPU checks)."""
+                    single_blocks: int | None = None, dtype: torch.dtype = FP8,
+                    device: str = "cpu", double_blocks: int | None = None) -> torch.nn.Module:
+    """diffsynth's FluxDiT with random weights, every parameter ``dtype`` on ``device`` (by
+    default float8 on the CPU, as an unmanaged float8 load leaves it). Drawn on the GPU: fast.
+    ``single_blocks``/``double_blocks`` truncate the block lists (small models for CPU checks)."""
     from diffsynth.models.flux_dit import FluxDiT
 
     with torch.device("meta"):
         dit = FluxDiT()
     if single_blocks is not None:
         dit.single_blocks = dit.single_blocks[:single_blocks]
+    if double_blocks is not None:
+        dit.blocks = dit.blocks[:double_blocks]
     gen = torch.Generator(draw_on).manual_seed(seed)
     for module in dit.modules():
         for name, p in list(module._parameters.items()):
@@ -64,7 +67,8 @@ def random_flux_dit(std: float = 0.02, seed: int = 0, draw_on: str = "cuda",
                 value = torch.ones(p.shape, device=draw_on)
             else:
                 value = torch.randn(p.shape, device=draw_on, generator=gen) * std
-            module._parameters[name] = torch.nn.Parameter(value.to(FP8).cpu(), requires_grad=False)
+            module._parameters[name] = torch.nn.Parameter(value.to(dtype).to(device),
+                                                          requires_grad=False)
     return dit.eval()
 
 
@@ -151,16 +155,18 @@ def vae_peaks(sizes: list[int]) -> dict[str, float]:
 
 # -- rows ---------------------------------------------------------------------------------------
 def compile_forwards(dit: torch.nn.Module) -> None:
-    """Compile each block type's ``forward`` once, bound to every block: the streamer's
-    pre-hooks stay outside the graph (``Module.compile`` would trace them too)."""
-    import types
+    """The engine's regional compilation (each block type's forward once, the streamer's hooks
+    outside the graph); ``uncompile`` undoes it."""
+    from types import SimpleNamespace
 
-    compiled: dict[type, Any] = {}
+    from engine.flux.pipeline import compile_streamed_blocks
+
+    compile_streamed_blocks(SimpleNamespace(dit=dit))
+
+
+def uncompile(dit: torch.nn.Module) -> None:
     for block in list(dit.blocks) + list(dit.single_blocks):
-        cls = type(block)
-        if cls not in compiled:
-            compiled[cls] = torch.compile(cls.forward, dynamic=False)
-        block.forward = types.MethodType(compiled[cls], block)
+        block.__dict__.pop("forward", None)  # back to the class's forward
 
 
 def _graph_count() -> int:
@@ -222,8 +228,7 @@ def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: 
     finally:
         handle.close()
         if compile_blocks:
-            for block in list(dit.blocks) + list(dit.single_blocks):
-                del block.forward  # back to the class's forward
+            uncompile(dit)
     return rows
 
 

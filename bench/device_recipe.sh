@@ -4,7 +4,7 @@
 #
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
-#                                               # tests, bench (default: tests bench)
+#                                               # tests, bench, float8 (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
 # BENCH_ROWS overrides the benchmark's rows (space-separated specs, see bench/bench_engine.py);
@@ -59,6 +59,9 @@ device() {
         BENCH_BUDGET_S="${BENCH_BUDGET_S:-$((560 - (SECONDS - start)))}" \
         python3 bench/bench_engine.py --ckpt "$RANDOM_FLUX_DIR" ${BENCH_ROWS:+--rows $BENCH_ROWS} \
           --md "$OUT/benchmarks.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+      float8)
+        python3 bench/bench_float8.py --size 1024 --steps 6 --json "$OUT/float8.json" \
+          --profile-out "$OUT/float8-profile.txt" 2>&1 | tee "$OUT/float8.log" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done
@@ -67,5 +70,5 @@ device() {
 case "${1:-}" in
   wheels) wheels ;;
   device) shift; device "$@" ;;
-  *) echo "usage: $0 wheels | device [tests] [bench]" >&2; exit 2 ;;
+  *) echo "usage: $0 wheels | device [tests] [bench] [float8]" >&2; exit 2 ;;
 esac

@@ -93,6 +93,7 @@ class ModelSection:
     offline: bool = False
     compile: bool = False
     dit_streaming: bool = True
+    float8_compute: bool = False
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"

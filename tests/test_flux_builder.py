@@ -345,3 +345,35 @@ def test_backend_says_clearly_when_cuda_is_missing(tmp_path: Path) -> None:
     fill(tmp_path, config)
     with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
         FluxBackend(config).load()
+
+
+def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, caplog) -> None:
+    from engine.flux.float8_compute import Float8Linear
+
+    def with_dit(backend, built):
+        class PipeWithDiT(FakePipe):
+            def __init__(self, plan, paths) -> None:
+                super().__init__(plan, paths)
+                self.dit = torch.nn.Module()
+                block = torch.nn.Sequential(torch.nn.Linear(32, 64).to(torch.bfloat16))
+                self.dit.blocks = torch.nn.ModuleList([block])
+
+        def factory(plan, paths):
+            built.append(PipeWithDiT(plan, paths))
+            return built[-1]
+
+        backend._factory = factory
+        return backend, built
+
+    backend, built = with_dit(*cpu_backend(tmp_path, preset="max", float8_compute=True))
+    backend.load()
+    assert isinstance(built[0].dit.blocks[0][0], Float8Linear)
+    assert backend.float8 is not None and backend.float8.layers == 1
+    backend.close()
+    assert backend.float8 is None
+
+    backend, built = with_dit(*cpu_backend(tmp_path, preset="low", float8_compute=True))
+    with caplog.at_level("WARNING"):
+        backend.load()
+    assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
+    assert "float8_compute needs the max preset" in caplog.text

@@ -42,7 +42,9 @@ class FluxBackend:
         self._factory = pipeline_factory
         self._pipe: Any = None
         self._stream: Any = None  # StreamingHandle when the plan block-streams the DiT
-        self._t5_stream: Any = None  # and when it block-streams T5 (low)
+        self._t5_stream: Any = None  # and when it block-streams T5
+        self.float8: Any = None  # Float8Report when model.float8_compute took effect
+        self.compile_seconds: float | None = None  # start-up cost of model.compile
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -54,6 +56,8 @@ class FluxBackend:
         self.plan = plan_memory(self.config, free, used)
         log.info("FLUX memory plan: %s", self.plan.describe())
         self._build()
+        if self.config.float8_compute:
+            self._enable_float8()
         if self.config.compile:
             self._compile()
 
@@ -76,7 +80,7 @@ class FluxBackend:
             if handle is not None:
                 handle.close()  # unregisters the page-locked host memory
         self._stream = self._t5_stream = None
-        self._pipe = None
+        self._pipe = self.float8 = None
         gc.collect()
         _empty_cache()
 
@@ -167,6 +171,23 @@ class FluxBackend:
                 f"(torch {torch.__version__}); install a CUDA build of torch, set "
                 'model.device = "cpu" (very slow), or use backend = "dry-run"')
 
+    def _enable_float8(self) -> None:
+        """Float8 matmuls for the resident DiT (``max``); elsewhere the DiT is float8-stored and
+        streamed or diffsynth-managed, and this is skipped with the reason in the log."""
+        from engine.flux.float8_compute import check_float8_matmul, enable_float8_compute
+
+        assert self.plan is not None
+        if self.plan.preset != "max":
+            log.warning("model.float8_compute needs the max preset (plan: %s); computing in bf16",
+                        self.plan.preset)
+            return
+        reason = check_float8_matmul(self.plan.device)
+        if reason is not None:
+            log.warning("model.float8_compute ignored: %s; computing in bf16", reason)
+            return
+        self.float8 = enable_float8_compute(self._pipe.dit)
+        _empty_cache()  # the bf16 weights just freed
+
     def _compile(self) -> None:
         """Regional torch.compile of the DiT blocks, warmed up before the bot says it is ready
         so that no user waits for the compiler."""
@@ -181,10 +202,14 @@ class FluxBackend:
         else:
             log.warning("model.compile needs the max preset or DiT streaming; ignored")
             return
-        warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=1024, height=1024,
-                            guidance=3.5)
-        self.generate(warm, lambda i, n: None)
-        log.info("compiled and warmed up in %.1f s", time.monotonic() - started)
+        # two sizes: the largest image gets its own graphs, the second size the dynamic-shape
+        # ones every other size and aspect ratio then uses without compiling again
+        for side in (1024, 512):
+            warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
+                                guidance=3.5)
+            self.generate(warm, lambda i, n: None)
+        self.compile_seconds = time.monotonic() - started
+        log.info("compiled and warmed up in %.1f s", self.compile_seconds)
 
 
 def _dit_name(config: ModelSection) -> str:

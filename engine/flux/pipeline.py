@@ -153,8 +153,10 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
 
 
 def compile_streamed_blocks(pipe: Any) -> int:
-    """Compile each DiT block's forward on its own (two graphs, one per block type); the
-    streamer's hooks stay outside the compiled code. Returns how many blocks were compiled."""
+    """Compile each DiT block's forward on its own (one graph per block type); the streamer's
+    hooks stay outside the compiled code. torch's automatic dynamic shapes: the first image
+    size gets a static graph, a second size one dynamic graph that serves every other size.
+    Returns how many blocks were compiled."""
     import types
 
     from engine.flux.streaming import dit_blocks
@@ -164,6 +166,6 @@ def compile_streamed_blocks(pipe: Any) -> int:
     for block in blocks:
         kind = type(block)
         if kind not in compiled:
-            compiled[kind] = torch.compile(kind.forward, dynamic=False)
+            compiled[kind] = torch.compile(kind.forward)
         block.forward = types.MethodType(compiled[kind], block)
     return len(blocks)

@@ -1,0 +1,170 @@
+"""Float8 compute (engine/flux/float8_compute.py) against bf16, on the resident DiT alone.
+
+A FluxDiT with random bf16 weights is built on the GPU (no checkpoint), and diffsynth's denoising
+loop (``model_fn_flux_image`` + the FLUX.1 scheduler, as in bench_streaming.py) is timed:
+
+    bf16 eager, bf16 with the blocks compiled, then the same DiT converted to float8 compute,
+    eager and compiled; the DiT output's relative error against bf16 for the same input
+    (||y8 - y|| / ||y||); and a torch.profiler summary of one compiled step of each, grouped
+    into matmuls, attention, fused elementwise kernels and the rest.
+
+    python3 bench/bench_float8.py --size 1024 --steps 6 --json $OUT/float8.json \\
+        --profile-out $OUT/float8-profile.txt
+
+The error is measured on random weights: real checkpoints have outlier channels that make
+activation scaling harder, so treat it as a check of the arithmetic, not a quality verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_streaming import (  # noqa: E402
+    BF16,
+    compile_forwards,
+    denoise,
+    flux_inputs,
+    random_flux_dit,
+    uncompile,
+)
+from engine.flux.float8_compute import check_float8_matmul, enable_float8_compute  # noqa: E402
+
+GROUPS = (  # profiler kernel names -> what they are (first match wins)
+    ("float8 matmul", ("scaled_mm", "f8", "fp8", "e4m3")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("bf16 matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "mm")),
+    ("fused elementwise (Triton)", ("triton",)),
+    ("copies and casts", ("copy", "cast", "memcpy", "to_copy")),
+)
+
+
+def dit_output(dit: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """One DiT call at the middle of the schedule (timestep 500)."""
+    from diffsynth.pipelines.flux_image import model_fn_flux_image
+
+    timestep = torch.tensor([500.0], device=inputs["latents"].device, dtype=BF16)
+    with torch.no_grad():
+        return model_fn_flux_image(dit=dit, **inputs, timestep=timestep).float()
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def time_steps(dit: torch.nn.Module, inputs: dict[str, Any], steps: int) -> dict[str, float]:
+    times: list[float] = []
+    denoise(dit, inputs, steps, times)
+    return {"s_per_step": statistics.median(times[1:]), "step1_s": times[0]}
+
+
+def profile_summary(dit: torch.nn.Module, inputs: dict[str, Any],
+                    label: str) -> tuple[dict[str, float], str]:
+    """Device milliseconds per group for one step (after a warm step), and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    denoise(dit, inputs, 1)
+    activities = [ProfilerActivity.CPU]
+    if inputs["latents"].is_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        denoise(dit, inputs, 1)
+    events = prof.key_averages()
+    groups: dict[str, float] = {}
+    key = "self_device_time_total" if inputs["latents"].is_cuda else "self_cpu_time_total"
+    for e in events:
+        ms = getattr(e, key, 0) / 1000
+        if ms <= 0:
+            continue
+        name = e.key.lower()
+        group = next((g for g, keys in GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    table = events.table(sort_by=key, row_limit=15,
+                         max_name_column_width=70)
+    return groups, f"## {label}\n{table}"
+
+
+def measure(dit: torch.nn.Module, inputs: dict[str, Any], steps: int, label: str,
+            reference: torch.Tensor | None, compile_blocks: bool,
+            profiles: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"setup": label}
+    started = time.perf_counter()
+    if compile_blocks:
+        compile_forwards(dit)
+        denoise(dit, inputs, 1)  # the compile happens here
+        row["compile_s"] = time.perf_counter() - started
+    row.update(time_steps(dit, inputs, steps))
+    out = dit_output(dit, inputs)
+    row["rel_error_vs_bf16"] = 0.0 if reference is None else rel_error(out, reference)
+    row["groups_ms"], text = profile_summary(dit, inputs, label)
+    profiles.append(text)
+    if inputs["latents"].is_cuda:
+        row["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+    if compile_blocks:
+        uncompile(dit)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    groups = sorted({g for r in rows for g in r["groups_ms"]})
+    head = "| set-up | s/step | compile s | rel. error vs bf16 | " + " | ".join(
+        f"{g} ms" for g in groups) + " |"
+    lines = [head, "|" + "---|" * (4 + len(groups))]
+    for r in rows:
+        cells = [r["setup"], f"{r['s_per_step']:.4f}", f"{r.get('compile_s', 0):.1f}",
+                 f"{r['rel_error_vs_bf16']:.4f}"]
+        cells += [f"{r['groups_ms'].get(g, 0):.1f}" for g in groups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true", help="eager rows only")
+    ap.add_argument("--blocks", default="", help="double,single: a truncated DiT (CPU checks)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile-out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    why_not = check_float8_matmul(args.device)
+    if why_not:
+        print(f"float8 compute unavailable: {why_not}")
+        return 1
+    double, single = (int(x) for x in args.blocks.split(",")) if args.blocks else (None, None)
+    dit = random_flux_dit(dtype=BF16, device=args.device, draw_on=args.device,
+                          double_blocks=double, single_blocks=single)
+    inputs = flux_inputs(args.size, args.size, device=args.device)
+    reference = dit_output(dit, inputs)
+    profiles: list[str] = []
+    compiled = [False] if args.no_compile else [False, True]
+    rows = [measure(dit, inputs, args.steps, "bf16" + ("+compile" if c else ""), None, c,
+                    profiles) for c in compiled]
+    report = enable_float8_compute(dit)
+    rows += [measure(dit, inputs, args.steps, "float8" + ("+compile" if c else ""), reference,
+                     c, profiles) for c in compiled]
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+           "torch": torch.__version__, "size": args.size, "steps": args.steps,
+           "float8": report.describe()}
+    print(json.dumps(env))
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    if args.profile_out:
+        args.profile_out.write_text("\n\n".join(profiles))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Float8 compute for the DiT's linear layers: the scaling arithmetic and diffsynth's real blocks.
+
+torch's CPU build runs ``torch._scaled_mm`` with row scales, so the real kernel call is tested
+here; the GPU test (tests/gpu) checks the same on an H100 and the whole DiT's error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffsynth.models.flux_dit import (  # noqa: E402
+    FluxJointTransformerBlock,
+    FluxSingleTransformerBlock,
+    RoPEEmbedding,
+)
+
+from engine.flux.float8_compute import (  # noqa: E402
+    FP8_MAX,
+    Float8Linear,
+    check_float8_matmul,
+    enable_float8_compute,
+    quantize_rows,
+)
+
+BF16 = torch.bfloat16
+DIM, HEADS = 64, 2  # head_dim 32, like FLUX's 3072 / 24 = 128 in miniature
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm())
+
+
+def test_quantize_rows_uses_the_whole_float8_range_of_every_row():
+    x = torch.randn(5, 48) * torch.tensor([[1e-3], [1.0], [30.0], [0.02], [0.0]])
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    amax = q.float().abs().amax(dim=1)
+    assert torch.equal(amax[:4], torch.full((4,), FP8_MAX))  # each row's largest value is 448
+    assert torch.isfinite(scale).all() and not q.float()[4].any()  # a zero row stays zero
+    # e4m3 keeps 3 mantissa bits: each element within 1/16 of its value, whatever the row's size
+    back = q.float() * scale
+    assert torch.all((back - x).abs() <= x.abs() / 16 + 1e-12)
+
+
+def test_float8_linear_applies_both_scales_like_the_dequantized_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48).to(BF16)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-2, 1, 48).unsqueeze(1).to(BF16))  # rows of any size
+    layer = Float8Linear.from_linear(linear)
+    x = (torch.randn(3, 7, 96) * torch.logspace(-1, 1, 7).unsqueeze(1)).to(BF16)
+    got = layer(x)
+    assert got.shape == (3, 7, 48) and got.dtype == BF16
+    xq, xs = quantize_rows(x.reshape(-1, 96))
+    dequantized = (xq.float() * xs) @ (layer.weight.float() * layer.weight_scale.t()).t()
+    want = (dequantized + linear.bias.float()).reshape(3, 7, 48)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    assert rel_error(got, linear(x)) < 0.05  # and close to the bf16 layer itself
+
+
+def test_float8_linear_without_bias():
+    linear = torch.nn.Linear(32, 16, bias=False).to(BF16)
+    layer = Float8Linear.from_linear(linear)
+    assert layer.bias is None
+    x = torch.randn(4, 32, dtype=BF16)
+    assert rel_error(layer(x), linear(x)) < 0.05
+
+
+class TinyDiT(torch.nn.Module):
+    """diffsynth's own FLUX block classes at a small width, under the DiT's attribute names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_embedder = torch.nn.Linear(16, DIM)  # outside the blocks: stays bf16
+        self.blocks = torch.nn.ModuleList(FluxJointTransformerBlock(DIM, HEADS) for _ in range(2))
+        self.single_blocks = torch.nn.ModuleList(
+            FluxSingleTransformerBlock(DIM, HEADS) for _ in range(2))
+
+    def forward(self, img, txt, temb, rope):
+        a = self.x_embedder(img)
+        for block in self.blocks:
+            a, txt = block(a, txt, temb, rope)
+        a = torch.cat([txt, a], dim=1)
+        for block in self.single_blocks:
+            a, txt = block(a, txt, temb, rope)
+        return a
+
+
+def tiny_inputs(tokens: int = 12, text: int = 4):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 16, (1, text + tokens, 3), generator=g).float()
+    rope = RoPEEmbedding(DIM, 10000, [8, 12, 12])(ids)
+    return (torch.randn(1, tokens, 16, generator=g).to(BF16),
+            torch.randn(1, text, DIM, generator=g).to(BF16),
+            torch.randn(1, DIM, generator=g).to(BF16), rope)
+
+
+def tiny_dit() -> TinyDiT:
+    torch.manual_seed(0)
+    return TinyDiT().to(BF16).eval()
+
+
+def test_enable_converts_the_blocks_large_linears_and_keeps_the_modulation_in_bf16():
+    dit = tiny_dit()
+    report = enable_float8_compute(dit)
+    # per joint block: qkv a/b, out a/b, two feed-forward pairs = 8; per single block: 2
+    assert report.layers == 2 * 8 + 2 * 2
+    assert report.kept == 2 * 2 + 2  # AdaLayerNorm(.linear) twice per joint block, once per single
+    for block in dit.blocks:
+        assert isinstance(block.attn.a_to_qkv, Float8Linear)
+        assert isinstance(block.ff_b[2], Float8Linear)
+        assert type(block.norm1_a.linear) is torch.nn.Linear
+    assert type(dit.x_embedder) is torch.nn.Linear
+    # float8 weights + a float32 scale per row: a bit over half of the bf16 bytes
+    assert 0.5 < report.bytes_after / report.bytes_before < 0.56
+    assert enable_float8_compute(dit).layers == 0  # idempotent
+
+
+def test_diffsynth_blocks_in_float8_stay_close_to_bf16():
+    dit = tiny_dit()
+    reference = copy.deepcopy(dit)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        want = reference(*inputs)
+        enable_float8_compute(dit)
+        got = dit(*inputs)
+    assert got.shape == want.shape
+    assert 0 < rel_error(got, want) < 0.05  # quantized (not bit-equal), yet close
+
+
+def test_the_cpu_build_runs_row_scaled_float8_matmuls():
+    assert check_float8_matmul("cpu") is None
