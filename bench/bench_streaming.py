@@ -157,16 +157,15 @@ def vae_peaks(sizes: list[int]) -> dict[str, float]:
 def compile_forwards(dit: torch.nn.Module) -> None:
     """The engine's regional compilation (each block type's forward once, the streamer's hooks
     outside the graph); ``uncompile`` undoes it."""
-    from types import SimpleNamespace
+    from engine.flux.pipeline import compile_dit_blocks
 
-    from engine.flux.pipeline import compile_streamed_blocks
-
-    compile_streamed_blocks(SimpleNamespace(dit=dit))
+    compile_dit_blocks(dit)
 
 
 def uncompile(dit: torch.nn.Module) -> None:
-    for block in list(dit.blocks) + list(dit.single_blocks):
-        block.__dict__.pop("forward", None)  # back to the class's forward
+    from engine.flux.pipeline import uncompile_dit_blocks
+
+    uncompile_dit_blocks(dit)
 
 
 def _graph_count() -> int:

@@ -91,7 +91,7 @@ class ModelSection:
     device: str = "cuda"
     models_dir: str = "models"
     offline: bool = False
-    compile: bool = False
+    compile: bool = True
     dit_streaming: bool = True
     float8_compute: bool = False
     dit_model_id: str = "MAILAND/majicflus_v1"

@@ -377,3 +377,70 @@ def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, ca
         backend.load()
     assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
     assert "float8_compute needs the max preset" in caplog.text
+
+
+class PipeWithBlocks(FakePipe):
+    """A fake pipeline whose DiT has block lists, and whose call can fail like a compiler."""
+
+    def __init__(self, plan, paths) -> None:
+        super().__init__(plan, paths)
+        self.fail_with: BaseException | None = None
+        self.dit = torch.nn.Module()
+        self.dit.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        self.dit.single_blocks = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def __call__(self, **kwargs):
+        if self.fail_with is not None:
+            raise self.fail_with
+        return super().__call__(**kwargs)
+
+
+def compiling_backend(tmp_path: Path, monkeypatch, fail_with=None):
+    """A loaded max backend on a fake pipe, its plan pointed at a CUDA device (the fake never
+    touches it: torch.cuda.synchronize is replaced) so that _compile runs."""
+    backend, built = cpu_backend(tmp_path, preset="max")
+    backend._factory = lambda plan, paths: built.append(PipeWithBlocks(plan, paths)) or built[-1]
+    backend.load()
+    backend.plan = dataclasses.replace(backend.plan, device="cuda")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    built[0].fail_with = fail_with
+    return backend, built[0]
+
+
+def test_compile_binds_one_compiled_forward_per_block_type_and_warms_up_two_sizes(
+        tmp_path: Path, monkeypatch) -> None:
+    backend, pipe = compiling_backend(tmp_path, monkeypatch)
+    backend._compile()
+    first, second = pipe.dit.blocks
+    assert "forward" in first.__dict__ and "forward" in pipe.dit.single_blocks[0].__dict__
+    assert first.forward.__func__ is second.forward.__func__  # one graph per block type
+    assert [(c["width"], c["height"]) for c in pipe.calls] == [(1024, 1024), (512, 512)]
+    assert backend.compile_seconds is not None
+
+
+def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    backend, pipe = compiling_backend(tmp_path, monkeypatch,
+                                      RuntimeError("Cannot find a working triton installation"))
+    with caplog.at_level("WARNING"):
+        backend._compile()
+    assert "torch.compile failed" in caplog.text and "triton" in caplog.text
+    assert all("forward" not in b.__dict__ for b in [*pipe.dit.blocks, *pipe.dit.single_blocks])
+    assert backend.compile_seconds is None
+    pipe.fail_with = None
+    request = ImageRequest(prompt="fox", seed=1, steps=2, width=512, height=512, guidance=3.5)
+    assert backend.generate(request, lambda i, n: None).size == (512, 512)
+
+
+def test_running_out_of_memory_while_warming_up_is_not_hidden(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    backend, _ = compiling_backend(tmp_path, monkeypatch, torch.cuda.OutOfMemoryError("oom"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        backend._compile()
+
+
+def test_compile_is_skipped_off_cuda(tmp_path: Path) -> None:
+    backend, built = cpu_backend(tmp_path, preset="max", compile=True)
+    backend._factory = lambda plan, paths: built.append(PipeWithBlocks(plan, paths)) or built[-1]
+    backend.load()
+    assert "forward" not in built[0].dit.blocks[0].__dict__ and not built[0].calls

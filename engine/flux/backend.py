@@ -189,25 +189,36 @@ class FluxBackend:
         _empty_cache()  # the bf16 weights just freed
 
     def _compile(self) -> None:
-        """Regional torch.compile of the DiT blocks, warmed up before the bot says it is ready
-        so that no user waits for the compiler."""
-        assert self.plan is not None
-        started = time.monotonic()
-        if self._stream is not None:
-            from engine.flux.pipeline import compile_streamed_blocks
+        """Regional torch.compile of the DiT blocks (streamed or resident), warmed up before the
+        bot says it is ready so that no user waits for the compiler. Where compiling fails (no
+        Triton, an old GPU) the blocks go back to eager and the bot still starts."""
+        import torch
 
-            compile_streamed_blocks(self._pipe)
-        elif self.plan.preset == "max":
-            self._pipe.compile_pipeline(mode="default", dynamic=True)
-        else:
-            log.warning("model.compile needs the max preset or DiT streaming; ignored")
+        from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks
+
+        assert self.plan is not None
+        if not self.plan.device.startswith("cuda"):
+            log.info("model.compile applies to CUDA devices only; running eager")
             return
-        # two sizes: the largest image gets its own graphs, the second size the dynamic-shape
-        # ones every other size and aspect ratio then uses without compiling again
-        for side in (1024, 512):
-            warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                guidance=3.5)
-            self.generate(warm, lambda i, n: None)
+        if self._stream is None and self.plan.preset != "max":
+            log.warning("model.compile needs DiT streaming or the max preset; running eager")
+            return
+        started = time.monotonic()
+        compile_dit_blocks(self._pipe.dit)
+        try:
+            # two sizes: the largest image gets its own graphs, the second size the dynamic-shape
+            # ones every other size and aspect ratio then uses without compiling again
+            for side in (1024, 512):
+                warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
+                                    guidance=3.5)
+                self.generate(warm, lambda i, n: None)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager still works
+            uncompile_dit_blocks(self._pipe.dit)
+            log.warning("torch.compile failed (%s: %s); running eager (slower steps)",
+                        type(e).__name__, str(e)[:300])
+            return
         self.compile_seconds = time.monotonic() - started
         log.info("compiled and warmed up in %.1f s", self.compile_seconds)
 

@@ -152,20 +152,28 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def compile_streamed_blocks(pipe: Any) -> int:
-    """Compile each DiT block's forward on its own (one graph per block type); the streamer's
-    hooks stay outside the compiled code. torch's automatic dynamic shapes: the first image
-    size gets a static graph, a second size one dynamic graph that serves every other size.
-    Returns how many blocks were compiled."""
+def compile_dit_blocks(dit: Any) -> int:
+    """Compile each DiT block type's forward once and bind it to every block of that type
+    (regional compilation: two graphs, seconds instead of minutes). Module hooks, such as the
+    streamer's, stay outside the compiled code. torch's automatic dynamic shapes: the first
+    image size gets static graphs, a second size dynamic ones that serve every other size.
+    Returns how many blocks were compiled; ``uncompile_dit_blocks`` undoes it."""
     import types
 
     from engine.flux.streaming import dit_blocks
 
     compiled = {}
-    blocks = dit_blocks(pipe.dit)
+    blocks = dit_blocks(dit)
     for block in blocks:
         kind = type(block)
         if kind not in compiled:
             compiled[kind] = torch.compile(kind.forward)
         block.forward = types.MethodType(compiled[kind], block)
     return len(blocks)
+
+
+def uncompile_dit_blocks(dit: Any) -> None:
+    from engine.flux.streaming import dit_blocks
+
+    for block in dit_blocks(dit):
+        block.__dict__.pop("forward", None)  # back to the class's eager forward

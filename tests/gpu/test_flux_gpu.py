@@ -28,10 +28,10 @@ GIB = 1024**3
 
 
 def model_section(root: Path, preset: str, cap: float | None,
-                  streaming: bool = True) -> ModelSection:
+                  streaming: bool = True, compile: bool = False) -> ModelSection:
     return ModelSection(preset=preset, vram_limit_gib=cap or 0.0, models_dir=str(root),
                         offline=True, dit_path=str(root / mrf.REPO_DIR / mrf.DIT_FILE),
-                        dit_streaming=streaming)
+                        dit_streaming=streaming, compile=compile)
 
 
 def dit_storage(backend: FluxBackend) -> set[tuple[str, torch.dtype]]:
@@ -120,3 +120,28 @@ async def test_engine_runs_jobs_back_to_back_on_one_load(random_flux, tmp_path, 
     same = np.abs(np.asarray(images[0], np.int16) - np.asarray(images[1], np.int16))
     other = np.abs(np.asarray(images[0], np.int16) - np.asarray(images[2], np.int16))
     assert same.mean() < 0.05 and other.mean() > 0.3  # the seed decides the image
+
+
+def test_compiled_streaming_and_an_oom_replan_stay_within_the_budget(random_flux,
+                                                                      cap_gpu) -> None:
+    """``model.compile`` on the streamed DiT (warmed up at load), then the out-of-memory ladder:
+    tiling first, then a quarter less budget, which lays the streamer out again; the compiled
+    blocks keep working on the new layout."""
+    cap_gpu(8.0)
+    backend = FluxBackend(model_section(random_flux, "low", 8.0, compile=True))
+    try:
+        backend.load()
+        assert backend.compile_seconds is not None
+        assert "forward" in backend._pipe.dit.blocks[0].__dict__  # compiled, not fallen back
+        streamed_before = backend._stream.plan.streamed_bytes
+        assert backend.reduce_memory() and backend.plan.vae_tiled
+        assert backend.reduce_memory() and backend.plan.budget_gib == pytest.approx(6.0)
+        assert backend._stream.plan.streamed_bytes > streamed_before  # fewer blocks resident
+        cap_gpu(6.0)
+        steps: list[tuple[int, int]] = []
+        image = backend.generate(request(size=1024), lambda i, n: steps.append((i, n)))
+        assert len(steps) == 4
+        assert_real_image(image, 1024)
+        assert torch.cuda.max_memory_allocated() <= 6.0 * GIB
+    finally:
+        backend.close()
