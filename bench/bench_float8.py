@@ -97,12 +97,16 @@ def profile_summary(dit: torch.nn.Module, inputs: dict[str, Any],
 
 
 def measure(dit: torch.nn.Module, inputs: dict[str, Any], steps: int, label: str,
-            reference: torch.Tensor | None, compile_blocks: bool,
+            reference: torch.Tensor | None, mode: str | None,
             profiles: list[str]) -> dict[str, Any]:
+    """One row; ``mode`` None = eager, else the torch.compile mode of the blocks."""
+    compile_blocks = mode is not None
+    label += "" if mode is None else "+compile" + ("" if mode == "default" else f"({mode})")
     row: dict[str, Any] = {"setup": label}
     started = time.perf_counter()
     if compile_blocks:
-        compile_forwards(dit)
+        torch._dynamo.reset()  # a fresh compile per row: its cost is part of the row
+        compile_forwards(dit, mode)
         denoise(dit, inputs, 1)  # the compile happens here
         row["compile_s"] = time.perf_counter() - started
     row.update(time_steps(dit, inputs, steps))
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
+    ap.add_argument("--modes", default="default",
+                    help="torch.compile modes to time, comma-separated (e.g. "
+                    "default,max-autotune-no-cudagraphs)")
     ap.add_argument("--blocks", default="", help="double,single: a truncated DiT (CPU checks)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile-out", type=Path, default=None)
@@ -151,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     inputs = flux_inputs(args.size, args.size, device=args.device)
     reference = dit_output(dit, inputs)
     profiles: list[str] = []
-    compiled = [False] if args.no_compile else [False, True]
-    rows = [measure(dit, inputs, args.steps, "bf16" + ("+compile" if c else ""), None, c,
-                    profiles) for c in compiled]
+    modes: list[str | None] = [None]
+    if not args.no_compile:
+        modes += args.modes.split(",")
+    rows = [measure(dit, inputs, args.steps, "bf16", None, m, profiles) for m in modes]
     report = enable_float8_compute(dit)
-    rows += [measure(dit, inputs, args.steps, "float8" + ("+compile" if c else ""), reference,
-                     c, profiles) for c in compiled]
+    rows += [measure(dit, inputs, args.steps, "float8", reference, m, profiles) for m in modes]
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
            "torch": torch.__version__, "size": args.size, "steps": args.steps,
            "float8": report.describe()}

@@ -154,12 +154,12 @@ def vae_peaks(sizes: list[int]) -> dict[str, float]:
 
 
 # -- rows ---------------------------------------------------------------------------------------
-def compile_forwards(dit: torch.nn.Module) -> None:
+def compile_forwards(dit: torch.nn.Module, mode: str | None = None) -> None:
     """The engine's regional compilation (each block type's forward once, the streamer's hooks
     outside the graph); ``uncompile`` undoes it."""
     from engine.flux.pipeline import compile_dit_blocks
 
-    compile_dit_blocks(dit)
+    compile_dit_blocks(dit, mode)
 
 
 def uncompile(dit: torch.nn.Module) -> None:

@@ -60,7 +60,8 @@ device() {
         python3 bench/bench_engine.py --ckpt "$RANDOM_FLUX_DIR" ${BENCH_ROWS:+--rows $BENCH_ROWS} \
           --md "$OUT/benchmarks.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
       float8)
-        python3 bench/bench_float8.py --size 1024 --steps 6 --json "$OUT/float8.json" \
+        python3 bench/bench_float8.py --size 1024 --steps 6 --modes "${FLOAT8_MODES:-default}" \
+          --json "$OUT/float8.json" \
           --profile-out "$OUT/float8-profile.txt" 2>&1 | tee "$OUT/float8.log" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

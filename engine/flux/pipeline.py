@@ -152,12 +152,13 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def compile_dit_blocks(dit: Any) -> int:
+def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:
     """Compile each DiT block type's forward once and bind it to every block of that type
     (regional compilation: two graphs, seconds instead of minutes). Module hooks, such as the
     streamer's, stay outside the compiled code. torch's automatic dynamic shapes: the first
     image size gets static graphs, a second size dynamic ones that serve every other size.
-    Returns how many blocks were compiled; ``uncompile_dit_blocks`` undoes it."""
+    ``mode`` is torch.compile's (None: its default). Returns how many blocks were compiled;
+    ``uncompile_dit_blocks`` undoes it."""
     import types
 
     from engine.flux.streaming import dit_blocks
@@ -167,7 +168,7 @@ def compile_dit_blocks(dit: Any) -> int:
     for block in blocks:
         kind = type(block)
         if kind not in compiled:
-            compiled[kind] = torch.compile(kind.forward)
+            compiled[kind] = torch.compile(kind.forward, mode=mode)
         block.forward = types.MethodType(compiled[kind], block)
     return len(blocks)
 
