@@ -45,10 +45,13 @@ class Float8Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with W and x in float8, each scaled per row; output bf16."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.bfloat16) -> None:
+                 out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = True) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.out_dtype = out_dtype
+        # Hopper's fast float8 accumulation (partial sums promoted to fp32 less often): what
+        # torchao uses for inference too; False = the slower, fully fp32-accumulated kernel
+        self.fast_accum = fast_accum
         self.register_buffer("weight", weight)  # float8 (out, in), row-major
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # float32 (1, out)
         self.register_buffer("bias", bias)
@@ -65,7 +68,7 @@ class Float8Linear(torch.nn.Module):
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         # weight.t() is the column-major (in, out) operand _scaled_mm wants, without a copy
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=self.out_dtype)
+                             out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
