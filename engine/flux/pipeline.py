@@ -2,16 +2,20 @@
 
 ``pipeline_kwargs`` is exactly what ``FluxImagePipeline.from_pretrained`` receives, built without
 loading any weight, so the tests can check each preset's ``ModelConfig``s and ``vram_limit``.
+``load_pipeline`` loads it and starts the block streamers the plan asks for, in the order that
+keeps the host's peak memory lowest (``host_memory.py`` keeps each load near the weights' size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffsynth.core import ModelConfig
 
+from engine.flux.host_memory import frugal_loading
 from engine.flux.model_files import ModelPaths
 from engine.flux.presets import MemoryPlan, Placement
 
@@ -60,7 +64,30 @@ def build_pipeline(plan: MemoryPlan, paths: ModelPaths) -> Any:
     """Load the weights (blocking: seconds to minutes) and return the pipeline."""
     from diffsynth.pipelines.flux_image import FluxImagePipeline
 
-    return FluxImagePipeline.from_pretrained(**pipeline_kwargs(plan, paths))
+    with frugal_loading():
+        pipe = FluxImagePipeline.from_pretrained(**pipeline_kwargs(plan, paths))
+    share_t5_embedding(pipe.text_encoder_2)
+    return pipe
+
+
+def share_t5_embedding(t5: Any) -> bool:
+    """Make T5's two input embeddings one again. transformers ties ``encoder.embed_tokens`` to
+    ``shared``, but diffsynth's converter hands each its own copy of ``shared.weight`` and
+    ``load_state_dict(assign=True)`` keeps both: 0.5 GiB of bf16 (the unused one in ``shared``)
+    on the GPU when T5 is resident or streamed, 0.25 GiB in float8 on the host. Only for plain,
+    equal embeddings (not under diffsynth's VRAM layers). True when it shared them."""
+    shared = getattr(t5, "shared", None)
+    inner = getattr(getattr(t5, "encoder", None), "embed_tokens", None)
+    if not all(isinstance(m, torch.nn.Embedding) for m in (shared, inner)):
+        return False
+    a, b = shared.weight, inner.weight
+    if a is b or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if not torch.equal(a.detach().contiguous().view(torch.uint8),
+                       b.detach().contiguous().view(torch.uint8)):
+        return False
+    inner.weight = a
+    return True
 
 
 def set_vram_limit(pipe: Any, limit_gib: float | None) -> int:
@@ -125,13 +152,14 @@ def start_t5_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
+def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> Any:
     """Lay the CPU float8 DiT out for block streaming within the plan's budget.
 
     The budget is what the plan allows the whole pipeline, less what is already resident on the
-    GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed); the VAE decode
-    and text encoders run while the streamer's buffers are released, so the decode is budgeted
-    as a separate phase. Returns the ``StreamingHandle`` (``close()`` it before dropping the
+    GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed) and
+    ``others_bytes`` (what models loaded later will keep there); the VAE decode and text
+    encoders run while the streamer's buffers are released, so the decode is budgeted as a
+    separate phase. Returns the ``StreamingHandle`` (``close()`` it before dropping the
     pipeline).
     """
     from engine.flux.presets import GIB
@@ -140,7 +168,7 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
 
     assert plan.budget_gib is not None, "streaming needs a known GPU budget"
     device = torch.device(plan.device)
-    others = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    others = others_bytes + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
     sizes, fixed = measure_blocks(pipe.dit)
     side = MAX_STREAM_SIDE
     residency = plan_residency(
@@ -150,6 +178,90 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE
     return handle
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    dit_stream: Any = None  # StreamingHandle when the plan block-streams the DiT
+    t5_stream: Any = None  # and when it block-streams T5
+
+
+# diffsynth's model names (configs/model_configs.py) -> the FluxImagePipeline attributes its
+# from_pretrained fetches them into
+_FETCH = {"flux_text_encoder_clip": "text_encoder_1", "flux_text_encoder_t5": "text_encoder_2",
+          "flux_vae_encoder": "vae_encoder", "flux_vae_decoder": "vae_decoder"}
+
+
+def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
+    """``build_pipeline`` and the block streamers the plan asks for.
+
+    A streaming plan loads the DiT alone first and lays it out at once, so the blocks that go
+    to the GPU leave the host before T5 (4.4 GiB in float8) arrives: the host never holds the
+    whole DiT (11.1 GiB) and T5 together. What the later models will keep on the GPU is
+    reserved from the DiT's budget ahead (``later_resident_bytes``), so the DiT gets the layout
+    it got when it was laid out last. T5, CLIP and the VAE are then loaded by diffsynth's own
+    ``ModelPool``, one file at a time, so the second copy of CLIP that diffsynth's detection
+    loads (its file also matches the Stable Diffusion text encoder) is dropped at once.
+    """
+    if not plan.streaming:
+        return LoadedPipeline(build_pipeline(plan, paths))
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+
+    kwargs = pipeline_kwargs(plan, paths)
+    dit, clip, t5, vae = kwargs.pop("model_configs")
+    with frugal_loading():
+        pipe = FluxImagePipeline.from_pretrained(model_configs=[dit], **kwargs)
+    stream = start_dit_streaming(pipe, plan, later_resident_bytes(plan, paths))
+    stream.release_buffers()  # allocated again by the first denoising step
+    loaded = LoadedPipeline(pipe, stream)
+    for config in (t5, clip, vae):
+        _load_into(pipe, config, plan.vram_limit_gib)
+        if config is t5:
+            share_t5_embedding(pipe.text_encoder_2)
+        if config is t5 and plan.stream_t5:
+            loaded.t5_stream = start_t5_streaming(pipe, plan)
+    pipe.vram_management_enabled = (getattr(pipe, "vram_management_enabled", False)
+                                    or pipe.check_vram_management_state())
+    if pipe.vram_management_enabled:
+        stream.follow_pipeline_phases()  # as start_dit_streaming does when loaded last
+    return loaded
+
+
+def _load_into(pipe: Any, config: ModelConfig, vram_limit: float | None) -> None:
+    """Load one file with diffsynth's ModelPool into the pipeline's attributes, as its
+    from_pretrained does; models of the file that the pipeline does not use are dropped."""
+    with frugal_loading():
+        pool = pipe.download_and_load_models([config], vram_limit)
+        for name, attribute in _FETCH.items():
+            if name in pool.model_name:
+                setattr(pipe, attribute, pool.model[pool.model_name.index(name)])
+        del pool
+
+
+def later_resident_bytes(plan: MemoryPlan, paths: ModelPaths) -> int:
+    """Bytes CLIP, T5 and the VAE will keep on the GPU under ``plan``, from the files' headers:
+    T5's non-block weights when it is block-streamed (what ``measure_blocks`` calls fixed, in
+    bf16) and the weights of every model resident on the GPU, in its compute dtype."""
+    from diffsynth.core.loader.file import load_keys_dict
+
+    total = 0
+    if plan.stream_t5:
+        shapes = load_keys_dict(list(paths.text_encoder_2))
+        total += 2 * sum(_numel(shape) for key, shape in shapes.items()
+                         if not (key.startswith("encoder.block.") and len(shape) >= 2))
+    for path, placement in ((paths.text_encoder, plan.clip), (paths.vae, plan.vae)):
+        if not placement.managed and placement.computation_device != "cpu":
+            item = torch.empty(0, dtype=torch_dtype(placement.computation_dtype)).element_size()
+            total += item * sum(_numel(shape) for shape in load_keys_dict(path).values())
+    return total
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:

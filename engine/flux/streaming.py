@@ -14,7 +14,9 @@ H100), then cast to bf16 on the GPU in one kernel.
 
 Memory layout (made once; nothing is allocated per call):
 - a block's weight matrices (2-D parameters) are packed into one flat float8 buffer: on the GPU
-  for ``fp8`` blocks, in one page-locked host buffer for ``streamed`` blocks;
+  for ``fp8`` blocks, in one page-locked host buffer for ``streamed`` blocks; each block's
+  original weights are freed as soon as it is packed (and glibc's free heap pages given back),
+  so the host holds each weight once while the buffer fills;
 - every ``fp8``/``streamed`` block's weight parameters are views into ONE shared bf16 work
   buffer; a forward pre-hook casts the block's float8 bytes into it just before it runs (only
   one block computes at a time, so they can share it);
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 
+from engine.flux.host_memory import release_free_heap
 from engine.flux.residency import BF16, FP8, STREAMED, ResidencyPlan
 
 log = logging.getLogger(__name__)
@@ -175,6 +178,7 @@ class StreamingHandle:
             self._pack(b, store[offset:offset + b.numel])
             offset += b.numel
             self._release(b)  # until the work buffer exists: drop the host copy now
+            release_free_heap()
         for b in self._blocks:
             if b.placement == BF16:
                 for p, _, _ in b.params:
@@ -192,6 +196,7 @@ class StreamingHandle:
             self._pack(b, self._host[offset:offset + b.numel])
             offset += b.numel
             self._release(b)
+            release_free_heap()  # so the buffer's pages replace the weights', not add to them
         self._pinned = self._cuda and _register_host(self._host)
 
     def _release(self, block: _Block) -> None:
