@@ -1,19 +1,20 @@
 """Host (CPU) memory of loading the FLUX pipeline and laying it out for streaming, phase by phase.
 
-    python bench/bench_host_rss.py ROOT [--preset low] [--budget-gib 8] [--device cpu]
-                                   [--parts dit,clip,t5,vae] [--images 0]
+    python bench/bench_host_rss.py ROOT [--preset low] [--budget-gib 8] [--device emulate]
+                                   [--order ours|built] [--parts dit,clip,t5,vae] [--images 0]
     python bench/bench_host_rss.py --write-checkpoint DIR [--parts t5,dit]
 
 ROOT is a FLUX.1-dev folder (``flux1-dev.safetensors``, ``text_encoder/``, ``text_encoder_2/``,
 ``ae.safetensors``, the tokenizers): the real one, or the random one that
 ``bench/make_random_flux.py`` writes (``--write-checkpoint`` writes its large files one tensor at a
 time, for machines with less RAM than the 24 GB DiT file). Runs the product's load path
-(``pipeline.build_pipeline``, ``start_t5_streaming``, ``start_dit_streaming``) and prints, per
-phase, the resident set at its end (VmRSS), the most a 20 ms sampler saw during it, and the
-process's peak (ru_maxrss, what bench_measure.py reports). On ``--device cpu`` the streamer keeps
-its "GPU-resident" blocks in host memory too, so the table also says how many bytes a GPU would
-take off the host. ``--parts`` loads only some of the models (and streams what was loaded), to
-measure on a machine that cannot hold them all; ``--abort-above-gib`` stops the run first.
+(``pipeline.load_pipeline``; ``--order built``: ``build_pipeline``, ``start_t5_streaming``,
+``start_dit_streaming``) and prints, per phase, the resident set at its end (VmRSS), the most a
+20 ms sampler saw during it, and the process's peak (ru_maxrss, what bench_measure.py reports).
+``--device emulate`` (the default) measures the host side of a GPU run without a GPU: what the
+streamer would put on the GPU is dropped. ``--device cpu`` keeps it in host memory; ``cuda`` is
+the real thing, and ``--images`` then samples 1024² images after loading. ``--parts`` loads only
+some models (``--order built``); ``--abort-above-gib`` stops the run before it crowds the machine.
 """
 
 from __future__ import annotations

@@ -215,12 +215,18 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
     stream = start_dit_streaming(pipe, plan, later_resident_bytes(plan, paths))
     stream.release_buffers()  # allocated again by the first denoising step
     loaded = LoadedPipeline(pipe, stream)
-    for config in (t5, clip, vae):
-        _load_into(pipe, config, plan.vram_limit_gib)
-        if config is t5:
-            share_t5_embedding(pipe.text_encoder_2)
-        if config is t5 and plan.stream_t5:
-            loaded.t5_stream = start_t5_streaming(pipe, plan)
+    try:
+        for config in (t5, clip, vae):
+            _load_into(pipe, config, plan.vram_limit_gib)
+            if config is t5:
+                share_t5_embedding(pipe.text_encoder_2)
+            if config is t5 and plan.stream_t5:
+                loaded.t5_stream = start_t5_streaming(pipe, plan)
+    except BaseException:
+        for handle in (loaded.t5_stream, stream):  # unregister their page-locked memory
+            if handle is not None:
+                handle.close()
+        raise
     pipe.vram_management_enabled = (getattr(pipe, "vram_management_enabled", False)
                                     or pipe.check_vram_management_state())
     if pipe.vram_management_enabled:
