@@ -7,6 +7,7 @@ CLIP's real file layout (246 MB of bf16, the smallest FLUX file that diffsynth r
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from bench import make_random_flux as mrf  # noqa: E402
 from engine.flux import host_memory  # noqa: E402
 from engine.flux.host_memory import frugal_loading, resident_bytes  # noqa: E402
 from engine.flux.model_files import ModelPaths  # noqa: E402
-from engine.flux.presets import make_plan  # noqa: E402
+from engine.flux.presets import make_plan, streamed  # noqa: E402
 from engine.flux.residency import STREAMED, ResidencyPlan  # noqa: E402
 from engine.flux.streaming import enable_block_streaming, measure_blocks  # noqa: E402
 
@@ -185,11 +186,13 @@ def test_the_dits_budget_reserves_what_t5_and_resident_models_will_hold(tmp_path
     mrf.write_weights(vae, {"decoder.conv_in.weight": (8, 4, 3, 3)}, 0.02, "cpu")
     paths = ModelPaths(dit="", text_encoder=str(clip_file), text_encoder_2=[str(t5_path)],
                        vae=str(vae), tokenizer="", tokenizer_2="")
-    low = make_plan("low", "cuda", 8.0, stream_dit=True)  # CLIP, VAE: diffsynth-managed
-    balanced = make_plan("balanced", "cuda", 20.0, stream_dit=True)  # resident bf16
-    assert later_resident_bytes(low, paths) == fixed
     clip_and_vae = 2 * (sum(mrf._numel(s) for s in mrf.clip_layout().values()) + 8 * 4 * 9)
-    assert later_resident_bytes(balanced, paths) == fixed + clip_and_vae
+    for preset, budget in (("low", 8.0), ("balanced", 20.0)):  # CLIP, VAE: resident bf16
+        plan = make_plan(preset, "cuda", budget, stream_dit=True)
+        assert later_resident_bytes(plan, paths) == fixed + clip_and_vae
+    managed_clip = dataclasses.replace(plan, clip=streamed("cuda", "bfloat16"))
+    vae_only = 2 * 8 * 4 * 9
+    assert later_resident_bytes(managed_clip, paths) == fixed + vae_only  # not counted
 
 
 class Blocks(torch.nn.Module):

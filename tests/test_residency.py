@@ -461,3 +461,20 @@ def test_t5_streaming_releases_its_buffers_at_diffsynths_phase_change():
     assert handle._work is None and not handle._slots
     assert handle.stats()["releases"] == releases + 1
     handle.close()
+
+
+def test_t5_phase_covers_the_t5_streamers_buffers_for_flux_t5_xxl():
+    """The constant behind ``t5_phase_bytes`` is T5-XXL's real block: measured on the model
+    built from FLUX's text_encoder_2 config (on the meta device, no weights)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from engine.flux.residency import T5_BLOCK_WEIGHTS, t5_phase_bytes
+
+    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240,
+                      num_layers=24, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    sizes, _ = measure_blocks(model, block_lists=("encoder.block",))
+    assert max(sizes) == pytest.approx(T5_BLOCK_WEIGHTS, rel=1e-4)  # float8: one byte each
+    work_and_two_slots = 2 * max(sizes) + 2 * max(sizes)
+    assert work_and_two_slots < t5_phase_bytes() < work_and_two_slots + GIB

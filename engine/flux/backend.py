@@ -66,12 +66,12 @@ class FluxBackend:
 
         assert self.plan is not None and self.paths is not None
         started = time.monotonic()
-        factory = self._factory or pipeline.build_pipeline
-        self._pipe = factory(self.plan, self.paths)
-        if self.plan.stream_t5 and self._factory is None:
-            self._t5_stream = pipeline.start_t5_streaming(self._pipe, self.plan)
-        if self.plan.streaming and self._factory is None:
-            self._stream = pipeline.start_dit_streaming(self._pipe, self.plan)
+        if self._factory is None:
+            loaded = pipeline.load_pipeline(self.plan, self.paths)
+            self._pipe, self._stream, self._t5_stream = (loaded.pipe, loaded.dit_stream,
+                                                         loaded.t5_stream)
+        else:
+            self._pipe = self._factory(self.plan, self.paths)
         self.load_seconds = time.monotonic() - started
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
 

@@ -78,7 +78,7 @@ def share_t5_embedding(t5: Any) -> bool:
     equal embeddings (not under diffsynth's VRAM layers). True when it shared them."""
     shared = getattr(t5, "shared", None)
     inner = getattr(getattr(t5, "encoder", None), "embed_tokens", None)
-    if not all(isinstance(m, torch.nn.Embedding) for m in (shared, inner)):
+    if not (isinstance(shared, torch.nn.Embedding) and isinstance(inner, torch.nn.Embedding)):
         return False
     a, b = shared.weight, inner.weight
     if a is b or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -163,7 +163,12 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> A
     pipeline).
     """
     from engine.flux.presets import GIB
-    from engine.flux.residency import dit_activation_bytes, plan_residency, vae_decode_bytes
+    from engine.flux.residency import (
+        dit_activation_bytes,
+        plan_residency,
+        t5_phase_bytes,
+        vae_decode_bytes,
+    )
     from engine.flux.streaming import enable_block_streaming, measure_blocks
 
     assert plan.budget_gib is not None, "streaming needs a known GPU budget"
@@ -171,9 +176,13 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> A
     others = others_bytes + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
     sizes, fixed = measure_blocks(pipe.dit)
     side = MAX_STREAM_SIDE
+    # the phases outside the denoising loop: the VAE decode, and streamed T5 (larger than a
+    # tiled decode)
+    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
+                t5_phase_bytes() if plan.stream_t5 else 0)
     residency = plan_residency(
         sizes, int(plan.budget_gib * GIB) - others, dit_activation_bytes(side, side),
-        fixed_bytes=fixed, phase_reserve_bytes=vae_decode_bytes(side, side, tiled=plan.vae_tiled))
+        fixed_bytes=fixed, phase_reserve_bytes=phase)
     handle = enable_block_streaming(pipe.dit, residency, plan.device)
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE

@@ -5,7 +5,7 @@ No torch here: the plan is made from numbers (the free GPU memory at start-up, o
 turns a plan into diffsynth ``ModelConfig``s.
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
-    low        float8, block streaming          on the CPU, streamed        any (8 GB cards)
+    low        float8, block streaming          T5 streamed, CLIP/VAE res.  any (6-16 GB cards)
     balanced   float8, block streaming          T5 streamed, CLIP/VAE res.  >= 18
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
@@ -43,8 +43,9 @@ LOW_FLOOR_GIB = 2.0
 FP8 = "float8_e4m3fn"
 BF16 = "bfloat16"
 # The least the block streamer runs a 1024² image with (everything streamed, tiled VAE decode):
-# residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, rounded up.
-STREAM_MIN_GIB = 3.0
+# residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, plus CLIP and the VAE resident
+# (0.4 GiB) and T5's embedding (0.25 GiB), rounded up.
+STREAM_MIN_GIB = 3.5
 
 
 @dataclass(frozen=True)
@@ -181,15 +182,15 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None, limit: floa
     """The DiT on the CPU in float8, unmanaged (the streamer lays it out after loading).
 
     T5's 4.7 B weights are loaded in float8 on the CPU too (half the RAM) and block-streamed
-    the same way (it runs once per image, so none of it needs to stay resident); ``balanced``
-    keeps CLIP and the VAE resident, ``low`` lets diffsynth stream them within ``vram_limit``."""
+    the same way (it runs once per image, so none of it needs to stay resident). CLIP and the
+    VAE (0.4 GB together) stay resident in bf16: under diffsynth's VRAM management their layers
+    would settle on the GPU whenever the device's used memory is under ``vram_limit``, taking
+    memory the streamer's plan had kept for activations (an image then ran out of memory in T5
+    after an out-of-memory re-plan at 6 GiB). So ``low`` and ``balanced`` lay out alike; the
+    residency planner fits the DiT to whatever budget is left."""
     dit = Placement(computation_device="cpu", computation_dtype=FP8)
-    if preset == "balanced":
-        return MemoryPlan("balanced", dev, dit, resident(dev), dit, resident(dev),
-                          limit, budget_gib, stream_dit=True, **extra)
-    bf16 = streamed(dev, BF16)
-    return MemoryPlan("low", dev, dit, bf16, dit, bf16, limit, budget_gib, stream_dit=True,
-                      **extra)
+    return MemoryPlan(preset, dev, dit, resident(dev), dit, resident(dev), limit, budget_gib,
+                      stream_dit=True, **extra)
 
 
 def tighter(plan: MemoryPlan) -> MemoryPlan | None:

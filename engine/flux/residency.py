@@ -104,6 +104,19 @@ def vae_decode_bytes(width: int, height: int, *, batch: int = 1, tiled: bool = F
     return _with_slack(VAE_TILED_BYTES if tiled else width * height * batch * VAE_BYTES_PER_PIXEL)
 
 
+# T5-XXL (FLUX's second text encoder): one block's weight matrices, attention 4·d² and gated
+# feed-forward 3·d·d_ff with d = 4096, d_ff = 10240
+T5_BLOCK_WEIGHTS = 4096 * (4 * 4096 + 3 * 10240)  # 192.9 M
+T5_ACTIVATION_BYTES = 256 * MIB  # 512 tokens: 64 heads of 512² scores, 10240-wide FF, position bias
+
+
+def t5_phase_bytes(slots: int = 2) -> int:
+    """Peak GPU bytes of block-streamed T5 above its resident embedding: its bf16 work buffer,
+    its float8 staging slots and its activations, with allocator slack. A phase of its own, like
+    the VAE decode: the DiT's buffers and activations are released while it runs."""
+    return _with_slack(T5_BLOCK_WEIGHTS * (2 + slots) + T5_ACTIVATION_BYTES)
+
+
 def activation_reserve_bytes(width: int, height: int, *, text_tokens: int = 512,
                              hidden: int = FLUX_HIDDEN, batch: int = 1,
                              vae_tiled: bool = False) -> int:

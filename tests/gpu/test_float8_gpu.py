@@ -35,7 +35,10 @@ def test_cuda_float8_linear_equals_the_dequantized_product() -> None:
         w = layer.weight.float() * layer.weight_scale.t()
         want = ((xq.float() * xs) @ w.t() + linear.bias.float()).reshape(got.shape)
         exact = linear(x).float()
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # fp32 accumulation
+    # Hopper's fast float8 accumulation and the bf16 output round a little differently from
+    # fp32 arithmetic: compare each token's output vector, not single elements
+    per_token = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(per_token.max()) < 1e-2
     assert float((got - exact).norm() / exact.norm()) < 0.05
 
 
