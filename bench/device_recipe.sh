@@ -7,8 +7,9 @@
 #                                               # tests, bench, float8 (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
-# BENCH_ROWS overrides the benchmark's rows (space-separated specs, see bench/bench_engine.py);
-# BENCH_BUDGET_S bounds its wall time; RANDOM_FLUX_DIR is where the checkpoint goes.
+# GPU_TESTS picks test files or ids (default tests/gpu). BENCH_ROWS overrides the benchmark's
+# rows (space-separated specs, see bench/bench_engine.py); BENCH_BUDGET_S bounds its wall time;
+# RANDOM_FLUX_DIR is where the checkpoint goes; FLOAT8_MODES: torch.compile modes for float8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +54,9 @@ device() {
   for stage in "${stages[@]}"; do
     case "$stage" in
       tests)
-        python3 -m pytest -q -p no:cacheprovider tests/gpu -m gpu 2>&1 | tee "$OUT/gpu-tests.log" \
+        # shellcheck disable=SC2086
+        python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} -m gpu 2>&1 \
+          | tee "$OUT/gpu-tests.log" \
           || echo "GPU TESTS FAILED" ;;
       bench)
         # shellcheck disable=SC2086

@@ -122,26 +122,31 @@ async def test_engine_runs_jobs_back_to_back_on_one_load(random_flux, tmp_path, 
     assert same.mean() < 0.05 and other.mean() > 0.3  # the seed decides the image
 
 
-def test_compiled_streaming_and_an_oom_replan_stay_within_the_budget(random_flux,
-                                                                      cap_gpu) -> None:
-    """``model.compile`` on the streamed DiT (warmed up at load), then the out-of-memory ladder:
-    tiling first, then a quarter less budget, which lays the streamer out again; the compiled
-    blocks keep working on the new layout."""
+def test_compiled_streaming_survives_an_oom_replan_with_a_lower_peak(random_flux,
+                                                                     cap_gpu) -> None:
+    """``model.compile`` on the streamed DiT (warmed up at load), then the out-of-memory ladder
+    on the same 8 GiB card: tiling first, then a quarter less budget, which lays the streamer
+    out again; the compiled blocks keep working on the new layout, and the image's peak drops
+    by most of the 2 GiB given up."""
     cap_gpu(8.0)
     backend = FluxBackend(model_section(random_flux, "low", 8.0, compile=True))
     try:
         backend.load()
         assert backend.compile_seconds is not None
         assert "forward" in backend._pipe.dit.blocks[0].__dict__  # compiled, not fallen back
+        torch.cuda.reset_peak_memory_stats()
+        assert_real_image(backend.generate(request(size=1024), lambda i, n: None), 1024)
+        peak_before = torch.cuda.max_memory_allocated()
         streamed_before = backend._stream.plan.streamed_bytes
         assert backend.reduce_memory() and backend.plan.vae_tiled
         assert backend.reduce_memory() and backend.plan.budget_gib == pytest.approx(6.0)
         assert backend._stream.plan.streamed_bytes > streamed_before  # fewer blocks resident
-        cap_gpu(6.0)
+        torch.cuda.reset_peak_memory_stats()
         steps: list[tuple[int, int]] = []
         image = backend.generate(request(size=1024), lambda i, n: steps.append((i, n)))
         assert len(steps) == 4
         assert_real_image(image, 1024)
-        assert torch.cuda.max_memory_allocated() <= 6.0 * GIB
+        peak_after = torch.cuda.max_memory_allocated()
+        assert peak_after < peak_before - 1.0 * GIB, (peak_before / GIB, peak_after / GIB)
     finally:
         backend.close()
