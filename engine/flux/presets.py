@@ -13,11 +13,11 @@ turns a plan into diffsynth ``ModelConfig``s.
 "Block streaming" (``model.dit_streaming``, the default) is ours: the DiT is loaded on the CPU in
 float8, and ``engine/flux/streaming.py`` keeps the blocks that fit the budget on the GPU and
 streams the rest from page-locked memory while the previous block computes (``residency.py``
-plans which). With ``dit_streaming = false`` the DiT uses diffsynth's own VRAM management
-instead (the seed's set-up in ``low``, float8 resident in ``balanced``).
-"Streamed" text encoders and VAE are diffsynth's VRAM management: a layer is copied to the GPU for
-each call, except the layers it keeps resident while the device's used memory stays under
-``vram_limit``.
+plans which); T5 is block-streamed the same way. With streaming, ``low`` and ``balanced`` lay out
+alike and differ only in the budget ``auto`` gives them. With ``dit_streaming = false`` the DiT
+uses diffsynth's own VRAM management instead (the seed's set-up in ``low``: text encoders and
+VAE streamed by diffsynth, a layer copied to the GPU per call except those it keeps while the
+device's used memory stays under ``vram_limit``; float8 resident DiT in ``balanced``).
 """
 
 from __future__ import annotations
