@@ -29,12 +29,17 @@ def escape_markdown(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+def shorten(text: str, limit: int) -> str:
+    """At most ``limit`` characters; a cut is marked with "…"."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def safe_text(text: str, *, md: bool = False, limit: int | None = None) -> str:
     """User text made safe to echo: cleaned of control/bidi/zero-width characters, shortened,
     mass mentions defused, Markdown escaped if asked."""
     text = clean_prompt(text)
-    if limit is not None and len(text) > limit:
-        text = text[: limit - 1].rstrip() + "…"
+    if limit is not None:
+        text = shorten(text, limit)
     text = _MASS_MENTION.sub("@\u200d\\1", text)
     return escape_markdown(text) if md else text
 

@@ -34,7 +34,7 @@ from telegram.ext import (
 
 from bot import render
 from bot.secrets_filter import SecretFilter
-from bot.telegram_jobs import CANCEL, REROLL, JobFollower, clip
+from bot.telegram_jobs import CANCEL, REROLL, JobFollower
 from bot.telegram_limiter import ACK, PriorityRateLimiter
 from engine import variants
 from engine.config import Config
@@ -256,7 +256,7 @@ class TelegramAdapter:
             log.exception("telegram: button %r failed", query.data)
             text, alert = render.internal_error(), True
         try:
-            await query.answer(clip(text, CALLBACK_ANSWER_CHARS) if text else None,
+            await query.answer(render.shorten(text, CALLBACK_ANSWER_CHARS) if text else None,
                                show_alert=alert)
         except TelegramError as exc:  # the query may have expired (15 s); nothing to do
             log.info("telegram: answering a button press failed: %s", exc)
@@ -305,7 +305,7 @@ class TelegramAdapter:
         # Message.reply_text cannot carry rate_limit_args; this is what it sends.
         thread_id = message.message_thread_id if message.is_topic_message else None
         await message.get_bot().send_message(
-            message.chat_id, clip(text, MessageLimit.MAX_TEXT_LENGTH),
+            message.chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
             reply_parameters=ReplyParameters(message.message_id, allow_sending_without_reply=True),
             message_thread_id=thread_id, rate_limit_args=ACK)
 

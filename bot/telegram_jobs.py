@@ -62,10 +62,6 @@ def result_keyboard(job_id: str) -> InlineKeyboardMarkup:
     return _one_button("🎲 Re-roll", REROLL, job_id)
 
 
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def is_permanent(exc: BaseException) -> bool:
     """Errors a retry cannot fix: the bot was blocked or removed, the chat is gone, bad token."""
     return isinstance(exc, (Forbidden, BadRequest, InvalidToken))
@@ -248,7 +244,7 @@ class JobFollower:
 
     async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
         request = result.request
-        caption = clip(render.caption(result, job.user.display_name),
+        caption = render.shorten(render.caption(result, job.user.display_name),
                        MessageLimit.CAPTION_LENGTH)
         markup = result_keyboard(job.id)
         if (len(result.png) <= PHOTO_MAX_BYTES
@@ -271,8 +267,8 @@ class JobFollower:
         async def send() -> str:
             if status is not None and await status.finish(text):
                 return f"telegram:{target.chat_id}/{status.message.message_id}"
-            sent = await self.bot.send_message(text=clip(text, MessageLimit.MAX_TEXT_LENGTH),
-                                               **target.kwargs())
+            short = render.shorten(text, MessageLimit.MAX_TEXT_LENGTH)
+            sent = await self.bot.send_message(text=short, **target.kwargs())
             return f"telegram:{target.chat_id}/{sent.message_id}"
 
         await deliver(self.engine, job, send, policy=self.policy, is_permanent=is_permanent)

@@ -81,3 +81,12 @@ def test_tokens_from_environment_win(monkeypatch):
     assert cfg.discord_token == "from-file"
     monkeypatch.setenv("DISCORD_TOKEN", "from-env")
     assert cfg.discord_token == "from-env"
+
+
+def test_shorten_keeps_short_text_and_marks_a_cut_within_the_limit() -> None:
+    from bot.render import shorten
+
+    assert shorten("a red fox", 9) == "a red fox"
+    assert shorten("a red fox in snow", 9) == "a red fo…"
+    assert shorten("a red fox in snow", 7) == "a red…"  # no space left before the mark
+    assert len(shorten("x" * 5000, 4096)) == 4096
