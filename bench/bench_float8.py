@@ -31,17 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_streaming import (  # noqa: E402
     BF16,
-    compile_forwards,
     denoise,
     flux_inputs,
     random_flux_dit,
-    uncompile,
 )
 from engine.flux.float8_compute import (  # noqa: E402
     Float8Linear,
     check_float8_matmul,
     enable_float8_compute,
 )
+from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks  # noqa: E402
 
 GROUPS = (  # profiler kernel names -> what they are (first match wins)
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -132,7 +131,7 @@ def measure(dit: torch.nn.Module, inputs: dict[str, Any], steps: int, label: str
     started = time.perf_counter()
     if compile_blocks:
         torch._dynamo.reset()  # a fresh compile per row: its cost is part of the row
-        compile_forwards(dit, mode)
+        compile_dit_blocks(dit, mode)
         denoise(dit, inputs, 1)  # the compile happens here
         row["compile_s"] = time.perf_counter() - started
     row.update(time_steps(dit, inputs, steps))
@@ -143,7 +142,7 @@ def measure(dit: torch.nn.Module, inputs: dict[str, Any], steps: int, label: str
     if inputs["latents"].is_cuda:
         row["weights_gib"] = torch.cuda.memory_allocated() / 2**30
     if compile_blocks:
-        uncompile(dit)
+        uncompile_dit_blocks(dit)
     print(json.dumps(row), flush=True)
     return row
 

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_measure import time_cuda  # noqa: E402
+from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks  # noqa: E402
 from engine.flux.residency import (  # noqa: E402
     GIB,
     dit_activation_bytes,
@@ -154,20 +155,6 @@ def vae_peaks(sizes: list[int]) -> dict[str, float]:
 
 
 # -- rows ---------------------------------------------------------------------------------------
-def compile_forwards(dit: torch.nn.Module, mode: str | None = None) -> None:
-    """The engine's regional compilation (each block type's forward once, the streamer's hooks
-    outside the graph); ``uncompile`` undoes it."""
-    from engine.flux.pipeline import compile_dit_blocks
-
-    compile_dit_blocks(dit, mode)
-
-
-def uncompile(dit: torch.nn.Module) -> None:
-    from engine.flux.pipeline import uncompile_dit_blocks
-
-    uncompile_dit_blocks(dit)
-
-
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
 
@@ -198,7 +185,7 @@ def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: 
     handle = enable_block_streaming(dit, plan, "cuda", cast=cast)
     setup_s = time.perf_counter() - started
     if compile_blocks:
-        compile_forwards(dit)
+        compile_dit_blocks(dit)
     rows = []
     try:
         for size in sizes:
@@ -227,7 +214,7 @@ def ours_rows(dit: torch.nn.Module, cap: float | None, sizes: list[int], steps: 
     finally:
         handle.close()
         if compile_blocks:
-            uncompile(dit)
+            uncompile_dit_blocks(dit)
     return rows
 
 
