@@ -94,7 +94,7 @@ class Float8Report:
                 f"{self.bytes_after / 2**30:.1f} GiB")
 
 
-def convertible(name: str, module: torch.nn.Module, parent: torch.nn.Module) -> bool:
+def convertible(module: torch.nn.Module, parent: torch.nn.Module) -> bool:
     """A block's linear layer worth float8: not a modulation layer (its input is one token per
     image) and with both dimensions divisible by 16."""
     if not isinstance(module, torch.nn.Linear):
@@ -113,7 +113,7 @@ def enable_float8_compute(dit: torch.nn.Module) -> Float8Report:
             for name, child in list(parent.named_children()):
                 if isinstance(child, Float8Linear):
                     continue
-                if not convertible(name, child, parent):
+                if not convertible(child, parent):
                     kept += isinstance(child, torch.nn.Linear)
                     continue
                 assert isinstance(child, torch.nn.Linear)

@@ -8,6 +8,7 @@ keeps the host's peak memory lowest (``host_memory.py`` keeps each load near the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -263,20 +264,13 @@ def later_resident_bytes(plan: MemoryPlan, paths: ModelPaths) -> int:
     total = 0
     if plan.stream_t5:
         shapes = load_keys_dict(list(paths.text_encoder_2))
-        total += 2 * sum(_numel(shape) for key, shape in shapes.items()
+        total += 2 * sum(math.prod(shape) for key, shape in shapes.items()
                          if not (key.startswith("encoder.block.") and len(shape) >= 2))
     for path, placement in ((paths.text_encoder, plan.clip), (paths.vae, plan.vae)):
         if not placement.managed and placement.computation_device != "cpu":
-            item = torch.empty(0, dtype=torch_dtype(placement.computation_dtype)).element_size()
-            total += item * sum(_numel(shape) for shape in load_keys_dict(path).values())
+            item = _DTYPES[placement.computation_dtype].itemsize
+            total += item * sum(math.prod(shape) for shape in load_keys_dict(path).values())
     return total
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:

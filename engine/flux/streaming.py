@@ -76,8 +76,7 @@ def measure_blocks(dit: torch.nn.Module, storage_dtype: torch.dtype = torch.floa
     the compute dtype: non-block weights plus every block's biases and norm scales)."""
     _refuse_managed(dit)
     blocks = dit_blocks(dit, block_lists)
-    item_s = torch.empty(0, dtype=storage_dtype).element_size()
-    item_c = torch.empty(0, dtype=compute_dtype).element_size()
+    item_s, item_c = storage_dtype.itemsize, compute_dtype.itemsize
     sizes = [sum(_aligned(p.numel()) for p in b.parameters() if _is_packed(p)) * item_s
              for b in blocks]
     in_blocks = {id(p) for b in blocks for p in b.parameters() if _is_packed(p)}
