@@ -237,10 +237,10 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
             if handle is not None:
                 handle.close()
         raise
-    pipe.vram_management_enabled = (getattr(pipe, "vram_management_enabled", False)
-                                    or pipe.check_vram_management_state())
-    if pipe.vram_management_enabled:
-        stream.follow_pipeline_phases()  # as start_dit_streaming does when loaded last
+    # diffsynth's phase changes (text encoders -> DiT -> VAE) release the streamers' buffers;
+    # it makes them only when the pipeline says so (start_t5_streaming has said it already)
+    pipe.vram_management_enabled = True
+    stream.follow_pipeline_phases()
     return loaded
 
 
