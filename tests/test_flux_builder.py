@@ -301,13 +301,14 @@ class FakePipe:
         return Image.new("RGB", (kwargs["width"], kwargs["height"]))
 
 
-def cpu_backend(tmp_path: Path, **model) -> tuple[FluxBackend, list[FakePipe]]:
+def cpu_backend(tmp_path: Path, pipe_class: type[FakePipe] | None = None,
+                **model) -> tuple[FluxBackend, list[FakePipe]]:
     config = ModelSection(models_dir=str(tmp_path), device="cpu", **model)
     fill(tmp_path, config)
     built: list[FakePipe] = []
 
     def factory(plan, paths):
-        built.append(FakePipe(plan, paths))
+        built.append((pipe_class or FakePipe)(plan, paths))
         return built[-1]
 
     return FluxBackend(config, pipeline_factory=factory), built
@@ -349,46 +350,16 @@ def test_backend_says_clearly_when_cuda_is_missing(tmp_path: Path) -> None:
         FluxBackend(config).load()
 
 
-def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, caplog) -> None:
-    from engine.flux.float8_compute import Float8Linear
-
-    def with_dit(backend, built):
-        class PipeWithDiT(FakePipe):
-            def __init__(self, plan, paths) -> None:
-                super().__init__(plan, paths)
-                self.dit = torch.nn.Module()
-                block = torch.nn.Sequential(torch.nn.Linear(32, 64).to(torch.bfloat16))
-                self.dit.blocks = torch.nn.ModuleList([block])
-
-        def factory(plan, paths):
-            built.append(PipeWithDiT(plan, paths))
-            return built[-1]
-
-        backend._factory = factory
-        return backend, built
-
-    backend, built = with_dit(*cpu_backend(tmp_path, preset="max", float8_compute=True))
-    backend.load()
-    assert isinstance(built[0].dit.blocks[0][0], Float8Linear)
-    assert backend.float8 is not None and backend.float8.layers == 1
-    backend.close()
-    assert backend.float8 is None
-
-    backend, built = with_dit(*cpu_backend(tmp_path, preset="low", float8_compute=True))
-    with caplog.at_level("WARNING"):
-        backend.load()
-    assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
-    assert "float8_compute needs the max preset" in caplog.text
-
-
 class PipeWithBlocks(FakePipe):
-    """A fake pipeline whose DiT has block lists, and whose call can fail like a compiler."""
+    """A fake pipeline whose DiT has block lists (one float8-sized linear, one too small for
+    float8), and whose call can fail like a compiler."""
 
     def __init__(self, plan, paths) -> None:
         super().__init__(plan, paths)
         self.fail_with: BaseException | None = None
         self.dit = torch.nn.Module()
-        self.dit.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        self.dit.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(n, 2 * n).to(torch.bfloat16)) for n in (32, 4))
         self.dit.single_blocks = torch.nn.ModuleList([torch.nn.Identity()])
 
     def __call__(self, **kwargs):
@@ -397,11 +368,27 @@ class PipeWithBlocks(FakePipe):
         return super().__call__(**kwargs)
 
 
+def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, caplog) -> None:
+    from engine.flux.float8_compute import Float8Linear
+
+    backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max", float8_compute=True)
+    backend.load()
+    assert isinstance(built[0].dit.blocks[0][0], Float8Linear)
+    assert backend.float8 is not None and backend.float8.layers == 1
+    backend.close()
+    assert backend.float8 is None
+
+    backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="low", float8_compute=True)
+    with caplog.at_level("WARNING"):
+        backend.load()
+    assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
+    assert "float8_compute needs the max preset" in caplog.text
+
+
 def compiling_backend(tmp_path: Path, monkeypatch, fail_with=None):
     """A loaded max backend on a fake pipe, its plan pointed at a CUDA device (the fake never
     touches it: torch.cuda.synchronize is replaced) so that _compile runs."""
-    backend, built = cpu_backend(tmp_path, preset="max")
-    backend._factory = lambda plan, paths: built.append(PipeWithBlocks(plan, paths)) or built[-1]
+    backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max")
     backend.load()
     backend.plan = dataclasses.replace(backend.plan, device="cuda")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -442,7 +429,6 @@ def test_running_out_of_memory_while_warming_up_is_not_hidden(tmp_path: Path,
 
 
 def test_compile_is_skipped_off_cuda(tmp_path: Path) -> None:
-    backend, built = cpu_backend(tmp_path, preset="max", compile=True)
-    backend._factory = lambda plan, paths: built.append(PipeWithBlocks(plan, paths)) or built[-1]
+    backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max", compile=True)
     backend.load()
     assert "forward" not in built[0].dit.blocks[0].__dict__ and not built[0].calls
