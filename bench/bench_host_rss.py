@@ -6,8 +6,8 @@
 
 ROOT is a FLUX.1-dev folder (``flux1-dev.safetensors``, ``text_encoder/``, ``text_encoder_2/``,
 ``ae.safetensors``, the tokenizers): the real one, or the random one that
-``bench/make_random_flux.py`` writes (``--write-checkpoint`` writes its large files one tensor at a
-time, for machines with less RAM than the 24 GB DiT file). Runs the product's load path
+``bench/make_random_flux.py`` writes (``--write-checkpoint`` runs it for ``--parts``; it writes
+one tensor at a time, so machines with less RAM than the 24 GB DiT file can too). Runs the product's load path
 (``pipeline.load_pipeline``; ``--order built``: ``build_pipeline``, ``start_t5_streaming``,
 ``start_dit_streaming``) and prints, per phase, the resident set at its end (VmRSS), the most a
 20 ms sampler saw during it, and the process's peak (ru_maxrss, what bench_measure.py reports).
@@ -20,10 +20,8 @@ some models (``--order built``); ``--abort-above-gib`` stops the run before it c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import struct
 import sys
 import threading
 import time
@@ -35,17 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.flux.host_memory import resident_bytes  # noqa: E402
+
 GIB = 1024**3
 PARTS = ("dit", "clip", "t5", "vae")
-
-
-def vm_rss() -> int:
-    """Bytes resident now (anonymous and file-backed pages), from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def peak_rss() -> int:
@@ -76,7 +67,7 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            rss = vm_rss()
+            rss = resident_bytes()
             phase = self._current
             if phase is not None:
                 phase.sampled_max = max(phase.sampled_max, rss)
@@ -91,7 +82,7 @@ class Recorder:
     def phase(self, name: str) -> Iterator[Phase]:
         outer = self._current
         indent = "" if outer is None else outer.name[:len(outer.name) - len(outer.name.lstrip())]
-        record = Phase(("" if outer is None else indent + "  ") + name, sampled_max=vm_rss())
+        record = Phase(("" if outer is None else indent + "  ") + name, sampled_max=resident_bytes())
         self.phases.append(record)
         self._current = record
         started = time.monotonic()
@@ -99,7 +90,7 @@ class Recorder:
             yield record
         finally:
             record.seconds = time.monotonic() - started
-            record.end, record.peak = vm_rss(), peak_rss()
+            record.end, record.peak = resident_bytes(), peak_rss()
             record.sampled_max = max(record.sampled_max, record.end)
             self._current = outer
             if outer is not None:
@@ -140,13 +131,13 @@ def only_parts(parts: tuple[str, ...]) -> None:
 
 
 def paths_under(root: Path) -> Any:
+    from bench import make_random_flux as mrf
     from engine.flux.model_files import ModelPaths
 
-    shards = sorted(str(p) for p in (root / "text_encoder_2").glob("*.safetensors"))
-    return ModelPaths(dit=str(root / "flux1-dev.safetensors"),
-                      text_encoder=str(root / "text_encoder" / "model.safetensors"),
-                      text_encoder_2=shards, vae=str(root / "ae.safetensors"),
-                      tokenizer=str(root / "tokenizer"), tokenizer_2=str(root / "tokenizer_2"))
+    return ModelPaths(dit=str(root / mrf.DIT_FILE), text_encoder=str(root / mrf.CLIP_FILE),
+                      text_encoder_2=[str(root / f) for f in mrf.T5_FILES],
+                      vae=str(root / mrf.VAE_FILE), tokenizer=str(root / "tokenizer"),
+                      tokenizer_2=str(root / "tokenizer_2"))
 
 
 def gpu_share(handle: Any) -> int:
@@ -263,46 +254,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- a random checkpoint, written one tensor at a time -----------------------------------------
-def write_streaming(path: Path, layout: dict[str, tuple[int, ...]], std: float = 0.02) -> int:
-    """A bf16 safetensors file of N(0, std²) values without holding it in memory."""
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, shape in layout.items():
-        size = 2 * int(torch.Size(shape).numel())
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
-    generator = torch.Generator().manual_seed(len(layout))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for shape in layout.values():
-            t = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, std, generator=generator)
-            f.write(t.view(torch.int16).numpy().tobytes())
-    return offset
-
-
-def write_checkpoint(outdir: Path, parts: tuple[str, ...]) -> int:
-    from bench import make_random_flux as mrf
-
-    root = outdir / mrf.REPO_DIR
-    layout = mrf.flux_layout()
-    for part in parts:
-        for rel in mrf.files_of(part):
-            started = time.monotonic()
-            size = write_streaming(root / rel, layout[rel])
-            print(f"{rel}: {size / 1e9:.2f} GB in {time.monotonic() - started:.1f} s", flush=True)
-        if part == "t5":
-            mrf.write_t5_index(root, layout)
-    small = [p for p in ("clip", "vae") if p in parts]
-    mrf.make(outdir, (*small, "tokenizers"))  # small files: make_random_flux's own writer
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", nargs="?", help="the FLUX.1-dev folder")
@@ -326,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if args.write_checkpoint is not None:
-        return write_checkpoint(args.write_checkpoint, tuple(args.parts.split(",")))
+        from bench import make_random_flux as mrf
+
+        mrf.make(args.write_checkpoint, (*args.parts.split(","), "tokenizers"))
+        return 0
     if args.root is None:
         parser.error("give the FLUX.1-dev folder (or --write-checkpoint DIR)")
     if args.parts != ",".join(PARTS) and args.order != "built":

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import string
+import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 Shape = tuple[int, ...]
 Layout = dict[str, Shape]
@@ -191,19 +193,28 @@ def files_of(part: str) -> tuple[str, ...]:
 
 # -- writing ----------------------------------------------------------------------------------
 def write_weights(path: Path, layout: Layout, std: float, device: str, metadata: dict | None = None) -> int:
-    """Draw every tensor on ``device`` (bf16, N(0, std²)), then save it; returns bytes written."""
+    """Draw every tensor on ``device`` (bf16, N(0, std²)) and write it at once, one tensor at a
+    time: the safetensors header first (computed from the layout), then each tensor's bytes, so
+    the 24 GB DiT file never sits in memory. Returns bytes written."""
     import torch
-    from safetensors.torch import save_file
 
-    generator = torch.Generator(device=device).manual_seed(len(layout))
-    tensors = {}
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
     for key, shape in layout.items():
-        t = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        t.normal_(0.0, std, generator=generator)
-        tensors[key] = t.cpu()
+        size = 2 * _numel(shape)
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    generator = torch.Generator(device=device).manual_seed(len(layout))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for shape in layout.values():
+            t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            t.normal_(0.0, std, generator=generator)
+            f.write(t.cpu().view(torch.int16).numpy().tobytes())
+    return offset
 
 
 def write_t5_index(root: Path, layout: dict[str, Layout]) -> None:
