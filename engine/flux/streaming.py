@@ -4,6 +4,7 @@
     plan = plan_residency(sizes, budget, activation_reserve_bytes(1024, 1024), fixed_bytes=fixed)
     handle = enable_block_streaming(dit, plan, "cuda")      # once; weights stay put afterwards
     ... run the pipeline (diffsynth's model_fn calls each block as a module) ...
+    handle.relayout(tighter_plan)                           # after an OOM: blocks move, no reload
     handle.stats()["bytes_streamed_per_pass"]; handle.close()  # back to a CPU module
 
 Why not diffsynth's VRAM layers: a layer left on the CPU is cast to bf16 on the CPU and copied
@@ -13,10 +14,12 @@ stream while the previous block computes (the copy engine runs at PCIe speed, ~5
 H100), then cast to bf16 on the GPU in one kernel.
 
 Memory layout (made once; nothing is allocated per call):
-- a block's weight matrices (2-D parameters) are packed into one flat float8 buffer: on the GPU
-  for ``fp8`` blocks, in one page-locked host buffer for ``streamed`` blocks; each block's
+- a block's weight matrices (2-D parameters) are packed into one flat float8 buffer of its own:
+  on the GPU for ``fp8`` blocks, page-locked host memory for ``streamed`` blocks; each block's
   original weights are freed as soon as it is packed (and glibc's free heap pages given back),
-  so the host holds each weight once while the buffer fills;
+  so the host holds each weight once. One buffer a block lets ``relayout`` move single blocks
+  between the GPU and the host: a tighter plan after an out-of-memory error adds to the host
+  only the blocks it sends there, never a second copy of the DiT;
 - every ``fp8``/``streamed`` block's weight parameters are views into ONE shared bf16 work
   buffer; a forward pre-hook casts the block's float8 bytes into it just before it runs (only
   one block computes at a time, so they can share it);
@@ -27,6 +30,11 @@ Memory layout (made once; nothing is allocated per call):
 
 Ordering: the compute stream waits for a slot's ``copied`` event before its cast; the side
 stream waits for the slot's ``free`` event (recorded after that cast) before reusing it.
+
+Failure: an exception in any block (out of memory, a cancelled job) can leave a pass half done.
+The state stays usable: the work buffer and the slots are made all at once or not at all, a
+block called out of the expected order restarts the prefetch there, and ``release_buffers``
+(which the backend calls after every failed pass) waits for copies in flight and drops them.
 """
 
 from __future__ import annotations
@@ -100,6 +108,7 @@ class _Block:
     params: list[tuple[torch.nn.Parameter, int, torch.Size]]  # packed weight, offset, shape
     numel: int  # packed elements, aligned
     source: torch.Tensor | None = None  # float8 flat: GPU (fp8) or page-locked host (streamed)
+    pinned: bool = False  # source registered with cudaHostRegister
 
 
 class StreamingHandle:
@@ -115,8 +124,7 @@ class StreamingHandle:
         self._cuda = device.type == "cuda"
         self._blocks: list[_Block] = []
         self._hooks: list[Any] = []
-        self._host: torch.Tensor | None = None
-        self._pinned = False
+        self._pinned = False  # any streamed block is page-locked
         self._work: torch.Tensor | None = None
         self._slots: list[torch.Tensor] = []
         self._copied: list[Any] = []
@@ -126,6 +134,7 @@ class StreamingHandle:
         self._issued: deque[tuple[int, int]] = deque()  # (block index, slot) copied or on the way
         self._next_pos = 0  # position in _order of the next block to issue
         self._next_slot = 0
+        self.others_bytes = 0  # GPU bytes of the other models, kept aside by re-plans
         self.passes = 0
         self.bytes_streamed = 0
         self.restarts = 0  # times the call order differed from the prefetch order
@@ -139,8 +148,9 @@ class StreamingHandle:
                              f"has {len(blocks)} blocks")
         self._move_fixed(blocks)
         self._blocks = [self._describe(i, b) for i, b in enumerate(blocks)]
-        self._pack_resident()
-        self._pack_streamed()
+        for block in self._blocks:  # from the CPU module: params hold the float8 weights
+            self._place_from_cpu(block)
+        self._order = self._streamed_order()
         self._make_buffers()
         self._warm_cast()
         for block, module in zip(self._blocks, blocks, strict=True):
@@ -168,35 +178,33 @@ class StreamingHandle:
             flat[off:off + p.numel()].copy_(p.data.reshape(-1))
         block.source = flat
 
-    def _pack_resident(self) -> None:
-        fp8 = [b for b in self._blocks if b.placement == FP8]
-        store = torch.empty(sum(b.numel for b in fp8), dtype=self.storage_dtype,
-                            device=self.device)
-        offset = 0
-        for b in fp8:
-            self._pack(b, store[offset:offset + b.numel])
-            offset += b.numel
-            self._release(b)  # until the work buffer exists: drop the host copy now
-            release_free_heap()
-        for b in self._blocks:
-            if b.placement == BF16:
-                for p, _, _ in b.params:
-                    p.data = p.data.to(self.device, self.compute_dtype)
-
-    def _pack_streamed(self) -> None:
-        streamed = [b for b in self._blocks if b.placement == STREAMED]
-        self._order = [b.index for b in streamed]
-        total = sum(b.numel for b in streamed)
-        if not total:
+    def _place_from_cpu(self, block: _Block) -> None:
+        """Lay one block out from the CPU module's float8 weights (at set-up)."""
+        if block.placement == BF16:
+            for p, _, _ in block.params:
+                p.data = p.data.to(self.device, self.compute_dtype)
             return
-        self._host = torch.empty(total, dtype=self.storage_dtype)  # pageable until registered
-        offset = 0
-        for b in streamed:
-            self._pack(b, self._host[offset:offset + b.numel])
-            offset += b.numel
-            self._release(b)
-            release_free_heap()  # so the buffer's pages replace the weights', not add to them
-        self._pinned = self._cuda and _register_host(self._host)
+        on_gpu = block.placement == FP8
+        flat = torch.empty(block.numel, dtype=self.storage_dtype,
+                           device=self.device if on_gpu else "cpu")
+        self._pack(block, flat)
+        self._release(block)
+        release_free_heap()  # so the buffer's pages replace the weights', not add to them
+        if not on_gpu:
+            self._pin(block)
+
+    def _pin(self, block: _Block) -> None:
+        assert block.source is not None
+        block.pinned = self._cuda and _register_host(block.source)
+        self._pinned = self._pinned or block.pinned
+
+    def _unpin(self, block: _Block) -> None:
+        if block.pinned and block.source is not None:
+            _unregister_host(block.source)
+        block.pinned = False
+
+    def _streamed_order(self) -> list[int]:
+        return [b.index for b in self._blocks if b.placement == STREAMED]
 
     def _release(self, block: _Block) -> None:
         """Point the block's weights at nothing (freeing their CPU storage) until
@@ -206,22 +214,33 @@ class StreamingHandle:
 
     def _make_buffers(self) -> None:
         """Allocate the work buffer and the staging slots and point the cast blocks' weights
-        into the work buffer (at set-up, and again after ``release_buffers``)."""
+        into the work buffer (at set-up, and again after ``release_buffers``). All or nothing:
+        an out-of-memory error on the last slot leaves no half-made state behind."""
         cast = [b for b in self._blocks if b.placement != BF16]
-        if cast:
-            self._work = torch.empty(max(b.numel for b in cast), dtype=self.compute_dtype,
-                                     device=self.device)
-            for b in cast:
-                for p, off, shape in b.params:
-                    p.data = self._work[off:off + shape.numel()].view(shape)
+        if not cast:
+            return
+        work = torch.empty(max(b.numel for b in cast), dtype=self.compute_dtype,
+                           device=self.device)
+        slots: list[torch.Tensor] = []
         if self._order:
             size = max(self._blocks[i].numel for i in self._order)
-            self._slots = [torch.empty(size, dtype=self.storage_dtype, device=self.device)
-                           for _ in range(self.plan.slots)]
-            if not self._copied:
-                self._copied = [self._event() for _ in self._slots]
-                self._free = [self._event() for _ in self._slots]
-                self._side = torch.cuda.Stream(self.device) if self._cuda else None
+            slots = [torch.empty(size, dtype=self.storage_dtype, device=self.device)
+                     for _ in range(self.plan.slots)]
+        if slots and len(self._copied) != len(slots):
+            self._copied = [self._event() for _ in slots]
+            self._free = [self._event() for _ in slots]
+        if slots and self._side is None and self._cuda:
+            self._side = torch.cuda.Stream(self.device)
+        for b in cast:
+            for p, off, shape in b.params:
+                p.data = work[off:off + shape.numel()].view(shape)
+        self._work, self._slots = work, slots
+        self._issued.clear()
+        self._next_slot = 0
+
+    @property
+    def _ready(self) -> bool:
+        return self._work is not None and (bool(self._slots) or not self._order)
 
     def _warm_cast(self) -> None:
         """Compile the cast for each block size now (start-up), not in the first user's step;
@@ -250,8 +269,8 @@ class StreamingHandle:
         def hook(module: torch.nn.Module, args: Any) -> None:
             if first:
                 self.passes += 1
-            if block.placement != BF16 and self._work is None:
-                self._make_buffers()  # released between denoising loops
+            if block.placement != BF16 and not self._ready:
+                self._make_buffers()  # released between denoising loops, or after a failure
             if block.placement == FP8:
                 self._cast(block, block.source)
             elif block.placement == STREAMED:
@@ -296,7 +315,7 @@ class StreamingHandle:
         if self._cuda:
             with torch.cuda.stream(self._side):
                 self._side.wait_event(self._free[slot])
-                dst.copy_(block.source, non_blocking=self._pinned)
+                dst.copy_(block.source, non_blocking=block.pinned)
                 self._copied[slot].record(self._side)
         else:
             dst.copy_(block.source)
@@ -307,7 +326,7 @@ class StreamingHandle:
         """Free the work buffer and the staging slots, idle outside the denoising loop, so the
         VAE decode and the text encoders can use that memory; the next block call allocates
         them again (and restarts the prefetch). Resident blocks stay resident."""
-        if self._work is None and not self._slots:
+        if self._work is None and not self._slots and not self._issued:
             return
         if self._cuda and self._side is not None:
             # copies still landing in a slot must finish before its memory is reused
@@ -317,6 +336,7 @@ class StreamingHandle:
                 self._release(b)
         self._work, self._slots = None, []
         self._issued.clear()
+        self._next_slot = 0
         self.releases += 1
 
     def follow_pipeline_phases(self) -> None:
@@ -339,7 +359,8 @@ class StreamingHandle:
             "pinned": self._pinned,
             "restarts": self.restarts,
             "releases": self.releases,
-            "host_bytes": 0 if self._host is None else self._host.nbytes,
+            "host_bytes": sum(b.source.nbytes for b in self._blocks
+                              if b.placement == STREAMED and b.source is not None),
         }
 
     def close(self) -> None:
@@ -359,9 +380,7 @@ class StreamingHandle:
         for p in self.dit.parameters():
             if p.device != torch.device("cpu"):
                 p.data = p.data.cpu()
-        if self._pinned and self._host is not None:
-            _unregister_host(self._host)
-        self._host, self._work, self._slots, self._blocks = None, None, [], []
+        self._work, self._slots, self._blocks = None, [], []
         self._issued.clear()
 
     def _unpack(self, b: _Block) -> None:
@@ -371,6 +390,69 @@ class StreamingHandle:
             else:  # a host view stays valid (pageable) once unregistered
                 assert b.source is not None
                 p.data = b.source[off:off + shape.numel()].view(shape).to("cpu")
+        self._unpin(b)
+        b.source = None
+
+    # -- re-planning -----------------------------------------------------------------------
+    def relayout(self, plan: ResidencyPlan) -> None:
+        """Move blocks to the placements of ``plan`` (same blocks, another budget) in place.
+
+        Blocks leave the GPU before any arrive, so a tighter plan needs no GPU memory to get
+        there, and the host gains only the blocks sent to it. If a move fails, the blocks
+        already moved go back and the old plan stays in force (then the error propagates)."""
+        if plan.block_bytes != self.plan.block_bytes:
+            raise ValueError("relayout needs a plan for the same blocks")
+        self.release_buffers()
+        moves = [(b, plan.placements[b.index]) for b in self._blocks
+                 if b.placement != plan.placements[b.index]]
+        moves.sort(key=lambda move: move[1] != STREAMED)  # to the host first
+        done: list[tuple[_Block, str]] = []
+        try:
+            for block, target in moves:
+                before = block.placement
+                self._move(block, target)
+                done.append((block, before))
+        except BaseException:
+            for block, before in reversed(done):
+                self._move(block, before)
+            self._order = self._streamed_order()
+            raise
+        self.plan = plan
+        self._order = self._streamed_order()
+        self._next_pos = 0
+        self._pinned = any(b.pinned for b in self._blocks)
+        log.info("block streaming re-planned: %s", plan.describe())
+
+    def _move(self, block: _Block, target: str) -> None:
+        """One block from its placement to ``target``. Cast blocks' params point at nothing
+        here (``release_buffers`` ran); a bf16 block's params hold its GPU weights."""
+        if block.placement == BF16:  # exact: the bf16 weights were float8 values
+            flat = torch.empty(block.numel, dtype=self.storage_dtype,
+                               device=self.device if target == FP8 else "cpu")
+            self._pack(block, flat)
+            self._release(block)
+        elif target == BF16:
+            assert block.source is not None
+            for p, off, shape in block.params:
+                p.data = block.source[off:off + shape.numel()].view(shape).to(
+                    self.device, self.compute_dtype)
+            self._unpin(block)
+            block.source = None
+        else:  # fp8 <-> streamed
+            assert block.source is not None
+            old = block.source
+            block.source = old.to(self.device if target == FP8 else "cpu")
+            if target == FP8:
+                self._unpin_tensor(block, old)
+        block.placement = target
+        if target == STREAMED:
+            self._pin(block)
+        release_free_heap()
+
+    def _unpin_tensor(self, block: _Block, tensor: torch.Tensor) -> None:
+        if block.pinned:
+            _unregister_host(tensor)
+        block.pinned = False
 
     def __enter__(self) -> StreamingHandle:
         return self
