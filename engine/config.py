@@ -94,6 +94,7 @@ class ModelSection:
     compile: bool = True
     dit_streaming: bool = True
     float8_compute: bool = False
+    expandable_segments: bool = True
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"

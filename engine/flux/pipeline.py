@@ -122,11 +122,6 @@ def step_reporter(on_step: Callable[[int, int], None],
     return progress
 
 
-# Images the streamer budgets activations for: the grammar caps images at 1,048,576 pixels, and
-# the DiT's activations depend only on the pixel count (tokens), so 1024² covers every shape.
-MAX_STREAM_SIDE = 1024
-
-
 T5_BLOCKS = ("encoder.block",)  # transformers' T5EncoderModel, which diffsynth's T5 encoder is
 
 
@@ -153,16 +148,12 @@ def start_t5_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> Any:
-    """Lay the CPU float8 DiT out for block streaming within the plan's budget.
-
-    The budget is what the plan allows the whole pipeline, less what is already resident on the
-    GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed) and
-    ``others_bytes`` (what models loaded later will keep there); the VAE decode and text
-    encoders run while the streamer's buffers are released, so the decode is budgeted as a
-    separate phase. Returns the ``StreamingHandle`` (``close()`` it before dropping the
-    pipeline).
-    """
+def dit_residency(plan: MemoryPlan, block_bytes: list[int] | tuple[int, ...], fixed_bytes: int,
+                  others_bytes: int) -> Any:
+    """The DiT's ``ResidencyPlan`` under ``plan``: its allocator budget less ``others_bytes``
+    (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
+    for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
+    phases of their own (they run while the streamer's buffers are released)."""
     from engine.flux.presets import GIB
     from engine.flux.residency import (
         dit_activation_bytes,
@@ -170,21 +161,33 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> A
         t5_phase_bytes,
         vae_decode_bytes,
     )
-    from engine.flux.streaming import enable_block_streaming, measure_blocks
 
     assert plan.budget_gib is not None, "streaming needs a known GPU budget"
+    side = plan.reserve_side
+    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
+                t5_phase_bytes() if plan.stream_t5 else 0)
+    return plan_residency(block_bytes, int(plan.budget_gib * GIB) - others_bytes,
+                          dit_activation_bytes(side, side), fixed_bytes=fixed_bytes,
+                          phase_reserve_bytes=phase)
+
+
+def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> Any:
+    """Lay the CPU float8 DiT out for block streaming within the plan's budget.
+
+    The budget is what the plan allows the whole pipeline, less what is already resident on the
+    GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed) and
+    ``others_bytes`` (what models loaded later will keep there); see ``dit_residency``.
+    Returns the ``StreamingHandle`` (``close()`` it before dropping the pipeline); a re-plan
+    moves its blocks with ``handle.relayout(dit_residency(...))``.
+    """
+    from engine.flux.streaming import enable_block_streaming, measure_blocks
+
     device = torch.device(plan.device)
     others = others_bytes + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
     sizes, fixed = measure_blocks(pipe.dit)
-    side = MAX_STREAM_SIDE
-    # the phases outside the denoising loop: the VAE decode, and streamed T5 (larger than a
-    # tiled decode)
-    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
-                t5_phase_bytes() if plan.stream_t5 else 0)
-    residency = plan_residency(
-        sizes, int(plan.budget_gib * GIB) - others, dit_activation_bytes(side, side),
-        fixed_bytes=fixed, phase_reserve_bytes=phase)
-    handle = enable_block_streaming(pipe.dit, residency, plan.device)
+    handle = enable_block_streaming(pipe.dit, dit_residency(plan, sizes, fixed, others),
+                                    plan.device)
+    handle.others_bytes = others  # what a re-plan keeps aside for the other models
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE
     return handle

@@ -2,7 +2,9 @@
 
 No torch here: the plan is made from numbers (the free GPU memory at start-up, or the configured
 ``vram_limit_gib``) so it can be tested and printed by ``doctor`` on any machine. ``pipeline.py``
-turns a plan into diffsynth ``ModelConfig``s.
+turns a plan into diffsynth ``ModelConfig``s. The GiB figures below are the allocator budget:
+what is left of the device budget once the CUDA context, kernels and workspaces and a
+fragmentation margin are set aside (``device_budget.py``).
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
     low        float8, block streaming          T5 streamed, CLIP/VAE res.  any (6-16 GB cards)
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ModelSection
+from engine.flux.device_budget import DeviceBudget, device_budget, reserve_side
 
 GIB = 1024**3
 # Budgets (GiB) at which auto picks a preset. Peak allocation at 1024² measured on an H100
@@ -46,6 +49,9 @@ BF16 = "bfloat16"
 # residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, plus CLIP and the VAE resident
 # (0.4 GiB) and T5's embedding (0.25 GiB), rounded up.
 STREAM_MIN_GIB = 3.5
+# What CLIP (bf16), the VAE (bf16) and T5's embedding (bf16) keep on the GPU in a streaming plan,
+# from the FLUX.1-dev files' headers (pipeline.later_resident_bytes measures the real files).
+OTHERS_RESIDENT_BYTES = int(0.68 * GIB)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class MemoryPlan:
     reason: str = ""
     used_at_start_gib: float = 0.0  # device memory others (and the CUDA context) held at start
     stream_dit: bool = False  # block-stream the DiT in low/balanced (model.dit_streaming)
+    device_budget: DeviceBudget | None = None  # budget_gib is its allocator_gib
+    max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
 
     @property
     def streaming(self) -> bool:
@@ -112,51 +120,77 @@ class MemoryPlan:
     def placements(self) -> dict[str, Placement]:
         return {"dit": self.dit, "clip": self.clip, "t5": self.t5, "vae": self.vae}
 
+    @property
+    def reserve_side(self) -> int:
+        """The square side whose activations cover every image the limits allow."""
+        return reserve_side(self.max_pixels)
+
     def describe(self) -> str:
-        limit = "none" if self.vram_limit_gib is None else f"{self.vram_limit_gib:.1f} GiB"
-        extras = (", DiT block streaming" if self.streaming else "") + (
-            ", tiled VAE" if self.vae_tiled else "")
-        return f"preset {self.preset} (vram_limit {limit}{extras}): {self.reason}"
+        """One line in plain numbers: the preset, the budget and where it goes."""
+        parts = [f"preset {self.preset}"]
+        if self.streaming:
+            parts.append("DiT block streaming")
+        if self.vae_tiled:
+            parts.append("tiled VAE decode")
+        if self.vram_limit_gib is not None and not self.streaming and self.preset != "max":
+            parts.append(f"diffsynth vram_limit {self.vram_limit_gib:.1f} GiB of device use")
+        head = ", ".join(parts)
+        if self.device_budget is not None:
+            budget = self.device_budget.describe()
+        elif self.budget_gib is not None:
+            budget = f"allocator budget {self.budget_gib:.2f} GiB"
+        else:
+            budget = "no GPU memory figure"
+        return (f"{head}: {budget}; activations kept for images up to {self.max_pixels:,} px; "
+                f"{self.reason}")
 
 
-def resolve_budget(config: ModelSection, free_gib: float | None) -> float | None:
-    """GiB the model may use: ``vram_limit_gib`` when set, else what was free at start-up."""
-    return config.vram_limit_gib if config.vram_limit_gib > 0 else free_gib
+def resolve_budget(config: ModelSection, free_gib: float | None) -> DeviceBudget | None:
+    """The device budget: ``vram_limit_gib`` when set, else what was free at start-up."""
+    return device_budget(config.vram_limit_gib, free_gib)
 
 
 def choose_preset(config: ModelSection, budget_gib: float | None) -> tuple[str, str]:
-    """(preset, why). ``auto`` without a known budget (no CUDA) takes ``low``, the frugal one."""
+    """(preset, why) from the allocator budget. ``auto`` without a known budget (no CUDA)
+    takes ``low``, the frugal one."""
     if config.preset != "auto":
         return config.preset, f"preset {config.preset} set in config"
     if budget_gib is None:
         return "low", "auto: no GPU memory figure, so the frugal preset"
     for preset, minimum in (("max", MAX_MIN_GIB), ("balanced", BALANCED_MIN_GIB)):
         if budget_gib >= minimum:
-            return preset, f"auto: {budget_gib:.1f} GiB budget >= {minimum:.0f} GiB"
-    return "low", f"auto: {budget_gib:.1f} GiB budget < {BALANCED_MIN_GIB:.0f} GiB"
+            return preset, f"auto: allocator budget {budget_gib:.1f} GiB >= {minimum:.0f} GiB"
+    return "low", f"auto: allocator budget {budget_gib:.1f} GiB < {BALANCED_MIN_GIB:.0f} GiB"
 
 
 def plan_memory(config: ModelSection, free_gib: float | None = None,
-                used_gib: float = 0.0) -> MemoryPlan:
+                used_gib: float = 0.0, max_pixels: int = 1024 * 1024) -> MemoryPlan:
     """The plan for this machine. ``free_gib``: what this process may still allocate on the
-    device at start-up (None without CUDA); ``used_gib``: what the whole device holds already."""
+    device at start-up (None without CUDA); ``used_gib``: what the whole device holds already;
+    ``max_pixels``: the largest image the limits allow."""
     budget = resolve_budget(config, free_gib)
-    preset, why = choose_preset(config, budget)
-    return make_plan(preset, config.device, budget, used_gib=used_gib, reason=why,
-                     stream_dit=config.dit_streaming and config.device.startswith("cuda"))
+    allocator = None if budget is None else budget.allocator_gib
+    preset, why = choose_preset(config, allocator)
+    return make_plan(preset, config.device, allocator, used_gib=used_gib, reason=why,
+                     stream_dit=config.dit_streaming and config.device.startswith("cuda"),
+                     device_budget=budget, max_pixels=max_pixels)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
-              reason: str = "", vae_tiled: bool = False, stream_dit: bool = False) -> MemoryPlan:
+              reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
+              device_budget: DeviceBudget | None = None,
+              max_pixels: int = 1024 * 1024) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
-                             "vae_tiled": vae_tiled}
+                             "vae_tiled": vae_tiled, "device_budget": device_budget,
+                             "max_pixels": max_pixels}
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
                           stream_dit=stream_dit, **extra)
     limit = _vram_limit(dev, budget_gib, used_gib)
     if stream_dit and preset in ("low", "balanced"):
+        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels)
         return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
@@ -166,6 +200,34 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
         return MemoryPlan("low", dev, streamed(dev, FP8), bf16, bf16, bf16, limit, budget_gib,
                           **extra)
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
+
+
+def should_tile_vae(budget_gib: float | None, max_pixels: int) -> bool:
+    """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
+    budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
+    for them (the decode runs while the streamer's buffers and the DiT's activations are
+    released, so only the part of it above those counts)."""
+    from engine.flux.device_budget import TILE_VAE_GAIN_GIB
+    from engine.flux.residency import (
+        FLUX_DOUBLE_BLOCK_WEIGHTS,
+        FLUX_FIXED_BYTES,
+        dit_activation_bytes,
+        flux_dev_block_sizes,
+        t5_phase_bytes,
+        vae_decode_bytes,
+    )
+
+    if budget_gib is None:
+        return False
+    side = reserve_side(max_pixels)
+    untiled = vae_decode_bytes(side, side)
+    tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
+    buffers = FLUX_DOUBLE_BLOCK_WEIGHTS * (2 + 2)  # bf16 work buffer + two float8 slots
+    loop = dit_activation_bytes(side, side) + buffers
+    gain = untiled - max(tiled, loop)
+    everything = FLUX_FIXED_BYTES + sum(flux_dev_block_sizes()) + OTHERS_RESIDENT_BYTES
+    fits_resident = budget_gib * GIB >= everything + max(loop, untiled)
+    return not fits_resident and gain >= TILE_VAE_GAIN_GIB * GIB
 
 
 def _vram_limit(device: str, budget_gib: float | None, used_gib: float) -> float | None:
@@ -203,7 +265,8 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
     if plan.preset in ("max", "balanced"):
         lower = "balanced" if plan.preset == "max" else "low"
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
-                         plan.vae_tiled, stream_dit=plan.stream_dit)
+                         plan.vae_tiled, stream_dit=plan.stream_dit,
+                         device_budget=plan.device_budget, max_pixels=plan.max_pixels)
     if plan.streaming:
         return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
@@ -220,5 +283,17 @@ def _tighter_streaming(plan: MemoryPlan, why: str) -> MemoryPlan | None:
         return dataclasses.replace(plan, vae_tiled=True, reason=why)
     if plan.budget_gib is None or plan.budget_gib * 0.75 < STREAM_MIN_GIB:
         return None
-    return make_plan(plan.preset, plan.device, plan.budget_gib * 0.75, plan.used_at_start_gib,
-                     why, vae_tiled=True, stream_dit=True)
+    return with_less(plan, plan.budget_gib * 0.25, why)
+
+
+def with_less(plan: MemoryPlan, less_gib: float, why: str) -> MemoryPlan | None:
+    """The same preset with ``less_gib`` taken off the allocator budget (the device budget
+    records it as calibration), or None below the streamer's least."""
+    assert plan.budget_gib is not None
+    budget = plan.budget_gib - less_gib
+    if budget < STREAM_MIN_GIB and plan.streaming:
+        return None
+    device = None if plan.device_budget is None else plan.device_budget.tightened(less_gib)
+    return make_plan(plan.preset, plan.device, budget, plan.used_at_start_gib, why,
+                     vae_tiled=plan.vae_tiled, stream_dit=plan.stream_dit,
+                     device_budget=device, max_pixels=plan.max_pixels)
