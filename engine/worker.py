@@ -61,20 +61,49 @@ class GpuWorker:
                 raise JobTimedOut("This image took too long and was stopped.")
             on_step(i, n)
 
-        try:
-            return self.backend.generate(request, step)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            log.warning("out of GPU memory (%s); retrying once with a tighter plan", exc)
-            if not self.backend.reduce_memory():
-                raise OutOfMemory(_OOM_MESSAGE) from exc
+        result = self._attempt(request, step)
+        if not isinstance(result, _OutOfMemory):
+            return result
+        # Re-planning happens here, after the except block has let go of the traceback (it
+        # holds every tensor of the failed pass's frames).
+        log.warning("out of GPU memory (%s); retrying once with a tighter plan", result.text)
+        if not self.backend.reduce_memory():
+            raise OutOfMemory(_OOM_MESSAGE)
+        result = self._attempt(request, step)
+        if isinstance(result, _OutOfMemory):
+            raise OutOfMemory(_OOM_MESSAGE)
+        return result
+
+    def _attempt(self, request: ImageRequest, step: Callable[[int, int], None]) -> object:
+        """The image, or ``_OutOfMemory``; any other error propagates. After any failure the
+        backend cleans up what the failed pass left (outside the except block)."""
+        failure: BaseException | None = None
+        out_of_memory: _OutOfMemory | None = None
         try:
             return self.backend.generate(request, step)
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise OutOfMemory(_OOM_MESSAGE) from exc
-            raise
+                out_of_memory = _OutOfMemory(_first_line(exc))
+            else:
+                failure = exc
+        recover = getattr(self.backend, "recover_after_failure", None)
+        if recover is not None and out_of_memory is None:
+            recover()  # reduce_memory does it for an out-of-memory error
+        if failure is not None:
+            raise failure
+        return out_of_memory
+
+
+class _OutOfMemory:
+    """An out-of-memory error as text, so that no frame of the failed pass stays alive."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 _OOM_MESSAGE = (

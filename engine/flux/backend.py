@@ -6,6 +6,10 @@
     backend.reduce_memory()                         # after torch.cuda.OutOfMemoryError
     backend.close()
 
+``load`` plans the device budget (``device_budget.py``), loads, then warms up at the largest
+image the limits allow and measures the process's real peak on the device: a warm-up that runs
+out of memory, or peaks too close to the budget, tightens the plan and warms up again.
+
 Every method blocks and runs on the engine's one worker thread, except ``memory_info``.
 """
 
@@ -13,14 +17,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.backends.base import StepCallback
 from engine.config import ModelSection
+from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
-from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter
+from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
 from engine.request import ImageRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,8 +38,10 @@ PipelineFactory = Any  # (plan, paths) -> pipeline; replaceable in tests
 
 class FluxBackend:
     def __init__(self, config: ModelSection, *, downloader: Downloader | None = None,
-                 pipeline_factory: PipelineFactory | None = None) -> None:
+                 pipeline_factory: PipelineFactory | None = None,
+                 max_pixels: int = 1024 * 1024) -> None:
         self.config = config
+        self.max_pixels = max_pixels  # limits.max_pixels: activations are kept for it
         self.model_name = f"{_dit_name(config)} (FLUX.1-dev)"
         self.plan: MemoryPlan | None = None
         self.paths: ModelPaths | None = None
@@ -45,21 +53,33 @@ class FluxBackend:
         self._t5_stream: Any = None  # and when it block-streams T5
         self.float8: Any = None  # Float8Report when model.float8_compute took effect
         self.compile_seconds: float | None = None  # start-up cost of model.compile
+        self.calibration: list[str] = []  # what each start-up warm-up measured and did
+        self._compiled = False
+        self._at_plan: tuple[int, int] | None = None  # (device free, reserved) when planned
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
         import torch
 
         self._check_device(torch)
+        _prefer_expandable_segments(torch, self.config)
         self.paths = ensure_model_files(self.config, self._downloader)
         free, used = _device_memory(torch, self.config.device)
-        self.plan = plan_memory(self.config, free, used)
+        self._at_plan = _allocator_snapshot(torch, self.config.device)
+        self.plan = plan_memory(self.config, free, used, self.max_pixels)
         log.info("FLUX memory plan: %s", self.plan.describe())
         self._build()
+        self._finish_setup()
+
+    def _finish_setup(self, calibrate: bool = True) -> None:
+        """What follows every build: float8 compute, compile, and the calibrated warm-up."""
+        assert self.plan is not None
         if self.config.float8_compute:
             self._enable_float8()
         if self.config.compile:
             self._compile()
+        if calibrate and self.plan.device.startswith("cuda"):
+            self._calibrate()
 
     def _build(self) -> None:
         from engine.flux import pipeline
@@ -81,6 +101,7 @@ class FluxBackend:
                 handle.close()  # unregisters the page-locked host memory
         self._stream = self._t5_stream = None
         self._pipe = self.float8 = None
+        self._compiled = False
         gc.collect()
         _empty_cache()
 
@@ -113,40 +134,71 @@ class FluxBackend:
 
     # -- memory ----------------------------------------------------------------------------
     def reduce_memory(self) -> bool:
-        """Free cached memory and move to the next tighter plan (reloading when the placement
-        of any model changes). False when the plan is already the tightest."""
+        """After an out-of-memory error (called once the failed pass's frames are gone): free
+        what it left, move to the next tighter plan and keep the models' state consistent.
+        False when the plan is already the tightest or the tighter one could not be applied
+        (the last working plan is then back in force)."""
+        self.recover_after_failure()
         if self.plan is None:
             return False
-        nxt = tighter(self.plan)
-        self._release_activations()
+        nxt = tighter_after_oom(self.plan)
         if nxt is None:
             return False
         log.warning("out of GPU memory; %s", nxt.describe())
-        same_layout = nxt.placements == self.plan.placements
-        self.plan = nxt
-        if same_layout and self._stream is not None and self._factory is None:
-            from engine.flux import pipeline
+        return self._switch(nxt)
 
-            self._stream.close()  # the DiT goes back to the CPU; lay it out for the new budget
-            self._stream = None
-            _empty_cache()
-            pipeline.set_vram_limit(self._pipe, nxt.vram_limit_gib)
-            self._stream = pipeline.start_dit_streaming(self._pipe, nxt)
-        elif same_layout and self._pipe is not None and self._factory is None:
-            from engine.flux.pipeline import set_vram_limit
-
-            set_vram_limit(self._pipe, nxt.vram_limit_gib)
-        else:
-            self.close()
-            self._build()
-        return True
-
-    def _release_activations(self) -> None:
+    def recover_after_failure(self) -> None:
+        """After any failed pass: both streamers drop their buffers and the prefetch they had
+        in flight, diffsynth's managed layers go back to their offload place, and the cache
+        is emptied, so the next pass starts from a clean state."""
+        for handle in (self._stream, self._t5_stream):
+            if handle is not None:
+                handle.release_buffers()
         pipe = self._pipe
-        if pipe is not None and getattr(pipe, "vram_management_enabled", False):
+        if pipe is not None and getattr(pipe, "vram_management_enabled", False) \
+                and hasattr(pipe, "load_models_to_device"):
             pipe.load_models_to_device([])  # managed layers back to their offload place
         gc.collect()
         _empty_cache()
+
+    def _switch(self, nxt: MemoryPlan) -> bool:
+        """Apply ``nxt``; on failure go back to the plan that worked."""
+        old = self.plan
+        try:
+            self._apply(nxt)
+            return True
+        except Exception:  # noqa: BLE001 - any failure: the old plan must come back
+            log.exception("could not apply the tighter memory plan; keeping %s",
+                          old.preset if old else "none")
+        self.plan = old
+        if self._pipe is None:  # the failed apply had dropped the pipeline: load the old one
+            self.recover_after_failure()
+            self._build()
+            self._finish_setup()
+        return False
+
+    def _apply(self, nxt: MemoryPlan, calibrate: bool = True) -> None:
+        """Move to ``nxt``: the streamer moves blocks in place (no reload; it rolls itself
+        back when a move fails); diffsynth's managed layers get the new limit; a change of
+        where any model lives reloads the pipeline and applies compile and float8 again."""
+        from engine.flux import pipeline
+
+        assert self.plan is not None
+        same_layout = nxt.placements == self.plan.placements
+        if same_layout and self._stream is not None and self._factory is None:
+            residency = pipeline.dit_residency(nxt, self._stream.plan.block_bytes,
+                                               self._stream.plan.fixed_bytes,
+                                               self._stream.others_bytes)
+            self._stream.relayout(residency)
+            self.plan = nxt
+        elif same_layout and self._pipe is not None and self._factory is None:
+            pipeline.set_vram_limit(self._pipe, nxt.vram_limit_gib)
+            self.plan = nxt
+        else:
+            self.close()
+            self.plan = nxt
+            self._build()
+            self._finish_setup(calibrate)
 
     def memory_info(self) -> dict[str, float]:
         try:
@@ -163,7 +215,7 @@ class FluxBackend:
             "vram_peak_gib": round(torch.cuda.max_memory_allocated(self.config.device) / GIB, 2),
         }
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- start-up --------------------------------------------------------------------------
     def _check_device(self, torch: Any) -> None:
         if self.config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(
@@ -189,12 +241,10 @@ class FluxBackend:
         _empty_cache()  # the bf16 weights just freed
 
     def _compile(self) -> None:
-        """Regional torch.compile of the DiT blocks (streamed or resident), warmed up before the
-        bot says it is ready so that no user waits for the compiler. Where compiling fails (no
-        Triton, an old GPU) the blocks go back to eager and the bot still starts."""
-        import torch
-
-        from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks
+        """Regional torch.compile of the DiT blocks (streamed or resident). The compiler runs in
+        the start-up warm-up (``_try_warm_up``), before the bot says it is ready, so that no
+        user waits for it; where it fails (no Triton, an old GPU) the blocks go back to eager."""
+        from engine.flux.pipeline import compile_dit_blocks
 
         assert self.plan is not None
         if not self.plan.device.startswith("cuda"):
@@ -203,24 +253,119 @@ class FluxBackend:
         if self._stream is None and self.plan.preset != "max":
             log.warning("model.compile needs DiT streaming or the max preset; running eager")
             return
-        started = time.monotonic()
         compile_dit_blocks(self._pipe.dit)
+        self._compiled = True
+
+    def _try_warm_up(self) -> bool:
+        """One warm-up (``_warm_up``); True when it ran out of GPU memory. A compiler failure
+        puts the blocks back to eager and warms up again."""
+        import torch
+
+        from engine.flux.pipeline import uncompile_dit_blocks
+
+        started = time.monotonic()
+        failure, oom = None, False
         try:
-            # two sizes: the largest image gets its own graphs, the second size the dynamic-shape
-            # ones every other size and aspect ratio then uses without compiling again
-            for side in (1024, 512):
-                warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                    guidance=3.5)
-                self.generate(warm, lambda i, n: None)
+            self._warm_up()
         except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any compiler failure: eager still works
+            oom = True
+        except Exception as e:
+            if not self._compiled:
+                raise
+            failure = f"{type(e).__name__}: {str(e)[:300]}"
+        if failure is not None:  # any compiler failure: eager still works
             uncompile_dit_blocks(self._pipe.dit)
-            log.warning("torch.compile failed (%s: %s); running eager (slower steps)",
-                        type(e).__name__, str(e)[:300])
-            return
-        self.compile_seconds = time.monotonic() - started
-        log.info("compiled and warmed up in %.1f s", self.compile_seconds)
+            self._compiled = False
+            self.recover_after_failure()
+            log.warning("torch.compile failed (%s); running eager (slower steps)", failure)
+            return self._try_warm_up()
+        if self._compiled and not oom and self.compile_seconds is None:
+            self.compile_seconds = time.monotonic() - started
+            log.info("compiled and warmed up in %.1f s", self.compile_seconds)
+        return oom
+
+    def _warm_up(self) -> None:
+        """Two-step images at the largest size the limits allow (the memory peak), and with
+        compiled blocks also at 512² (torch's dynamic-shape graphs, which every other size
+        and aspect ratio then uses without compiling again)."""
+        sides = [warm_up_side(self.max_pixels)]
+        if self._compiled and sides[0] != 512:
+            sides.append(512)
+        for side in sides:
+            warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
+                                guidance=3.5)
+            self.generate(warm, lambda i, n: None)
+
+    def _calibrate(self) -> None:
+        """Warm up, measure the process's real peak on the device (the driver's free memory,
+        so the CUDA context, kernels and fragmentation count), and tighten the plan until it
+        stays inside the device budget with a margin. An out-of-memory error here tightens the
+        plan too, instead of stopping the bot."""
+        import torch
+
+        for _ in range(MAX_CALIBRATIONS):
+            assert self.plan is not None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.plan.device)
+            if self._try_warm_up():  # out of memory; the failed pass's tensors are gone now
+                self.recover_after_failure()
+                nxt = tighter_after_oom(self.plan)
+                self.calibration.append("warm-up ran out of memory")
+                if nxt is None:
+                    raise torch.cuda.OutOfMemoryError(
+                        "the model does not fit this GPU even with everything streamed; "
+                        "free GPU memory (close other programs) or lower limits.max_pixels")
+                log.warning("warm-up ran out of GPU memory; %s", nxt.describe())
+                self._apply(nxt, calibrate=False)
+                continue
+            grown = self._grown_gib(torch)
+            budget = self.plan.device_budget
+            excess = 0.0 if budget is None else calibration_excess_gib(budget, grown)
+            self.calibration.append(f"peak {grown:.2f} GiB above the start"
+                                    + (f", {excess:.2f} GiB over" if excess else ""))
+            if excess <= 0:
+                log.info("warm-up peak: the process grew %.2f GiB on the device (budget %.2f)",
+                         grown, budget.growth_gib if budget else float("nan"))
+                return
+            nxt = calibrated(self.plan, excess)
+            if nxt is None:
+                raise torch.cuda.OutOfMemoryError(
+                    f"the warm-up needed {grown:.2f} GiB, more than this GPU's budget allows")
+            log.warning("warm-up peak %.2f GiB is %.2f GiB over the budget; %s", grown, excess,
+                        nxt.describe())
+            self._apply(nxt, calibrate=False)
+        raise torch.cuda.OutOfMemoryError("no memory plan kept the warm-up inside the budget")
+
+    def _grown_gib(self, torch: Any) -> float:
+        """GiB the process grew on the device since the plan was made, at the warm-up's peak:
+        what the driver shows it holds now, plus what the allocator held at its peak above
+        what it holds now (diffsynth empties the cache between phases)."""
+        assert self._at_plan is not None and self.plan is not None
+        free0, reserved0 = self._at_plan
+        free, reserved = _allocator_snapshot(torch, self.plan.device)
+        peak = torch.cuda.max_memory_reserved(self.plan.device)
+        return ((free0 - free) + max(0, peak - reserved)) / GIB
+
+
+# Warm-ups at start-up before the bot gives up finding a plan that fits.
+MAX_CALIBRATIONS = 5
+
+
+def tighter_after_oom(plan: MemoryPlan) -> MemoryPlan | None:
+    """A streaming plan whose VAE decode is tiled already gives up 10% of its budget (at least
+    0.5 GiB) per out-of-memory error; every other plan takes the next rung of ``tighter``."""
+    if plan.streaming and plan.vae_tiled and plan.budget_gib is not None:
+        why = f"tightened after running out of GPU memory (was {plan.budget_gib:.2f} GiB)"
+        return with_less(plan, max(0.5, 0.1 * plan.budget_gib), why)
+    return tighter(plan)
+
+
+def calibrated(plan: MemoryPlan, excess_gib: float) -> MemoryPlan | None:
+    """The plan after a warm-up measured ``excess_gib`` over the budget."""
+    if plan.streaming and plan.budget_gib is not None:
+        return with_less(plan, excess_gib + 0.1,
+                         f"calibrated: the warm-up peaked {excess_gib:.2f} GiB over the budget")
+    return tighter(plan)
 
 
 def _dit_name(config: ModelSection) -> str:
@@ -240,6 +385,31 @@ def _device_memory(torch: Any, device: str) -> tuple[float | None, float]:
         fraction = torch.cuda.get_per_process_memory_fraction(index)
     ours = total * fraction - torch.cuda.memory_reserved(index)
     return max(0.0, min(free, ours)) / GIB, (total - free) / GIB
+
+
+def _allocator_snapshot(torch: Any, device: str) -> tuple[int, int]:
+    """(bytes free on the device as the driver sees it, bytes PyTorch's allocator holds)."""
+    if not device.startswith("cuda"):
+        return 0, 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free, torch.cuda.memory_reserved(device)
+
+
+def _prefer_expandable_segments(torch: Any, config: ModelSection) -> None:
+    """The caching allocator's expandable segments (``model.expandable_segments``): a block
+    freed in one phase is usable by the next at any size, so little is lost to fragmentation.
+    Only before the first allocation, and never over the user's own PYTORCH_CUDA_ALLOC_CONF."""
+    if not (config.expandable_segments and config.device.startswith("cuda")):
+        return
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        log.info("CUDA is initialised already; the allocator keeps its settings")
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # an older torch: fragmentation margin only
+        log.info("expandable segments unavailable (%s)", e)
 
 
 def _empty_cache() -> None:

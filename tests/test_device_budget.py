@@ -1,0 +1,291 @@
+"""The device budget: the planner's arithmetic for every card size and image shape the limits
+allow, and the backend's start-up calibration and out-of-memory re-plans on a fake card (a
+fake pipeline whose memory use follows the plan, and the driver's free-memory figures)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.config import ModelSection
+from engine.flux.device_budget import (
+    CALIBRATION_SAFETY_GIB,
+    GIB,
+    calibration_excess_gib,
+    device_budget,
+    reserve_side,
+    warm_up_side,
+)
+from engine.flux.presets import OTHERS_RESIDENT_BYTES, plan_memory, with_less
+from engine.flux.residency import (
+    FLUX_FIXED_BYTES,
+    ResidencyError,
+    dit_activation_bytes,
+    flux_dev_block_sizes,
+    vae_decode_bytes,
+)
+
+CARDS_FREE_GIB = [5.6, 7.5, 9.5, 11.5, 15.5, 23.0, 31.0, 47.0, 79.0]
+PIXEL_LIMITS = [512 * 512, 768 * 768, 1_048_576, 1280 * 1024, 1536 * 1536]
+
+
+@pytest.mark.parametrize("free", CARDS_FREE_GIB)
+@pytest.mark.parametrize("vram_limit", [0.0, 6.0, 8.0])
+def test_the_parts_add_up_to_the_device_budget(free, vram_limit):
+    budget = device_budget(vram_limit, free)
+    device = vram_limit or free + budget.context_gib
+    assert budget.device_gib == device
+    parts = budget.context_gib + budget.runtime_gib + budget.margin_gib + budget.allocator_gib
+    assert parts == pytest.approx(device)
+    assert budget.growth_gib == pytest.approx(vram_limit - budget.context_gib if vram_limit
+                                              else free)
+    assert "device budget" in budget.describe() and f"{device:.2f} GiB" in budget.describe()
+
+
+def test_no_gpu_figure_means_no_budget():
+    assert device_budget(0.0, None) is None
+    assert device_budget(8.0, None).device_gib == 8.0
+
+
+def planned_dit(free: float, max_pixels: int):
+    """The streaming plan and the DiT's residency for FLUX.1-dev on a card with ``free``."""
+    pytest.importorskip("diffsynth")
+    from engine.flux.pipeline import dit_residency
+
+    plan = plan_memory(ModelSection(), free, 0.5, max_pixels)
+    residency = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES,
+                              OTHERS_RESIDENT_BYTES)
+    return plan, residency
+
+
+@pytest.mark.parametrize("free", CARDS_FREE_GIB)
+@pytest.mark.parametrize("max_pixels", PIXEL_LIMITS)
+def test_every_card_gets_a_plan_inside_its_budget_or_a_clear_refusal(free, max_pixels):
+    plan = plan_memory(ModelSection(), free, 0.5, max_pixels)
+    if plan.preset == "max":
+        assert plan.budget_gib >= 36
+        return
+    try:
+        plan, residency = planned_dit(free, max_pixels)
+    except ResidencyError as e:  # only where the card is too small for that image size
+        assert "too small" in str(e) and "smaller image size" in str(e)
+        assert free < 8 and max_pixels > 1_048_576
+        return
+    used = residency.peak_bytes + OTHERS_RESIDENT_BYTES
+    assert used <= plan.budget_gib * GIB
+    whole = plan.device_budget
+    assert (whole.context_gib + whole.runtime_gib + whole.margin_gib) * GIB + used \
+        <= free * GIB + whole.context_gib * GIB
+    side = reserve_side(max_pixels)
+    assert residency.reserve_bytes == dit_activation_bytes(side, side)
+    assert f"{max_pixels:,} px" in plan.describe() and "vram_limit 7" not in plan.describe()
+
+
+@settings(max_examples=200, deadline=None)
+@given(max_pixels=st.integers(256 * 256, 2048 * 2048), data=st.data())
+def test_the_reserve_covers_every_image_shape_the_limits_allow(max_pixels, data):
+    """Any width × height within max_pixels (sides multiples of 16) needs no more activation
+    or decode memory than the square the plan reserves for."""
+    width = data.draw(st.integers(16, max_pixels // 16).map(lambda w: w // 16 * 16 or 16))
+    height = max(16, min(max_pixels // width, 8192) // 16 * 16)
+    assert width * height <= max_pixels or height == 16
+    if width * height > max_pixels:
+        return
+    side = reserve_side(max_pixels)
+    assert dit_activation_bytes(width, height) <= dit_activation_bytes(side, side)
+    assert vae_decode_bytes(width, height) <= vae_decode_bytes(side, side)
+    assert warm_up_side(max_pixels) ** 2 <= max_pixels
+    assert side ** 2 >= max_pixels
+
+
+def test_larger_cards_keep_more_blocks_resident():
+    resident = []
+    for free in (5.6, 7.5, 9.5, 11.5, 15.5):
+        _, residency = planned_dit(free, 1_048_576)
+        resident.append(len(residency.placements) - residency.count("streamed"))
+    assert resident == sorted(resident) and resident[0] < resident[-1]
+
+
+def test_the_log_line_speaks_of_the_card_not_of_the_whole_device():
+    plan = plan_memory(ModelSection(), 7.0, 73.0)  # an 80 GB GPU with all but 7.5 GiB taken
+    line = plan.describe()
+    assert "device budget 7.50 GiB (free at start)" in line
+    assert "CUDA context 0.50" in line and "allocator" in line
+    assert "78" not in line  # not the 78.7 GiB "vram_limit" of the whole GPU
+
+
+def test_calibration_excess():
+    budget = device_budget(0.0, 7.0)
+    assert calibration_excess_gib(budget, 6.0) == 0.0
+    over = 7.0 - CALIBRATION_SAFETY_GIB + 0.4
+    assert calibration_excess_gib(budget, over) == pytest.approx(0.4)
+
+
+def test_with_less_records_the_calibration_and_stops_at_the_streamers_least():
+    plan = plan_memory(ModelSection(), 7.0, 0.5)
+    less = with_less(plan, 0.5, "test")
+    assert less.budget_gib == pytest.approx(plan.budget_gib - 0.5)
+    assert less.device_budget.calibration_gib == pytest.approx(0.5)
+    assert less.device_budget.allocator_gib == pytest.approx(less.budget_gib)
+    assert with_less(plan, plan.budget_gib - 1.0, "test") is None
+
+
+# -- the backend's calibration on a fake card -----------------------------------------------------
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+from PIL import Image  # noqa: E402
+
+from engine.flux import backend as flux_backend  # noqa: E402
+from engine.flux.backend import FluxBackend  # noqa: E402
+from engine.request import ImageRequest  # noqa: E402
+from tests.test_flux_builder import fill  # noqa: E402
+
+
+class FakeCard:
+    """A GPU with ``free_gib`` free at start. Each image peaks at 95% of the plan's allocator
+    budget plus ``hidden_gib`` that the plan did not foresee (kernels, fragmentation)."""
+
+    def __init__(self, free_gib: float, hidden_gib: float) -> None:
+        self.free = int(free_gib * GIB)
+        self.hidden = int(hidden_gib * GIB)
+        self.peak = 0
+        self.images = 0
+
+    def run(self, plan) -> None:
+        need = int(plan.budget_gib * GIB * 0.95) + self.hidden
+        if need > self.free:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake card)")
+        self.peak = max(self.peak, need)
+        self.images += 1
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self._reset)
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: self.peak)
+        monkeypatch.setattr(flux_backend, "_device_memory",
+                            lambda t, d: (self.free / GIB, 0.5))
+        monkeypatch.setattr(flux_backend, "_allocator_snapshot", lambda t, d: (self.free, 0))
+
+    def _reset(self, *args) -> None:
+        self.peak = 0
+
+
+class CardPipe:
+    vram_management_enabled = False
+    fail_builds = 0
+
+    def __init__(self, plan, card: FakeCard) -> None:
+        self.plan, self.card = plan, card
+
+    def __call__(self, **kwargs):
+        self.card.run(self.plan)
+        for _ in kwargs["progress_bar_cmd"](range(kwargs["num_inference_steps"])):
+            pass
+        return Image.new("RGB", (kwargs["width"], kwargs["height"]))
+
+
+def card_backend(tmp_path: Path, monkeypatch, card: FakeCard, **model):
+    card.install(monkeypatch)
+    config = ModelSection(models_dir=str(tmp_path), compile=False, expandable_segments=False,
+                          **model)
+    fill(tmp_path, config)
+    builds: list[CardPipe] = []
+
+    def factory(plan, paths):
+        if CardPipe.fail_builds:
+            CardPipe.fail_builds -= 1
+            raise RuntimeError("loading failed (simulated)")
+        builds.append(CardPipe(plan, card))
+        return builds[-1]
+
+    return FluxBackend(config, pipeline_factory=factory), builds
+
+
+REQUEST = ImageRequest(prompt="fox", seed=1, steps=3, width=1024, height=1024, guidance=3.5)
+
+
+def test_a_warm_up_that_runs_out_of_memory_tightens_the_plan_instead_of_exiting(
+        tmp_path, monkeypatch):
+    card = FakeCard(free_gib=7.5, hidden_gib=2.0)  # what the 8 GB card did before
+    backend, builds = card_backend(tmp_path, monkeypatch, card)
+    backend.load()
+    first, last = builds[0].plan, backend.plan
+    assert last.budget_gib < first.budget_gib and last.device_budget.calibration_gib > 0
+    assert backend.calibration[0] == "warm-up ran out of memory"
+    assert backend.calibration[-1].startswith("peak")
+    assert card.peak + CALIBRATION_SAFETY_GIB * GIB <= card.free
+    backend.generate(REQUEST, lambda i, n: None)  # and it makes images
+
+
+def test_a_warm_up_over_the_configured_budget_tightens_by_what_it_measured(
+        tmp_path, monkeypatch):
+    card = FakeCard(free_gib=70.0, hidden_gib=1.5)  # a big GPU: no OOM to catch it
+    backend, builds = card_backend(tmp_path, monkeypatch, card, vram_limit_gib=8.0)
+    backend.load()
+    assert len(builds) == 2 and "over" in backend.calibration[0]
+    grown = card.peak / GIB
+    assert grown + CALIBRATION_SAFETY_GIB <= 8.0 - 0.5 + 1e-9  # the budget less the context
+    excess = float(backend.calibration[0].split(", ")[1].split()[0])
+    assert backend.plan.device_budget.calibration_gib == pytest.approx(excess + 0.1, abs=0.006)
+
+
+def test_a_card_too_small_for_the_model_says_so(tmp_path, monkeypatch):
+    card = FakeCard(free_gib=3.0, hidden_gib=3.0)
+    backend, _ = card_backend(tmp_path, monkeypatch, card)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="does not fit this GPU"):
+        backend.load()
+
+
+def test_a_failed_replan_rolls_back_to_the_plan_that_worked(tmp_path, monkeypatch):
+    card = FakeCard(free_gib=60.0, hidden_gib=0.0)
+    backend, builds = card_backend(tmp_path, monkeypatch, card, preset="max")
+    backend.load()
+    old = backend.plan
+    CardPipe.fail_builds = 1  # the tighter plan's load fails
+    try:
+        assert backend.reduce_memory() is False
+    finally:
+        CardPipe.fail_builds = 0
+    assert backend.plan == old and builds[-1].plan == old and len(builds) == 2
+    backend.generate(REQUEST, lambda i, n: None)
+
+
+def test_the_failed_pass_is_gone_before_the_replan(tmp_path, monkeypatch):
+    """The worker re-plans outside its except block: nothing the failed pass held survives."""
+    from engine.worker import GpuWorker
+
+    class Holder:
+        pass
+
+    seen: dict[str, bool] = {}
+
+    class Backend:
+        model_name = "test"
+        calls = 0
+
+        def generate(self, request, on_step):
+            self.calls += 1
+            if self.calls == 1:
+                big = Holder()  # stands for the failed pass's activations
+                self.ref = weakref.ref(big)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return "image"
+
+        def reduce_memory(self):
+            gc.collect()
+            seen["alive"] = self.ref() is not None
+            return True
+
+    import threading
+
+    worker = GpuWorker(Backend())  # type: ignore[arg-type]
+    image = worker.generate_blocking(REQUEST, lambda i, n: None, threading.Event(), math.inf)
+    assert image == "image" and seen == {"alive": False}
