@@ -85,7 +85,8 @@ class Engine:
         self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
         self._terminal: deque[Job] = deque()  # finished jobs still in _jobs, oldest first
         self._recovered: list[Job] = []
-        self._running: Job | None = None
+        self._running: Job | None = None  # the job on the GPU
+        self._completing: set[asyncio.Task[None]] = set()  # PNG, file and journal, off the GPU
         self._abort = threading.Event()
         self._wake = asyncio.Event()
         self._submit_lock = asyncio.Lock()
@@ -130,6 +131,12 @@ class Engine:
                 log.warning("job %s still running after %.0f s grace; it will be re-queued",
                             running.id, grace)
                 self._abort.set()
+        await self._settle_completions()
+
+    async def _settle_completions(self) -> None:
+        """Let images already made be encoded, saved and journalled (seconds at most)."""
+        while self._completing:
+            await asyncio.gather(*list(self._completing), return_exceptions=True)
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """``drain``, then stop the scheduler and close the backend and the store."""
@@ -141,6 +148,7 @@ class Engine:
             except asyncio.CancelledError:
                 pass
             self._scheduler = None
+        await self._settle_completions()
         await self._worker.close()
         await self.store.__aexit__(None, None, None)
 
@@ -245,10 +253,10 @@ class Engine:
             await self.store.refund(job.id)
             self._announce_positions()
             return True
-        if job.status is JobStatus.RUNNING:
+        if job.status is JobStatus.RUNNING and job is self._running:
             self._abort.set()  # the worker raises at the next step
             return True
-        return False
+        return False  # finished, or made and being saved
 
     # -- delivery bookkeeping (adapters call these) -----------------------------------------
     async def mark_delivered(self, job: Job, where: str) -> None:
@@ -294,6 +302,8 @@ class Engine:
                 self._running = None
 
     async def _run(self, job: Job) -> None:
+        """The GPU part of a job. Once its image is made, encoding, saving and journalling run
+        beside the next job (``_complete``), so the GPU never waits for them."""
         loop = asyncio.get_running_loop()
         self._abort.clear()
         await self.store.set_status(job.id, "running", at=self.clock())
@@ -308,7 +318,8 @@ class Engine:
 
         deadline = started + self.config.engine.job_timeout_s
         try:
-            png, path = await self._worker.call(self._render, job, on_step, deadline)
+            image = await self._worker.call(self._worker.generate_blocking, job.request,
+                                            on_step, self._abort, deadline)
         except Aborted:
             if not self._accepting:
                 return  # shutting down: leave it 'running' in the journal, re-queued on restart
@@ -320,9 +331,22 @@ class Engine:
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            await self._fail(job, f"Something went wrong while making this image ({job.id}); "
-                                  "the bot's admin can find the details in the log.", refund=True,
-                             detail=repr(exc))
+            await self._fail_unexpectedly(job, exc)
+            return
+        gpu_s = time.monotonic() - started
+        task = asyncio.create_task(self._complete(job, image, started, gpu_s, step_times),
+                                   name=f"complete-{job.id}")
+        self._completing.add(task)
+        task.add_done_callback(self._completing.discard)
+
+    async def _complete(self, job: Job, image: object, started: float, gpu_s: float,
+                        step_times: list[float]) -> None:
+        """Encode the PNG and write it on a thread of its own, journal it, tell the watchers."""
+        try:
+            png, path = await asyncio.to_thread(self._save, job, image)
+        except Exception as exc:
+            log.exception("job %s: saving the image failed", job.id)
+            await self._fail_unexpectedly(job, exc)
             return
         result = JobResult(png=png, request=job.request, model_name=self.backend.model_name,
                            seconds=time.monotonic() - started, path=path)
@@ -330,18 +354,23 @@ class Engine:
         self._counts["finished"] += 1
         job._emit(Finished(result))
         self._retire(job)
-        log.info("job %s finished in %.1f s", job.id, result.seconds)
+        per_step = _median_step(step_times)
+        log.info("job %s finished in %.2f s (GPU %.2f s%s)", job.id, result.seconds, gpu_s,
+                 f", {per_step:.3f} s/step" if per_step else "")
 
-    def _render(self, job: Job, on_step: Callable[[int, int], None],
-                deadline: float) -> tuple[bytes, str]:
-        """Worker thread: generate, encode the PNG, write it to the output folder."""
-        image = self._worker.generate_blocking(job.request, on_step, self._abort, deadline)
+    def _save(self, job: Job, image: object) -> tuple[bytes, str]:
+        """Encode the PNG and write it to the output folder (a thread, beside the GPU)."""
         png = encode_png(image, job.request, self.backend.model_name)  # type: ignore[arg-type]
         folder = Path(self.config.engine.output_dir) / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{job.id}-{job.request.seed}.png"
         path.write_bytes(png)
         return png, str(path)
+
+    async def _fail_unexpectedly(self, job: Job, exc: BaseException) -> None:
+        await self._fail(job, f"Something went wrong while making this image ({job.id}); "
+                              "the bot's admin can find the details in the log.", refund=True,
+                         detail=repr(exc))
 
     async def _fail(self, job: Job, reason: str, *, refund: bool, detail: str = "") -> None:
         self._counts["failed"] += 1
@@ -406,6 +435,12 @@ def _eta(started: float, step_times: list[float], step: int, total: int) -> floa
     else:
         per_step = step_times[-1] - started if step_times else 0.0
     return per_step * (total - step) if per_step > 0 else None
+
+
+def _median_step(step_times: list[float]) -> float | None:
+    """The median time between step ends (the first step, which pays warm-up, left out)."""
+    gaps = sorted(b - a for a, b in zip(step_times, step_times[1:], strict=False))
+    return gaps[len(gaps) // 2] if gaps else None
 
 
 def new_job_id() -> str:
