@@ -4,12 +4,15 @@
 #
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
-#                                               # tests, bench, float8 (default: tests bench)
+#                                               # tests, bench, float8, cards, peer
+#                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
 # GPU_TESTS picks test files or ids (default tests/gpu). BENCH_ROWS overrides the benchmark's
 # rows (space-separated specs, see bench/bench_engine.py); BENCH_BUDGET_S bounds its wall time;
 # RANDOM_FLUX_DIR is where the checkpoint goes; FLOAT8_MODES: torch.compile modes for float8.
+# cards: the bot through `python -m bot run` on emulated cards (CARDS, SEED_CARDS: GiB free);
+# peer: diffusers' best offloading on emulated cards (PEER_CARDS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +22,7 @@ WHEELS=(
   cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 ftfy==6.3.1 wcwidth==0.9.4
   einops==0.8.2 imageio==2.38.1 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
   aiosqlite==0.22.1 pytest==9.2.0 pytest-asyncio==1.5.0 pluggy==1.7.0 iniconfig==2.3.1
-  pygments==2.21.0
+  pygments==2.21.0 diffusers==0.42.1
 )
 
 wheels() {
@@ -46,7 +49,7 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
     python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee "$OUT/checkpoint.log"
     echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/checkpoint.log"
@@ -68,6 +71,15 @@ device() {
         python3 bench/bench_float8.py --size 1024 --steps 6 --modes "${FLOAT8_MODES:-default}" \
           --json "$OUT/float8.json" \
           --profile-out "$OUT/float8-profile.txt" 2>&1 | tee "$OUT/float8.log" ;;
+      cards)
+        # shellcheck disable=SC2086
+        python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${CARDS:-5.6 7.5 9.5 11.5 15.5 23} \
+          --seed-cards ${SEED_CARDS:-} --json "$OUT/cards.json" --md "$OUT/cards.md" 2>&1 \
+          | tee "$OUT/cards.log" || echo "CARDS FAILED" ;;
+      peer)
+        # shellcheck disable=SC2086
+        python3 bench/bench_peer_diffusers.py --cards ${PEER_CARDS:-5.6 7.5 11.5} \
+          --json "$OUT/peer.json" 2>&1 | tee "$OUT/peer.log" || echo "PEER FAILED" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done

@@ -41,8 +41,26 @@ def random_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def emulated_card() -> Iterator:
+    """``with emulated_card(free_gib) as card:`` another process holds all of the GPU but
+    ``free_gib``, so the code under test sees a card of that size, context and kernels
+    included; ``card.report()["peak_gib"]`` is what this process held at most, as the driver
+    saw it. The way every test that names a card size runs."""
+    from bench.emulated_card import EmulatedCard
+
+    def start(free_gib: float) -> EmulatedCard:
+        torch.cuda.empty_cache()  # what earlier tests left cached belongs to no card
+        return EmulatedCard(free_gib)
+
+    yield start
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture
 def cap_gpu() -> Iterator:
-    """``cap_gpu(gib)`` emulates a smaller card: the allocator may not go past ``gib``."""
+    """``cap_gpu(gib)`` caps PyTorch's allocator alone (``set_per_process_memory_fraction``):
+    a labelled comparison for the streamer's own arithmetic, never a card-size claim (the CUDA
+    context, kernels and workspaces stay outside the cap; see ``emulated_card``)."""
 
     def cap(gib: float | None) -> None:
         torch.cuda.empty_cache()
