@@ -447,3 +447,31 @@ def test_compile_is_skipped_off_cuda(tmp_path: Path) -> None:
     backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max", compile=True)
     backend.load()
     assert "forward" not in built[0].dit.blocks[0].__dict__ and not built[0].calls
+
+
+class RecordingDecoder(torch.nn.Module):
+    def forward(self, sample, tiled=False, tile_size=128, tile_stride=64, **kwargs):
+        return {"tiled": tiled, "tile_size": tile_size, "tile_stride": tile_stride}
+
+
+def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
+    """diffsynth's ``tiled`` flag would also run the DiT tile by tile (nine passes a step at
+    1024²); the backend passes tiled=False and tiles the decoder alone when the plan says so."""
+    from engine.flux.vae_tiling import TILE_SIZE, TILE_STRIDE, tile_vae_decode
+
+    backend, built = cpu_backend(tmp_path)
+    backend.load()
+    pipe = built[0]
+    pipe.vae_decoder = RecordingDecoder()
+    backend.plan = dataclasses.replace(backend.plan, vae_tiled=True)
+    request = ImageRequest(prompt="fox", seed=1, steps=2, width=1024, height=1024, guidance=3.5)
+    backend.generate(request, lambda i, n: None)
+    assert pipe.calls[-1]["tiled"] is False  # the DiT is never tiled
+    # what diffsynth's decode call passes is overridden: the decoder tiles itself
+    assert pipe.vae_decoder(None, tiled=False, tile_size=128, tile_stride=64) == {
+        "tiled": True, "tile_size": TILE_SIZE, "tile_stride": TILE_STRIDE}
+    backend.plan = dataclasses.replace(backend.plan, vae_tiled=False)
+    backend.generate(request, lambda i, n: None)
+    assert pipe.vae_decoder(None, tiled=False)["tiled"] is False
+    tile_vae_decode(pipe, False)  # idempotent
+    assert "forward" not in pipe.vae_decoder.__dict__

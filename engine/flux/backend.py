@@ -27,6 +27,7 @@ from engine.config import ModelSection
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
+from engine.flux.vae_tiling import tile_vae_decode
 from engine.request import ImageRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,6 +117,7 @@ class FluxBackend:
         if self._pipe is None or self.plan is None:
             raise RuntimeError("FluxBackend.generate called before load()")
         sync = torch.cuda.synchronize if self.plan.device.startswith("cuda") else None
+        tile_vae_decode(self._pipe, self.plan.vae_tiled)
         return self._pipe(
             prompt=request.prompt,
             seed=request.seed,
@@ -125,10 +127,9 @@ class FluxBackend:
             embedded_guidance=request.guidance,
             cfg_scale=1.0,  # FLUX.1-dev is guidance-distilled: no negative pass
             rand_device="cpu",  # the same seed gives the same image on any GPU
-            tiled=self.plan.vae_tiled,
-            # diffsynth's default 128-latent tiles fail below 1024 px; 64/32 works at any size
-            tile_size=64,
-            tile_stride=32,
+            # diffsynth's `tiled` also runs the DiT tile by tile (nine whole passes a step at
+            # 1024²); only the VAE decode is tiled, by tile_vae_decode
+            tiled=False,
             progress_bar_cmd=step_reporter(on_step, sync),
         )
 
