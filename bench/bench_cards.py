@@ -251,6 +251,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
         if row.get("error"):
             print("\n".join(row["log_tail"]), flush=True)
+        if args.json:  # after every row: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
     seed_rows = []
     for free in args.seed_cards:
         print(f"seed's set-up, card {free} GiB free…", flush=True)

@@ -450,8 +450,12 @@ def test_compile_is_skipped_off_cuda(tmp_path: Path) -> None:
 
 
 class RecordingDecoder(torch.nn.Module):
+    """Like diffsynth's decoder, its tiled path calls ``self.forward`` again for each tile."""
+
     def forward(self, sample, tiled=False, tile_size=128, tile_stride=64, **kwargs):
-        return {"tiled": tiled, "tile_size": tile_size, "tile_stride": tile_stride}
+        tiles = [self.forward(sample, tiled=False)["tiled"] for _ in range(2)] if tiled else []
+        return {"tiled": tiled, "tile_size": tile_size, "tile_stride": tile_stride,
+                "tiles_tiled": tiles}
 
 
 def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
@@ -469,7 +473,8 @@ def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
     assert pipe.calls[-1]["tiled"] is False  # the DiT is never tiled
     # what diffsynth's decode call passes is overridden: the decoder tiles itself
     assert pipe.vae_decoder(None, tiled=False, tile_size=128, tile_stride=64) == {
-        "tiled": True, "tile_size": TILE_SIZE, "tile_stride": TILE_STRIDE}
+        "tiled": True, "tile_size": TILE_SIZE, "tile_stride": TILE_STRIDE,
+        "tiles_tiled": [False, False]}  # each tile decodes plainly: no recursion
     backend.plan = dataclasses.replace(backend.plan, vae_tiled=False)
     backend.generate(request, lambda i, n: None)
     assert pipe.vae_decoder(None, tiled=False)["tiled"] is False

@@ -31,10 +31,18 @@ def tile_vae_decode(pipe: Any, tiled: bool) -> None:
     if current is not None:
         return
     plain = type(decoder).forward
+    inside = [False]  # diffsynth's tiled decode calls forward again for each tile, untiled
 
     def forward(sample: Any, *args: Any, tiled: bool = False, tile_size: int = TILE_SIZE,
                 tile_stride: int = TILE_STRIDE, **kwargs: Any) -> Any:
-        return plain(decoder, sample, *args, tiled=True, tile_size=TILE_SIZE,
-                     tile_stride=TILE_STRIDE, **kwargs)
+        if inside[0]:
+            return plain(decoder, sample, *args, tiled=tiled, tile_size=tile_size,
+                         tile_stride=tile_stride, **kwargs)
+        inside[0] = True
+        try:
+            return plain(decoder, sample, *args, tiled=True, tile_size=TILE_SIZE,
+                         tile_stride=TILE_STRIDE, **kwargs)
+        finally:
+            inside[0] = False
 
     decoder.forward = forward
