@@ -28,6 +28,7 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print) -> in
               check_database(config), check_output_dir(config)]
     if config.engine.backend == "flux":
         checks.append(check_gpu(config))
+        checks.extend(check_plan(config))
         checks.extend(check_models(config))
     else:
         checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
@@ -113,6 +114,42 @@ def check_gpu(config: Config) -> Check:
         return Check("GPU", False, f"{detail}; at least {least:.0f} GiB free is needed",
                      "close other programs using the GPU")
     return Check("GPU", True, detail)
+
+
+def check_plan(config: Config, gpu=None, host_available_gib: float | None = None  # type: ignore[no-untyped-def]
+               ) -> list[Check]:
+    """The memory plan the bot would make on this card, and whether the host has the memory
+    it needs (the streamed blocks and T5 live in page-locked host memory)."""
+    from engine.flux.gpu_probe import probe_gpu
+    from engine.flux.plan_report import plan_report
+
+    gpu = gpu if gpu is not None else probe_gpu(config.model.device)
+    if not gpu.available:
+        return []
+    report = plan_report(config.model, config.limits.max_pixels, gpu.name, gpu.free_gib,
+                         gpu.total_gib - gpu.free_gib)
+    lines = report.lines()
+    checks = [Check("memory plan", not report.problem, lines[0],
+                    "free GPU memory or lower limits.max_pixels")]
+    checks += [Check("memory plan", not report.problem, line) for line in lines[1:]]
+    available = host_available_gib if host_available_gib is not None else _host_available_gib()
+    if available is not None and available < report.host_needed_gib:
+        checks.append(Check("host memory", False,
+                            f"{available:.1f} GiB available, the plan needs about "
+                            f"{report.host_needed_gib:.1f} GiB",
+                            "close other programs, add swap-free RAM, or use a card with more "
+                            "memory (fewer blocks streamed from the host)"))
+    return checks
+
+
+def _host_available_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def check_models(config: Config) -> list[Check]:

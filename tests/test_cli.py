@@ -94,3 +94,26 @@ def test_start_up_failure_is_one_clear_line(tmp_path):
     assert done.returncode == 1
     assert "could not start: model.device is 'cuda' but PyTorch sees no CUDA GPU" in done.stderr
     assert "doctor" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
+    from bot.doctor import check_plan
+    from engine.config import Config
+    from engine.flux.gpu_probe import GpuStatus
+
+    card = GpuStatus(True, name="NVIDIA H100 80GB HBM3", free_gib=7.0, total_gib=79.2)
+    checks = check_plan(Config(), card, host_available_gib=64.0)
+    text = "\n".join(c.detail for c in checks)
+    assert all(c.ok for c in checks)
+    assert "preset low" in text and "device budget 7.50 GiB" in text
+    assert "blocks stay on the GPU" in text and "GiB streamed per step" in text
+    assert "expected: about 3.7 s per 1024² 20-step image (measured on a H100" in text
+    assert "host memory needed: about 15." in text
+    short = check_plan(Config(), card, host_available_gib=8.0)
+    assert [c for c in short if c.name == "host memory" and not c.ok and c.fix]
+    other = check_plan(Config(), GpuStatus(True, name="NVIDIA GeForce RTX 3060",
+                                           free_gib=11.0, total_gib=12.0), host_available_gib=32)
+    assert "not measured on NVIDIA GeForce RTX 3060" in "\n".join(c.detail for c in other)
+    tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=2.5, total_gib=4.0),
+                      host_available_gib=32)
+    assert tiny[0].ok is False and "too small" in "\n".join(c.detail for c in tiny)

@@ -27,6 +27,7 @@ from engine.flux.residency import (
     FLUX_FIXED_BYTES,
     ResidencyError,
     dit_activation_bytes,
+    dit_residency,
     flux_dev_block_sizes,
     vae_decode_bytes,
 )
@@ -55,9 +56,6 @@ def test_no_gpu_figure_means_no_budget():
 
 def planned_dit(free: float, max_pixels: int):
     """The streaming plan and the DiT's residency for FLUX.1-dev on a card with ``free``."""
-    pytest.importorskip("diffsynth")
-    from engine.flux.pipeline import dit_residency
-
     plan = plan_memory(ModelSection(), free, 0.5, max_pixels)
     residency = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES,
                               OTHERS_RESIDENT_BYTES)

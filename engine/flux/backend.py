@@ -183,11 +183,12 @@ class FluxBackend:
         back when a move fails); diffsynth's managed layers get the new limit; a change of
         where any model lives reloads the pipeline and applies compile and float8 again."""
         from engine.flux import pipeline
+        from engine.flux.residency import dit_residency
 
         assert self.plan is not None
         same_layout = nxt.placements == self.plan.placements
         if same_layout and self._stream is not None and self._factory is None:
-            residency = pipeline.dit_residency(nxt, self._stream.plan.block_bytes,
+            residency = dit_residency(nxt, self._stream.plan.block_bytes,
                                                self._stream.plan.fixed_bytes,
                                                self._stream.others_bytes)
             self._stream.relayout(residency)

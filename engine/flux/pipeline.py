@@ -148,29 +148,6 @@ def start_t5_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def dit_residency(plan: MemoryPlan, block_bytes: list[int] | tuple[int, ...], fixed_bytes: int,
-                  others_bytes: int) -> Any:
-    """The DiT's ``ResidencyPlan`` under ``plan``: its allocator budget less ``others_bytes``
-    (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
-    for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
-    phases of their own (they run while the streamer's buffers are released)."""
-    from engine.flux.presets import GIB
-    from engine.flux.residency import (
-        dit_activation_bytes,
-        plan_residency,
-        t5_phase_bytes,
-        vae_decode_bytes,
-    )
-
-    assert plan.budget_gib is not None, "streaming needs a known GPU budget"
-    side = plan.reserve_side
-    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
-                t5_phase_bytes() if plan.stream_t5 else 0)
-    return plan_residency(block_bytes, int(plan.budget_gib * GIB) - others_bytes,
-                          dit_activation_bytes(side, side), fixed_bytes=fixed_bytes,
-                          phase_reserve_bytes=phase)
-
-
 def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> Any:
     """Lay the CPU float8 DiT out for block streaming within the plan's budget.
 
@@ -178,8 +155,9 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> A
     GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed) and
     ``others_bytes`` (what models loaded later will keep there); see ``dit_residency``.
     Returns the ``StreamingHandle`` (``close()`` it before dropping the pipeline); a re-plan
-    moves its blocks with ``handle.relayout(dit_residency(...))``.
+    moves its blocks with ``handle.relayout(residency.dit_residency(...))``.
     """
+    from engine.flux.residency import dit_residency
     from engine.flux.streaming import enable_block_streaming, measure_blocks
 
     device = torch.device(plan.device)

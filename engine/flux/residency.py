@@ -40,7 +40,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.flux.presets import MemoryPlan
 
 GIB = 1024**3
 MIB = 1024**2
@@ -328,3 +331,19 @@ def _upgrade_to_bf16(plan: ResidencyPlan) -> ResidencyPlan:
             continue
         current = trial
     return current
+
+
+def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int,
+                  others_bytes: int) -> ResidencyPlan:
+    """The DiT's residency under a memory plan: its allocator budget less ``others_bytes``
+    (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
+    for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
+    phases of their own (they run while the streamer's buffers are released)."""
+    if plan.budget_gib is None:
+        raise ValueError("streaming needs a known GPU budget")
+    side = plan.reserve_side
+    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
+                t5_phase_bytes() if plan.stream_t5 else 0)
+    return plan_residency(block_bytes, int(plan.budget_gib * GIB) - others_bytes,
+                          dit_activation_bytes(side, side), fixed_bytes=fixed_bytes,
+                          phase_reserve_bytes=phase)

@@ -1,0 +1,100 @@
+"""The memory plan for a card, before any weight is loaded: what ``doctor`` shows an admin.
+
+Pure arithmetic (no torch): the same ``plan_memory`` and ``dit_residency`` the backend runs at
+start-up, on FLUX.1-dev's block sizes, plus what the benchmarks measured on emulated cards
+(docs/benchmarks.md, ``bench/bench_cards.py``): the host memory a plan needs and the seconds a
+1024² 20-step image took through ``python -m bot`` on that GPU class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import ModelSection
+from engine.flux.presets import OTHERS_RESIDENT_BYTES, MemoryPlan, plan_memory
+from engine.flux.residency import (
+    FLUX_FIXED_BYTES,
+    GIB,
+    STREAMED,
+    ResidencyError,
+    dit_residency,
+    flux_dev_block_sizes,
+)
+
+# Host peak RSS of the bot on emulated cards (H100, 2026-11-28): 12.3 GiB with 3.8 GiB of the DiT
+# streamed, 15.7 with 7.7, 15.9 with 9.5. Loading peaks near 12.5 GiB whatever the plan; after
+# that the streamed blocks and T5 (float8, page-locked) stay resident beside the libraries.
+LOADING_PEAK_GIB = 12.5
+BESIDE_STREAMED_GIB = 8.0
+# Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
+# default config, by the card's free memory at start (GiB): bench/bench_cards.py.
+MEASURED_S_PER_IMAGE = {
+    "H100": ((5.6, 4.23), (7.5, 3.74), (11.5, 3.26)),
+}
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    plan: MemoryPlan
+    total_blocks: int
+    resident_blocks: int | None  # None: not block-streamed (max, or diffsynth's management)
+    streamed_gib_per_step: float
+    host_needed_gib: float
+    expected_s: float | None
+    expected_basis: str
+    problem: str = ""  # the plan cannot run: why
+
+    def lines(self) -> list[str]:
+        out = [self.plan.describe()]
+        if self.problem:
+            return [*out, self.problem]
+        if self.resident_blocks is not None:
+            out.append(f"DiT: {self.resident_blocks} of {self.total_blocks} blocks stay on the "
+                       f"GPU, {self.streamed_gib_per_step:.2f} GiB streamed per step")
+        else:
+            out.append("DiT: resident on the GPU" if self.plan.preset == "max"
+                       else "DiT: diffsynth's own offloading (model.dit_streaming = false)")
+        out.append(f"host memory needed: about {self.host_needed_gib:.1f} GiB")
+        if self.expected_s is not None:
+            out.append(f"expected: about {self.expected_s:.1f} s per 1024² 20-step image "
+                       f"({self.expected_basis})")
+        else:
+            out.append(f"expected speed: {self.expected_basis}")
+        return out
+
+
+def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: float,
+                used_gib: float = 0.0) -> PlanReport:
+    plan = plan_memory(model, free_gib, used_gib, max_pixels)
+    sizes = flux_dev_block_sizes()
+    resident: int | None = None
+    streamed = 0
+    problem = ""
+    if plan.streaming:
+        try:
+            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, OTHERS_RESIDENT_BYTES)
+        except ResidencyError as e:
+            problem = str(e)
+        else:
+            resident = len(sizes) - residency.count(STREAMED)
+            streamed = residency.streamed_bytes
+    elif plan.preset != "max":
+        streamed = sum(sizes)
+    host = max(LOADING_PEAK_GIB, streamed / GIB + BESIDE_STREAMED_GIB)
+    # the table is keyed by the card's free memory before the bot's own CUDA context existed
+    card = plan.device_budget.device_gib if plan.device_budget is not None else free_gib
+    seconds, basis = expected_seconds(gpu_name, card)
+    return PlanReport(plan, len(sizes), resident, streamed / GIB, host, seconds, basis, problem)
+
+
+def expected_seconds(gpu_name: str, free_gib: float) -> tuple[float | None, str]:
+    """The measured figure of the largest card not larger than this one, on this GPU class."""
+    for gpu, rows in MEASURED_S_PER_IMAGE.items():
+        if gpu.lower() in gpu_name.lower():
+            fits = [(card, s) for card, s in rows if card <= free_gib + 0.05]
+            if not fits:
+                return None, f"not measured on a {gpu} with under {rows[0][0]:.1f} GiB free"
+            card, seconds = fits[-1]
+            return seconds, f"measured on a {gpu} with {card:.1f} GiB free"
+    return None, (f"not measured on {gpu_name or 'this GPU'} yet (docs/benchmarks.md has the "
+                  "H100 figures; consumer cards stream weights over a slower bus)")
