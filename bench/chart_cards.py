@@ -1,0 +1,65 @@
+"""Seconds per 1024² image against card size, one line per set-up, from the benchmarks' JSON.
+
+    python bench/chart_cards.py OUT.png LABEL=FILE.json [LABEL=FILE.json ...]
+
+Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
+output), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
+20 × s_step, which leaves out its text encoders and VAE and so favours it). matplotlib is needed
+here only (``pip install matplotlib``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def series(path: Path) -> list[tuple[float, float]]:
+    data = json.loads(path.read_text())
+    points = []
+    for row in data.get("rows", []):
+        if row.get("error"):
+            continue
+        seconds = row.get("s_image_1024")
+        if seconds is None and row.get("s_step") is not None:
+            seconds = 20 * row["s_step"]
+        if seconds is not None:
+            points.append((row["card_free_gib"], seconds))
+    return sorted(points)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for spec in argv[1:]:
+        label, _, file = spec.partition("=")
+        points = series(Path(file))
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y in points:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("card: GPU memory free at start (GiB)")
+    ax.set_ylabel("seconds per 1024² image, 20 steps (log)")
+    ax.set_title("FLUX.1-dev on small cards (H100; see the legend for how each was measured)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(argv[0])
+    print(f"wrote {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
