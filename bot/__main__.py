@@ -99,7 +99,9 @@ async def _imagine(config, args: argparse.Namespace) -> int:  # type: ignore[no-
         except EngineError as exc:
             print(render.error(exc), file=sys.stderr)
             return 1
-        await engine.mark_delivered(job, f"cli:{args.output or result.path}")
+        # without -o the saved file is the delivery: kept even without engine.save_outputs
+        await engine.mark_delivered(job, f"cli:{args.output or result.path}",
+                                    keep_file=args.output is None)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_bytes(result.png)

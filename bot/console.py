@@ -143,7 +143,9 @@ class ConsoleAdapter:
             elif isinstance(event, Finished):
                 self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n"
                          f"[{job.id}] saved to {event.result.path}")
-                await self.engine.mark_delivered(job, f"console:{event.result.path}")
+                # the saved file is what the console delivers: kept even without save_outputs
+                await self.engine.mark_delivered(job, f"console:{event.result.path}",
+                                                 keep_file=True)
             elif isinstance(event, Failed):
                 self.say(f"[{job.id}] {render.failed(event.reason)}")
                 await self.engine.mark_delivered(job, "console")

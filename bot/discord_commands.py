@@ -102,7 +102,7 @@ def _admin_commands() -> list[app_commands.Command]:
                                                                "empty for the default")
     @app_commands.check(_admin_only)
     async def limit(interaction: discord.Interaction, user: discord.User,
-                    images: app_commands.Range[int, 1, 100_000] | None = None) -> None:
+                    images: app_commands.Range[int, 0, 100_000] | None = None) -> None:
         await _adapter(interaction).set_limit(interaction, user, images)
 
     return [status, pause, resume, limit]

@@ -142,13 +142,24 @@ def queue_list(jobs: list[Job]) -> str:
     return "Your images:\n" + "\n".join(lines)
 
 
-def status(health: Health) -> str:
-    running = f"{health.running.id} for {health.running.user.key}" if health.running else "nothing"
+def status(health: Health, *, private: bool = True) -> str:
+    """/status for an admin. Outside a private chat (a group where everyone reads along) it
+    names no user and no error text: those go to the log and to a private /status."""
+    if health.running is None:
+        running = "nothing"
+    elif private:
+        running = f"{health.running.id} for {health.running.user.key}"
+    else:
+        running = f"job {health.running.id}"
+    if private:
+        last_error = health.last_error or "none"
+    else:
+        last_error = "one (ask /status in a private chat)" if health.last_error else "none"
     lines = [
         f"Queue: {health.queued} waiting{' (paused)' if health.paused else ''}",
         f"Running: {running}",
         f"Done: {health.finished} finished, {health.failed} failed",
-        f"Last error: {health.last_error or 'none'}",
+        f"Last error: {last_error}",
     ]
     if health.memory:
         mem = ", ".join(f"{k} {v:.1f}" for k, v in sorted(health.memory.items()))
@@ -198,6 +209,8 @@ def limit_usage() -> str:
 def limit_set(user_id: str, images: int | None) -> str:
     if images is None:
         return f"User {user_id} is back to the default image limit."
+    if images == 0:
+        return f"User {user_id} may not make images for now (limit 0; `default` lifts it)."
     return f"User {user_id} may now make {images} images per window."
 
 

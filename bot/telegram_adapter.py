@@ -215,8 +215,9 @@ class TelegramAdapter:
         await self._reply(message, render.cancelling(job_id) if done else render.already_over())
 
     async def _status(self, message: Message, user: User, args: list[str]) -> None:
-        """/status (admins): queue, running job, memory, last error."""
-        await self._reply(message, render.status(self.engine.health()))
+        """/status (admins): queue, running job, memory, last error (details in private)."""
+        private = message.chat.type == "private"
+        await self._reply(message, render.status(self.engine.health(), private=private))
 
     async def _pause(self, message: Message, user: User, args: list[str]) -> None:
         """/pause (admins): accept jobs but start none."""

@@ -41,16 +41,19 @@ from engine.job import (
     Queued,
     Started,
 )
+from engine.durable import write_durably
 from engine.png import encode_png
 from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
-from engine.store import JobRecord, Store
+from engine.store import DuplicateJobId, JobRecord, Store
 from engine.worker import Aborted, GpuWorker
 
 log = logging.getLogger(__name__)
 # Finished jobs (and their PNGs) kept in memory for buttons and late watchers; delivered ones
 # leave at once, the journal keeps everything. Bounds memory on a bot that runs for weeks.
 KEEP_FINISHED_JOBS = 32
+# Fresh ids drawn when one is taken already (8 hex digits: a collision is rare, never fatal).
+ID_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,12 @@ class Engine:
         self._running: Job | None = None  # the job on the GPU
         self._completing: set[asyncio.Task[None]] = set()  # PNG, file and journal, off the GPU
         self._abort = threading.Event()
+        self._abort_reason: str | None = None  # "cancel" (by a user) or "shutdown"
+        self._cancelled_by_owner = True
+        self._draining: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._gpu_idle = asyncio.Event()  # no job between start and the end of its GPU part
+        self._gpu_idle.set()
         self._submit_lock = asyncio.Lock()
         self._scheduler: asyncio.Task[None] | None = None
         self._accepting = False
@@ -118,20 +126,33 @@ class Engine:
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking jobs and give the running one up to the grace period to finish.
 
-        A job still running after that is aborted and stays 'running' in the journal, so the
-        next start re-queues it; queued jobs stay queued there too.
+        A job still running after that is stopped and put back to queued in the journal, so
+        the next start runs it again; queued jobs stay queued there too. A job its user
+        cancels meanwhile ends cancelled at once. Calling it again waits for the same drain.
         """
         self._accepting = False
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain(grace_s), name="engine-drain")
+        await asyncio.shield(self._draining)
+
+    async def _drain(self, grace_s: float | None) -> None:
         grace = self.config.engine.shutdown_grace_s if grace_s is None else grace_s
         running = self._running
         if running is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(running.wait()), timeout=grace)
             except TimeoutError:
-                log.warning("job %s still running after %.0f s grace; it will be re-queued",
-                            running.id, grace)
-                self._abort.set()
+                log.warning("job %s still running after %.0f s grace; it will run again after "
+                            "the restart", running.id, grace)
+                self._stop_running("shutdown")
+                await self._gpu_idle.wait()  # the worker stops at the next step
         await self._settle_completions()
+
+    def _stop_running(self, reason: str) -> None:
+        """Ask the worker to stop the running job at its next step (a user's cancel wins)."""
+        if self._abort_reason != "cancel":
+            self._abort_reason = reason
+        self._abort.set()
 
     async def _settle_completions(self) -> None:
         """Let images already made be encoded, saved and journalled (seconds at most)."""
@@ -161,12 +182,23 @@ class Engine:
         async with self._submit_lock:
             self._check_capacity(user)
             await self.rate_limiter.check(user)  # admins have no limit
-            job = Job(id=new_job_id(), user=user, origin=origin, request=request,
-                      created_at=self.clock(), _engine=self)
-            job.seq = await self.store.add_job(job.id, user, origin, request, job.created_at)
+            job = await self._journal_new_job(user, request, origin)
             self._enqueue(job)
         log.info("job %s queued for %s (position %s)", job.id, user.key, job.position())
         return job
+
+    async def _journal_new_job(self, user: User, request: ImageRequest, origin: Origin) -> Job:
+        """A new job with an id no other job in the journal has (ids are short, for typing)."""
+        for _ in range(ID_ATTEMPTS):
+            job = Job(id=new_job_id(), user=user, origin=origin, request=request,
+                      created_at=self.clock(), _engine=self)
+            try:
+                job.seq = await self.store.add_job(job.id, user, origin, request,
+                                                   job.created_at)
+                return job
+            except DuplicateJobId:
+                log.info("job id %s taken; drawing another", job.id)
+        raise EngineError("Sorry, the bot could not take this job; please try again.")
 
     def _check_banned(self, user: User, request: ImageRequest) -> None:
         lowered = request.prompt.casefold()
@@ -244,26 +276,31 @@ class Engine:
         await self.store.set_limit_override(user, images_per_window)
 
     async def cancel(self, job_id: str, by: User) -> bool:
-        """Cancel a queued or running job; its owner or an admin may. False if already over."""
+        """Cancel a queued or running job; its owner or an admin may. False if already over
+        (or its image is made and being saved)."""
         job = self._jobs.get(job_id)
         if job is None or (job.user != by and not self.is_admin(by)):
             raise JobNotFound("I could not find that job among yours.")
         if job.status is JobStatus.QUEUED and self._queue.remove(job.user.key, job):
             await self._finish(job, Cancelled(by_owner=job.user == by), JobStatus.CANCELLED)
-            await self.store.refund(job.id)
+            await self.store.refund(job.id)  # it never ran
             self._announce_positions()
             return True
-        if job.status is JobStatus.RUNNING and job is self._running:
-            self._abort.set()  # the worker raises at the next step
+        if job is self._running:  # running, or being started: stops at its next step
+            self._cancelled_by_owner = job.user == by
+            self._stop_running("cancel")
             return True
-        return False  # finished, or made and being saved
+        return False
 
     # -- delivery bookkeeping (adapters call these) -----------------------------------------
-    async def mark_delivered(self, job: Job, where: str) -> None:
+    async def mark_delivered(self, job: Job, where: str, *, keep_file: bool = False) -> None:
+        """The result reached its chat. Without ``engine.save_outputs`` its file goes, unless
+        the file is the delivery itself (``keep_file``: the console and ``imagine``)."""
         await self.store.mark_delivered(job.id, at=self.clock(), where=where)
         self._forget(job)
-        if not self.config.engine.save_outputs and job.result_now and job.result_now.path:
-            Path(job.result_now.path).unlink(missing_ok=True)
+        result = job.result_now
+        if not self.config.engine.save_outputs and not keep_file and result and result.path:
+            Path(result.path).unlink(missing_ok=True)
 
     async def mark_undelivered(self, job: Job, error: str) -> None:
         await self.store.mark_undelivered(job.id, at=self.clock(), error=error)
@@ -276,6 +313,8 @@ class Engine:
     def _forget(self, job: Job) -> None:
         if job.status.is_terminal:
             self._jobs.pop(job.id, None)
+            if job.recovered and job in self._recovered:
+                self._recovered.remove(job)  # its PNG leaves memory with it
 
     def _retire(self, job: Job) -> None:
         """A job just ended: keep it for a while, then let it go (its record stays)."""
@@ -292,7 +331,10 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._abort.clear()
+            self._abort_reason = None
             self._running = job
+            self._gpu_idle.clear()
             self._announce_positions()
             try:
                 await self._run(job)
@@ -300,13 +342,17 @@ class Engine:
                 log.exception("job %s: unexpected engine error", job.id)
             finally:
                 self._running = None
+                self._gpu_idle.set()
 
     async def _run(self, job: Job) -> None:
         """The GPU part of a job. Once its image is made, encoding, saving and journalling run
         beside the next job (``_complete``), so the GPU never waits for them."""
         loop = asyncio.get_running_loop()
-        self._abort.clear()
-        await self.store.set_status(job.id, "running", at=self.clock())
+        if not self._abort.is_set():
+            await self.store.set_status(job.id, "running", at=self.clock())
+        if self._abort.is_set():  # stopped while being started: it never reached the GPU
+            await self._stopped_before_start(job)
+            return
         job._emit(Started())
         started = time.monotonic()
         step_times: list[float] = []
@@ -321,10 +367,12 @@ class Engine:
             image = await self._worker.call(self._worker.generate_blocking, job.request,
                                             on_step, self._abort, deadline)
         except Aborted:
-            if not self._accepting:
-                return  # shutting down: leave it 'running' in the journal, re-queued on restart
-            await self._finish(job, Cancelled(), JobStatus.CANCELLED)
-            await self.store.refund(job.id)
+            if self._abort_reason == "shutdown":  # runs again after the restart
+                await self.store.set_status(job.id, "queued", at=self.clock())
+                return
+            # cancelled while running: its GPU time was spent, so it stays charged
+            await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
+                               JobStatus.CANCELLED)
             return
         except EngineError as exc:
             await self._fail(job, str(exc), refund=True)
@@ -338,6 +386,17 @@ class Engine:
                                    name=f"complete-{job.id}")
         self._completing.add(task)
         task.add_done_callback(self._completing.discard)
+
+    async def _stopped_before_start(self, job: Job) -> None:
+        record = await self.store.get_job(job.id)
+        was_running = record is not None and record.status == "running"
+        if self._abort_reason == "shutdown":
+            if was_running:
+                await self.store.set_status(job.id, "queued", at=self.clock())
+            return
+        await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
+                           JobStatus.CANCELLED)
+        await self.store.refund(job.id)  # cancelled before any GPU work: not charged
 
     async def _complete(self, job: Job, image: object, started: float, gpu_s: float,
                         step_times: list[float]) -> None:
@@ -364,7 +423,7 @@ class Engine:
         folder = Path(self.config.engine.output_dir) / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{job.id}-{job.request.seed}.png"
-        path.write_bytes(png)
+        write_durably(path, png)  # on disk before the journal says finished
         return png, str(path)
 
     async def _fail_unexpectedly(self, job: Job, exc: BaseException) -> None:

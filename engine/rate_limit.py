@@ -40,12 +40,14 @@ class RateLimiter:
         self.clock = clock
 
     async def limit_for(self, user: User) -> int | None:
-        """The user's images per window, or None for no limit."""
+        """The user's images per window, or None for no limit. The config's 0 means no limit;
+        an admin's override of 0 means none at all (the user may make no images)."""
         if self.access.is_admin(user):
             return None
         override = await self.store.get_limit_override(user)
-        limit = self.config.images_per_window if override is None else override
-        return limit or None  # 0 means unlimited, as in the config
+        if override is not None:
+            return override
+        return self.config.images_per_window or None
 
     async def quota(self, user: User) -> Quota:
         now = self.clock()
@@ -58,7 +60,7 @@ class RateLimiter:
             return Quota(limit=None, used=len(times), remaining=None, resets_at=None)
         used = len(times)
         resets_at = None
-        if used:
+        if used and limit:  # a limit of 0 frees nothing up by waiting
             # Over the limit (an override was lowered) more than one job has to leave first.
             resets_at = times[max(0, used - limit)] + self.config.window_s
         return Quota(limit=limit, used=used, remaining=max(0, limit - used), resets_at=resets_at)
@@ -68,6 +70,9 @@ class RateLimiter:
         quota = await self.quota(user)
         if quota.remaining != 0:
             return
+        if quota.limit == 0:
+            raise RateLimited("An admin has set your image limit to 0, so you cannot make "
+                              "images here for now.", retry_at=self.clock() + self.config.window_s)
         assert quota.limit is not None and quota.resets_at is not None  # remaining == 0
         raise RateLimited(
             refusal_message(quota.limit, self.config.window_s, quota.resets_at - self.clock()),

@@ -90,3 +90,27 @@ def test_shorten_keeps_short_text_and_marks_a_cut_within_the_limit() -> None:
     assert shorten("a red fox in snow", 9) == "a red fo…"
     assert shorten("a red fox in snow", 7) == "a red…"  # no space left before the mark
     assert len(shorten("x" * 5000, 4096)) == 4096
+
+
+def test_a_durable_write_leaves_only_the_whole_file(tmp_path, monkeypatch):
+    import os
+
+    from engine.durable import write_durably
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    target = tmp_path / "a.png"
+    write_durably(target, b"png bytes")
+    assert target.read_bytes() == b"png bytes" and len(synced) == 2  # the file and its folder
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no partial file left
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    import pytest
+
+    with pytest.raises(OSError):
+        write_durably(tmp_path / "b.png", b"other")
+    assert not (tmp_path / "b.png").exists()  # never a half-written file under the final name

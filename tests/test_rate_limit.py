@@ -92,6 +92,7 @@ async def test_refund_frees_a_slot(store: Store, clock: FakeClock):
     ids = await fill(store, clock, 3)
     with pytest.raises(RateLimited):
         await limits.check(ALICE)
+    await store.set_status(ids[1], "running", at=clock.now)
     await store.set_status(ids[1], "failed", at=clock.now, error="the GPU fell over")
     await store.refund(ids[1])
     await limits.check(ALICE)
@@ -139,8 +140,14 @@ async def test_override_replaces_the_config_limit(store: Store, clock: FakeClock
         await limits.check(ALICE)
     await store.set_limit_override(ALICE, 5)
     assert (await limits.quota(ALICE)).remaining == 4
-    await store.set_limit_override(ALICE, 0)  # 0 = unlimited, as in the config
-    assert (await limits.quota(ALICE)).limit is None
+    await store.set_limit_override(ALICE, 0)  # an admin's 0: no images at all
+    assert (await limits.quota(ALICE)).limit == 0
+    with pytest.raises(RateLimited, match="limit to 0"):
+        await limits.check(ALICE)
+    twin = User("telegram", ALICE.user_id)
+    await store.set_limit_override(twin, 0)  # also with nothing used in the window
+    with pytest.raises(RateLimited, match="limit to 0"):
+        await limits.check(twin)
     await store.set_limit_override(ALICE, None)
     assert (await limits.quota(ALICE)).limit == 3
 

@@ -64,7 +64,8 @@ def test_sigterm_lets_the_running_job_finish(tmp_path):
 def test_sigterm_past_grace_leaves_the_job_for_the_next_start(tmp_path):
     out = sigterm_mid_job(tmp_path, 0.2, "/imagine a very slow fox --steps 50\n")
     assert "saved to" not in out
-    assert [status for _, status in journal(tmp_path)] == ["running"]
+    # put back in line in the journal (lifecycle: running -> queued on a shutdown)
+    assert [status for _, status in journal(tmp_path)] == ["queued"]
     # The next start re-queues it and the console delivers it.
     again = start_bot(tmp_path, grace=30)
     wait_for_line(again, "saved to", timeout=60)

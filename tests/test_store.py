@@ -187,13 +187,15 @@ async def test_pragmas(store: Store):
 
     assert await pragma("journal_mode") == "wal"
     assert await pragma("foreign_keys") == 1
-    assert await pragma("synchronous") == 1  # NORMAL
+    assert await pragma("synchronous") == 2  # FULL: a commit survives a power cut
     assert await pragma("user_version") == SCHEMA_VERSION
 
 
 async def test_delivery_tracking(store: Store):
     for job_id, user in (("d1", ALICE), ("d2", ALICE), ("t1", BOB), ("q", ALICE), ("c", ALICE)):
         await add(store, job_id, user)
+    for job_id in ("d1", "d2", "t1"):
+        await store.set_status(job_id, "running", at=0.5)
     await store.set_status("d1", "finished", at=1.0, result_path="d1.png")
     await store.set_status("d2", "failed", at=2.0, error="boom")
     await store.set_status("t1", "finished", at=3.0, result_path="t1.png")
@@ -243,6 +245,8 @@ async def test_what_counts_against_the_limit(store: Store):
     for i, job_id in enumerate(["queued", "done", "failed", "refunded", "cancel_early",
                                 "cancel_late"]):
         await add(store, job_id, at=100.0 + i)
+    for job_id in ("done", "failed", "refunded"):
+        await store.set_status(job_id, "running", at=150.0)
     await store.set_status("done", "finished", at=200.0)
     await store.set_status("failed", "failed", at=200.0, error="bad prompt")
     await store.set_status("refunded", "failed", at=200.0, error="GPU died")
@@ -330,3 +334,36 @@ async def test_newer_database_is_refused(tmp_path: Path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer than this program"):
         await Store.open(path)
+
+
+async def test_the_journal_enforces_the_lifecycle(store: Store):
+    """Every move the table allows is written; every other one raises and writes nothing."""
+    from engine.lifecycle import TRANSITIONS, InvalidTransition
+    from engine.job import JobStatus
+
+    route = {"queued": [], "running": ["running"], "finished": ["running", "finished"],
+             "failed": ["running", "failed"], "cancelled": ["cancelled"]}
+    n = 0
+    for old, targets in TRANSITIONS.items():
+        for new in JobStatus:
+            n += 1
+            job_id = f"j{n}"
+            await add(store, job_id, at=float(n))
+            for step in route[old.value]:
+                await store.set_status(job_id, step, at=float(n))
+            if new in targets:
+                await store.set_status(job_id, new, at=float(n) + 0.5)
+                assert (await store.get_job(job_id)).status == new.value
+            else:
+                with pytest.raises(InvalidTransition, match=f"from {old.value} to {new.value}"):
+                    await store.set_status(job_id, new, at=float(n) + 0.5)
+                assert (await store.get_job(job_id)).status == old.value
+    assert n == 25
+
+
+async def test_a_duplicate_job_id_is_its_own_error(store: Store):
+    from engine.store import DuplicateJobId
+
+    await add(store, "same")
+    with pytest.raises(DuplicateJobId):
+        await add(store, "same")

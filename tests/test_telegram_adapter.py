@@ -647,3 +647,30 @@ async def test_group_requests_keep_the_group_budget() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_limit_of_zero_stops_the_user_instead_of_lifting_the_limit(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    """Issue 11 row 4: `/limit <id> 0` removed the user's limit while saying "0 images"."""
+    engine, _ = await start_bot()
+    tg.message(f"/limit {BOB} 0", chat_id=ADMIN, user_id=ADMIN)
+    assert (await tg.wait_for("sendMessage")).params["text"] == render.limit_set(str(BOB), 0)
+    assert (await engine.quota(user(BOB))).limit == 0
+    tg.message("/imagine a fox --steps 1", chat_id=BOB, user_id=BOB)
+    refusal = (await tg.wait_for("sendMessage", 2)).params["text"]
+    assert "limit to 0" in refusal
+    assert await engine.store.jobs_for_user(user(BOB)) == []
+
+
+async def test_status_in_a_group_names_no_user_and_no_error(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """Issue 11 row 12: /status in a group posted the last exception and users' keys."""
+    engine, _ = await start_bot()
+    engine._last_error = "abc123: RuntimeError('/home/admin/secret/path')"
+    tg.message("/status", chat_id=GROUP, user_id=ADMIN, chat_type="supergroup")
+    text = (await tg.wait_for("sendMessage")).params["text"]
+    assert "secret" not in text and "telegram:" not in text
+    assert "ask /status in a private chat" in text
+    tg.message("/status", chat_id=ADMIN, user_id=ADMIN)
+    private = (await tg.wait_for("sendMessage", 2)).params["text"]
+    assert "/home/admin/secret/path" in private

@@ -1,0 +1,167 @@
+"""The job's lifecycle at its edges (issue 11's rows), through the real engine on the dry-run
+backend: cancels during a start and during a shutdown, the charging rule, recovered jobs let go,
+job id collisions, console deliveries without saved outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from engine import engine as engine_module
+from engine.job import Cancelled, JobStatus
+from engine.lifecycle import TRANSITIONS, check, sources
+from tests.conftest import ORIGIN, discord_user, make_request
+
+
+async def running(job) -> None:
+    while job.status is not JobStatus.RUNNING:
+        await asyncio.sleep(0.001)
+
+
+def test_the_table_has_final_end_states_and_one_way_back_to_the_queue():
+    for end in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED):
+        assert TRANSITIONS[end] == frozenset()
+    assert sources("queued") == ("running",)  # only a shutdown or a crash puts a job back
+    assert set(sources("cancelled")) == {"queued", "running"}
+    check("a", "queued", "running")
+    with pytest.raises(RuntimeError, match="cannot go from finished to running"):
+        check("a", "finished", "running")
+
+
+async def test_cancelling_a_running_job_keeps_it_charged(engine_factory, backend, config):
+    """Row 5: five jobs run nearly to the end and cancelled must not leave the quota unused."""
+    config.rate_limit.images_per_window = 2
+    backend.step_seconds = 0.01
+    engine = await engine_factory()
+    user = discord_user("1")
+    job = await engine.submit(user, make_request(steps=50), ORIGIN)
+    await running(job)
+    while not [e for e in job.events_so_far if type(e).__name__ == "Progress"]:
+        await asyncio.sleep(0.001)
+    assert await job.cancel() is True
+    assert await job.wait() is JobStatus.CANCELLED
+    assert (await engine.quota(user)).used == 1
+    queued_then_cancelled = None
+    engine.pause()
+    queued_then_cancelled = await engine.submit(user, make_request(), ORIGIN)
+    assert await queued_then_cancelled.cancel() is True
+    assert (await engine.quota(user)).used == 1  # never ran: refunded
+
+
+async def test_a_cancel_while_the_job_is_being_started_is_honoured(engine_factory, backend,
+                                                                    monkeypatch):
+    """Row 6: between leaving the queue and its first step a job could not be cancelled."""
+    engine = await engine_factory()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    real_set_status = engine.store.set_status
+
+    async def slow_set_status(job_id, status, **kw):
+        if status == "running":
+            started.set()
+            await release.wait()
+        return await real_set_status(job_id, status, **kw)
+
+    monkeypatch.setattr(engine.store, "set_status", slow_set_status)
+    job = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    await started.wait()
+    assert job.status is JobStatus.QUEUED and job.position() is None  # being started
+    assert await job.cancel() is True
+    release.set()
+    assert await job.wait() is JobStatus.CANCELLED
+    assert (await engine.job_record(job.id)).status == "cancelled"
+    assert (await engine.quota(discord_user("1"))).used == 0  # it never ran
+
+
+async def test_a_cancel_during_a_shutdown_ends_the_job_and_the_drain_at_once(
+        engine_factory, backend, config):
+    """Row 1: the job was left 'running', ran again after the restart, and the drain waited
+    the whole grace."""
+    backend.gate = threading.Event()
+    engine = await engine_factory()
+    job = await engine.submit(discord_user("1"), make_request(steps=5), ORIGIN)
+    await running(job)
+    drain = asyncio.create_task(engine.drain(grace_s=30))
+    await asyncio.sleep(0.05)
+    assert not drain.done()
+    assert await job.cancel() is True
+    backend.gate.set()
+    await asyncio.wait_for(drain, 5)  # not the 30 s grace
+    assert job.status is JobStatus.CANCELLED
+    record = await engine.job_record(job.id)
+    assert record.status == "cancelled"
+    assert [r.job_id for r in await engine.store.unfinished_jobs()] == []  # never runs again
+    await asyncio.wait_for(engine.drain(grace_s=30), 1)  # a second drain: the same, done
+
+
+async def test_a_shutdown_past_the_grace_puts_the_job_back_in_line(engine_factory, backend):
+    backend.step_seconds = 0.05
+    engine = await engine_factory()
+    job = await engine.submit(discord_user("1"), make_request(steps=100), ORIGIN)
+    await running(job)
+    await asyncio.wait_for(engine.drain(grace_s=0.1), 5)
+    assert (await engine.job_record(job.id)).status == "queued"
+    assert (await engine.quota(discord_user("1"))).used == 1  # still charged: it will run
+
+
+async def test_recovered_jobs_are_let_go_once_delivered(engine_factory, config, backend):
+    """Row 7: recovered jobs (and their PNGs) stayed in memory for the life of the process."""
+    engine = await engine_factory()
+    engine.pause()
+    jobs = [await engine.submit(discord_user("1"), make_request(f"p{i}"), ORIGIN)
+            for i in range(3)]
+    await engine.shutdown(grace_s=1)
+    again = await engine_factory()
+    recovered = again.recovered_jobs("discord")
+    assert [j.id for j in recovered] == [j.id for j in jobs]
+    for job in recovered:
+        await job.wait()
+        await again.mark_delivered(job, "discord:1")
+    assert again.recovered_jobs("discord") == [] and not again._recovered
+    assert all(again.get_job(j.id) is None for j in jobs)
+
+
+async def test_a_job_id_collision_draws_another_id(engine_factory, monkeypatch):
+    """Row 8: a repeated id raised a bare ValueError from the store."""
+    engine = await engine_factory()
+    engine.pause()
+    ids = iter(["aaaa0001", "aaaa0001", "aaaa0001", "bbbb0002"])
+    monkeypatch.setattr(engine_module, "new_job_id", lambda: next(ids))
+    first = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    second = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    assert (first.id, second.id) == ("aaaa0001", "bbbb0002")
+    monkeypatch.setattr(engine_module, "new_job_id", lambda: "aaaa0001")
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="please try again"):
+        await engine.submit(discord_user("1"), make_request(), ORIGIN)
+
+
+async def test_without_saved_outputs_a_file_delivery_keeps_its_file(engine_factory, config,
+                                                                    tmp_path):
+    """Row 9: the console said "saved to X" and X was deleted right after."""
+    from pathlib import Path
+
+    config.engine.save_outputs = False
+    engine = await engine_factory()
+    chat = await engine.submit(discord_user("1"), make_request("chat"), ORIGIN)
+    local = await engine.submit(discord_user("1"), make_request("console"), ORIGIN)
+    chat_path = Path((await chat.result()).path)
+    local_path = Path((await local.result()).path)
+    await engine.mark_delivered(chat, "discord:1")
+    await engine.mark_delivered(local, f"console:{local_path}", keep_file=True)
+    assert not chat_path.exists() and local_path.exists()
+
+
+async def test_cancelled_events_name_who_cancelled(engine_factory, backend, config):
+    config.access.discord_admins = ["boss"]
+    backend.gate = threading.Event()
+    engine = await engine_factory()
+    job = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    await running(job)
+    assert await engine.cancel(job.id, discord_user("boss")) is True
+    backend.gate.set()
+    await job.wait()
+    assert job.events_so_far[-1] == Cancelled(by_owner=False)
