@@ -22,6 +22,7 @@ from pathlib import Path
 
 from engine.backends import Backend, create_backend
 from engine.config import Config
+from engine.durable import write_durably
 from engine.errors import (
     AccessDenied,
     EngineClosed,
@@ -41,7 +42,6 @@ from engine.job import (
     Queued,
     Started,
 )
-from engine.durable import write_durably
 from engine.png import encode_png
 from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User

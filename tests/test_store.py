@@ -338,8 +338,8 @@ async def test_newer_database_is_refused(tmp_path: Path):
 
 async def test_the_journal_enforces_the_lifecycle(store: Store):
     """Every move the table allows is written; every other one raises and writes nothing."""
-    from engine.lifecycle import TRANSITIONS, InvalidTransition
     from engine.job import JobStatus
+    from engine.lifecycle import TRANSITIONS, InvalidTransition
 
     route = {"queued": [], "running": ["running"], "finished": ["running", "finished"],
              "failed": ["running", "failed"], "cancelled": ["cancelled"]}
