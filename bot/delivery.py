@@ -1,4 +1,4 @@
-"""Getting a result to the chat: retries with backoff, then the undelivered path.
+"""Getting a result to the chat: retries with back-off while the bot runs, then giving up.
 
 Platform-neutral: the adapter passes ``send``, a coroutine that posts the result and returns where
 it went (e.g. ``"discord:channel/1/message/2"``), and ``is_permanent`` for errors not worth a retry
@@ -42,25 +42,48 @@ async def deliver(
     *,
     policy: RetryPolicy = RetryPolicy(),
     is_permanent: Callable[[BaseException], bool] = lambda exc: False,
+    on_delay: Callable[[], Awaitable[None]] | None = None,
 ) -> bool:
-    """Try ``send`` up to ``policy.attempts`` times; journal delivered / undelivered."""
+    """Post a result; journal each attempt. ``policy.attempts`` quick tries on a doubling
+    back-off, then (``on_delay`` tells the user once) a try every ``max_delay_s`` for as long
+    as the bot runs, until ``give_up_after_s`` after the job was accepted: then the journal
+    gives it up. An error ``is_permanent`` says is hopeless ends the tries at once (the result
+    stays undelivered: a restart tries again until it is that old). A restart picks undelivered
+    results up again from the journal."""
     last_error = ""
-    for attempt in range(1, policy.attempts + 1):
+    attempt = 0
+    out_of_time = False
+    while True:
+        attempt += 1
         try:
             where = await send()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # network, 5xx, 429 after the library's own retries
             last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("delivering job %s failed (attempt %d/%d): %s", job.id, attempt,
-                        policy.attempts, last_error)
+            log.warning("delivering job %s failed (attempt %d): %s", job.id, attempt, last_error)
             await engine.mark_undelivered(job, last_error)
-            if is_permanent(exc) or attempt == policy.attempts:
+            if is_permanent(exc):
                 break
-            await asyncio.sleep(policy.delay(attempt))
+            if attempt == policy.attempts and on_delay is not None:
+                await _quietly(on_delay, job)
+            wait = policy.delay(attempt)
+            if engine.clock() - job.created_at + wait > policy.give_up_after_s:
+                out_of_time = True
+                break
+            await asyncio.sleep(wait)
             continue
         await engine.mark_delivered(job, where)
         return True
-    if engine.clock() - job.created_at > policy.give_up_after_s:
-        await engine.give_up_delivery(job, last_error)
+    if out_of_time or engine.clock() - job.created_at > policy.give_up_after_s:
+        await engine.give_up_delivery(job, last_error)  # no restart offers it again
     return False
+
+
+async def _quietly(callback: Callable[[], Awaitable[None]], job: Job) -> None:
+    try:
+        await callback()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # telling the user is best effort while the platform fails
+        log.warning("could not tell the user of job %s about the delay: %s", job.id, exc)

@@ -222,8 +222,16 @@ def job_unknown() -> str:
     return "I no longer know that image, so this button cannot be used."
 
 
-def undelivered() -> str:
-    return "⚠️ Your image is ready but could not be uploaded; the bot will try again later."
+def undelivered(give_up_after_s: float | None = None) -> str:
+    """Said once the quick retries failed; the bot keeps trying in the background."""
+    if give_up_after_s is None:
+        return "⚠️ Your image is ready but could not be uploaded; the bot will try again later."
+    return ("⚠️ Your image is ready but could not be uploaded yet; the bot keeps trying for up "
+            f"to {duration(give_up_after_s)} after you asked.")
+
+
+def gave_up_delivery() -> str:
+    return "⚠️ Your image could not be uploaded, and the bot has stopped trying."
 
 
 # -- added for the Discord adapter ----------------------------------------------------------------

@@ -229,10 +229,17 @@ class JobFollower:
             sent = await self._send_image(job, result, target)
             return f"telegram:{target.chat_id}/{sent.message_id}"
 
-        if not await deliver(self.engine, job, send, policy=self.policy,
-                             is_permanent=is_permanent):
+        async def tell_of_the_delay() -> None:
             if status is not None:
-                await status.finish(render.undelivered())
+                await status.finish(render.undelivered(self.policy.give_up_after_s))
+
+        if not await deliver(self.engine, job, send, policy=self.policy,
+                             is_permanent=is_permanent, on_delay=tell_of_the_delay):
+            record = await self.engine.job_record(job.id)
+            if status is not None:
+                await status.finish(render.gave_up_delivery()
+                                    if record is not None and record.delivery_given_up
+                                    else render.undelivered())
             return
         if status is not None:
             await status.delete()

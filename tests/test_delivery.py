@@ -54,3 +54,41 @@ async def test_permanent_error_stops_at_once_and_stays_undelivered(engine_factor
 def test_backoff_doubles_up_to_the_cap():
     policy = RetryPolicy.from_config(DeliverySection(first_delay_s=2, max_delay_s=10))
     assert [policy.delay(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+
+
+async def test_retries_go_on_in_the_background_while_the_bot_runs(engine_factory):
+    """Issue 11 row 3: after the quick attempts the result was retried only at the next
+    start, while the user was told "the bot will try again later"."""
+    engine = await engine_factory()
+    job = await finished_job(engine)
+    calls, told = [], []
+
+    async def send() -> str:
+        calls.append(1)
+        if len(calls) < 8:  # an outage longer than the quick attempts
+            raise ConnectionError("502 Bad Gateway")
+        return "discord:channel/1/message/9"
+
+    async def tell() -> None:
+        told.append(len(calls))
+
+    assert await deliver(engine, job, send, policy=FAST, on_delay=tell) is True
+    assert told == [FAST.attempts]  # told once, when the quick attempts were used up
+    record = await engine.job_record(job.id)
+    assert record.delivery_attempts == 8 and record.delivered_to
+
+
+async def test_the_background_retries_give_up_when_the_job_is_too_old(engine_factory, clock):
+    engine = await engine_factory()
+    job = await finished_job(engine)
+    calls = []
+
+    async def send() -> str:
+        calls.append(1)
+        clock.advance(30)  # each failing try takes the job 30 s further from its start
+        raise ConnectionError("502 Bad Gateway")
+
+    assert await deliver(engine, job, send, policy=FAST) is False
+    record = await engine.job_record(job.id)
+    assert record.delivery_given_up and len(calls) == 4  # 120 s > give_up_after_s = 100
+    assert [r.job_id for r in await engine.store.undelivered_jobs()] == []
