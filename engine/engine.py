@@ -400,16 +400,23 @@ class Engine:
 
     async def _complete(self, job: Job, image: object, started: float, gpu_s: float,
                         step_times: list[float]) -> None:
-        """Encode the PNG and write it on a thread of its own, journal it, tell the watchers."""
+        """Encode the PNG and write it on a thread of its own, journal it, tell the watchers.
+        Any failure fails this job (and, if even that cannot be journalled, still tells its
+        watchers), so no job is left running with nobody to end it."""
         try:
             png, path = await asyncio.to_thread(self._save, job, image)
+            result = JobResult(png=png, request=job.request, model_name=self.backend.model_name,
+                               seconds=time.monotonic() - started, path=path)
+            await self.store.set_status(job.id, "finished", at=self.clock(), result_path=path)
         except Exception as exc:
             log.exception("job %s: saving the image failed", job.id)
-            await self._fail_unexpectedly(job, exc)
+            try:
+                await self._fail_unexpectedly(job, exc)
+            except Exception:
+                log.exception("job %s: could not journal the failure", job.id)
+                job._emit(Failed("Something went wrong while saving this image; the bot's "
+                                 "admin can find the details in the log."))
             return
-        result = JobResult(png=png, request=job.request, model_name=self.backend.model_name,
-                           seconds=time.monotonic() - started, path=path)
-        await self.store.set_status(job.id, "finished", at=self.clock(), result_path=path)
         self._counts["finished"] += 1
         job._emit(Finished(result))
         self._retire(job)

@@ -71,8 +71,14 @@ class GpuWorker:
             raise OutOfMemory(_OOM_MESSAGE)
         result = self._attempt(request, step)
         if isinstance(result, _OutOfMemory):
+            self._recover()  # nothing of the failed retry stays for the next job
             raise OutOfMemory(_OOM_MESSAGE)
         return result
+
+    def _recover(self) -> None:
+        recover = getattr(self.backend, "recover_after_failure", None)
+        if recover is not None:
+            recover()
 
     def _attempt(self, request: ImageRequest, step: Callable[[int, int], None]) -> object:
         """The image, or ``_OutOfMemory``; any other error propagates. After any failure the
@@ -86,9 +92,8 @@ class GpuWorker:
                 out_of_memory = _OutOfMemory(_first_line(exc))
             else:
                 failure = exc
-        recover = getattr(self.backend, "recover_after_failure", None)
-        if recover is not None and out_of_memory is None:
-            recover()  # reduce_memory does it for an out-of-memory error
+        if out_of_memory is None:
+            self._recover()  # reduce_memory does it for an out-of-memory error
         if failure is not None:
             raise failure
         return out_of_memory

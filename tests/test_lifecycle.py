@@ -165,3 +165,72 @@ async def test_cancelled_events_name_who_cancelled(engine_factory, backend, conf
     backend.gate.set()
     await job.wait()
     assert job.events_so_far[-1] == Cancelled(by_owner=False)
+
+
+async def test_the_gpu_starts_the_next_job_while_the_last_image_is_saved(
+        engine_factory, backend, monkeypatch):
+    """Issue 10 item 4: encoding and saving run beside the next job; a cancel of a job whose
+    image is being saved is refused politely, and the image still arrives."""
+    engine = await engine_factory()
+    saving = threading.Event()
+    release = threading.Event()
+    real_save = engine._save
+
+    def slow_save(job, image):
+        if job.request.prompt == "first":
+            saving.set()
+            release.wait(5)
+        return real_save(job, image)
+
+    monkeypatch.setattr(engine, "_save", slow_save)
+    first = await engine.submit(discord_user("1"), make_request("first"), ORIGIN)
+    second = await engine.submit(discord_user("2"), make_request("second"), ORIGIN)
+    while not saving.is_set():
+        await asyncio.sleep(0.001)
+    assert await second.wait() is JobStatus.FINISHED  # ran while the first was being saved
+    assert first.status is JobStatus.RUNNING
+    assert await first.cancel() is False  # made already: it is being saved
+    release.set()
+    assert await first.wait() is JobStatus.FINISHED
+
+
+async def test_a_failing_save_fails_that_job_only(engine_factory, monkeypatch):
+    engine = await engine_factory()
+    real_save = engine._save
+
+    def save(job, image):
+        if job.request.prompt == "doomed":
+            raise OSError("No space left on device")
+        return real_save(job, image)
+
+    monkeypatch.setattr(engine, "_save", save)
+    doomed = await engine.submit(discord_user("1"), make_request("doomed"), ORIGIN)
+    fine = await engine.submit(discord_user("1"), make_request("fine"), ORIGIN)
+    assert await doomed.wait() is JobStatus.FAILED
+    assert await fine.wait() is JobStatus.FINISHED
+    assert (await engine.job_record(doomed.id)).status == "failed"
+    assert (await engine.quota(discord_user("1"))).used == 1  # the bot's fault: refunded
+
+
+async def test_a_shutdown_waits_for_images_being_saved(engine_factory, monkeypatch):
+    engine = await engine_factory()
+    real_save = engine._save
+    saving = threading.Event()
+
+    def slow_save(job, image):
+        saving.set()
+        import time
+
+        time.sleep(0.2)
+        return real_save(job, image)
+
+    monkeypatch.setattr(engine, "_save", slow_save)
+    job = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    while not saving.is_set():
+        await asyncio.sleep(0.001)
+    store = engine.store
+    await engine.shutdown(grace_s=5)
+    assert job.status is JobStatus.FINISHED
+    await store.connect()
+    assert (await store.get_job(job.id)).status == "finished"
+    await store.close()

@@ -15,6 +15,7 @@ Every method blocks and runs on the engine's one worker thread, except ``memory_
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -57,6 +58,7 @@ class FluxBackend:
         self.calibration: list[str] = []  # what each start-up warm-up measured and did
         self._compiled = False
         self._at_plan: tuple[int, int] | None = None  # (device free, reserved) when planned
+        self._built_for: MemoryPlan | None = None  # the plan the pipeline was loaded for
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -93,6 +95,7 @@ class FluxBackend:
                                                          loaded.t5_stream)
         else:
             self._pipe = self._factory(self.plan, self.paths)
+        self._built_for = self.plan
         self.load_seconds = time.monotonic() - started
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
 
@@ -114,8 +117,12 @@ class FluxBackend:
 
         from engine.flux.pipeline import step_reporter
 
-        if self._pipe is None or self.plan is None:
+        if self.plan is None:
             raise RuntimeError("FluxBackend.generate called before load()")
+        if self._pipe is None:  # a failed re-plan dropped it: load it again for this image
+            self._reload()
+            if self._pipe is None:
+                raise RuntimeError("the FLUX pipeline could not be loaded again; see the log")
         sync = torch.cuda.synchronize if self.plan.device.startswith("cuda") else None
         tile_vae_decode(self._pipe, self.plan.vae_tiled)
         return self._pipe(
@@ -143,10 +150,14 @@ class FluxBackend:
         if self.plan is None:
             return False
         nxt = tighter_after_oom(self.plan)
-        if nxt is None:
-            return False
-        log.warning("out of GPU memory; %s", nxt.describe())
-        return self._switch(nxt)
+        for _ in range(MAX_REPLAN_TRIES):  # a plan that cannot be applied: the next one down
+            if nxt is None:
+                return False
+            log.warning("out of GPU memory; %s", nxt.describe())
+            if self._switch(nxt):
+                return True
+            nxt = tighter_after_oom(nxt)
+        return False
 
     def recover_after_failure(self) -> None:
         """After any failed pass: both streamers drop their buffers and the prefetch they had
@@ -163,7 +174,8 @@ class FluxBackend:
         _empty_cache()
 
     def _switch(self, nxt: MemoryPlan) -> bool:
-        """Apply ``nxt``; on failure go back to the plan that worked."""
+        """Apply ``nxt``; on failure go back to the plan that worked (reloading it when the
+        failed apply had rebuilt the pipeline for ``nxt``)."""
         old = self.plan
         try:
             self._apply(nxt)
@@ -172,11 +184,20 @@ class FluxBackend:
             log.exception("could not apply the tighter memory plan; keeping %s",
                           old.preset if old else "none")
         self.plan = old
-        if self._pipe is None:  # the failed apply had dropped the pipeline: load the old one
-            self.recover_after_failure()
+        if self._pipe is None or self._built_for is not old:
+            self._reload()
+        return False
+
+    def _reload(self) -> None:
+        """Build the pipeline for ``self.plan`` again. If that fails too the pipeline stays
+        dropped, and the next ``generate`` tries once more (the bot keeps answering)."""
+        self.close()
+        try:
             self._build()
             self._finish_setup()
-        return False
+        except Exception:  # noqa: BLE001 - logged; generate retries the reload
+            log.exception("reloading the FLUX pipeline failed; the next image tries again")
+            self.close()
 
     def _apply(self, nxt: MemoryPlan, calibrate: bool = True) -> None:
         """Move to ``nxt``: the streamer moves blocks in place (no reload; it rolls itself
@@ -192,10 +213,10 @@ class FluxBackend:
                                                self._stream.plan.fixed_bytes,
                                                self._stream.others_bytes)
             self._stream.relayout(residency)
-            self.plan = nxt
+            self.plan = self._built_for = nxt
         elif same_layout and self._pipe is not None and self._factory is None:
             pipeline.set_vram_limit(self._pipe, nxt.vram_limit_gib)
-            self.plan = nxt
+            self.plan = self._built_for = nxt
         else:
             self.close()
             self.plan = nxt
@@ -291,7 +312,7 @@ class FluxBackend:
         compiled blocks also at 512² (torch's dynamic-shape graphs, which every other size
         and aspect ratio then uses without compiling again)."""
         sides = [warm_up_side(self.max_pixels)]
-        if self._compiled and sides[0] != 512:
+        if self._compiled and sides[0] != 512 and 512 * 512 <= self.max_pixels:
             sides.append(512)
         for side in sides:
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
@@ -351,14 +372,19 @@ class FluxBackend:
 
 # Warm-ups at start-up before the bot gives up finding a plan that fits.
 MAX_CALIBRATIONS = 5
+# Tighter plans tried after one out-of-memory error when applying one fails.
+MAX_REPLAN_TRIES = 3
 
 
 def tighter_after_oom(plan: MemoryPlan) -> MemoryPlan | None:
-    """A streaming plan whose VAE decode is tiled already gives up 10% of its budget (at least
-    0.5 GiB) per out-of-memory error; every other plan takes the next rung of ``tighter``."""
-    if plan.streaming and plan.vae_tiled and plan.budget_gib is not None:
+    """A streaming plan tiles its VAE decode and gives up 10% of its budget (at least 0.5 GiB)
+    per out-of-memory error: every step lowers the plan's peak (tiling alone would hand the
+    decode's room to DiT blocks, and ``balanced`` -> ``low`` is the same layout). Every other
+    plan takes the next rung of ``tighter``."""
+    if plan.streaming and plan.budget_gib is not None:
         why = f"tightened after running out of GPU memory (was {plan.budget_gib:.2f} GiB)"
-        return with_less(plan, max(0.5, 0.1 * plan.budget_gib), why)
+        tiled = dataclasses.replace(plan, vae_tiled=True)
+        return with_less(tiled, max(0.5, 0.1 * plan.budget_gib), why)
     return tighter(plan)
 
 

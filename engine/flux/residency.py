@@ -344,6 +344,12 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
     side = plan.reserve_side
     phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
                 t5_phase_bytes() if plan.stream_t5 else 0)
-    return plan_residency(block_bytes, int(plan.budget_gib * GIB) - others_bytes,
+    left = int(plan.budget_gib * GIB) - others_bytes
+    if left <= 0:
+        raise ResidencyError(
+            f"a GPU budget of {plan.budget_gib:.2f} GiB is too small: the text encoders and "
+            f"the VAE alone keep {others_bytes / GIB:.2f} GiB on the GPU; free GPU memory or "
+            "use a smaller image size")
+    return plan_residency(block_bytes, left,
                           dit_activation_bytes(side, side), fixed_bytes=fixed_bytes,
                           phase_reserve_bytes=phase)

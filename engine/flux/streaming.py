@@ -148,10 +148,15 @@ class StreamingHandle:
                              f"has {len(blocks)} blocks")
         self._move_fixed(blocks)
         self._blocks = [self._describe(i, b) for i, b in enumerate(blocks)]
-        for block in self._blocks:  # from the CPU module: params hold the float8 weights
-            self._place_from_cpu(block)
-        self._order = self._streamed_order()
-        self._make_buffers()
+        try:
+            for block in self._blocks:  # from the CPU module: params hold the float8 weights
+                self._place_from_cpu(block)
+            self._order = self._streamed_order()
+            self._make_buffers()
+        except BaseException:
+            for block in self._blocks:  # page-locked memory must not outlive a failed set-up
+                self._unpin(block)
+            raise
         self._warm_cast()
         for block, module in zip(self._blocks, blocks, strict=True):
             self._hooks.append(module.register_forward_pre_hook(self._pre_hook(block)))
@@ -405,22 +410,24 @@ class StreamingHandle:
         self.release_buffers()
         moves = [(b, plan.placements[b.index]) for b in self._blocks
                  if b.placement != plan.placements[b.index]]
-        moves.sort(key=lambda move: move[1] != STREAMED)  # to the host first
+        # the moves that free the most GPU memory first, those that take the most last
+        moves.sort(key=lambda move: _gpu_bytes(move[0], move[1]) - _gpu_bytes(move[0]))
         done: list[tuple[_Block, str]] = []
         try:
-            for block, target in moves:
-                before = block.placement
-                self._move(block, target)
-                done.append((block, before))
-        except BaseException:
-            for block, before in reversed(done):
-                self._move(block, before)
+            try:
+                for block, target in moves:
+                    before = block.placement
+                    self._move(block, target)
+                    done.append((block, before))
+            except BaseException:
+                for block, before in reversed(done):
+                    self._move(block, before)
+                raise
+            self.plan = plan
+        finally:  # whatever happened, the prefetch order matches where the blocks are
             self._order = self._streamed_order()
-            raise
-        self.plan = plan
-        self._order = self._streamed_order()
-        self._next_pos = 0
-        self._pinned = any(b.pinned for b in self._blocks)
+            self._next_pos = 0
+            self._pinned = any(b.pinned for b in self._blocks)
         log.info("block streaming re-planned: %s", plan.describe())
 
     def _move(self, block: _Block, target: str) -> None:
@@ -459,6 +466,12 @@ class StreamingHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gpu_bytes(block: _Block, placement: str | None = None) -> int:
+    """GPU bytes a block's weights take in a placement (its own by default)."""
+    where = placement or block.placement
+    return {BF16: 2 * block.numel, FP8: block.numel}.get(where, 0)
 
 
 def _nothing() -> None:
