@@ -8,18 +8,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Protocol
 
 from engine.config import Config
 from engine.engine import Engine
 
 log = logging.getLogger(__name__)
+# Answers being posted at shutdown get at least this long, even when the running image used up
+# the grace (a finished image is worth a few seconds more than one re-sent after the restart).
+ANSWER_FLOOR_S = 5.0
 
 
 class Adapter(Protocol):
     name: str
 
     async def start(self) -> None: ...
+
+    async def finish_answers(self, timeout: float) -> int:
+        """Let answers being posted finish (shutdown); how many did not in ``timeout``."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -58,13 +66,22 @@ async def run_bot(config: Config, stop: asyncio.Event | None = None) -> None:
                 log.info("%s adapter started", adapter.name)
             await stop.wait()
             log.info("shutting down: no new jobs; the running one may finish")
-            await engine.drain()
+            await shut_down(engine, started, config.engine.shutdown_grace_s)
         finally:
             for adapter in reversed(started):
                 try:
                     await adapter.stop()
                 except Exception:
                     log.exception("stopping the %s adapter failed", adapter.name)
+
+
+async def shut_down(engine: Engine, adapters: list[Adapter], grace_s: float) -> None:
+    """One drain: the running image may finish, then the answers on their way (that image's
+    too) are posted, all within the one grace; only then do the adapters stop."""
+    deadline = time.monotonic() + grace_s
+    await engine.drain(grace_s)
+    left = max(ANSWER_FLOOR_S, deadline - time.monotonic())
+    await asyncio.gather(*(adapter.finish_answers(left) for adapter in adapters))
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

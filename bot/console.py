@@ -39,6 +39,7 @@ class ConsoleAdapter:
         self.progress_interval_s = progress_interval_s
         self._reader: asyncio.Task[None] | None = None
         self._watchers: set[asyncio.Task[None]] = set()
+        self._following: dict[asyncio.Task[None], Job] = {}
 
     async def start(self) -> None:
         self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H], /queue, /cancel <id>, "
@@ -46,6 +47,14 @@ class ConsoleAdapter:
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
+
+    async def finish_answers(self, timeout: float) -> int:
+        """At shutdown: answers are printed at once, so only ended jobs' lines are waited for."""
+        ended = [t for t, job in self._following.items() if job.status.is_terminal]
+        if not ended:
+            return 0
+        _, pending = await asyncio.wait(ended, timeout=max(0.0, timeout))
+        return len(pending)
 
     async def stop(self) -> None:
         if self._reader:
@@ -130,7 +139,9 @@ class ConsoleAdapter:
     def _watch(self, job: Job) -> None:
         task = asyncio.create_task(self._follow(job), name=f"console-{job.id}")
         self._watchers.add(task)
+        self._following[task] = job
         task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(lambda t: self._following.pop(t, None))
 
     async def _follow(self, job: Job) -> None:
         throttle = Throttle(self.progress_interval_s)

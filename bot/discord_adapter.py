@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import discord
@@ -30,6 +30,7 @@ from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
 from bot.discord_reply import Follower, Reply
 from bot.discord_views import JobButton
+from bot.followers import Followers
 from engine import variants
 from engine.config import Config
 from engine.engine import Engine
@@ -91,7 +92,7 @@ class DiscordAdapter:
         self.client: ImagineClient | None = None
         self.follower: Follower | None = None
         self._gateway: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.followers = Followers()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,7 +123,7 @@ class DiscordAdapter:
             log.error("job %s has no channel to deliver to: %r", job.id, job.origin)
             return
         log.info("delivering job %s to channel %s", job.id, reply.channel_id)
-        self._spawn(self.follower.follow(job, reply), f"discord-channel-{job.id}")
+        self.followers.spawn(self.follower.follow(job, reply), job, f"discord-channel-{job.id}")
 
     async def _wait_ready(self) -> None:
         assert self.client is not None and self._gateway is not None
@@ -141,10 +142,12 @@ class DiscordAdapter:
             user = self.client.user
             log.info("Discord ready as %s (id %s)", user, user.id if user else "?")
 
+    async def finish_answers(self, timeout: float) -> int:
+        """At shutdown: let the answers being posted finish (see ``bot.followers``)."""
+        return await self.followers.finish_answers(timeout)
+
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.followers.cancel_all()
         if self.client is not None:
             await self.client.close()
         if self._gateway is not None:
@@ -156,8 +159,7 @@ class DiscordAdapter:
 
     async def drain(self) -> None:
         """Wait until every job this adapter follows has been answered."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.followers.wait_all()
 
     async def sync_commands(self) -> None:
         """Globally (may take up to an hour to show), or to ``discord.sync_guild_ids`` (instant)."""
@@ -178,15 +180,6 @@ class DiscordAdapter:
         except discord.HTTPException as exc:  # e.g. no applications.commands scope in a guild
             log.error("could not sync slash commands: %s", exc)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     # -- who and where -------------------------------------------------------------------------
     @staticmethod
@@ -221,8 +214,8 @@ class DiscordAdapter:
                         extra={"guild_id": str(interaction.guild_id or ""),
                                "filesize_limit": interaction.filesize_limit})
         job = await self.engine.submit(self.user_of(interaction), request, origin)
-        self._spawn(self.follower.follow(job, Reply.for_interaction(interaction, note)),
-                    f"discord-job-{job.id}")
+        self.followers.spawn(self.follower.follow(job, Reply.for_interaction(interaction, note)),
+                             job, f"discord-{job.id}")
 
     async def say(self, interaction: discord.Interaction, text: str) -> None:
         """An answer only the user sees."""

@@ -16,7 +16,6 @@ and every press is answered. ``telegram.base_url`` points the bot at a self-host
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +32,7 @@ from telegram.ext import (
 )
 
 from bot import render
+from bot.followers import Followers
 from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower
 from bot.telegram_limiter import ACK, PriorityRateLimiter
@@ -74,7 +74,7 @@ class TelegramAdapter:
         self.rate_limiter = rate_limiter  # None: Telegram's own limits (tests pass slower ones)
         self.application: Application | None = None  # type: ignore[type-arg]
         self.follower: JobFollower | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.followers = Followers()
         self._log_filter = SecretFilter([config.telegram_token])
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -111,14 +111,18 @@ class TelegramAdapter:
                 await app.updater.stop()
             if app.running:
                 await app.stop()
-            for task in list(self._tasks):
-                task.cancel()  # an unfinished delivery stays undelivered in the journal
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # answers still being posted had their time in finish_answers; an unfinished
+            # delivery stays undelivered in the journal
+            await self.followers.cancel_all()
             await app.shutdown()
         finally:
             self.application = None
             for name in MASKED_LOGGERS:
                 logging.getLogger(name).removeFilter(self._log_filter)
+
+    async def finish_answers(self, timeout: float) -> int:
+        """At shutdown: let the answers being posted finish (see ``bot.followers``)."""
+        return await self.followers.finish_answers(timeout)
 
     def _build(self) -> Application:  # type: ignore[type-arg]
         tg = self.config.telegram
@@ -291,9 +295,7 @@ class TelegramAdapter:
     # -- helpers ---------------------------------------------------------------------------
     def _follow(self, job: Job, *, announce: bool) -> None:
         assert self.follower is not None
-        task = asyncio.create_task(self._follow_safely(job, announce), name=f"telegram-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.followers.spawn(self._follow_safely(job, announce), job, f"telegram-{job.id}")
 
     async def _follow_safely(self, job: Job, announce: bool) -> None:
         try:

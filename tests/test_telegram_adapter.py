@@ -674,3 +674,22 @@ async def test_status_in_a_group_names_no_user_and_no_error(
     tg.message("/status", chat_id=ADMIN, user_id=ADMIN)
     private = (await tg.wait_for("sendMessage", 2)).params["text"]
     assert "/home/admin/secret/path" in private
+
+
+async def test_a_shutdown_posts_the_image_it_waited_for_before_stopping(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """Issue 11 rows 2 and 16: a graceful stop waited for the running image, then stopped the
+    adapter, which cancelled that very upload (posted only after the restart, or twice)."""
+    from bot.app import shut_down
+
+    tg_config.delivery.first_delay_s = 0.3
+    engine, adapter = await start_bot(step_s=0.05)
+    tg.fail_next("sendPhoto", 502)  # the upload is still being retried when the stop begins
+    tg.message("/imagine a red fox --steps 6", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("editMessageText")  # drawing
+    await shut_down(engine, [adapter], grace_s=10)
+    assert [c.status for c in tg.calls_to("sendPhoto")] == [502, 200]
+    job = await finished_job(engine, ALICE)
+    assert (await engine.job_record(job.id)).delivered_at is not None
+    await adapter.stop()
+    assert len(tg.calls_to("sendPhoto")) == 2  # nothing posted twice
