@@ -453,9 +453,12 @@ class Engine:
         self._retire(job)
 
     def _announce_positions(self) -> None:
+        """Tell waiting jobs their new place in line when it moved meaningfully: always near
+        the front, further back once it moved by a fifth or more. One pass over the queue, and a job
+        at place p hears about O(log p) moves in all (a queue of 1,000 moving one place at a
+        time told every job every move: half a million events)."""
         for index, job in enumerate(self._queue.ordered(), start=1):
-            last = next((e for e in reversed(job.events_so_far) if isinstance(e, Queued)), None)
-            if last is None or last.position != index:
+            if worth_announcing(job.announced_position, index):
                 job._emit(Queued(index))
 
     # -- restart ---------------------------------------------------------------------------
@@ -501,6 +504,18 @@ def _eta(started: float, step_times: list[float], step: int, total: int) -> floa
     else:
         per_step = step_times[-1] - started if step_times else 0.0
     return per_step * (total - step) if per_step > 0 else None
+
+
+# Places in line that are always announced when they change (the front of the queue).
+ALWAYS_ANNOUNCED = 10
+
+
+def worth_announcing(last: int | None, now: int) -> bool:
+    if last is None:
+        return True
+    if now == last:
+        return False
+    return now <= ALWAYS_ANNOUNCED or now <= last * 0.8 or now >= last * 1.25
 
 
 def _median_step(step_times: list[float]) -> float | None:

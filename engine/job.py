@@ -97,6 +97,7 @@ class Job:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _engine: Engine | None = None
     started_monotonic: float | None = None
+    announced_position: int | None = None  # the last Queued position its watchers were told
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -152,6 +153,8 @@ class Job:
     def _emit(self, event: JobEvent) -> None:
         if self.status.is_terminal:
             return
+        if isinstance(event, Queued):
+            self.announced_position = event.position
         if isinstance(event, Started):
             self.status = JobStatus.RUNNING
             self.started_monotonic = time.monotonic()

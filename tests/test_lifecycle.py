@@ -234,3 +234,27 @@ async def test_a_shutdown_waits_for_images_being_saved(engine_factory, monkeypat
     await store.connect()
     assert (await store.get_job(job.id)).status == "finished"
     await store.close()
+
+
+async def test_queue_positions_are_announced_sparingly_but_always_near_the_front(
+        engine_factory, config):
+    """Issue 11 row 17: 1,000 queued jobs got a position event every time the queue moved
+    (503,500 events); now each hears of the front places and of moves of a fifth or more."""
+    from engine.job import Queued
+
+    config.engine.max_queue_total = 2000
+    config.engine.max_queue_per_user = 2000
+    config.rate_limit.images_per_window = 0
+    engine = await engine_factory()
+    engine.pause()
+    jobs = [await engine.submit(discord_user("1"), make_request(f"p{i}", steps=1), ORIGIN)
+            for i in range(300)]
+    engine.resume()
+    for job in jobs:
+        await job.wait()
+    counts = [sum(isinstance(e, Queued) for e in job.events_so_far) for job in jobs]
+    assert sum(counts) < 300 * 40  # was 300 * 301 / 2 = 45,150
+    last = jobs[-1].events_so_far
+    positions = [e.position for e in last if isinstance(e, Queued)]
+    assert positions[0] == 300 and positions[-10:] == list(range(10, 0, -1))
+    assert all(b < a for a, b in zip(positions, positions[1:], strict=False))
