@@ -86,14 +86,19 @@ def check_database(config: Config) -> Check:
     if result != "ok":
         return Check("database", False, f"{path} is damaged: {result}",
                      "move the file away; a new journal will be created")
-    return Check("database", True, f"{path} (schema v{version})")
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    return Check("database", True, f"{path} (schema v{version}, {_size(size)})")
 
 
 def check_output_dir(config: Config) -> Check:
     path = Path(config.engine.output_dir)
     parent = path if path.exists() else _existing_parent(path)
     if os.access(parent, os.W_OK):
-        return Check("output folder", True, f"{path}")
+        files = [f for f in path.rglob("*.png") if f.is_file()] if path.exists() else []
+        keep = config.engine.keep_outputs_days
+        kept = f"kept {keep:g} days" if keep > 0 else "kept forever"
+        return Check("output folder", True, f"{path} ({len(files)} images, "
+                     f"{_size(sum(f.stat().st_size for f in files))}, {kept})")
     return Check("output folder", False, f"{path} is not writable",
                  f"make {parent} writable or set engine.output_dir")
 
@@ -175,6 +180,10 @@ def check_models(config: Config) -> list[Check]:
                                 "copy the file there, set its *_path, or set "
                                 "model.offline = false"))
     return checks
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GB"
 
 
 def _existing_parent(path: Path) -> Path:

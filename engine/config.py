@@ -35,6 +35,7 @@ class EngineSection:
     database: str = "data/bot.sqlite3"
     output_dir: str = "outputs"
     save_outputs: bool = True
+    keep_outputs_days: float = 30.0  # 0 = keep everything
     max_queue_total: int = 50
     max_queue_per_user: int = 3
     job_timeout_s: float = 600.0
@@ -249,6 +250,11 @@ def _validated(config: Config) -> Config:
     need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,
          "more than 0 seconds")
     need(config.delivery.attempts >= 1, "delivery.attempts", config.delivery.attempts, "at least 1")
+    keep_s = e.keep_outputs_days * 86400
+    need(e.keep_outputs_days == 0 or keep_s >= max(config.rate_limit.window_s,
+                                                   config.delivery.give_up_after_s),
+         "engine.keep_outputs_days", e.keep_outputs_days,
+         "0 (keep everything) or at least the rate-limit window and delivery.give_up_after_s")
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
     return config

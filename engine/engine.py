@@ -94,6 +94,7 @@ class Engine:
         self._abort_reason: str | None = None  # "cancel" (by a user) or "shutdown"
         self._cancelled_by_owner = True
         self._draining: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._gpu_idle = asyncio.Event()  # no job between start and the end of its GPU part
         self._gpu_idle.set()
@@ -118,6 +119,8 @@ class Engine:
             raise
         self._accepting = True
         self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
+        if self.config.engine.keep_outputs_days > 0:
+            self._pruner = asyncio.create_task(self._prune_daily(), name="engine-pruner")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -162,6 +165,10 @@ class Engine:
     async def shutdown(self, grace_s: float | None = None) -> None:
         """``drain``, then stop the scheduler and close the backend and the store."""
         await self.drain(grace_s)
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+            self._pruner = None
         if self._scheduler is not None:
             self._scheduler.cancel()
             try:
@@ -461,6 +468,27 @@ class Engine:
             if worth_announcing(job.announced_position, index):
                 job._emit(Queued(index))
 
+    # -- retention -------------------------------------------------------------------------
+    async def prune(self) -> int:
+        """Delete what is older than ``engine.keep_outputs_days``: journal rows of answered
+        jobs and their image files (undelivered results wait until they are given up)."""
+        days = self.config.engine.keep_outputs_days
+        if days <= 0:
+            return 0
+        paths = await self.store.prune(self.clock() - days * 86400)
+        await asyncio.to_thread(_delete_files, [p for p in paths if p])
+        if paths:
+            log.info("retention: removed %d jobs older than %g days", len(paths), days)
+        return len(paths)
+
+    async def _prune_daily(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception:  # a full disk or a locked file must not stop the bot
+                log.exception("retention: pruning failed; trying again tomorrow")
+            await asyncio.sleep(PRUNE_EVERY_S)
+
     # -- restart ---------------------------------------------------------------------------
     async def _recover(self) -> None:
         """Re-queue what was queued or running when the bot stopped, in the original order."""
@@ -504,6 +532,14 @@ def _eta(started: float, step_times: list[float], step: int, total: int) -> floa
     else:
         per_step = step_times[-1] - started if step_times else 0.0
     return per_step * (total - step) if per_step > 0 else None
+
+
+PRUNE_EVERY_S = 86400.0
+
+
+def _delete_files(paths: list[str]) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 # Places in line that are always announced when they change (the front of the queue).

@@ -282,6 +282,25 @@ class Store:
         if changed == 0:
             raise JobNotFound(f"There is no job {job_id}.")
 
+    async def prune(self, before: float) -> list[str | None]:
+        """Delete the rows of jobs accepted before ``before`` that are over and answered (or
+        given up, or cancelled); returns each one's result file (None: it had none), for the
+        caller to delete. Queued,
+        running and undelivered jobs stay whatever their age."""
+        async with self.db.execute(
+            "DELETE FROM jobs WHERE created_at < ? AND status IN ('finished', 'failed', "
+            "'cancelled') AND (delivered_at IS NOT NULL OR delivery_given_up_at IS NOT NULL "
+            "OR status = 'cancelled') RETURNING result_path",
+            (before,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [str(row[0]) if row[0] else None for row in rows]
+
+    async def size_bytes(self) -> int:
+        """The journal's size on disk (the database and its write-ahead log)."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))
+                   if p.exists())
+
     # -- reading the journal ---------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobRecord | None:

@@ -258,3 +258,45 @@ async def test_queue_positions_are_announced_sparingly_but_always_near_the_front
     positions = [e.position for e in last if isinstance(e, Queued)]
     assert positions[0] == 300 and positions[-10:] == list(range(10, 0, -1))
     assert all(b < a for a, b in zip(positions, positions[1:], strict=False))
+
+
+async def test_retention_prunes_answered_jobs_and_their_files_but_keeps_the_rest(
+        engine_factory, config, clock):
+    """Issue 11 row 10: nothing was ever pruned."""
+    from pathlib import Path
+
+    config.engine.keep_outputs_days = 30
+    engine = await engine_factory()
+    user = discord_user("1")
+    delivered = await engine.submit(user, make_request("delivered"), ORIGIN)
+    undelivered = await engine.submit(user, make_request("undelivered"), ORIGIN)
+    for job in (delivered, undelivered):
+        await job.wait()
+    await engine.mark_delivered(delivered, "discord:1")
+    await engine.mark_undelivered(undelivered, "502")
+    engine.pause()
+    cancelled = await engine.submit(user, make_request("cancelled"), ORIGIN)
+    await cancelled.cancel()
+    waiting = await engine.submit(user, make_request("waiting"), ORIGIN)
+    paths = {j.id: Path((await engine.job_record(j.id)).result_path or "")
+             for j in (delivered, undelivered)}
+    clock.advance(29 * 86400)
+    assert await engine.prune() == 0  # nothing is 30 days old yet
+    clock.advance(2 * 86400)
+    assert await engine.prune() == 2  # the delivered and the cancelled job
+    assert await engine.job_record(delivered.id) is None and not paths[delivered.id].exists()
+    assert await engine.job_record(cancelled.id) is None
+    assert (await engine.job_record(undelivered.id)) is not None  # until it is given up
+    assert paths[undelivered.id].exists()
+    assert (await engine.job_record(waiting.id)).status == "queued"
+
+
+def test_retention_shorter_than_the_windows_it_must_cover_is_refused(tmp_path):
+    from engine.config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[engine]\nkeep_outputs_days = 0.5\n")
+    with pytest.raises(ConfigError, match="keep_outputs_days"):
+        load_config(path)
+    path.write_text("[engine]\nkeep_outputs_days = 0\n")
+    assert load_config(path).engine.keep_outputs_days == 0
