@@ -43,13 +43,18 @@ async def deliver(
     policy: RetryPolicy = RetryPolicy(),
     is_permanent: Callable[[BaseException], bool] = lambda exc: False,
     on_delay: Callable[[], Awaitable[None]] | None = None,
+    is_unknown: Callable[[BaseException], bool] = lambda exc: False,
 ) -> bool:
     """Post a result; journal each attempt. ``policy.attempts`` quick tries on a doubling
     back-off, then (``on_delay`` tells the user once) a try every ``max_delay_s`` for as long
     as the bot runs, until ``give_up_after_s`` after the job was accepted: then the journal
     gives it up. An error ``is_permanent`` says is hopeless ends the tries at once (the result
     stays undelivered: a restart tries again until it is that old). A restart picks undelivered
-    results up again from the journal."""
+    results up again from the journal.
+
+    An error ``is_unknown`` says may have come after the platform took the post (a timeout
+    once the upload was sent) ends the tries too, journalled as delivered: posting again could
+    show the image twice, so such a result is delivered at most once."""
     last_error = ""
     attempt = 0
     out_of_time = False
@@ -61,6 +66,11 @@ async def deliver(
             raise
         except Exception as exc:  # network, 5xx, 429 after the library's own retries
             last_error = f"{type(exc).__name__}: {exc}"
+            if is_unknown(exc):
+                log.warning("delivering job %s timed out after the upload was sent (%s); not "
+                            "sending it again (at most once)", job.id, last_error)
+                await engine.mark_delivered(job, f"unknown: {last_error}"[:200])
+                return True
             log.warning("delivering job %s failed (attempt %d): %s", job.id, attempt, last_error)
             await engine.mark_undelivered(job, last_error)
             if is_permanent(exc):

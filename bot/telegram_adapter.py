@@ -130,7 +130,9 @@ class TelegramAdapter:
                    # Telegram's limits, but replies to commands go ahead of edits and uploads
                    .rate_limiter(self.rate_limiter
                                  or PriorityRateLimiter(max_retries=RATE_LIMIT_RETRIES))
-                   .concurrent_updates(True))  # one slow chat must not hold up the others
+                   .concurrent_updates(True)  # one slow chat must not hold up the others
+                   .read_timeout(tg.read_timeout_s)
+                   .media_write_timeout(max(tg.read_timeout_s, 20.0)))
         if tg.base_url:
             builder = builder.base_url(tg.base_url)
         if tg.base_file_url:

@@ -18,9 +18,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters
 from telegram.constants import ChatAction, MessageLimit
-from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError, TimedOut
 from telegram.ext import ExtBot
 
 from bot import render
@@ -65,6 +66,13 @@ def result_keyboard(job_id: str) -> InlineKeyboardMarkup:
 def is_permanent(exc: BaseException) -> bool:
     """Errors a retry cannot fix: the bot was blocked or removed, the chat is gone, bad token."""
     return isinstance(exc, (Forbidden, BadRequest, InvalidToken))
+
+
+def sent_but_unanswered(exc: BaseException) -> bool:
+    """A timeout after the request went out: Telegram may have posted it. Not a connect or
+    pool timeout, where nothing was sent and a retry is safe."""
+    return isinstance(exc, TimedOut) and not isinstance(
+        exc.__cause__, (httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,8 @@ class JobFollower:
                 await status.finish(render.undelivered(self.policy.give_up_after_s))
 
         if not await deliver(self.engine, job, send, policy=self.policy,
-                             is_permanent=is_permanent, on_delay=tell_of_the_delay):
+                             is_permanent=is_permanent, on_delay=tell_of_the_delay,
+                             is_unknown=sent_but_unanswered):
             record = await self.engine.job_record(job.id)
             if status is not None:
                 await status.finish(render.gave_up_delivery()

@@ -123,6 +123,7 @@ class TelegramSection:
     plain_text_prompts: bool = True
     send_png_document: bool = False
     progress_interval_s: float = 3.0
+    read_timeout_s: float = 20.0
 
 
 @dataclass

@@ -693,3 +693,21 @@ async def test_a_shutdown_posts_the_image_it_waited_for_before_stopping(
     assert (await engine.job_record(job.id)).delivered_at is not None
     await adapter.stop()
     assert len(tg.calls_to("sendPhoto")) == 2  # nothing posted twice
+
+
+async def test_a_slow_upload_is_never_posted_twice(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """Issue 11 row 14: Telegram took the photo but answered after the client's timeout; the
+    bot retried, five photos in the chat, and more after each restart."""
+    tg_config.telegram.read_timeout_s = 0.5
+    tg_config.delivery.first_delay_s = 0.05
+    engine, _ = await start_bot()
+    tg.slow_next("sendPhoto", 1.5)
+    tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto")
+    job = await finished_job(engine, ALICE)
+    record = await delivered(engine, job.id)
+    assert record.delivered_to.startswith("unknown: TimedOut")
+    await asyncio.sleep(1.5)  # time for any retry that should not happen
+    assert len(tg.calls_to("sendPhoto")) == 1
+    assert [r.job_id for r in await engine.store.undelivered_jobs()] == []  # not after a restart

@@ -96,6 +96,7 @@ class FakeTelegramServer:
         self._chats: dict[int, dict[str, Any]] = {}
         self._messages: dict[tuple[int, int], dict[str, Any]] = {}
         self._failures: dict[str, list[_Failure]] = {}
+        self._slow: dict[str, list[float]] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -221,6 +222,11 @@ class FakeTelegramServer:
         async with self._changed:
             self._changed.notify_all()
 
+    def slow_next(self, method: str, seconds: float, *, times: int = 1) -> None:
+        """The next ``times`` calls of ``method`` are carried out (a photo is posted) but
+        answered only after ``seconds``, as Telegram does under load."""
+        self._slow.setdefault(method, []).extend([seconds] * times)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         method = request.match_info["method"]
         params, files = await _read_body(request)
@@ -249,6 +255,12 @@ class FakeTelegramServer:
             return await self._answer(call, {"ok": False, "error_code": 404,
                                              "description": "Not Found: method not found"}, 404)
         call.result = result
+        delays = self._slow.get(method)
+        if delays:
+            self.calls.append(call)  # carried out now: the answer is what is late
+            await self._notify()
+            await asyncio.sleep(delays.pop(0))
+            return web.json_response({"ok": True, "result": result}, status=200)
         return await self._answer(call, {"ok": True, "result": result}, 200)
 
     async def _answer(self, call: Call, body: dict[str, Any], status: int) -> web.Response:
