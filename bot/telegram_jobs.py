@@ -102,10 +102,18 @@ class Target:
         return args
 
 
+@dataclass(frozen=True)
+class MessageRef:
+    """A message the bot posted: enough to edit or delete it (also after a restart)."""
+
+    chat_id: int
+    message_id: int
+
+
 class StatusMessage:
     """The one message that shows a job's place in the queue and its progress."""
 
-    def __init__(self, bot: ExtBot[Any], message: Message, text: str, interval_s: float,
+    def __init__(self, bot: ExtBot[Any], message: MessageRef, text: str, interval_s: float,
                  markup: InlineKeyboardMarkup | None, events_shown: int = 0) -> None:
         self.bot = bot
         self.events_shown = events_shown  # how many of the job's events ``text`` reflects
@@ -115,7 +123,8 @@ class StatusMessage:
         self._shown = text
         self._wanted = text
         self._kick = asyncio.Event()
-        self._editor = asyncio.create_task(self._edit_loop(), name=f"tg-status-{message.id}")
+        self._editor = asyncio.create_task(self._edit_loop(),
+                                           name=f"tg-status-{message.message_id}")
 
     def show(self, text: str) -> None:
         """Ask for ``text`` to be shown; the editor shows the latest text when it may."""
@@ -163,6 +172,12 @@ class StatusMessage:
             log.info("could not delete status message in chat %s: %s", self.message.chat_id, exc)
 
 
+def _status_message_id(job: Job) -> int | None:
+    """The status message a job recovered after a restart had before it."""
+    known = str(job.origin.extra.get("status_message_id", ""))
+    return int(known) if job.recovered and known.isdigit() else None
+
+
 class JobFollower:
     """Shows one job's life in its chat and delivers its result (also after a restart)."""
 
@@ -179,7 +194,7 @@ class JobFollower:
         target = Target.of(job.origin)
         status: StatusMessage | None = None
         try:
-            if announce or not job.status.is_terminal:
+            if announce or not job.status.is_terminal or _status_message_id(job) is not None:
                 status = await self._post_status(job, target, ack=announce)
             index = 0
             async for event in job.events():
@@ -208,12 +223,23 @@ class JobFollower:
         """``ack``: this message answers a new command, so it goes ahead of other jobs' traffic.
 
         No chat action first: the message follows at once, so the action would only spend the
-        bot's 30 requests a second.
+        bot's 30 requests a second. A job recovered after a restart keeps the message it had:
+        it is edited, not posted again (no stale "Queued" message with a live Cancel button).
         """
         events = job.events_so_far  # the message shows these; later events become edits
         text = ((render.job_status(events[-1], job.request) if events else None)
                 or render.queued(job.position()))
         markup = cancel_keyboard(job.id)
+        interval = self.config.telegram.progress_interval_s
+        if target.is_group:
+            interval = max(interval, GROUP_EDIT_INTERVAL_S)
+        known = _status_message_id(job)
+        if known is not None:
+            status = StatusMessage(self.bot, MessageRef(target.chat_id, known), "", interval,
+                                   markup, 0)
+            if not job.status.is_terminal:
+                status.show(text)  # brought up to date by an edit
+            return status
         try:
             message = await self.bot.send_message(text=text, reply_markup=markup,
                                                   rate_limit_args=ACK if ack else None,
@@ -222,10 +248,12 @@ class JobFollower:
             log.warning("could not post the status of job %s in chat %s: %s", job.id,
                         target.chat_id, exc)
             return None
-        interval = self.config.telegram.progress_interval_s
-        if target.is_group:
-            interval = max(interval, GROUP_EDIT_INTERVAL_S)
-        return StatusMessage(self.bot, message, text, interval, markup, len(events))
+        try:
+            await self.engine.note_status_message(job, str(message.message_id))
+        except Exception as exc:  # the journal is closing: only a restart's nicety is lost
+            log.info("could not note the status message of job %s: %s", job.id, exc)
+        return StatusMessage(self.bot, MessageRef(message.chat_id, message.message_id), text,
+                             interval, markup, len(events))
 
     async def _deliver_image(self, job: Job, result: JobResult, target: Target,
                              status: StatusMessage | None) -> None:

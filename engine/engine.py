@@ -309,6 +309,12 @@ class Engine:
         if not self.config.engine.save_outputs and not keep_file and result and result.path:
             Path(result.path).unlink(missing_ok=True)
 
+    async def note_status_message(self, job: Job, message_id: str) -> None:
+        """The adapter's message that shows this job's progress: after a restart the adapter
+        edits it again instead of posting another one."""
+        job.origin.extra["status_message_id"] = message_id
+        await self.store.update_origin(job.id, job.origin)
+
     async def mark_undelivered(self, job: Job, error: str) -> None:
         await self.store.mark_undelivered(job.id, at=self.clock(), error=error)
 

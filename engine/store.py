@@ -241,6 +241,10 @@ class Store:
                 raise JobNotFound(f"There is no job {job_id}.")
             lifecycle.check(job_id, record.status, status)  # raises InvalidTransition
 
+    async def update_origin(self, job_id: str, origin: Origin) -> None:
+        """Adapter details learnt after the job was accepted (its status message's id)."""
+        await self._update(job_id, "origin_json = :origin", {"origin": origin.to_json()})
+
     async def update_request(self, job_id: str, request: ImageRequest) -> None:
         await self._update(job_id, "request_json = :request", {"request": request.to_json()})
 

@@ -711,3 +711,27 @@ async def test_a_slow_upload_is_never_posted_twice(
     await asyncio.sleep(1.5)  # time for any retry that should not happen
     assert len(tg.calls_to("sendPhoto")) == 1
     assert [r.job_id for r in await engine.store.undelivered_jobs()] == []  # not after a restart
+
+
+async def test_after_a_restart_the_old_status_message_is_edited_not_posted_again(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, engine_factory: Any
+        ) -> None:
+    """Issue 11 row 19: each restart posted a new status message for every recovered job and
+    left the old ones saying "Queued" with a live Cancel button."""
+    before = await engine_factory(tg_config, DryRunBackend())
+    before.pause()
+    _, adapter = await start_bot(engine=before)
+    tg.message("/imagine a red fox --steps 2", chat_id=ALICE, user_id=ALICE)
+    status = await tg.wait_for("sendMessage")
+    status_id = tg.sent("sendMessage")[0]["message_id"]
+    await adapter.stop()
+    await before.shutdown(grace_s=0)
+
+    after = await engine_factory(tg_config, DryRunBackend())
+    await start_bot(engine=after)
+    await tg.wait_for("sendPhoto")
+    assert len(tg.calls_to("sendMessage")) == 1  # no second status message
+    edits = [c for c in tg.calls_to("editMessageText") + tg.calls_to("deleteMessage")
+             if int(c.params["message_id"]) == status_id]
+    assert edits, "the old status message was brought up to date or removed"
+    assert reply_to(status) is not None
