@@ -86,7 +86,8 @@ class Counts:
     jobs: int = 0  # journal rows (more than accepted commands if a command was queued twice)
     completed: int = 0
     delivered_once: int = 0
-    lost: int = 0  # accepted jobs with no upload
+    lost: int = 0  # jobs that ended (finished or failed) with no upload
+    still_waiting: int = 0  # queued or running when the run ended: not lost, not completed
     delivered_twice: int = 0
     wrong_image: int = 0
     unmarked: int = 0  # uploaded but the journal has no delivered mark
@@ -186,7 +187,10 @@ def _deliveries(c: Counts, journal: list[JournalRow], uploads: list[Upload],
     for row in journal:
         mine = per_job.get(row.job_id, [])
         c.completed += row.status == "finished"
-        c.lost += not mine
+        if row.status in ("queued", "running"):
+            c.still_waiting += 1  # the journal still has it: it runs after the next start
+            continue
+        c.lost += not mine and row.status != "cancelled"
         c.delivered_once += len(mine) == 1
         c.delivered_twice += len(mine) > 1
         c.wrong_image += any(u.seed != str(row.seed) for u in mine)
@@ -207,7 +211,8 @@ def table(c: Counts, rss: list[tuple[str, int]], limit: int) -> str:
         ("users with more than the limit accepted", f"{c.users_over_limit}"),
         ("jobs in journal / completed", f"{c.jobs} / {c.completed}"),
         ("delivered exactly once", f"{c.delivered_once}"),
-        ("lost (no upload)", f"{c.lost}"),
+        ("lost (ended, no upload)", f"{c.lost}"),
+        ("still queued at the end", f"{c.still_waiting}"),
         ("delivered twice or more", f"{c.delivered_twice}"),
         ("wrong image / uploaded but not marked delivered", f"{c.wrong_image} / {c.unmarked}"),
     ]
@@ -241,6 +246,7 @@ def problems(c: Counts) -> list[str]:
         found.append(f"accepted {o['accepted']} != expected {c.expected_accepted}")
     checks: list[tuple[int, str]] = [
         (c.users_over_limit, "users got more than the limit"), (o["other"], "other answers"),
+        (o["unanswered"], "commands unanswered"),
         (c.lost, "accepted jobs lost"), (c.jobs - c.completed, "jobs not completed"),
         (c.delivered_twice, "jobs delivered twice"), (c.wrong_image, "wrong images"),
         (c.unmarked, "uploads without a journal mark"), (c.jobs - o["accepted"],

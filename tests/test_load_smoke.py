@@ -95,3 +95,17 @@ def test_lost_duplicate_and_wrong_uploads_are_counted_per_job() -> None:
     found = problems(c)
     assert "1 accepted jobs lost" in found and "1 jobs delivered twice" in found
     assert "1 wrong images" in found
+
+
+
+def test_an_unanswered_command_fails_the_run_and_a_queued_job_is_not_lost() -> None:
+    """Issue 11 row 20: PASS with 287 of 1,000 commands unanswered, and jobs still queued at
+    the settle timeout counted as lost."""
+    commands = [_command(i, i, "accepted") for i in range(2)] + [_command(2, 2, "unanswered")]
+    journal = [_row(0), _row(1)]
+    journal[1] = JournalRow(**{**journal[1].__dict__, "status": "queued", "delivered": False})
+    uploads = [Upload("job0", 1.0, "0")]
+    c = count(commands, journal, uploads, limit=3, lives=[0.0], full_window=None)
+    assert (c.lost, c.still_waiting) == (0, 1)
+    found = problems(c)
+    assert "1 commands unanswered" in found and "1 jobs not completed" in found
