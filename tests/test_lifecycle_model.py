@@ -1,0 +1,186 @@
+"""A model of the job lifecycle, checked against the real engine and journal (hypothesis).
+
+Rules submit jobs for several users, cancel them while queued or while running, run the queue
+(some jobs fail, some run out of memory twice), deliver results and restart the engine, in any
+order. After every step: no accepted job is lost, no job leaves an end state or runs again, no
+result is delivered twice, and each user's used quota is the charging rule of
+``engine/lifecycle.py`` applied to their jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from engine.config import Config
+from engine.engine import Engine
+from engine.job import JobStatus
+from tests.conftest import ORIGIN, FakeClock, RecordingBackend, discord_user, make_request
+
+USERS = ["1", "2", "3"]
+END = {"finished", "failed", "cancelled"}
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's: the engine recognises it by name."""
+
+
+class Lifecycle(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.folder = Path(tempfile.mkdtemp(prefix="lifecycle-"))
+        self.config = Config()
+        self.config.engine.backend = "dry-run"
+        self.config.engine.database = str(self.folder / "bot.sqlite3")
+        self.config.engine.output_dir = str(self.folder / "out")
+        self.config.engine.max_queue_per_user = 50
+        self.config.engine.max_queue_total = 200
+        self.config.rate_limit.images_per_window = 1000
+        self.clock = FakeClock()
+        self.backend = RecordingBackend()
+        self.engine = self._open()
+        self.accepted: dict[str, str] = {}  # job id -> user id
+        self.ended: dict[str, str] = {}  # job id -> the end state it reached
+        self.started: set[str] = set()  # jobs that reached the GPU
+        self.delivered: set[str] = set()
+        self.n = 0
+
+    def _run(self, coro):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coro)
+
+    def _open(self) -> Engine:
+        engine = Engine(self.config, self.backend, clock=self.clock)
+        self._run(engine.__aenter__())
+        engine.pause()
+        return engine
+
+    def teardown(self) -> None:
+        self._run(self.engine.shutdown(grace_s=1))
+        self.loop.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- rules -----------------------------------------------------------------------------
+    @rule(user=st.sampled_from(USERS), kind=st.sampled_from(["ok", "ok", "fails", "oom"]))
+    def submit(self, user: str, kind: str) -> None:
+        self.n += 1
+        prompt = f"{kind}-{self.n}"
+        if kind == "fails":
+            self.backend.fail_with[prompt] = [ValueError("boom")]
+        elif kind == "oom":
+            self.backend.fail_with[prompt] = [OutOfMemoryError("a"), OutOfMemoryError("b")]
+        job = self._run(self.engine.submit(discord_user(user), make_request(prompt), ORIGIN))
+        self.accepted[job.id] = user
+
+    @precondition(lambda self: self.engine.queued_count() > 0)
+    @rule(data=st.data())
+    def cancel_queued(self, data: st.DataObject) -> None:
+        queued = [j for j in self.engine._queue.ordered()]
+        job = data.draw(st.sampled_from(queued))
+        assert self._run(job.cancel()) is True
+
+    @rule()
+    def run_queue(self) -> None:
+        self.engine.resume()
+        self._run(self._until_idle())
+        self.engine.pause()
+
+    @precondition(lambda self: self.engine.queued_count() > 0)
+    @rule()
+    def cancel_while_running(self) -> None:
+        self.backend.gate = threading.Event()
+        self.engine.resume()
+
+        async def cancel_the_running_one() -> None:
+            while self.engine._running is None or self.engine._running.status \
+                    is not JobStatus.RUNNING:
+                await asyncio.sleep(0.001)
+            job = self.engine._running
+            self.engine.pause()
+            assert await job.cancel() is True
+            self.backend.gate.set()
+            await job.wait()
+
+        self._run(cancel_the_running_one())
+        self.backend.gate = None
+        self._run(self._until_idle())
+
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        ready = [job_id for job_id, state in self.ended.items()
+                 if state in ("finished", "failed") and job_id not in self.delivered]
+        if not ready:
+            return
+        job_id = data.draw(st.sampled_from(ready))
+        job = self.engine.get_job(job_id) or next(
+            (j for j in self.engine._recovered if j.id == job_id), None)
+        if job is None:  # let go after retirement: deliver through the journal record's twin
+            return
+        self._run(self.engine.mark_delivered(job, "discord:1"))
+        self.delivered.add(job_id)
+
+    @rule()
+    def restart(self) -> None:
+        self._run(self.engine.shutdown(grace_s=1))
+        self.engine = self._open()
+
+    async def _until_idle(self) -> None:
+        for _ in range(2000):
+            if (self.engine.queued_count() == 0 or self.engine._paused) \
+                    and self.engine._running is None and not self.engine._completing:
+                return
+            await asyncio.sleep(0.002)
+        raise AssertionError("the engine did not go idle")
+
+    # -- invariants ------------------------------------------------------------------------
+    @invariant()
+    def the_journal_keeps_every_job_and_end_states_are_final(self) -> None:
+        records = {r.job_id: r for r in self._run(self._all_records())}
+        assert set(self.accepted) <= set(records), "an accepted job was lost"
+        for job_id, record in records.items():
+            if job_id in self.ended:
+                assert record.status == self.ended[job_id], f"{job_id} left its end state"
+            elif record.status in END:
+                self.ended[job_id] = record.status
+            if record.started_at is not None or record.status in ("finished", "failed"):
+                self.started.add(job_id)
+            if job_id in self.delivered:
+                assert record.delivered_at is not None
+
+    @invariant()
+    def no_job_runs_twice(self) -> None:
+        calls: dict[str, int] = {}
+        for _, prompt in self.backend.order:
+            calls[prompt] = calls.get(prompt, 0) + 1
+        for prompt, n in calls.items():
+            assert n <= (2 if prompt.startswith("oom") else 1), f"{prompt} ran {n} times"
+
+    @invariant()
+    def used_quota_is_the_charging_rule(self) -> None:
+        records = self._run(self._all_records())
+        for user in USERS:
+            charged = 0
+            for r in records:
+                if r.user.user_id != user:
+                    continue
+                if r.status == "failed":
+                    continue  # the bot's fault here (errors and OOM): refunded
+                if r.status == "cancelled" and r.started_at is None:
+                    continue  # never ran
+                charged += 1
+            used = self._run(self.engine.quota(discord_user(user))).used
+            assert used == charged, f"user {user}: used {used}, the rule says {charged}"
+
+    async def _all_records(self):  # type: ignore[no-untyped-def]
+        return await self.engine.store._select("1 = 1", ())
+
+
+Lifecycle.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+TestLifecycle = Lifecycle.TestCase
