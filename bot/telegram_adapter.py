@@ -36,6 +36,7 @@ from bot.followers import Followers
 from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower
 from bot.telegram_limiter import ACK, PriorityRateLimiter
+from bot.telegram_outbox import ChatOutbox
 from engine import variants
 from engine.config import Config
 from engine.engine import Engine
@@ -75,6 +76,7 @@ class TelegramAdapter:
         self.application: Application | None = None  # type: ignore[type-arg]
         self.follower: JobFollower | None = None
         self.followers = Followers()
+        self.outbox = ChatOutbox()
         self._log_filter = SecretFilter([config.telegram_token])
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -114,6 +116,7 @@ class TelegramAdapter:
             # answers still being posted had their time in finish_answers; an unfinished
             # delivery stays undelivered in the journal
             await self.followers.cancel_all()
+            await self.outbox.close()
             await app.shutdown()
         finally:
             self.application = None
@@ -175,7 +178,8 @@ class TelegramAdapter:
             user = telegram_user(tg_user.id, tg_user.full_name)
             if not self._chat_allowed(message.chat_id, user):
                 log.info("telegram: %s refused in chat %s (not allowed)", user.key, message.chat_id)
-                await self._reply(message, render.chat_not_allowed())
+                if self.outbox.refusal_due(message.chat_id, "not allowed"):
+                    await self._reply(message, render.chat_not_allowed())
             elif admin and not self.engine.is_admin(user):
                 log.info("telegram: %s refused an admin command", user.key)
                 await self._reply(message, render.admin_only())
@@ -306,13 +310,21 @@ class TelegramAdapter:
             log.exception("telegram: following job %s failed", job.id)
 
     async def _reply(self, message: Message, text: str) -> None:
-        """Answer a command; marked ACK so it goes ahead of other jobs' edits and uploads."""
+        """Answer a command through the chat's outbox (``bot/telegram_outbox.py``): the handler
+        never waits for the chat's flood limit. Marked ACK so it goes ahead of other jobs'
+        edits and uploads."""
         # Message.reply_text cannot carry rate_limit_args; this is what it sends.
         thread_id = message.message_thread_id if message.is_topic_message else None
-        await message.get_bot().send_message(
-            message.chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
-            reply_parameters=ReplyParameters(message.message_id, allow_sending_without_reply=True),
-            message_thread_id=thread_id, rate_limit_args=ACK)
+        bot = message.get_bot()
+
+        def send() -> Awaitable[object]:
+            return bot.send_message(
+                message.chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
+                reply_parameters=ReplyParameters(message.message_id,
+                                                 allow_sending_without_reply=True),
+                message_thread_id=thread_id, rate_limit_args=ACK)
+
+        self.outbox.post(message.chat_id, send)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""

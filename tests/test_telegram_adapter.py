@@ -735,3 +735,35 @@ async def test_after_a_restart_the_old_status_message_is_edited_not_posted_again
              if int(c.params["message_id"]) == status_id]
     assert edits, "the old status message was brought up to date or removed"
     assert reply_to(status) is not None
+
+
+async def test_a_group_flooding_help_does_not_hold_up_other_chats(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    """Issue 11 row 13: each reply waited for the group's 20-a-minute bucket inside its
+    handler; 330 /help in one group made another user's /imagine wait 163 s."""
+    import time
+
+    _, adapter = await start_bot()
+    for _ in range(300):
+        tg.message("/help", chat_id=GROUP, user_id=BOB, chat_type="supergroup")
+    await asyncio.sleep(0.5)  # the flood is being handled
+    asked = time.monotonic()
+    tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMessage", where=lambda c: c.params["chat_id"] == str(ALICE),
+                      timeout=10)
+    assert time.monotonic() - asked < 3.0
+    await tg.wait_for("sendPhoto", timeout=10)
+    to_group = [c for c in tg.calls_to("sendMessage") if c.params["chat_id"] == str(GROUP)]
+    assert len(to_group) <= 25  # the group's bucket, not 300 answers queued for minutes
+    assert adapter.outbox.dropped >= 250
+
+
+async def test_a_chat_not_allowed_is_told_once_a_minute(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.access.telegram_chats = [str(ALICE)]
+    await start_bot()
+    for _ in range(5):
+        tg.message("/imagine a fox", chat_id=GROUP, user_id=BOB, chat_type="supergroup")
+    await tg.wait_for("sendMessage")
+    await asyncio.sleep(0.5)
+    assert [c.params["text"] for c in tg.calls_to("sendMessage")] == [render.chat_not_allowed()]
