@@ -32,7 +32,8 @@ class RetryPolicy:
                    max_delay_s=section.max_delay_s, give_up_after_s=section.give_up_after_s)
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1))
+        # the exponent is capped: background retries reach attempt numbers a float overflows at
+        return min(self.max_delay_s, self.first_delay_s * 2 ** min(attempt - 1, 40))
 
 
 async def deliver(

@@ -203,7 +203,7 @@ def queue_resumed() -> str:
 
 
 def limit_usage() -> str:
-    return "Usage: /limit <user id> <images per window | default>"
+    return "Usage: /limit <user id> <images per window | 0 (none) | unlimited | default>"
 
 
 def limit_set(user_id: str, images: int | None) -> str:
@@ -211,6 +211,8 @@ def limit_set(user_id: str, images: int | None) -> str:
         return f"User {user_id} is back to the default image limit."
     if images == 0:
         return f"User {user_id} may not make images for now (limit 0; `default` lifts it)."
+    if images < 0:
+        return f"User {user_id} may now make images without a limit."
     return f"User {user_id} may now make {images} images per window."
 
 

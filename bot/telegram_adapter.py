@@ -44,6 +44,7 @@ from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
 from engine.job import Job
 from engine.request import Origin, User
+from engine.store import UNLIMITED
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,10 @@ class TelegramAdapter:
             return (render.cancelling(job_id) if done else render.already_over()), False
         request = variants.reroll(record.request, self.config.limits)
         origin = Origin("telegram", chat_id=str(message.chat.id),
-                        message_id=str(message.message_id), extra=record.origin.extra)
+                        message_id=str(message.message_id),
+                        # the parent's details, but never its status message
+                        extra={k: v for k, v in record.origin.extra.items()
+                               if k != "status_message"})
         job = await self.engine.submit(user, request, origin)
         self._follow(job, announce=True)
         return render.rerolling(request.seed), False
@@ -352,12 +356,15 @@ def telegram_user(user_id: int, name: str) -> User:
 
 
 def parse_limit(args: list[str]) -> tuple[User, int | None] | None:
-    """``<user id> <n|default>`` -> (user, n or None for the default); None when malformed."""
+    """``<user id> <n|default|unlimited>`` -> (user, n; None for the default, ``UNLIMITED``);
+    None when malformed. 0 means no images at all."""
     if len(args) != 2 or not _is_number(args[0], 20):
         return None
     value = args[1].lower()
     if value in ("default", "none", "reset"):
         return telegram_user(int(args[0]), ""), None
+    if value in ("unlimited", "off", "no-limit"):
+        return telegram_user(int(args[0]), ""), UNLIMITED
     if not _is_number(value, 7):
         return None
     return telegram_user(int(args[0]), ""), int(value)

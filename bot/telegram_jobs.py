@@ -69,10 +69,9 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def sent_but_unanswered(exc: BaseException) -> bool:
-    """A timeout after the request went out: Telegram may have posted it. Not a connect or
-    pool timeout, where nothing was sent and a retry is safe."""
-    return isinstance(exc, TimedOut) and not isinstance(
-        exc.__cause__, (httpx.ConnectTimeout, httpx.PoolTimeout))
+    """A read timeout: the whole request went out and Telegram may have posted it. A connect,
+    write or pool timeout means it did not arrive whole, so a retry is safe."""
+    return isinstance(exc, TimedOut) and isinstance(exc.__cause__, httpx.ReadTimeout)
 
 
 @dataclass(frozen=True)
@@ -173,9 +172,11 @@ class StatusMessage:
 
 
 def _status_message_id(job: Job) -> int | None:
-    """The status message a job recovered after a restart had before it."""
-    known = str(job.origin.extra.get("status_message_id", ""))
-    return int(known) if job.recovered and known.isdigit() else None
+    """The status message a job recovered after a restart had before it, in its own chat."""
+    chat, _, message = str(job.origin.extra.get("status_message", "")).partition(":")
+    if not (job.recovered and message.isdigit() and chat == job.origin.chat_id):
+        return None
+    return int(message)
 
 
 class JobFollower:
@@ -249,7 +250,7 @@ class JobFollower:
                         target.chat_id, exc)
             return None
         try:
-            await self.engine.note_status_message(job, str(message.message_id))
+            await self.engine.note_status_message(job, f"{message.chat_id}:{message.message_id}")
         except Exception as exc:  # the journal is closing: only a restart's nicety is lost
             log.info("could not note the status message of job %s: %s", job.id, exc)
         return StatusMessage(self.bot, MessageRef(message.chat_id, message.message_id), text,

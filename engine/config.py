@@ -251,6 +251,9 @@ def _validated(config: Config) -> Config:
     need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,
          "more than 0 seconds")
     need(config.delivery.attempts >= 1, "delivery.attempts", config.delivery.attempts, "at least 1")
+    for key in ("first_delay_s", "max_delay_s"):
+        need(getattr(config.delivery, key) > 0, f"delivery.{key}", getattr(config.delivery, key),
+             "more than 0 seconds")
     keep_s = e.keep_outputs_days * 86400
     need(e.keep_outputs_days == 0 or keep_s >= max(config.rate_limit.window_s,
                                                    config.delivery.give_up_after_s),

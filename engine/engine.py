@@ -95,6 +95,7 @@ class Engine:
         self._cancelled_by_owner = True
         self._draining: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self._put_back: dict[str, Job] = {}  # stopped by a shutdown, queued in the journal
         self._wake = asyncio.Event()
         self._gpu_idle = asyncio.Event()  # no job between start and the end of its GPU part
         self._gpu_idle.set()
@@ -148,7 +149,11 @@ class Engine:
                 log.warning("job %s still running after %.0f s grace; it will run again after "
                             "the restart", running.id, grace)
                 self._stop_running("shutdown")
-                await self._gpu_idle.wait()  # the worker stops at the next step
+                try:  # the worker stops at the next step; a hung step must not hold the stop
+                    await asyncio.wait_for(self._gpu_idle.wait(), STOP_WAIT_S)
+                except TimeoutError:
+                    log.error("job %s did not stop within %.0f s; leaving it", running.id,
+                              STOP_WAIT_S)
         await self._settle_completions()
 
     def _stop_running(self, reason: str) -> None:
@@ -297,7 +302,19 @@ class Engine:
             self._cancelled_by_owner = job.user == by
             self._stop_running("cancel")
             return True
+        if job.id in self._put_back:  # stopped by the shutdown, waiting for the restart
+            self._cancelled_by_owner = job.user == by
+            await self._cancel_put_back(job)
+            return True
         return False
+
+    async def _cancel_put_back(self, job: Job) -> None:
+        """A job the shutdown put back in line is cancelled after all. It is a queued job again
+        (the journal cleared its start), so, like any job cancelled while queued, it is not
+        charged."""
+        self._put_back.pop(job.id, None)
+        await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
+                           JobStatus.CANCELLED)
 
     # -- delivery bookkeeping (adapters call these) -----------------------------------------
     async def mark_delivered(self, job: Job, where: str, *, keep_file: bool = False) -> None:
@@ -309,10 +326,10 @@ class Engine:
         if not self.config.engine.save_outputs and not keep_file and result and result.path:
             Path(result.path).unlink(missing_ok=True)
 
-    async def note_status_message(self, job: Job, message_id: str) -> None:
-        """The adapter's message that shows this job's progress: after a restart the adapter
-        edits it again instead of posting another one."""
-        job.origin.extra["status_message_id"] = message_id
+    async def note_status_message(self, job: Job, ref: str) -> None:
+        """The adapter's message that shows this job's progress (``chat:message``): after a
+        restart the adapter edits it again instead of posting another one."""
+        job.origin.extra["status_message"] = ref
         await self.store.update_origin(job.id, job.origin)
 
     async def mark_undelivered(self, job: Job, error: str) -> None:
@@ -382,6 +399,9 @@ class Engine:
         except Aborted:
             if self._abort_reason == "shutdown":  # runs again after the restart
                 await self.store.set_status(job.id, "queued", at=self.clock())
+                self._put_back[job.id] = job
+                if self._abort_reason == "cancel":  # its user cancelled meanwhile
+                    await self._cancel_put_back(job)
                 return
             # cancelled while running: its GPU time was spent, so it stays charged
             await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
@@ -541,6 +561,8 @@ def _eta(started: float, step_times: list[float], step: int, total: int) -> floa
 
 
 PRUNE_EVERY_S = 86400.0
+# How long a shutdown waits, after the grace, for the running job to stop at its next step.
+STOP_WAIT_S = 30.0
 
 
 def _delete_files(paths: list[str]) -> None:

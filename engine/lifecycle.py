@@ -18,8 +18,9 @@
 The charging rule: a job counts against its user's rate limit from the moment it is accepted
 (so a queue cannot be filled past the limit) and keeps counting once it has started running,
 also when it is cancelled while running (its GPU time was spent). It is refunded only when it
-never ran (cancelled while queued), or when it failed through the bot's fault (out of memory
-after the retry, an internal error, a timeout the bot caused).
+is cancelled while queued (also when a shutdown had put it back in line), or when it failed
+through the bot's fault (out of memory after the retry, an internal error, a timeout the bot
+caused).
 """
 
 from __future__ import annotations

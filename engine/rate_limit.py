@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from engine.config import AccessSection, RateLimitSection
 from engine.errors import RateLimited
 from engine.request import User
-from engine.store import Store
+from engine.store import UNLIMITED, Store
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class RateLimiter:
         if self.access.is_admin(user):
             return None
         override = await self.store.get_limit_override(user)
+        if override == UNLIMITED:
+            return None
         if override is not None:
             return override
         return self.config.images_per_window or None

@@ -66,8 +66,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (platform, user_id)
     );
     """,
+    # v3: an override of 0 now means no images at all; -1 means no limit, which is what 0
+    # meant before (the old rows keep their meaning).
+    """
+    CREATE TABLE limit_overrides_v3 (
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        images_per_window INTEGER NOT NULL CHECK (images_per_window >= -1),
+        PRIMARY KEY (platform, user_id)
+    );
+    INSERT INTO limit_overrides_v3 (platform, user_id, images_per_window)
+        SELECT platform, user_id, CASE images_per_window WHEN 0 THEN -1
+                                  ELSE images_per_window END FROM limit_overrides;
+    DROP TABLE limit_overrides;
+    ALTER TABLE limit_overrides_v3 RENAME TO limit_overrides;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+UNLIMITED = -1  # a per-user override meaning "no limit"
 
 # A job is charged unless the engine refunded it or it was cancelled before it ever ran.
 _CHARGED = "charged = 1 AND NOT (status = 'cancelled' AND started_at IS NULL)"
@@ -350,8 +366,8 @@ class Store:
     # -- per-user limit overrides ----------------------------------------------------------
 
     async def set_limit_override(self, user: User, images_per_window: int | None) -> None:
-        """Give ``user`` their own images-per-window (0 = no images at all); ``None`` removes
-        it (back to the config's limit)."""
+        """Give ``user`` their own images-per-window (0 = no images at all, ``UNLIMITED`` =
+        no limit); ``None`` removes it (back to the config's limit)."""
         if images_per_window is None:
             await self.db.execute(
                 "DELETE FROM limit_overrides WHERE platform = ? AND user_id = ?",
@@ -359,9 +375,10 @@ class Store:
             )
             return
         if isinstance(images_per_window, bool) or not isinstance(images_per_window, int) \
-                or images_per_window < 0:
+                or images_per_window < UNLIMITED:
             raise ValueError(
-                f"images_per_window = {images_per_window!r} must be a whole number, 0 or more"
+                f"images_per_window = {images_per_window!r} must be a whole number, 0 or more "
+                f"(or {UNLIMITED} for no limit)"
             )
         await self.db.execute(
             "INSERT INTO limit_overrides (platform, user_id, images_per_window) VALUES (?, ?, ?)"

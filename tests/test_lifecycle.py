@@ -300,3 +300,32 @@ def test_retention_shorter_than_the_windows_it_must_cover_is_refused(tmp_path):
         load_config(path)
     path.write_text("[engine]\nkeep_outputs_days = 0\n")
     assert load_config(path).engine.keep_outputs_days == 0
+
+
+async def test_a_cancel_after_the_shutdown_put_the_job_back_still_cancels_it(
+        engine_factory, backend):
+    """Review: a cancel arriving while (or after) the shutdown put a job back to queued was
+    answered True or 'already over', and the job ran again after the restart."""
+    backend.step_seconds = 0.05
+    engine = await engine_factory()
+    job = await engine.submit(discord_user("1"), make_request(steps=100), ORIGIN)
+    await running(job)
+    await asyncio.wait_for(engine.drain(grace_s=0.1), 5)
+    assert (await engine.job_record(job.id)).status == "queued"
+    assert await job.cancel() is True
+    assert (await engine.job_record(job.id)).status == "cancelled"
+    assert job.status is JobStatus.CANCELLED
+    # back in line it was a queued job again, and a queued job cancelled is refunded
+    assert (await engine.quota(discord_user("1"))).used == 0
+
+
+def test_background_retry_delays_never_overflow_and_must_be_positive(tmp_path):
+    from bot.delivery import RetryPolicy
+    from engine.config import ConfigError, load_config
+
+    policy = RetryPolicy(first_delay_s=2, max_delay_s=300)
+    assert policy.delay(5000) == 300
+    path = tmp_path / "config.toml"
+    path.write_text("[delivery]\nmax_delay_s = 0\n")
+    with pytest.raises(ConfigError, match="delivery.max_delay_s"):
+        load_config(path)

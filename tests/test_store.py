@@ -142,7 +142,7 @@ async def test_bad_calls_raise_clear_errors(store: Store):
     with pytest.raises(JobNotFound):
         await store.mark_delivered("missing", at=1.0, where="x")
     with pytest.raises(ValueError, match="0 or more"):
-        await store.set_limit_override(ALICE, -1)
+        await store.set_limit_override(ALICE, -2)  # -1 is UNLIMITED
 
 
 async def test_update_request(store: Store):
@@ -367,3 +367,25 @@ async def test_a_duplicate_job_id_is_its_own_error(store: Store):
     await add(store, "same")
     with pytest.raises(DuplicateJobId):
         await add(store, "same")
+
+
+async def test_old_zero_overrides_keep_meaning_no_limit_after_the_upgrade(tmp_path):
+    """Schema v3: before it, an override of 0 meant no limit; it now means no images, so the
+    old rows become -1 (no limit)."""
+    import sqlite3
+
+    from engine.store import MIGRATIONS, UNLIMITED
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for number, script in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    db.execute("INSERT INTO limit_overrides VALUES ('telegram', '42', 0)")
+    db.execute("INSERT INTO limit_overrides VALUES ('telegram', '43', 5)")
+    db.commit()
+    db.close()
+    async with Store(path) as store:
+        assert await store.get_limit_override(User("telegram", "42")) == UNLIMITED
+        assert await store.get_limit_override(User("telegram", "43")) == 5
+        await store.set_limit_override(User("telegram", "44"), 0)
+        assert await store.get_limit_override(User("telegram", "44")) == 0

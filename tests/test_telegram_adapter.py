@@ -767,3 +767,13 @@ async def test_a_chat_not_allowed_is_told_once_a_minute(
     await tg.wait_for("sendMessage")
     await asyncio.sleep(0.5)
     assert [c.params["text"] for c in tg.calls_to("sendMessage")] == [render.chat_not_allowed()]
+
+
+def test_limit_parsing_knows_none_and_unlimited() -> None:
+    from bot.telegram_adapter import parse_limit
+    from engine.store import UNLIMITED
+
+    assert parse_limit(["43", "0"])[1] == 0
+    assert parse_limit(["43", "unlimited"])[1] == UNLIMITED
+    assert parse_limit(["43", "default"])[1] is None
+    assert parse_limit(["43", "-1"]) is None  # the number itself is not accepted
