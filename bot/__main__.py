@@ -85,7 +85,8 @@ async def _imagine(config, args: argparse.Namespace) -> int:  # type: ignore[no-
     except EngineError as exc:
         print(render.error(exc), file=sys.stderr)
         return 2
-    async with Engine(config) as engine:
+    # the bot may be running beside this: its queued and running jobs are its own
+    async with Engine(config, recover=False) as engine:
         try:
             job = await engine.submit(User("cli", getpass.getuser()), request, Origin("cli"))
         except EngineError as exc:

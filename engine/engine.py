@@ -77,8 +77,12 @@ class Engine:
         backend: Backend | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        recover: bool = True,
     ) -> None:
+        """``recover=False``: leave the journal's unfinished jobs alone (a one-off process, such
+        as ``python -m bot imagine``, beside a running bot that owns them)."""
         self.config = config
+        self._recover_on_start = recover
         self.backend = backend if backend is not None else create_backend(config)
         self.clock = clock
         self.store = Store(config.engine.database)
@@ -114,13 +118,14 @@ class Engine:
             started = time.monotonic()
             await self._worker.load()
             self.load_seconds = time.monotonic() - started
-            await self._recover()
+            if self._recover_on_start:
+                await self._recover()
         except BaseException:
             await self.store.__aexit__(None, None, None)
             raise
         self._accepting = True
         self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
-        if self.config.engine.keep_outputs_days > 0:
+        if self.config.engine.keep_outputs_days > 0 and self._recover_on_start:
             self._pruner = asyncio.create_task(self._prune_daily(), name="engine-pruner")
         return self
 

@@ -329,3 +329,21 @@ def test_background_retry_delays_never_overflow_and_must_be_positive(tmp_path):
     path.write_text("[delivery]\nmax_delay_s = 0\n")
     with pytest.raises(ConfigError, match="delivery.max_delay_s"):
         load_config(path)
+
+
+async def test_a_one_off_engine_leaves_the_bots_unfinished_jobs_alone(engine_factory, config,
+                                                                     backend):
+    """Review: `python -m bot imagine` beside a running bot re-queued the bot's running job
+    (both then ran it) and ran its queue."""
+    from engine.engine import Engine
+
+    bot = await engine_factory()
+    bot.pause()
+    queued = await bot.submit(discord_user("1"), make_request("the bot's"), ORIGIN)
+    one_off = Engine(config, backend, recover=False)
+    async with one_off:
+        job = await one_off.submit(discord_user("2"), make_request("mine"), ORIGIN)
+        assert await job.wait() is JobStatus.FINISHED
+        assert one_off.recovered_jobs("discord") == []
+    assert [p for _, p in backend.order] == ["mine"]
+    assert (await bot.job_record(queued.id)).status == "queued"
