@@ -96,13 +96,19 @@ async def test_a_cancel_during_a_shutdown_ends_the_job_and_the_drain_at_once(
     await asyncio.wait_for(engine.drain(grace_s=30), 1)  # a second drain: the same, done
 
 
-async def test_a_shutdown_past_the_grace_puts_the_job_back_in_line(engine_factory, backend):
+async def put_back_by_a_shutdown(engine_factory, backend):  # type: ignore[no-untyped-def]
+    """A slow job still running when a short-graced drain ends: put back in line."""
     backend.step_seconds = 0.05
     engine = await engine_factory()
     job = await engine.submit(discord_user("1"), make_request(steps=100), ORIGIN)
     await running(job)
     await asyncio.wait_for(engine.drain(grace_s=0.1), 5)
     assert (await engine.job_record(job.id)).status == "queued"
+    return engine, job
+
+
+async def test_a_shutdown_past_the_grace_puts_the_job_back_in_line(engine_factory, backend):
+    engine, _ = await put_back_by_a_shutdown(engine_factory, backend)
     assert (await engine.quota(discord_user("1"))).used == 1  # still charged: it will run
 
 
@@ -306,12 +312,7 @@ async def test_a_cancel_after_the_shutdown_put_the_job_back_still_cancels_it(
         engine_factory, backend):
     """Review: a cancel arriving while (or after) the shutdown put a job back to queued was
     answered True or 'already over', and the job ran again after the restart."""
-    backend.step_seconds = 0.05
-    engine = await engine_factory()
-    job = await engine.submit(discord_user("1"), make_request(steps=100), ORIGIN)
-    await running(job)
-    await asyncio.wait_for(engine.drain(grace_s=0.1), 5)
-    assert (await engine.job_record(job.id)).status == "queued"
+    engine, job = await put_back_by_a_shutdown(engine_factory, backend)
     assert await job.cancel() is True
     assert (await engine.job_record(job.id)).status == "cancelled"
     assert job.status is JobStatus.CANCELLED

@@ -356,8 +356,15 @@ def test_close_puts_the_same_float8_weights_back_on_the_cpu():
         if p.dim() >= 2 and ("blocks" in name):
             assert p.dtype == torch.float8_e4m3fn
         assert torch.equal(p.detach().float(), before[name].float()), name
-    with torch.no_grad():  # usable again as a plain module
-        inputs = make_inputs(4)
+    assert_usable_as_a_plain_module(model, reference)
+
+
+def assert_usable_as_a_plain_module(model, reference, seed: int = 4) -> None:
+    """After ``close()``: the CPU float8 module, cast to bf16, computes what the reference
+    does, so the same float8 weights came back."""
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        inputs = make_inputs(seed)
         torch.testing.assert_close(model.to(torch.bfloat16)(*inputs), reference(*inputs),
                                    rtol=0, atol=0)
 
