@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from bot.doctor import run_doctor
 
-        return run_doctor(config, args.config)
+        try:
+            code = run_doctor(config, args.config)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+            return code
+        except BrokenPipeError:  # `doctor | head`: the reader has gone, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     from bot.app import run_bot
 
     try:
         if args.command == "imagine":
             return asyncio.run(_imagine(config, args))
-        asyncio.run(run_bot(config))
+        return asyncio.run(run_bot(config))
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
         pass
     except Exception as exc:  # a start-up failure: one clear line, the trace only with -v
@@ -79,9 +86,12 @@ async def _imagine(config, args: argparse.Namespace) -> int:  # type: ignore[no-
 
     try:
         parsed = parse_command(args.prompt, config.limits)
-        parsed, _ = parsed.merged_with(config.limits, seed=args.seed, steps=args.steps,
-                                       aspect=args.aspect, size=args.size, guidance=args.guidance)
+        parsed, overridden = parsed.merged_with(config.limits, seed=args.seed, steps=args.steps,
+                                                aspect=args.aspect, size=args.size,
+                                                guidance=args.guidance)
         request = parsed.to_request(config.limits)
+        if overridden:  # the same rule as Discord's options: the prompt's --flags win, said so
+            print(render.conflicts_note(overridden), file=sys.stderr)
     except EngineError as exc:
         print(render.error(exc), file=sys.stderr)
         return 2

@@ -51,7 +51,9 @@ def build_adapters(engine: Engine, config: Config, stop: asyncio.Event) -> list[
     return adapters
 
 
-async def run_bot(config: Config, stop: asyncio.Event | None = None) -> None:
+async def run_bot(config: Config, stop: asyncio.Event | None = None) -> int:
+    """Run until Ctrl-C, SIGTERM or the console's /quit; the process's exit code: 2 when the
+    console was the only adapter and its input was closed from the start (nothing served)."""
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
     log.info("loading the %s backend…", config.engine.backend)
@@ -73,6 +75,8 @@ async def run_bot(config: Config, stop: asyncio.Event | None = None) -> None:
                     await adapter.stop()
                 except Exception:
                     log.exception("stopping the %s adapter failed", adapter.name)
+    nothing_served = len(started) == 1 and getattr(started[0], "closed_at_start", False)
+    return 2 if nothing_served else 0
 
 
 async def shut_down(engine: Engine, adapters: list[Adapter], grace_s: float) -> None:

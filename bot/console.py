@@ -10,10 +10,11 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from bot import render
+from bot.admin_args import parse_limit_value
 from bot.throttle import Throttle
 from engine.engine import Engine
 from engine.errors import EngineError
@@ -40,10 +41,11 @@ class ConsoleAdapter:
         self._reader: asyncio.Task[None] | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._following: dict[asyncio.Task[None], Job] = {}
+        self.closed_at_start = False  # stdin was at its end before the first line
 
     async def start(self) -> None:
-        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H], /queue, /cancel <id>, "
-                 "/limits, /status, /help or /quit.")
+        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H], /queue, /cancel [id], "
+                 "/limits, /status, /pause, /resume, /limit, /help or /quit.")
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
@@ -86,8 +88,15 @@ class ConsoleAdapter:
 
     async def _read_lines(self) -> None:
         lines = self._start_reader_thread()
+        read = 0
         while True:
             line = await lines.get()
+            if not line and read == 0:  # closed from the start: nobody can type here
+                self.closed_at_start = True
+                log.error("standard input is closed and no chat token is set: nothing to "
+                          "serve. Set DISCORD_TOKEN or TELEGRAM_TOKEN (docker run -e ...), or "
+                          "start the bot in a terminal (docker run -it) for the console.")
+            read += 1
             if not line:  # end of input
                 await self._drain()
                 if self.on_quit:
@@ -105,27 +114,70 @@ class ConsoleAdapter:
                 self.say("⚠️ Something went wrong; see the log.")
 
     async def handle_line(self, line: str) -> bool | None:
-        """Handle one line; returns False for /quit."""
+        """Handle one line; returns False for /quit. Every command of the chat adapters works
+        here (the person at the keyboard is an admin); a plain line is a prompt."""
         if not line:
             return None
         word = line.split(maxsplit=1)[0].lower()
         rest = line[len(word):].strip()
         if word in ("/quit", "/exit"):
             return False
-        if word == "/help":
-            self.say(render.usage(self.engine.config.limits))
-        elif word == "/queue":
-            self.say(render.queue_list(self.engine.jobs_of(CONSOLE_USER)))
-        elif word == "/limits":
-            self.say(render.quota(await self.engine.quota(CONSOLE_USER), self.engine.clock()))
-        elif word == "/status":
-            self.say(render.status(self.engine.health()))
-        elif word == "/cancel":
-            done = await self.engine.cancel(rest, CONSOLE_USER)
-            self.say(render.cancelling(rest) if done else render.already_over())
+        command = self._commands().get(word)
+        if command is not None:
+            await command(rest)
+        elif word.startswith("/") and word != "/imagine":
+            self.say(render.unknown_command(word, sorted(self._commands())))
         else:
             await self.imagine(line)
         return None
+
+    def _commands(self) -> dict[str, Callable[[str], Awaitable[None]]]:
+        return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
+                "/status": self._status, "/cancel": self._cancel, "/pause": self._pause,
+                "/resume": self._resume, "/limit": self._limit}
+
+    async def _help(self, rest: str) -> None:
+        self.say(render.usage(self.engine.config.limits))
+
+    async def _queue(self, rest: str) -> None:
+        self.say(render.queue_list(self.engine.jobs_of(CONSOLE_USER)))
+
+    async def _limits(self, rest: str) -> None:
+        self.say(render.quota(await self.engine.quota(CONSOLE_USER), self.engine.clock()))
+
+    async def _status(self, rest: str) -> None:
+        self.say(render.status(self.engine.health()))
+
+    async def _cancel(self, rest: str) -> None:
+        """/cancel [id]: the latest of the console's jobs when no id is given (as Telegram)."""
+        job_id = rest.split()[0][:32] if rest else ""
+        if not job_id:
+            mine = self.engine.jobs_of(CONSOLE_USER)
+            if not mine:
+                self.say(render.queue_list([]))
+                return
+            job_id = mine[-1].id
+        done = await self.engine.cancel(job_id, CONSOLE_USER)
+        self.say(render.cancelling(job_id) if done else render.already_over())
+
+    async def _pause(self, rest: str) -> None:
+        self.engine.pause()
+        self.say(render.queue_paused())
+
+    async def _resume(self, rest: str) -> None:
+        self.engine.resume()
+        self.say(render.queue_resumed())
+
+    async def _limit(self, rest: str) -> None:
+        """/limit <platform:user id> <n|0|unlimited|default>, e.g. /limit telegram:42 5."""
+        parts = rest.split()
+        platform, _, user_id = parts[0].partition(":") if parts else ("", "", "")
+        ok, images = parse_limit_value(parts[1]) if len(parts) == 2 else (False, None)
+        if not (ok and platform in ("discord", "telegram") and user_id.isdigit()):
+            self.say(render.limit_usage().replace("<user id>", "<discord|telegram>:<user id>"))
+            return
+        await self.engine.set_limit_override(User(platform, user_id), images)
+        self.say(render.limit_set(f"{platform}:{user_id}", images))
 
     async def imagine(self, text: str) -> Job:
         limits = self.engine.config.limits

@@ -62,15 +62,24 @@ def queued(position: int | None) -> str:
     return f"⏳ Queued: number {position} in line."
 
 
+def steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def started(request: ImageRequest) -> str:
-    return f"🎨 Drawing… ({request.steps} steps)"
+    return f"🎨 Drawing… ({steps(request.steps)})"
 
 
 def progress(step: int, total: int, eta_s: float | None) -> str:
     bar_len = 10
     filled = round(bar_len * step / total) if total else 0
     bar = "▰" * filled + "▱" * (bar_len - filled)
-    eta = f", about {duration(eta_s)} left" if eta_s is not None and step < total else ""
+    if eta_s is None or step >= total:
+        eta = ""
+    elif eta_s < 1.5:
+        eta = ", nearly done"  # "about 1 s left" on a 0.3 s job read as a promise
+    else:
+        eta = f", about {duration(eta_s)} left"
     return f"🎨 {bar} step {step}/{total}{eta}"
 
 
@@ -90,7 +99,7 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     """Under the image: prompt, then seed · steps · size · time · who asked."""
     r = result.request
     prompt = safe_text(r.prompt, md=md, limit=CAPTION_PROMPT_CHARS)
-    facts = [f"seed {r.seed}", f"{r.steps} steps", f"{r.width}×{r.height}"]
+    facts = [f"seed {r.seed}", steps(r.steps), f"{r.width}×{r.height}"]
     if r.guidance != 3.5:
         facts.append(f"guidance {r.guidance:g}")
     if result.seconds:
@@ -184,6 +193,11 @@ def chat_not_allowed() -> str:
 
 def internal_error() -> str:
     return "⚠️ Something went wrong on my side; the bot's admin can find the details in the log."
+
+
+def unknown_command(word: str, known: list[str]) -> str:
+    return (f"I do not know {safe_text(word, limit=40)}. Commands: /imagine <prompt>, "
+            + ", ".join(known) + ", /quit.")
 
 
 def cancelling(job_id: str) -> str:

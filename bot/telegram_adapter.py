@@ -32,6 +32,7 @@ from telegram.ext import (
 )
 
 from bot import render
+from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower
@@ -44,7 +45,6 @@ from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
 from engine.job import Job
 from engine.request import Origin, User
-from engine.store import UNLIMITED
 
 log = logging.getLogger(__name__)
 
@@ -356,18 +356,12 @@ def telegram_user(user_id: int, name: str) -> User:
 
 
 def parse_limit(args: list[str]) -> tuple[User, int | None] | None:
-    """``<user id> <n|default|unlimited>`` -> (user, n; None for the default, ``UNLIMITED``);
-    None when malformed. 0 means no images at all."""
+    """``<user id> <n|0|unlimited|default>`` -> (user, images as ``parse_limit_value`` gives
+    them); None when malformed."""
     if len(args) != 2 or not _is_number(args[0], 20):
         return None
-    value = args[1].lower()
-    if value in ("default", "none", "reset"):
-        return telegram_user(int(args[0]), ""), None
-    if value in ("unlimited", "off", "no-limit"):
-        return telegram_user(int(args[0]), ""), UNLIMITED
-    if not _is_number(value, 7):
-        return None
-    return telegram_user(int(args[0]), ""), int(value)
+    ok, images = parse_limit_value(args[1])
+    return (telegram_user(int(args[0]), ""), images) if ok else None
 
 
 def _is_number(text: str, max_digits: int) -> bool:

@@ -8,6 +8,7 @@ Tokens may also come from the environment (``DISCORD_TOKEN``, ``TELEGRAM_TOKEN``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import typing
@@ -171,6 +172,11 @@ def load_config(path: str | Path | None = None) -> Config:
         data = tomllib.loads(target.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{target} is not valid TOML: {exc}") from None
+    except PermissionError:
+        raise ConfigError(
+            f"{target} cannot be read by this user (uid {os.getuid()}): give it to that user "
+            f"(chown {os.getuid()} {target}; keep chmod 600), or run the bot as the file's "
+            "owner") from None
     return config_from_dict(data)
 
 
@@ -187,7 +193,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, raw in data.items():
         dotted = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown setting {dotted!r}; allowed: {', '.join(sorted(names))}")
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"unknown setting {dotted!r}; {hint}allowed: "
+                              f"{', '.join(sorted(names))}")
         values[key] = _coerce(hints[key], raw, dotted)
     return cls(**values)
 

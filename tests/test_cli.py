@@ -117,3 +117,54 @@ def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
     tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=2.5, total_gib=4.0),
                       host_available_gib=32)
     assert tiny[0].ok is False and "too small" in "\n".join(c.detail for c in tiny)
+
+
+def test_config_mistakes_are_one_sentence_with_the_fix(tmp_path, monkeypatch):
+    """Issue 15 rows 6 and 10: an unreadable config gave a PermissionError traceback; a typo
+    in a section name got no suggestion."""
+    import os
+
+    from engine.config import ConfigError, load_config
+
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[engnie]\nbackend = 'dry-run'\n")
+    with pytest.raises(ConfigError, match="did you mean 'engine'"):
+        load_config(typo)
+    locked = tmp_path / "locked.toml"
+    locked.write_text("[engine]\n")
+
+    def refused(self, *args, **kwargs):  # what uid 10001 gets for a chmod 600 file of yours
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(locked), "read_text", refused)
+    with pytest.raises(ConfigError, match=f"cannot be read by this user .uid {os.getuid()}"):
+        load_config(locked)
+
+
+def test_no_token_and_closed_input_says_so_and_fails(tmp_path):
+    """Issue 15 row 8: `docker run` without -it and without a token exited 0 in 0.2 s."""
+    write_dry_run_config(tmp_path)
+    done = run_bot(["run"], tmp_path, stdin="")
+    assert done.returncode == 2
+    assert "standard input is closed and no chat token is set" in done.stderr
+    assert "TELEGRAM_TOKEN" in done.stderr
+
+
+def test_small_things_of_the_first_hour(tmp_path):
+    """Issue 15 row 10: "1 steps", "about 1 s left" on a 0.3 s job, a flag given twice used
+    silently, and `doctor | head` ending in a BrokenPipe traceback."""
+    from bot import render
+
+    assert render.progress(1, 2, 0.3).endswith("nearly done")
+    assert render.progress(1, 20, 30.0).endswith("about 30 s left")
+    assert render.steps(1) == "1 step" and render.steps(4) == "4 steps"
+    write_dry_run_config(tmp_path)
+    done = run_bot(["imagine", "fox --seed 3", "--seed", "4", "--steps", "1", "-o", "f.png"],
+                   tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert render.conflicts_note(["seed"]) in done.stderr
+    assert read_parameters((tmp_path / "f.png").read_bytes())["Seed"] == "3"
+    piped = subprocess.run(f"{sys.executable} -m bot doctor | head -1", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
