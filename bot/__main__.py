@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--size", metavar="WxH")
     imagine.add_argument("--guidance", type=float)
     imagine.add_argument("-o", "--output", type=Path, help="where to write the PNG")
-    sub.add_parser("doctor", parents=[common], help="check the set-up and say how to fix it")
+    doctor = sub.add_parser("doctor", parents=[common],
+                            help="check the set-up and say how to fix it")
+    doctor.add_argument("--quick", action="store_true",
+                        help="the health check of a running bot: files and its heartbeat only, "
+                             "no GPU (a container's HEALTHCHECK)")
     return parser
 
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from bot.doctor import run_doctor
 
         try:
-            code = run_doctor(config, args.config)
+            code = run_doctor(config, args.config, quick=args.quick)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
             return code
         except BrokenPipeError:  # `doctor | head`: the reader has gone, which is fine

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Protocol
 
 from engine.config import Config
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 # Answers being posted at shutdown get at least this long, even when the running image used up
 # the grace (a finished image is worth a few seconds more than one re-sent after the restart).
 ANSWER_FLOOR_S = 5.0
+HEARTBEAT_S = 30.0
 
 
 class Adapter(Protocol):
@@ -66,7 +68,11 @@ async def run_bot(config: Config, stop: asyncio.Event | None = None) -> int:
                 await adapter.start()
                 started.append(adapter)
                 log.info("%s adapter started", adapter.name)
-            await stop.wait()
+            heartbeat = asyncio.create_task(beat(heartbeat_path(config)), name="heartbeat")
+            try:
+                await stop.wait()
+            finally:
+                heartbeat.cancel()
             log.info("shutting down: no new jobs; the running one may finish")
             await shut_down(engine, started, config.engine.shutdown_grace_s)
         finally:
@@ -77,6 +83,21 @@ async def run_bot(config: Config, stop: asyncio.Event | None = None) -> int:
                     log.exception("stopping the %s adapter failed", adapter.name)
     nothing_served = len(started) == 1 and getattr(started[0], "closed_at_start", False)
     return 2 if nothing_served else 0
+
+
+def heartbeat_path(config: Config) -> Path:
+    """Beside the journal: ``doctor --quick`` (the container's health check) reads its age."""
+    return Path(config.engine.database).parent / "heartbeat"
+
+
+async def beat(path: Path) -> None:
+    """Touch ``path`` every ``HEARTBEAT_S`` while the bot serves (its event loop is alive)."""
+    while True:
+        try:
+            path.write_text(f"{time.time():.0f}\n")
+        except OSError as exc:  # a read-only or full disk: the health check will say so
+            log.warning("could not write the heartbeat %s: %s", path, exc)
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def shut_down(engine: Engine, adapters: list[Adapter], grace_s: float) -> None:

@@ -23,10 +23,13 @@ class Check:
     fix: str = ""
 
 
-def run_doctor(config: Config, config_path: str | None, *, print_fn=print) -> int:  # type: ignore[no-untyped-def]
+def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # type: ignore[no-untyped-def]
+               quick: bool = False) -> int:
     checks = [check_config(config_path), *check_tokens(config, config_path),
               check_database(config), check_output_dir(config)]
-    if config.engine.backend == "flux":
+    if quick:  # the container's health check: nothing that touches the GPU or the network
+        checks.append(check_heartbeat(config))
+    elif config.engine.backend == "flux":
         checks.append(check_gpu(config))
         checks.extend(check_plan(config))
         checks.extend(check_models(config))
@@ -88,6 +91,26 @@ def check_database(config: Config) -> Check:
                      "move the file away; a new journal will be created")
     size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
     return Check("database", True, f"{path} (schema v{version}, {_size(size)})")
+
+
+# A running bot touches its heartbeat every 30 s; three missed beats mean it hangs.
+HEARTBEAT_STALE_S = 120.0
+
+
+def check_heartbeat(config: Config, now: float | None = None) -> Check:
+    import time
+
+    from bot.app import heartbeat_path
+
+    path = heartbeat_path(config)
+    if not path.exists():
+        return Check("heartbeat", False, f"no {path}: the bot is not serving (yet)",
+                     "start it with `python -m bot run`; loading the models takes minutes")
+    age = (now if now is not None else time.time()) - path.stat().st_mtime
+    if age > HEARTBEAT_STALE_S:
+        return Check("heartbeat", False, f"{path} is {age:.0f} s old: the bot is not answering",
+                     "see its log; restart it")
+    return Check("heartbeat", True, f"the bot answered {age:.0f} s ago")
 
 
 def check_output_dir(config: Config) -> Check:
