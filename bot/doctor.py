@@ -129,6 +129,9 @@ def check_output_dir(config: Config) -> Check:
 def check_gpu(config: Config) -> Check:
     from engine.flux.gpu_probe import probe_gpu
 
+    if config.model.device == "cpu":  # the same opinion as `run`: allowed, and slow
+        return Check("GPU", True, 'model.device = "cpu": no GPU is used; an image takes many '
+                                  "minutes")
     gpu = probe_gpu(config.model.device)
     if not gpu.available:
         return Check("GPU", False, f"none usable: {gpu.problem} (torch {gpu.torch_version})",

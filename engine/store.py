@@ -12,6 +12,7 @@ each in one transaction.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ class Store:
     async def connect(self) -> None:
         if self._db is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_openable()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, single statements autocommit.
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
@@ -172,6 +173,19 @@ class Store:
             await db.close()
             raise
         self._db = db
+
+    def _check_openable(self) -> None:
+        """Open the file once without aiosqlite: a journal that cannot be opened is one clear
+        sentence with the path and the fix (aiosqlite's thread, failing, outlived the event
+        loop and printed a second traceback)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite3.connect(self.path).close()
+        except (OSError, sqlite3.Error) as exc:
+            uid = os.getuid() if hasattr(os, "getuid") else "?"
+            raise StoreError(
+                f"cannot open the job journal {self.path} ({exc}): make {self.path.parent} "
+                f"writable by this user (uid {uid}), or set engine.database") from None
 
     async def close(self) -> None:
         if self._db is not None:

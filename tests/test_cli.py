@@ -168,3 +168,26 @@ def test_small_things_of_the_first_hour(tmp_path):
                            capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
+def test_a_journal_that_cannot_be_opened_is_one_sentence_with_the_path(tmp_path):
+    """Issue 15 row 7: `unable to open database file` (no path), then a second traceback from
+    aiosqlite's thread."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    write_dry_run_config(tmp_path, f'database = "{blocker}/bot.sqlite3"\n')
+    done = run_bot(["run"], tmp_path, stdin="")
+    assert done.returncode == 1
+    assert f"cannot open the job journal {blocker}/bot.sqlite3" in done.stderr
+    assert "set engine.database" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_doctor_and_run_agree_on_a_cpu_device():
+    """Issue 15 row 3: `run` suggested model.device = "cpu", and doctor then failed it."""
+    from bot.doctor import check_gpu
+    from engine.config import Config
+
+    config = Config()
+    config.model.device = "cpu"
+    check = check_gpu(config)
+    assert check.ok and "many minutes" in check.detail
