@@ -6,6 +6,7 @@ Exit code 0 when everything needed to run is in place, 1 otherwise.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import stat
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from pathlib import Path
 
 from bot.secrets_filter import mask
 from engine.config import DEFAULT_CONFIG_PATH, Config
+
+# What @BotFather hands out: the bot's id, a colon, and a 35-character secret.
+TELEGRAM_TOKEN = re.compile(r"\d{5,20}:[A-Za-z0-9_-]{30,60}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ def check_tokens(config: Config, config_path: str | None) -> list[Check]:
                                  ("telegram", config.telegram_token, "TELEGRAM_TOKEN")):
         source = "environment" if os.environ.get(env) else "config"
         detail = f"token {mask(token)} from the {source}" if token else "no token (adapter off)"
+        if platform == "telegram" and token and not TELEGRAM_TOKEN.fullmatch(token):
+            checks.append(Check("telegram token", False, f"{detail} does not look like a bot "
+                                "token (digits, a colon, then 35 letters, digits, - or _)",
+                                "copy the whole token @BotFather gave you"))
+            continue
         checks.append(Check(f"{platform} token", True, detail))
     if not (config.discord_token or config.telegram_token):
         checks.append(Check("adapters", True, "no chat token set: `run` starts the console"))

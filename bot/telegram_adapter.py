@@ -16,12 +16,13 @@ and every press is answered. ``telegram.base_url`` points the bot at a self-host
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from telegram import BotCommand, CallbackQuery, Message, ReplyParameters, Update
 from telegram.constants import MessageLimit
-from telegram.error import TelegramError
+from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     Application,
     CallbackQueryHandler,
@@ -57,6 +58,9 @@ COMMANDS = [
 ]
 CALLBACK_ANSWER_CHARS = 200  # Telegram's limit for a callback query answer
 RATE_LIMIT_RETRIES = 3  # the rate limiter waits out a 429's retry_after this many times
+# Telegram unreachable at start: the first retry after this many seconds, doubling up to the max.
+RECONNECT_FIRST_S = 5.0
+RECONNECT_MAX_S = 300.0
 # Loggers that see this adapter's requests and errors. httpx logs every request URL, and the URL
 # holds the token; an exception text might too. The filter masks the token at the source, also
 # where no root-handler filter (bot.secrets_filter.install_secret_filter) is installed.
@@ -78,13 +82,29 @@ class TelegramAdapter:
         self.follower: JobFollower | None = None
         self.followers = Followers()
         self.outbox = ChatOutbox()
+        self._reconnecting: asyncio.Task[None] | None = None
         self._log_filter = SecretFilter([config.telegram_token])
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect (getMe), publish the command menu, deliver recovered jobs, start polling."""
+        """Connect (getMe), publish the command menu, deliver recovered jobs, start polling.
+        A wrong token fails here. When Telegram cannot be reached, the bot starts anyway and
+        keeps trying in the background with a growing delay (the other adapters serve
+        meanwhile)."""
         for name in MASKED_LOGGERS:
             logging.getLogger(name).addFilter(self._log_filter)
+        try:
+            await self._connect()
+        except NetworkError as exc:  # not InvalidToken: a wrong token stops the start
+            self._log_unreachable(exc, RECONNECT_FIRST_S)
+            self._reconnecting = asyncio.create_task(self._connect_later(),
+                                                     name="telegram-reconnect")
+        except BaseException:
+            for name in MASKED_LOGGERS:
+                logging.getLogger(name).removeFilter(self._log_filter)
+            raise
+
+    async def _connect(self) -> None:
         app = self._build()
         self.application = app
         try:
@@ -99,30 +119,59 @@ class TelegramAdapter:
                 error_callback=self._polling_error)
             await app.start()
         except BaseException:
-            await self.stop()  # close the HTTP client and remove the log filters
+            await self._close_application()
             raise
         for job in self.engine.recovered_jobs("telegram"):
             self._follow(job, announce=False)
         log.info("telegram: connected as @%s", app.bot.username)
 
+    async def _connect_later(self) -> None:
+        delay = RECONNECT_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+                return
+            except InvalidToken:
+                log.error("telegram: the Bot API refused the token; the Telegram adapter is off")
+                return
+            except NetworkError as exc:
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                self._log_unreachable(exc, delay)
+
+    def _log_unreachable(self, exc: Exception, delay: float) -> None:
+        log.warning("telegram: cannot reach Telegram's Bot API (%s); retrying in %.0f s",
+                    exc, delay)
+
     async def stop(self) -> None:
-        app = self.application
-        if app is None:
-            return
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+            self._reconnecting = None
         try:
-            if app.updater is not None and app.updater.running:
-                await app.updater.stop()
-            if app.running:
-                await app.stop()
-            # answers still being posted had their time in finish_answers; an unfinished
-            # delivery stays undelivered in the journal
-            await self.followers.cancel_all()
-            await self.outbox.close()
-            await app.shutdown()
+            await self._close_application(final=True)
         finally:
-            self.application = None
             for name in MASKED_LOGGERS:
                 logging.getLogger(name).removeFilter(self._log_filter)
+
+    async def _close_application(self, final: bool = False) -> None:
+        """Stop polling and close the HTTP client; ``final`` (the adapter stops): also end the
+        followers and the outbox."""
+        app = self.application
+        try:
+            if app is not None and app.updater is not None and app.updater.running:
+                await app.updater.stop()
+            if app is not None and app.running:
+                await app.stop()
+            if final:
+                # answers still being posted had their time in finish_answers; an unfinished
+                # delivery stays undelivered in the journal
+                await self.followers.cancel_all()
+                await self.outbox.close()
+            if app is not None:
+                await app.shutdown()
+        finally:
+            self.application = None
 
     async def finish_answers(self, timeout: float) -> int:
         """At shutdown: let the answers being posted finish (see ``bot.followers``)."""

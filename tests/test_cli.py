@@ -191,3 +191,18 @@ def test_doctor_and_run_agree_on_a_cpu_device():
     config.model.device = "cpu"
     check = check_gpu(config)
     assert check.ok and "many minutes" in check.detail
+
+
+def test_doctor_checks_the_telegram_token_format():
+    """Issue 15 row 4: a malformed Telegram token got [ok ] from doctor."""
+    from bot.doctor import check_tokens
+    from engine.config import Config
+
+    config = Config()
+    config.telegram.token = "12345:not-a-token"
+    bad = [c for c in check_tokens(config, None) if c.name == "telegram token"]
+    assert bad and not bad[0].ok and "does not look like a bot token" in bad[0].detail
+    assert "not-a-token" not in bad[0].detail  # masked, like every token shown
+    config.telegram.token = "123456789:" + "A" * 35
+    good = [c for c in check_tokens(config, None) if c.name == "telegram token"]
+    assert good[0].ok

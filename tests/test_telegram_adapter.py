@@ -777,3 +777,25 @@ def test_limit_parsing_knows_none_and_unlimited() -> None:
     assert parse_limit(["43", "unlimited"])[1] == UNLIMITED
     assert parse_limit(["43", "default"])[1] is None
     assert parse_limit(["43", "-1"]) is None  # the number itself is not accepted
+
+
+async def test_an_unreachable_telegram_is_retried_instead_of_stopping_the_bot(
+        tg: FakeTelegramServer, tg_config: Config, engine_factory: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15 row 4: with no network `run` said `httpx.ConnectError` (no word of Telegram)
+    and exited."""
+    from bot import telegram_adapter
+
+    monkeypatch.setattr(telegram_adapter, "RECONNECT_FIRST_S", 0.2)
+    engine = await engine_factory(tg_config, DryRunBackend())
+    tg.fail_next("getMe", 502, times=2)  # Telegram's side is down for a while
+    adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
+    with caplog.at_level("WARNING"):
+        await adapter.start()  # returns: the bot serves its other adapters meanwhile
+        assert "cannot reach Telegram's Bot API" in caplog.text and "retrying in" in caplog.text
+    try:
+        tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
+        await tg.wait_for("sendPhoto", timeout=10)  # connected on a later try
+        assert len(tg.calls_to("getMe")) >= 3
+    finally:
+        await adapter.stop()
