@@ -276,6 +276,23 @@ def test_download_fetches_only_what_is_missing_per_repository(tmp_path: Path) ->
     assert ensure_model_files(config, fake_download) == paths and len(calls) == 2  # nothing again
 
 
+def test_a_failed_download_names_the_model_how_far_it_got_and_the_fix(tmp_path: Path) -> None:
+    """Issue 15 row 5: a failed download ended with a bare `[E1020] Connection failed`."""
+    config = ModelSection(models_dir=str(tmp_path))
+
+    def cut_off(model_id: str, target: Path, patterns: list[str]) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "majicflus_v134.safetensors.part").write_bytes(b"x" * 2_000_000)
+        raise ConnectionError("[E1020] Connection failed: timed out")
+
+    with pytest.raises(ModelFilesMissing) as failed:
+        ensure_model_files(config, cut_off)
+    text = str(failed.value)
+    assert "Downloading MAILAND/majicflus_v1 (majicflus_v134.safetensors)" in text
+    assert "[E1020] Connection failed" in text and "0.0 GB of it is in" in text
+    assert "the download resumes where it stopped" in text
+
+
 def test_a_download_that_leaves_files_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ModelFilesMissing, match="dit: expected at"):
         ensure_model_files(ModelSection(models_dir=str(tmp_path)), lambda *a: None)

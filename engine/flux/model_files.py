@@ -154,6 +154,15 @@ def missing_message(entries: Sequence[ModelEntry], offline: bool) -> str:
     return "Model files are missing:\n  " + "\n  ".join(lines) + f"\n{fix}."
 
 
+def download_failed_message(model_id: str, patterns: Sequence[str], target: Path,
+                            exc: BaseException) -> str:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    done = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if target.exists() else 0
+    return (f"Downloading {model_id} ({', '.join(patterns)}) from ModelScope failed: {reason}\n"
+            f"{done / 1e9:.1f} GB of it is in {target} so far. Check the network and the disk "
+            "space, then start again: the download resumes where it stopped.")
+
+
 def ensure_model_files(config: ModelSection, downloader: Downloader | None = None) -> ModelPaths:
     """Download what is missing (unless offline) and return the paths to load."""
     entries = model_entries(config)
@@ -167,7 +176,11 @@ def ensure_model_files(config: ModelSection, downloader: Downloader | None = Non
             target = Path(config.models_dir) / model_id
             log.info("downloading %s (%s) from ModelScope into %s", model_id, ", ".join(patterns),
                      target)
-            fetch(model_id, target, patterns)
+            try:
+                fetch(model_id, target, patterns)
+            except Exception as exc:  # the network, the disk, the hub: say which and how far
+                raise ModelFilesMissing(download_failed_message(model_id, patterns, target,
+                                                                exc)) from None
         still = [e for e in entries if not _present(e)]
         if still:
             raise ModelFilesMissing(missing_message(still, offline=False))
