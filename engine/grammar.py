@@ -37,6 +37,12 @@ _ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size"
             "guidance": "guidance", "cfg": "guidance"}
 _EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
+# An option mark typed on a Chinese or Japanese keyboard: two em-dashes, full-width hyphens, or
+# one of the dashes we take already, before a (possibly full-width) option name.
+# Right after Chinese text (no space) only the two-character marks count: "a well--known fox"
+# keeps its dashes.
+_WIDE_OPTION = re.compile(r"(?:(?:^|(?<= ))(?:——|－－|－|--|—|–)|(?<=[^\x00-\x7f])(?:——|－－))"
+                          r"([A-Za-zＡ-Ｚａ-ｚ]+)")
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
 _OPTION_START = re.compile(r"(?:^|(?<= ))(?:--|—|–)[A-Za-z]")
 _SPACE_OPTION = re.compile(r" (?:--|—|–)[A-Za-z]")
@@ -63,6 +69,16 @@ def clean_prompt(text: str) -> str:
     if _ZWJ in text:
         text = re.sub(_ZWJ, lambda m: _ZWJ if _joins_emoji(m.string, m.start()) else "", text)
     return " ".join(text.split())
+
+
+def _ascii_option_marks(text: str) -> str:
+    """``——seed`` and ``－－ｓｅｅｄ`` (what Chinese input methods type for ``--seed``) become
+    ``--seed``; the prompt's own punctuation is left as it is."""
+    def ascii_mark(m: re.Match[str]) -> str:
+        space = " " if m.start() and text[m.start() - 1] != " " else ""  # "狐狸——seed"
+        return f"{space}--{unicodedata.normalize('NFKC', m.group(1))}"
+
+    return _WIDE_OPTION.sub(ascii_mark, text)
 
 
 def _joins_emoji(text: str, at: int) -> bool:
@@ -138,7 +154,9 @@ class ParsedCommand:
 
 def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
     """Parse ``/imagine`` text; raises ``InvalidCommand`` (and nothing else) for bad input."""
-    prompt, options_text = _split(clean_prompt(text))
+    prompt, options_text = _split(_ascii_option_marks(clean_prompt(text)))
+    # full-width digits, colons and equals signs of Chinese and Japanese input methods
+    options_text = unicodedata.normalize("NFKC", options_text)
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for name, spelling, raw in _read_options(options_text):

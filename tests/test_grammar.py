@@ -351,3 +351,19 @@ def test_format_command_round_trips(prompt: str) -> None:
     command = ParsedCommand(prompt, seed=3, steps=9, width=512, height=768, guidance=2.5)
     assert parse(format_command(command)) == command
     assert parse(format_command(ParsedCommand(prompt))) == ParsedCommand(prompt)
+
+
+@pytest.mark.parametrize(("text", "prompt", "seed", "steps", "size"), [
+    ("/imagine 雪中的红狐狸 ——seed 7", "雪中的红狐狸", 7, None, None),
+    ("雪中的红狐狸——seed 7", "雪中的红狐狸", 7, None, None),  # no space after Chinese text
+    ("雪中的红狐狸，黎明 ——seed ７ ——steps １２ ——ar １６：９", "雪中的红狐狸，黎明", 7, 12,
+     (1360, 768)),
+    ("狐狸 －－ｓｅｅｄ ３　——size １０２４×５１２", "狐狸", 3, None, (1024, 512)),
+    ("一只猫——在雪中", "一只猫——在雪中", None, None, None),  # the prompt's own dashes
+    ("a well--known fox", "a well--known fox", None, None, None),
+])
+def test_full_width_input_method_punctuation(text, prompt, seed, steps, size):
+    """Issue 15: Chinese input methods type ——, －－, full-width digits and ：."""
+    parsed = parse_command(text, LimitsSection())
+    assert (parsed.prompt, parsed.seed, parsed.steps) == (prompt, seed, steps)
+    assert (None if parsed.width is None else (parsed.width, parsed.height)) == size

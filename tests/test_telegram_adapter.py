@@ -799,3 +799,13 @@ async def test_an_unreachable_telegram_is_retried_instead_of_stopping_the_bot(
         assert len(tg.calls_to("getMe")) >= 3
     finally:
         await adapter.stop()
+
+
+async def test_a_chinese_imagine_with_full_width_flags_works_end_to_end(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    await start_bot()
+    tg.message("/imagine 雪中的红狐狸 ——seed ７ ——steps １", chat_id=ALICE, user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    params = read_parameters(photo.upload("photo").data)
+    assert params["Seed"] == "7" and params["Steps"] == "1"
+    assert params["prompt"] == "雪中的红狐狸"
