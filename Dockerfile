@@ -1,6 +1,6 @@
 # The bot on an NVIDIA GPU. Build and run (or use docker-compose.yml, which sets all of this):
 #   docker build -t imagine-bot .
-#   docker run -d --restart unless-stopped --gpus all --stop-timeout 75 \
+#   docker run -d --restart unless-stopped --gpus all --stop-timeout 90 \
 #     -v $PWD/models:/srv/bot/models -v $PWD/data:/srv/bot/data -v $PWD/outputs:/srv/bot/outputs \
 #     -v $PWD/config.toml:/srv/bot/config.toml:ro -e DISCORD_TOKEN -e TELEGRAM_TOKEN imagine-bot
 # The host needs the NVIDIA driver (580 or newer for the CUDA 13 builds of PyTorch that pip
@@ -44,7 +44,7 @@ VOLUME ["/srv/bot/models", "/srv/bot/data", "/srv/bot/outputs"]
 HEALTHCHECK --interval=30s --timeout=20s --start-period=15m --retries=4 \
     CMD ["python", "-m", "bot", "doctor", "--quick"]
 # SIGTERM lets the running image finish within engine.shutdown_grace_s (60 s): give Docker's
-# stop at least that long (docker run --stop-timeout 75, compose's stop_grace_period).
+# stop at least that long (docker run --stop-timeout 90, compose's stop_grace_period).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "bot"]
 CMD ["run"]

@@ -69,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "imagine":
             return asyncio.run(_imagine(config, args))
-        return asyncio.run(run_bot(config))
+        code = asyncio.run(run_bot(config))
+        from engine.worker import GpuWorker
+
+        if GpuWorker.abandoned:  # a GPU step hung: exiting must not wait for its thread
+            logging.shutdown()
+            os._exit(code or 1)
+        return code
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
         pass
     except Exception as exc:  # a start-up failure: one clear line, the trace only with -v

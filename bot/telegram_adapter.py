@@ -135,7 +135,7 @@ class TelegramAdapter:
             except InvalidToken:
                 log.error("telegram: the Bot API refused the token; the Telegram adapter is off")
                 return
-            except NetworkError as exc:
+            except Exception as exc:  # network, a proxy's odd answer, a 429: keep trying
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 self._log_unreachable(exc, delay)
 
@@ -251,15 +251,16 @@ class TelegramAdapter:
 
     async def _help(self, message: Message, user: User, args: list[str]) -> None:
         """/help: the options and their limits."""
-        await self._reply(message, render.usage(self.config.limits))
+        await self._reply(message, render.usage(self.config.limits), droppable=True)
 
     async def _queue(self, message: Message, user: User, args: list[str]) -> None:
         """/queue: the user's images and their places in line."""
-        await self._reply(message, render.queue_list(self.engine.jobs_of(user)))
+        await self._reply(message, render.queue_list(self.engine.jobs_of(user)), droppable=True)
 
     async def _limits(self, message: Message, user: User, args: list[str]) -> None:
         """/limits: images left in this window."""
-        await self._reply(message, render.quota(await self.engine.quota(user), self.engine.clock()))
+        quota = await self.engine.quota(user)
+        await self._reply(message, render.quota(quota, self.engine.clock()), droppable=True)
 
     async def _cancel(self, message: Message, user: User, args: list[str]) -> None:
         """/cancel [id]: the user's latest job, or one by id (admins: anyone's)."""
@@ -362,7 +363,7 @@ class TelegramAdapter:
         except Exception:  # one job's chat trouble must never stop the bot
             log.exception("telegram: following job %s failed", job.id)
 
-    async def _reply(self, message: Message, text: str) -> None:
+    async def _reply(self, message: Message, text: str, *, droppable: bool = False) -> None:
         """Answer a command through the chat's outbox (``bot/telegram_outbox.py``): the handler
         never waits for the chat's flood limit. Marked ACK so it goes ahead of other jobs'
         edits and uploads."""
@@ -377,7 +378,7 @@ class TelegramAdapter:
                                                  allow_sending_without_reply=True),
                 message_thread_id=thread_id, rate_limit_args=ACK)
 
-        self.outbox.post(message.chat_id, send)
+        self.outbox.post(message.chat_id, send, droppable=droppable)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""

@@ -6,8 +6,9 @@ updates (256) one after another, and every other chat's commands queued behind t
 ``/imagine`` in a private chat waited 163 s). Here the handler hands its reply to the chat's
 outbox and returns at once; the chat's task posts the replies in order. A chat holds at most
 ``max_waiting`` replies; past that the oldest are dropped (logged), since an answer minutes late
-to a flood helps no one. Refusals that repeat (a chat not on the allow-list) are sent once per
-``refusal_interval_s`` per chat at most.
+to a flood helps no one: first the ones marked droppable (/help, /queue, /limits), so that a
+refusal or an error reply is the last to go. Refusals that repeat (a chat not on the
+allow-list) are sent once per ``refusal_interval_s`` per chat at most.
 """
 
 from __future__ import annotations
@@ -27,19 +28,20 @@ class ChatOutbox:
         self.max_waiting = max_waiting
         self.refusal_interval_s = refusal_interval_s
         self.dropped = 0
-        self._waiting: dict[int, deque[Send]] = {}
+        self._waiting: dict[int, deque[tuple[Send, bool]]] = {}
         self._senders: dict[int, asyncio.Task[None]] = {}
         self._last_refusal: dict[tuple[int, str], float] = {}
         self._closed = False
 
-    def post(self, chat_id: int, send: Send) -> None:
+    def post(self, chat_id: int, send: Send, *, droppable: bool = False) -> None:
         """Queue ``send`` for the chat; the chat's task runs it after the earlier ones."""
         if self._closed:
             return
         waiting = self._waiting.setdefault(chat_id, deque())
-        waiting.append(send)
+        waiting.append((send, droppable))
         while len(waiting) > self.max_waiting:
-            waiting.popleft()
+            victim = next((item for item in waiting if item[1]), waiting[0])
+            waiting.remove(victim)
             self.dropped += 1
             log.info("telegram: chat %s has more replies waiting than it may receive; "
                      "dropped the oldest", chat_id)
@@ -50,6 +52,9 @@ class ChatOutbox:
     def refusal_due(self, chat_id: int, kind: str) -> bool:
         """True at most once per ``refusal_interval_s`` for this chat and kind of refusal."""
         now = time.monotonic()
+        if len(self._last_refusal) > 10_000:  # forget chats not refused for a while
+            self._last_refusal = {k: t for k, t in self._last_refusal.items()
+                                  if now - t < self.refusal_interval_s}
         last = self._last_refusal.get((chat_id, kind))
         if last is not None and now - last < self.refusal_interval_s:
             return False
@@ -60,7 +65,7 @@ class ChatOutbox:
         waiting = self._waiting[chat_id]
         try:
             while waiting:
-                send = waiting.popleft()
+                send, _ = waiting.popleft()
                 try:
                     await send()
                 except asyncio.CancelledError:

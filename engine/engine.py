@@ -100,6 +100,7 @@ class Engine:
         self._draining: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self._put_back: dict[str, Job] = {}  # stopped by a shutdown, queued in the journal
+        self._worker_hung = False  # a step did not return within STOP_WAIT_S of a shutdown
         self._wake = asyncio.Event()
         self._gpu_idle = asyncio.Event()  # no job between start and the end of its GPU part
         self._gpu_idle.set()
@@ -159,6 +160,7 @@ class Engine:
                 except TimeoutError:
                     log.error("job %s did not stop within %.0f s; leaving it", running.id,
                               STOP_WAIT_S)
+                    self._worker_hung = True
         await self._settle_completions()
 
     def _stop_running(self, reason: str) -> None:
@@ -187,7 +189,10 @@ class Engine:
                 pass
             self._scheduler = None
         await self._settle_completions()
-        await self._worker.close()
+        if self._worker_hung:  # the running step never returned (_drain): do not queue behind it
+            self._worker.abandon()
+        else:
+            await self._worker.close()
         await self.store.__aexit__(None, None, None)
 
     # -- submitting ------------------------------------------------------------------------
@@ -567,7 +572,7 @@ def _eta(started: float, step_times: list[float], step: int, total: int) -> floa
 
 PRUNE_EVERY_S = 86400.0
 # How long a shutdown waits, after the grace, for the running job to stop at its next step.
-STOP_WAIT_S = 30.0
+STOP_WAIT_S = 10.0
 
 
 def _delete_files(paths: list[str]) -> None:

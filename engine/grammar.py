@@ -37,15 +37,23 @@ _ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size"
             "guidance": "guidance", "cfg": "guidance"}
 _EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
-# An option mark typed on a Chinese or Japanese keyboard: two em-dashes, full-width hyphens, or
-# one of the dashes we take already, before a (possibly full-width) option name.
-# Right after Chinese text (no space) only the two-character marks count: "a well--known fox"
-# keeps its dashes.
-_WIDE_OPTION = re.compile(r"(?:(?:^|(?<= ))(?:——|－－|－|--|—|–)|(?<=[^\x00-\x7f])(?:——|－－))"
-                          r"([A-Za-zＡ-Ｚａ-ｚ]+)")
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
-_OPTION_START = re.compile(r"(?:^|(?<= ))(?:--|—|–)[A-Za-z]")
-_SPACE_OPTION = re.compile(r" (?:--|—|–)[A-Za-z]")
+
+def _wide(word: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) for c in word)  # "seed" -> "ｓｅｅｄ"
+
+
+# Option marks typed on Chinese and Japanese keyboards (——seed, －－ｓｅｅｄ): taken only before a
+# known option name, also right after Chinese text with no space, so that "東京——Tokyo" and
+# "café——latte" stay prompts.
+_NAMES = "|".join(sorted({n for name in _ALIASES for n in (name, _wide(name))}, key=len,
+                         reverse=True))
+_WIDE_MARK = rf"(?:——|－－|－|—)(?:{_NAMES})(?=[ =＝]|$)"
+_AFTER = r"(?:^|(?<= )|(?<=[^\x00-\x7f]))"  # the start, a space, or Chinese text
+_WIDE_OPTION = re.compile(rf"{_AFTER}(?:——|－－|－|—)({_NAMES})(?=[ =＝]|$)", re.IGNORECASE)
+_OPTION_START = re.compile(rf"(?:^|(?<= ))(?:--|—|–)[A-Za-z]|{_AFTER}{_WIDE_MARK}",
+                           re.IGNORECASE)
+_SPACE_OPTION = re.compile(rf" (?:(?:--|—|–)[A-Za-z]|{_WIDE_MARK})", re.IGNORECASE)
 _FLAG = re.compile(r"(?:--|—|–)([A-Za-z][^=]*)(?:=(.*))?", re.DOTALL)
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)")
@@ -72,8 +80,8 @@ def clean_prompt(text: str) -> str:
 
 
 def _ascii_option_marks(text: str) -> str:
-    """``——seed`` and ``－－ｓｅｅｄ`` (what Chinese input methods type for ``--seed``) become
-    ``--seed``; the prompt's own punctuation is left as it is."""
+    """In the options: ``——seed`` and ``－－ｓｅｅｄ`` (what Chinese input methods type for
+    ``--seed``) become ``--seed``."""
     def ascii_mark(m: re.Match[str]) -> str:
         space = " " if m.start() and text[m.start() - 1] != " " else ""  # "狐狸——seed"
         return f"{space}--{unicodedata.normalize('NFKC', m.group(1))}"
@@ -154,9 +162,10 @@ class ParsedCommand:
 
 def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
     """Parse ``/imagine`` text; raises ``InvalidCommand`` (and nothing else) for bad input."""
-    prompt, options_text = _split(_ascii_option_marks(clean_prompt(text)))
-    # full-width digits, colons and equals signs of Chinese and Japanese input methods
-    options_text = unicodedata.normalize("NFKC", options_text)
+    prompt, options_text = _split(clean_prompt(text))
+    # option marks, full-width digits, colons and equals signs of Chinese and Japanese input
+    # methods, in the options only: the prompt is left as typed
+    options_text = unicodedata.normalize("NFKC", _ascii_option_marks(options_text))
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for name, spelling, raw in _read_options(options_text):

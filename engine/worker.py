@@ -28,6 +28,8 @@ class Aborted(Exception):
 
 
 class GpuWorker:
+    abandoned = False  # a worker of this process was left hung at shutdown
+
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
@@ -44,6 +46,12 @@ class GpuWorker:
             await self.call(self.backend.close)
         finally:
             self._executor.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """At shutdown, with a step that does not return: leave the thread to the process's
+        exit (``GpuWorker.abandoned`` tells the entry point not to wait for it)."""
+        GpuWorker.abandoned = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def generate_blocking(
         self,

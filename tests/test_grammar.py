@@ -361,6 +361,12 @@ def test_format_command_round_trips(prompt: str) -> None:
     ("狐狸 －－ｓｅｅｄ ３　——size １０２４×５１２", "狐狸", 3, None, (1024, 512)),
     ("一只猫——在雪中", "一只猫——在雪中", None, None, None),  # the prompt's own dashes
     ("a well--known fox", "a well--known fox", None, None, None),
+    # only known option names after a wide mark: these stay prompts, as they always were
+    ("東京——Tokyo at night", "東京——Tokyo at night", None, None, None),
+    ("café——latte art", "café——latte art", None, None, None),
+    ("狐狸 －ｂｉｇ fox", "狐狸 －ｂｉｇ fox", None, None, None),
+    ("狐狸——seedling", "狐狸——seedling", None, None, None),
+    ('"一只猫——Hello Kitty" --seed 3', "一只猫——Hello Kitty", 3, None, None),  # quoted: as typed
 ])
 def test_full_width_input_method_punctuation(text, prompt, seed, steps, size):
     """Issue 15: Chinese input methods type ——, －－, full-width digits and ：."""

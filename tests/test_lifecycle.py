@@ -348,3 +348,33 @@ async def test_a_one_off_engine_leaves_the_bots_unfinished_jobs_alone(engine_fac
         assert one_off.recovered_jobs("discord") == []
     assert [p for _, p in backend.order] == ["mine"]
     assert (await bot.job_record(queued.id)).status == "queued"
+
+
+async def test_a_step_that_never_returns_does_not_hold_the_shutdown(config, monkeypatch):
+    """Review: after the stop limit, closing the backend queued behind the hung step."""
+    import time
+
+    from engine.engine import Engine
+    from engine.worker import GpuWorker
+    from tests.conftest import RecordingBackend
+
+    monkeypatch.setattr(engine_module, "STOP_WAIT_S", 0.2)
+    hung = threading.Event()
+
+    class Hanging(RecordingBackend):
+        def generate(self, request, on_step):  # type: ignore[no-untyped-def]
+            hung.wait(5)  # never looks at the abort flag
+            return super().generate(request, on_step)
+
+    engine = Engine(config, Hanging())
+    await engine.__aenter__()
+    job = await engine.submit(discord_user("1"), make_request(), ORIGIN)
+    await running(job)
+    started = time.monotonic()
+    try:
+        await engine.shutdown(grace_s=0.1)
+        assert time.monotonic() - started < 2.0
+        assert GpuWorker.abandoned
+    finally:
+        hung.set()
+        GpuWorker.abandoned = False

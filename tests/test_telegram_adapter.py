@@ -809,3 +809,47 @@ async def test_a_chinese_imagine_with_full_width_flags_works_end_to_end(
     params = read_parameters(photo.upload("photo").data)
     assert params["Seed"] == "7" and params["Steps"] == "1"
     assert params["prompt"] == "雪中的红狐狸"
+
+
+async def test_the_outbox_drops_help_before_a_refusal() -> None:
+    """Review: a /help flood pushed out an /imagine refusal waiting in the same chat."""
+    from bot.telegram_outbox import ChatOutbox
+
+    sent: list[str] = []
+    gate = asyncio.Event()
+
+    def reply(text: str):  # type: ignore[no-untyped-def]
+        async def send() -> None:
+            await gate.wait()
+            sent.append(text)
+        return send
+
+    outbox = ChatOutbox(max_waiting=3)
+    outbox.post(1, reply("first"), droppable=True)  # taken by the sender at once
+    await asyncio.sleep(0)
+    outbox.post(1, reply("refusal"))
+    for i in range(5):
+        outbox.post(1, reply(f"help {i}"), droppable=True)
+    gate.set()
+    await outbox.close()
+    assert "refusal" in sent and sent[0] == "first" and len(sent) == 4
+
+
+async def test_a_reconnect_survives_odd_answers_until_telegram_is_back(
+        tg: FakeTelegramServer, tg_config: Config, engine_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: an answer that was not a NetworkError (a proxy's page, a 429) ended the
+    background reconnect for good, silently."""
+    from bot import telegram_adapter
+
+    monkeypatch.setattr(telegram_adapter, "RECONNECT_FIRST_S", 0.1)
+    engine = await engine_factory(tg_config, DryRunBackend())
+    tg.fail_next("getMe", 502)  # unreachable: start returns, reconnecting in the background
+    tg.fail_next("getMe", 429, retry_after=1, times=1)  # then Telegram throttles once
+    adapter = TelegramAdapter(engine, tg_config, poll_timeout_s=1)
+    await adapter.start()
+    try:
+        tg.message("/imagine a fox --steps 1", chat_id=ALICE, user_id=ALICE)
+        await tg.wait_for("sendPhoto", timeout=15)
+    finally:
+        await adapter.stop()
