@@ -39,9 +39,10 @@ from bot.secrets_filter import SecretFilter
 from bot.telegram_jobs import CANCEL, REROLL, JobFollower
 from bot.telegram_limiter import ACK, PriorityRateLimiter
 from bot.telegram_outbox import ChatOutbox
+from bot.telegram_polling import JournalledPolling, current_update
 from engine import variants
 from engine.config import Config
-from engine.engine import Engine
+from engine.engine import AlreadyAccepted, Engine
 from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
 from engine.job import Job
@@ -83,6 +84,7 @@ class TelegramAdapter:
         self.followers = Followers()
         self.outbox = ChatOutbox()
         self._reconnecting: asyncio.Task[None] | None = None
+        self.polling: JournalledPolling | None = None
         self._log_filter = SecretFilter([config.telegram_token])
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -114,10 +116,9 @@ class TelegramAdapter:
                 await app.bot.set_my_commands(COMMANDS)
             except TelegramError as exc:  # the menu is a convenience; commands work without it
                 log.warning("telegram: setMyCommands failed: %s", exc)
-            await app.updater.start_polling(  # type: ignore[union-attr]
-                timeout=self.poll_timeout_s, allowed_updates=["message", "callback_query"],
-                error_callback=self._polling_error)
             await app.start()
+            self.polling = JournalledPolling(app, self.poll_timeout_s)
+            self.polling.start()
         except BaseException:
             await self._close_application()
             raise
@@ -159,8 +160,9 @@ class TelegramAdapter:
         followers and the outbox."""
         app = self.application
         try:
-            if app is not None and app.updater is not None and app.updater.running:
-                await app.updater.stop()
+            if self.polling is not None:
+                await self.polling.stop(confirm=final)
+                self.polling = None
             if app is not None and app.running:
                 await app.stop()
             if final:
@@ -180,6 +182,7 @@ class TelegramAdapter:
     def _build(self) -> Application:  # type: ignore[type-arg]
         tg = self.config.telegram
         builder = (Application.builder().token(self.config.telegram_token)
+                   .updater(None)  # our own polling: bot/telegram_polling.py
                    # Telegram's limits, but replies to commands go ahead of edits and uploads
                    .rate_limiter(self.rate_limiter
                                  or PriorityRateLimiter(max_retries=RATE_LIMIT_RETRIES))
@@ -246,7 +249,10 @@ class TelegramAdapter:
         extra = {"thread_id": message.message_thread_id} if message.is_topic_message else {}
         origin = Origin("telegram", chat_id=str(message.chat_id),
                         message_id=str(message.message_id), extra=extra)
-        job = await self.engine.submit(user, request, origin)
+        try:
+            job = await self.engine.submit(user, request, origin, key=current_update.get())
+        except AlreadyAccepted:  # sent again after a crash: its job was recovered already
+            return
         self._follow(job, announce=True)
 
     async def _help(self, message: Message, user: User, args: list[str]) -> None:
@@ -348,7 +354,10 @@ class TelegramAdapter:
                         # the parent's details, but never its status message
                         extra={k: v for k, v in record.origin.extra.items()
                                if k != "status_message"})
-        job = await self.engine.submit(user, request, origin)
+        try:
+            job = await self.engine.submit(user, request, origin, key=current_update.get())
+        except AlreadyAccepted:  # the press was sent again after a crash
+            return "", False
         self._follow(job, announce=True)
         return render.rerolling(request.seed), False
 
@@ -396,10 +405,6 @@ class TelegramAdapter:
             except TelegramError as exc:
                 log.warning("telegram: could not report an error to chat %s: %s",
                             message.chat_id, exc)
-
-    def _polling_error(self, error: TelegramError) -> None:
-        log.warning("telegram: polling failed (%s); retrying", error)
-
 
 def telegram_user(user_id: int, name: str) -> User:
     return User("telegram", str(user_id), name[:64])

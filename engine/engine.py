@@ -45,7 +45,7 @@ from engine.job import (
 from engine.png import encode_png
 from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
-from engine.store import DuplicateJobId, JobRecord, Store
+from engine.store import DuplicateJobId, DuplicateRequest, JobRecord, Store
 from engine.worker import Aborted, GpuWorker
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 KEEP_FINISHED_JOBS = 32
 # Fresh ids drawn when one is taken already (8 hex digits: a collision is rare, never fatal).
 ID_ATTEMPTS = 5
+
+
+class AlreadyAccepted(Exception):
+    """The platform sent a command again (after a crash) whose job is in the journal already:
+    nothing to do, and nothing to tell the user (not an ``EngineError``)."""
 
 
 @dataclass(frozen=True)
@@ -196,28 +201,34 @@ class Engine:
         await self.store.__aexit__(None, None, None)
 
     # -- submitting ------------------------------------------------------------------------
-    async def submit(self, user: User, request: ImageRequest, origin: Origin) -> Job:
-        """Accept a job (or raise an ``EngineError`` saying why not) and journal it first."""
+    async def submit(self, user: User, request: ImageRequest, origin: Origin,
+                     key: str | None = None) -> Job:
+        """Accept a job (or raise an ``EngineError`` saying why not) and journal it first.
+        ``key``: the command's own id on its platform (a Telegram update id): a command sent
+        again raises ``AlreadyAccepted`` instead of queueing a second job."""
         if not self._accepting:
             raise EngineClosed("The bot is shutting down; please try again in a minute.")
         self._check_banned(user, request)
         async with self._submit_lock:
             self._check_capacity(user)
             await self.rate_limiter.check(user)  # admins have no limit
-            job = await self._journal_new_job(user, request, origin)
+            job = await self._journal_new_job(user, request, origin, key)
             self._enqueue(job)
         log.info("job %s queued for %s (position %s)", job.id, user.key, job.position())
         return job
 
-    async def _journal_new_job(self, user: User, request: ImageRequest, origin: Origin) -> Job:
+    async def _journal_new_job(self, user: User, request: ImageRequest, origin: Origin,
+                               key: str | None) -> Job:
         """A new job with an id no other job in the journal has (ids are short, for typing)."""
         for _ in range(ID_ATTEMPTS):
             job = Job(id=new_job_id(), user=user, origin=origin, request=request,
                       created_at=self.clock(), _engine=self)
             try:
                 job.seq = await self.store.add_job(job.id, user, origin, request,
-                                                   job.created_at)
+                                                   job.created_at, request_key=key)
                 return job
+            except DuplicateRequest:
+                raise AlreadyAccepted(f"{key} has its job already") from None
             except DuplicateJobId:
                 log.info("job id %s taken; drawing another", job.id)
         raise EngineError("Sorry, the bot could not take this job; please try again.")

@@ -82,6 +82,12 @@ MIGRATIONS: list[str] = [
     DROP TABLE limit_overrides;
     ALTER TABLE limit_overrides_v3 RENAME TO limit_overrides;
     """,
+    # v4: the platform's own id of the command a job came from (a Telegram update id), so that
+    # a command the platform sends again after a crash is not queued twice.
+    """
+    ALTER TABLE jobs ADD COLUMN request_key TEXT;
+    CREATE UNIQUE INDEX jobs_request_key ON jobs (request_key) WHERE request_key IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"
@@ -96,6 +102,10 @@ class StoreError(RuntimeError):
 
 class DuplicateJobId(ValueError):
     """A job with this id is in the journal already (the engine draws another id)."""
+
+
+class DuplicateRequest(ValueError):
+    """The command with this request key has its job already (the platform sent it again)."""
 
 
 @dataclass(frozen=True)
@@ -213,19 +223,23 @@ class Store:
     # -- writing the journal ---------------------------------------------------------------
 
     async def add_job(
-        self, job_id: str, user: User, origin: Origin, request: ImageRequest, created_at: float
+        self, job_id: str, user: User, origin: Origin, request: ImageRequest, created_at: float,
+        request_key: str | None = None,
     ) -> int:
-        """Record a new queued job; return its ``seq`` (strictly increasing, never reused)."""
+        """Record a new queued job; return its ``seq`` (strictly increasing, never reused).
+        ``request_key``: the command's own id on its platform; one job per key."""
         try:
             async with self.db.execute(
                 "INSERT INTO jobs (job_id, platform, user_id, display_name, origin_platform,"
-                " origin_json, request_json, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING seq",
+                " origin_json, request_json, status, created_at, request_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING seq",
                 (job_id, user.platform, user.user_id, storable(user.display_name), origin.platform,
-                 origin.to_json(), request.to_json(), created_at),
+                 origin.to_json(), request.to_json(), created_at, request_key),
             ) as cursor:
                 row = await cursor.fetchone()
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if request_key is not None and "request_key" in str(exc):
+                raise DuplicateRequest(f"request {request_key!r} has its job already") from None
             raise DuplicateJobId(f"job id {job_id!r} is already in the journal") from None
         assert row is not None  # RETURNING always yields the inserted row
         return int(row[0])

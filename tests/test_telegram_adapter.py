@@ -853,3 +853,52 @@ async def test_a_reconnect_survives_odd_answers_until_telegram_is_back(
         await tg.wait_for("sendPhoto", timeout=15)
     finally:
         await adapter.stop()
+
+
+async def test_an_update_is_confirmed_only_once_its_job_is_journalled(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """Issue 11 row 15: updates were confirmed to Telegram (the next getUpdates offset) before
+    their jobs were journalled; a SIGKILL 0.2 s after a burst of 60 lost 53 commands."""
+    import sqlite3
+
+    confirmed_without_a_job: list[int] = []
+    confirmed: list[int] = []
+
+    def check(update_ids: list[int]) -> None:
+        db = sqlite3.connect(tg_config.engine.database)
+        keys = {row[0] for row in db.execute("SELECT request_key FROM jobs")}
+        db.close()
+        confirmed.extend(update_ids)
+        confirmed_without_a_job.extend(
+            u for u in update_ids if f"telegram:update:{u}" not in keys)
+
+    tg.on_confirm = check
+    engine, adapter = await start_bot()
+    engine.pause()
+    messages = [tg.message(f"/imagine fox {i} --steps 1", chat_id=ALICE + i, user_id=ALICE + i)
+                for i in range(30)]
+    ids = [tg.update_of[(ALICE + i, m["message_id"])] for i, m in enumerate(messages)]
+    while not set(ids) <= set(confirmed):
+        await asyncio.sleep(0.02)
+    assert confirmed_without_a_job == []
+
+
+async def test_updates_sent_again_after_a_crash_queue_no_second_job(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """After a crash before the offset reached Telegram, it sends the batch again: the update
+    id kept with each job stops a second one (commands and re-roll presses alike)."""
+    from telegram import Update
+
+    tg_config.engine.max_queue_per_user = 50  # the queue cap must not be what refuses them
+    engine, adapter = await start_bot()
+    engine.pause()
+    ids = []
+    for i in range(5):
+        message = tg.message(f"/imagine fox {i} --steps 1", chat_id=ALICE, user_id=ALICE)
+        ids.append(tg.update_of[(ALICE, message["message_id"])])
+    while len(await engine.store.jobs_for_user(user(ALICE))) < 5:
+        await asyncio.sleep(0.02)
+    again = [Update.de_json(tg.sent_updates[i], adapter.application.bot) for i in ids]
+    await adapter.polling._handle(again)  # what the restarted bot's first poll gets
+    assert len(await engine.store.jobs_for_user(user(ALICE))) == 5
+    assert engine.queued_count() == 5

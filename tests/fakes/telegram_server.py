@@ -97,6 +97,9 @@ class FakeTelegramServer:
         self._messages: dict[tuple[int, int], dict[str, Any]] = {}
         self._failures: dict[str, list[_Failure]] = {}
         self._slow: dict[str, list[float]] = {}
+        # called with the update ids a getUpdates offset confirms, as it confirms them
+        self.on_confirm: Callable[[list[int]], None] | None = None
+        self.sent_updates: dict[int, dict[str, Any]] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -216,6 +219,7 @@ class FakeTelegramServer:
     def _push(self, update: dict[str, Any]) -> None:
         update["update_id"] = next(self._update_ids)
         self._updates.append(update)
+        self.sent_updates[update["update_id"]] = update  # kept: a test may send it again
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
@@ -273,7 +277,10 @@ class FakeTelegramServer:
         offset = int(params.get("offset", "0") or 0)
         timeout = float(params.get("timeout", "0") or 0)
         if offset > 0:  # the Bot API forgets confirmed updates (negative offsets: not modelled)
+            confirmed = [u for u in self._updates if u["update_id"] < offset]
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            if confirmed and self.on_confirm is not None:
+                self.on_confirm([u["update_id"] for u in confirmed])
 
         def pending() -> list[dict[str, Any]]:
             return [u for u in self._updates if u["update_id"] >= offset]
