@@ -7,10 +7,12 @@ python-telegram-bot's ``AIORateLimiter`` keeps Telegram's limits (30 requests a 
 20 a minute per group) in one first-come line, so under load a reply to a new command waits behind
 the photos, progress edits, chat actions and deletes of jobs already accepted (8.5 s median in the
 load test). This limiter keeps the same limits with the same leaky buckets (``aiolimiter``), but
-in two lanes: requests marked ``rate_limit_args=ACK`` go straight to the bucket; everything else
-("background") waits while an acknowledgement is waiting, and only ``background_slots`` background
-requests wait in a bucket at a time, so an acknowledgement is never more than that many places
-behind. A 429's ``retry_after`` pauses every request, as in ``AIORateLimiter``.
+in three lanes: requests marked ``rate_limit_args=ACK`` go straight to the bucket; results
+(photos, documents, other messages) wait while an acknowledgement is waiting; progress (edits,
+chat actions, deletes) waits while a result is waiting too, and a chat action is dropped when
+its group's bucket is busy. Only ``background_slots`` background requests wait in a bucket at a
+time, so an acknowledgement is never more than that many places behind. A 429's
+``retry_after`` pauses every request until its deadline, as in ``AIORateLimiter``.
 """
 
 from __future__ import annotations
@@ -41,16 +43,19 @@ ACK = Lane.ACK
 
 
 class PriorityBucket:
-    """One leaky bucket with an acknowledgement lane ahead of a background lane."""
+    """One leaky bucket with three lanes: acknowledgements, then results (photos, documents,
+    other messages), then progress (edits, chat actions, deletes), so that in a busy group a
+    finished image never waits behind other jobs' progress edits."""
 
     def __init__(self, max_rate: float, period_s: float, background_slots: int) -> None:
         self.limiter = AsyncLimiter(max_rate, period_s)
         self.background_slots = background_slots
         self.acks_waiting = 0
-        self.background_waiting = 0
+        self.results_waiting = 0  # results wanting a place, in the bucket or before it
+        self.background_waiting = 0  # results and progress inside the bucket
         self._changed = asyncio.Condition()
 
-    async def acquire(self, ack: bool) -> None:
+    async def acquire(self, ack: bool, progress: bool = False) -> None:
         """Wait for this request's place in the bucket."""
         if ack:
             self.acks_waiting += 1
@@ -60,25 +65,43 @@ class PriorityBucket:
                 self.acks_waiting -= 1
                 await self._notify()
             return
-        async with self._changed:
-            await self._changed.wait_for(self._background_may_enter)
-            self.background_waiting += 1
+        if not progress:
+            self.results_waiting += 1
         try:
-            await self.limiter.acquire()
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._may_enter(progress))
+                self.background_waiting += 1
+            try:
+                await self.limiter.acquire()
+            finally:
+                self.background_waiting -= 1
         finally:
-            self.background_waiting -= 1
+            if not progress:
+                self.results_waiting -= 1
             await self._notify()
 
-    def _background_may_enter(self) -> bool:
-        return self.acks_waiting == 0 and self.background_waiting < self.background_slots
+    def _may_enter(self, progress: bool) -> bool:
+        if self.acks_waiting or self.background_waiting >= self.background_slots:
+            return False
+        return not (progress and self.results_waiting)
+
+    def busy(self) -> bool:
+        """Results or acknowledgements are waiting: progress is worth little now."""
+        return bool(self.acks_waiting or self.results_waiting)
 
     def idle(self) -> bool:
         return (not self.acks_waiting and not self.background_waiting
-                and self.limiter.has_capacity(self.limiter.max_rate))
+                and not self.results_waiting and self.limiter.has_capacity(self.limiter.max_rate))
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+
+# Requests that show progress: they go after results, and chat actions are dropped when a
+# group's bucket has results or answers waiting (a hint nobody misses).
+PROGRESS_ENDPOINTS = {"editMessageText", "editMessageReplyMarkup", "editMessageCaption",
+                      "sendChatAction", "deleteMessage"}
 
 
 class PriorityRateLimiter(BaseRateLimiter[Lane]):
@@ -92,8 +115,7 @@ class PriorityRateLimiter(BaseRateLimiter[Lane]):
         self.background_slots = background_slots
         self.overall = PriorityBucket(overall_per_s, 1.0, background_slots)
         self.groups: dict[int | str, PriorityBucket] = {}
-        self._not_paused = asyncio.Event()
-        self._not_paused.set()
+        self._paused_until = 0.0  # the event loop's clock: a 429 pauses every request until then
 
     async def initialize(self) -> None:
         """Nothing to set up."""
@@ -108,10 +130,13 @@ class PriorityRateLimiter(BaseRateLimiter[Lane]):
     ) -> JSONResult:
         """Wait for the request's lane and bucket(s), send it, and wait out 429s."""
         ack = rate_limit_args is Lane.ACK
+        progress = not ack and endpoint in PROGRESS_ENDPOINTS
         chat_id = data.get("chat_id")
+        if endpoint == "sendChatAction" and self._group_busy(chat_id):
+            return True  # "uploading…" is a hint; the group's budget goes to the image itself
         for attempt in range(self.max_retries + 1):
             try:
-                return await self._run(chat_id, ack, callback, args, kwargs)
+                return await self._run(chat_id, ack, progress, callback, args, kwargs)
             except RetryAfter as exc:
                 if attempt == self.max_retries:
                     log.warning("telegram: %s still rate limited after %d retries", endpoint,
@@ -119,14 +144,23 @@ class PriorityRateLimiter(BaseRateLimiter[Lane]):
                     raise
                 seconds = _seconds(exc)
                 log.info("telegram: rate limited; retrying %s in %.1f s", endpoint, seconds)
-                self._not_paused.clear()  # everyone waits: the 429 is for the whole bot
-                try:
-                    await asyncio.sleep(seconds + 0.1)
-                finally:
-                    self._not_paused.set()
+                # everyone waits: the 429 is for the whole bot. A deadline, not a flag that the
+                # waiting request clears: its cancellation must not lift the pause for all.
+                loop = asyncio.get_running_loop()
+                self._paused_until = max(self._paused_until, loop.time() + seconds + 0.1)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _run(self, chat_id: object, ack: bool,
+    def _group_busy(self, chat_id: object) -> bool:
+        group = None if chat_id is None else _group_of(chat_id)
+        bucket = None if group is None else self.groups.get(group)
+        return bucket is not None and bucket.busy()
+
+    async def _wait_out_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (left := self._paused_until - loop.time()) > 0:
+            await asyncio.sleep(left)
+
+    async def _run(self, chat_id: object, ack: bool, progress: bool,
                    callback: Callable[..., Coroutine[Any, Any, JSONResult]], args: Any,
                    kwargs: dict[str, Any]) -> JSONResult:
         # Like AIORateLimiter: requests without a chat (getMe, answerCallbackQuery, menus) are
@@ -134,9 +168,9 @@ class PriorityRateLimiter(BaseRateLimiter[Lane]):
         if chat_id is not None:
             group = _group_of(chat_id)
             if group is not None and self.group_per_minute:
-                await self._group_bucket(group).acquire(ack)
-            await self.overall.acquire(ack)
-        await self._not_paused.wait()
+                await self._group_bucket(group).acquire(ack, progress)
+            await self.overall.acquire(ack, progress)
+        await self._wait_out_pause()
         return await callback(*args, **kwargs)
 
     def _group_bucket(self, group: int | str) -> PriorityBucket:

@@ -902,3 +902,54 @@ async def test_updates_sent_again_after_a_crash_queue_no_second_job(
     await adapter.polling._handle(again)  # what the restarted bot's first poll gets
     assert len(await engine.store.jobs_for_user(user(ALICE))) == 5
     assert engine.queued_count() == 5
+
+
+async def test_in_a_busy_group_a_result_goes_before_progress_edits() -> None:
+    """Issue 11 row 18: finished images waited minutes behind chat actions and position edits
+    in a group's 20-a-minute budget."""
+    from bot.telegram_limiter import PriorityBucket
+
+    bucket = PriorityBucket(max_rate=1, period_s=0.2, background_slots=1)
+    await bucket.acquire(ack=False)  # the bucket is full for 0.2 s
+    order: list[str] = []
+
+    async def request(name: str, progress: bool) -> None:
+        await bucket.acquire(ack=False, progress=progress)
+        order.append(name)
+
+    edits = [asyncio.create_task(request(f"edit {i}", True)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    photo = asyncio.create_task(request("photo", False))
+    await asyncio.wait_for(asyncio.gather(*edits, photo), 5)
+    assert order[0] in ("edit 0", "photo") and order.index("photo") <= 1
+
+
+async def test_a_cancelled_request_does_not_lift_a_429_pause_for_everyone() -> None:
+    """Issue 11 row 18: the pause was a flag the waiting request cleared in ``finally``."""
+    import time
+
+    from telegram.error import RetryAfter
+
+    from bot.telegram_limiter import PriorityRateLimiter
+
+    limiter = PriorityRateLimiter(max_retries=1)
+    calls: list[float] = []
+
+    async def throttled() -> dict:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RetryAfter(1)
+        return {}
+
+    async def plain() -> dict:
+        calls.append(time.monotonic())
+        return {}
+
+    started = time.monotonic()
+    first = asyncio.create_task(limiter.process_request(throttled, (), {}, "sendMessage",
+                                                        {"chat_id": 42}, None))
+    await asyncio.sleep(0.1)
+    first.cancel()  # e.g. an edit that a newer one replaced
+    await asyncio.gather(first, return_exceptions=True)
+    await limiter.process_request(plain, (), {}, "sendMessage", {"chat_id": 43}, None)
+    assert calls[-1] - started >= 1.0  # still paused after the cancellation
