@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import retention
 from engine.backends import Backend, create_backend
 from engine.config import Config
 from engine.durable import write_durably
@@ -45,6 +46,7 @@ from engine.job import (
 from engine.png import encode_png
 from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
+from engine.step_timing import eta_s, median_step_s
 from engine.store import DuplicateJobId, DuplicateRequest, JobRecord, Store
 from engine.worker import Aborted, GpuWorker
 
@@ -132,7 +134,8 @@ class Engine:
         self._accepting = True
         self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
         if self.config.engine.keep_outputs_days > 0 and self._recover_on_start:
-            self._pruner = asyncio.create_task(self._prune_daily(), name="engine-pruner")
+            self._pruner = asyncio.create_task(retention.prune_daily(self.prune),
+                                               name="engine-pruner")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -410,7 +413,7 @@ class Engine:
 
         def on_step(step: int, total: int) -> None:  # worker thread
             step_times.append(time.monotonic())
-            eta = _eta(started, step_times, step, total)
+            eta = eta_s(started, step_times, step, total)
             loop.call_soon_threadsafe(job._emit, Progress(step, total, eta))
 
         deadline = started + self.config.engine.job_timeout_s
@@ -474,7 +477,7 @@ class Engine:
         self._counts["finished"] += 1
         job._emit(Finished(result))
         self._retire(job)
-        per_step = _median_step(step_times)
+        per_step = median_step_s(step_times)
         log.info("job %s finished in %.2f s (GPU %.2f s%s)", job.id, result.seconds, gpu_s,
                  f", {per_step:.3f} s/step" if per_step else "")
 
@@ -517,24 +520,9 @@ class Engine:
 
     # -- retention -------------------------------------------------------------------------
     async def prune(self) -> int:
-        """Delete what is older than ``engine.keep_outputs_days``: journal rows of answered
-        jobs and their image files (undelivered results wait until they are given up)."""
-        days = self.config.engine.keep_outputs_days
-        if days <= 0:
-            return 0
-        paths = await self.store.prune(self.clock() - days * 86400)
-        await asyncio.to_thread(_delete_files, [p for p in paths if p])
-        if paths:
-            log.info("retention: removed %d jobs older than %g days", len(paths), days)
-        return len(paths)
-
-    async def _prune_daily(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except Exception:  # a full disk or a locked file must not stop the bot
-                log.exception("retention: pruning failed; trying again tomorrow")
-            await asyncio.sleep(PRUNE_EVERY_S)
+        """Delete what is older than ``engine.keep_outputs_days`` (``engine/retention.py``)."""
+        return await retention.prune(self.store, self.config.engine.keep_outputs_days,
+                                     self.clock())
 
     # -- restart ---------------------------------------------------------------------------
     async def _recover(self) -> None:
@@ -570,25 +558,8 @@ def _job_from_finished_record(record: JobRecord, engine: Engine) -> Job | None:
     return job
 
 
-def _eta(started: float, step_times: list[float], step: int, total: int) -> float | None:
-    """Seconds left, from the mean time of the steps after the first (which pays warm-up)."""
-    if step >= total:
-        return 0.0
-    if len(step_times) >= 2:
-        per_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
-    else:
-        per_step = step_times[-1] - started if step_times else 0.0
-    return per_step * (total - step) if per_step > 0 else None
-
-
-PRUNE_EVERY_S = 86400.0
 # How long a shutdown waits, after the grace, for the running job to stop at its next step.
 STOP_WAIT_S = 10.0
-
-
-def _delete_files(paths: list[str]) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
 
 
 # Places in line that are always announced when they change (the front of the queue).
@@ -601,12 +572,6 @@ def worth_announcing(last: int | None, now: int) -> bool:
     if now == last:
         return False
     return now <= ALWAYS_ANNOUNCED or now <= last * 0.8 or now >= last * 1.25
-
-
-def _median_step(step_times: list[float]) -> float | None:
-    """The median time between step ends (the first step, which pays warm-up, left out)."""
-    gaps = sorted(b - a for a, b in zip(step_times, step_times[1:], strict=False))
-    return gaps[len(gaps) // 2] if gaps else None
 
 
 def new_job_id() -> str:
