@@ -124,7 +124,6 @@ class StreamingHandle:
         self._cuda = device.type == "cuda"
         self._blocks: list[_Block] = []
         self._hooks: list[Any] = []
-        self._pinned = False  # any streamed block is page-locked
         self._work: torch.Tensor | None = None
         self._slots: list[torch.Tensor] = []
         self._copied: list[Any] = []
@@ -189,24 +188,32 @@ class StreamingHandle:
             for p, _, _ in block.params:
                 p.data = p.data.to(self.device, self.compute_dtype)
             return
-        on_gpu = block.placement == FP8
+        self._pack_anew(block, on_gpu=block.placement == FP8)
+        release_free_heap()  # so the buffer's pages replace the weights', not add to them
+        if block.placement == STREAMED:
+            self._pin(block)
+
+    def _pack_anew(self, block: _Block, *, on_gpu: bool) -> None:
+        """Pack the block's weights (wherever they are) into a new float8 buffer of its own,
+        on the GPU or in host memory, and let the weights go."""
         flat = torch.empty(block.numel, dtype=self.storage_dtype,
                            device=self.device if on_gpu else "cpu")
         self._pack(block, flat)
         self._release(block)
-        release_free_heap()  # so the buffer's pages replace the weights', not add to them
-        if not on_gpu:
-            self._pin(block)
 
     def _pin(self, block: _Block) -> None:
         assert block.source is not None
         block.pinned = self._cuda and _register_host(block.source)
-        self._pinned = self._pinned or block.pinned
 
     def _unpin(self, block: _Block) -> None:
         if block.pinned and block.source is not None:
             _unregister_host(block.source)
         block.pinned = False
+
+    @property
+    def _pinned(self) -> bool:
+        """Some streamed block is page-locked."""
+        return any(b.pinned for b in self._blocks)
 
     def _streamed_order(self) -> list[int]:
         return [b.index for b in self._blocks if b.placement == STREAMED]
@@ -427,17 +434,13 @@ class StreamingHandle:
         finally:  # whatever happened, the prefetch order matches where the blocks are
             self._order = self._streamed_order()
             self._next_pos = 0
-            self._pinned = any(b.pinned for b in self._blocks)
         log.info("block streaming re-planned: %s", plan.describe())
 
     def _move(self, block: _Block, target: str) -> None:
         """One block from its placement to ``target``. Cast blocks' params point at nothing
         here (``release_buffers`` ran); a bf16 block's params hold its GPU weights."""
         if block.placement == BF16:  # exact: the bf16 weights were float8 values
-            flat = torch.empty(block.numel, dtype=self.storage_dtype,
-                               device=self.device if target == FP8 else "cpu")
-            self._pack(block, flat)
-            self._release(block)
+            self._pack_anew(block, on_gpu=target == FP8)
         elif target == BF16:
             assert block.source is not None
             for p, off, shape in block.params:
@@ -445,21 +448,14 @@ class StreamingHandle:
                     self.device, self.compute_dtype)
             self._unpin(block)
             block.source = None
-        else:  # fp8 <-> streamed
+        else:  # fp8 <-> streamed (a page-locked source is copied from, once unregistered)
             assert block.source is not None
-            old = block.source
-            block.source = old.to(self.device if target == FP8 else "cpu")
-            if target == FP8:
-                self._unpin_tensor(block, old)
+            self._unpin(block)
+            block.source = block.source.to(self.device if target == FP8 else "cpu")
         block.placement = target
         if target == STREAMED:
             self._pin(block)
         release_free_heap()
-
-    def _unpin_tensor(self, block: _Block, tensor: torch.Tensor) -> None:
-        if block.pinned:
-            _unregister_host(tensor)
-        block.pinned = False
 
     def __enter__(self) -> StreamingHandle:
         return self
