@@ -25,6 +25,7 @@ and tightens the plan when the real peak came closer to the budget than ``CALIBR
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -67,8 +68,7 @@ class DeviceBudget:
         return self.device_gib - self.context_gib
 
     def tightened(self, more_gib: float) -> DeviceBudget:
-        return DeviceBudget(self.device_gib, self.context_gib, self.runtime_gib,
-                            self.margin_gib, self.calibration_gib + more_gib, self.source)
+        return dataclasses.replace(self, calibration_gib=self.calibration_gib + more_gib)
 
     def describe(self) -> str:
         calibration = (f" + calibration {self.calibration_gib:.2f}"

@@ -209,10 +209,10 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int) -> bool:
     released, so only the part of it above those counts)."""
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
-        FLUX_DOUBLE_BLOCK_WEIGHTS,
         FLUX_FIXED_BYTES,
         dit_activation_bytes,
         flux_dev_block_sizes,
+        minimum_budget_bytes,
         t5_phase_bytes,
         vae_decode_bytes,
     )
@@ -220,12 +220,14 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int) -> bool:
     if budget_gib is None:
         return False
     side = reserve_side(max_pixels)
+    sizes, reserve = flux_dev_block_sizes(), dit_activation_bytes(side, side)
     untiled = vae_decode_bytes(side, side)
     tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
-    buffers = FLUX_DOUBLE_BLOCK_WEIGHTS * (2 + 2)  # bf16 work buffer + two float8 slots
-    loop = dit_activation_bytes(side, side) + buffers
-    gain = untiled - max(tiled, loop)
-    everything = FLUX_FIXED_BYTES + sum(flux_dev_block_sizes()) + OTHERS_RESIDENT_BYTES
+    # what tiling frees: the difference between the least budgets that stream everything
+    gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled)
+            - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled))
+    loop = minimum_budget_bytes(sizes, reserve)  # the denoising loop's buffers + activations
+    everything = FLUX_FIXED_BYTES + sum(sizes) + OTHERS_RESIDENT_BYTES
     fits_resident = budget_gib * GIB >= everything + max(loop, untiled)
     return not fits_resident and gain >= TILE_VAE_GAIN_GIB * GIB
 
