@@ -402,10 +402,11 @@ class Engine:
         """The GPU part of a job. Once its image is made, encoding, saving and journalling run
         beside the next job (``_complete``), so the GPU never waits for them."""
         loop = asyncio.get_running_loop()
-        if not self._abort.is_set():
+        marked_running = not self._abort.is_set()
+        if marked_running:
             await self.store.set_status(job.id, "running", at=self.clock())
         if self._abort.is_set():  # stopped while being started: it never reached the GPU
-            await self._stopped_before_start(job)
+            await self._stopped_before_start(job, marked_running)
             return
         job._emit(Started())
         started = time.monotonic()
@@ -444,11 +445,9 @@ class Engine:
         self._completing.add(task)
         task.add_done_callback(self._completing.discard)
 
-    async def _stopped_before_start(self, job: Job) -> None:
-        record = await self.store.get_job(job.id)
-        was_running = record is not None and record.status == "running"
+    async def _stopped_before_start(self, job: Job, marked_running: bool) -> None:
         if self._abort_reason == "shutdown":
-            if was_running:
+            if marked_running:
                 await self.store.set_status(job.id, "queued", at=self.clock())
             return
         await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
