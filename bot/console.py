@@ -15,6 +15,7 @@ from typing import TextIO
 
 from bot import render
 from bot.admin_args import parse_limit_value
+from bot.followers import Followers
 from bot.throttle import Throttle
 from engine.engine import Engine
 from engine.errors import EngineError
@@ -39,8 +40,7 @@ class ConsoleAdapter:
         self.on_quit = on_quit
         self.progress_interval_s = progress_interval_s
         self._reader: asyncio.Task[None] | None = None
-        self._watchers: set[asyncio.Task[None]] = set()
-        self._following: dict[asyncio.Task[None], Job] = {}
+        self.followers = Followers()
         self.closed_at_start = False  # stdin was at its end before the first line
 
     async def start(self) -> None:
@@ -51,19 +51,13 @@ class ConsoleAdapter:
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
 
     async def finish_answers(self, timeout: float) -> int:
-        """At shutdown: answers are printed at once, so only ended jobs' lines are waited for."""
-        ended = [t for t, job in self._following.items() if job.status.is_terminal]
-        if not ended:
-            return 0
-        _, pending = await asyncio.wait(ended, timeout=max(0.0, timeout))
-        return len(pending)
+        """At shutdown: let the answers being printed finish (see ``bot.followers``)."""
+        return await self.followers.finish_answers(timeout)
 
     async def stop(self) -> None:
         if self._reader:
             self._reader.cancel()
-        for task in list(self._watchers):
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self.followers.cancel_all()
 
     def say(self, text: str) -> None:
         print(text, file=self.stdout, flush=True)
@@ -189,11 +183,7 @@ class ConsoleAdapter:
         return job
 
     def _watch(self, job: Job) -> None:
-        task = asyncio.create_task(self._follow(job), name=f"console-{job.id}")
-        self._watchers.add(task)
-        self._following[task] = job
-        task.add_done_callback(self._watchers.discard)
-        task.add_done_callback(lambda t: self._following.pop(t, None))
+        self.followers.spawn(self._follow(job), job, f"console-{job.id}")
 
     async def _follow(self, job: Job) -> None:
         throttle = Throttle(self.progress_interval_s)
@@ -217,4 +207,4 @@ class ConsoleAdapter:
 
     async def _drain(self) -> None:
         """At end of input (a pipe), wait for the jobs already asked for."""
-        await asyncio.gather(*list(self._watchers), return_exceptions=True)
+        await self.followers.wait_all()
