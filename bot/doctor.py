@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bot.secrets_filter import mask
 from engine.config import DEFAULT_CONFIG_PATH, Config
+from engine.store import journal_size_bytes
 
 # What @BotFather hands out: the bot's id, a colon, and a 35-character secret.
 TELEGRAM_TOKEN = re.compile(r"\d{5,20}:[A-Za-z0-9_-]{30,60}")
@@ -34,14 +35,10 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # ty
     else:
         checks = [check_config(config_path), *check_tokens(config, config_path),
                   check_database(config), check_output_dir(config)]
-    if quick:
-        pass
-    elif config.engine.backend == "flux":
-        checks.append(check_gpu(config))
-        checks.extend(check_plan(config))
-        checks.extend(check_models(config))
-    else:
-        checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
+        if config.engine.backend == "flux":
+            checks += [check_gpu(config), *check_plan(config), *check_models(config)]
+        else:
+            checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
     for check in checks:
         mark = "ok " if check.ok else "FAIL"
         print_fn(f"[{mark}] {check.name}: {check.detail}")
@@ -101,8 +98,8 @@ def check_database(config: Config) -> Check:
     if result != "ok":
         return Check("database", False, f"{path} is damaged: {result}",
                      "move the file away; a new journal will be created")
-    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    return Check("database", True, f"{path} (schema v{version}, {_size(size)})")
+    return Check("database", True,
+                 f"{path} (schema v{version}, {_size(journal_size_bytes(path))})")
 
 
 # A running bot touches its heartbeat every 30 s; three missed beats mean it hangs.

@@ -344,11 +344,6 @@ class Store:
             rows = await cursor.fetchall()
         return [str(row[0]) if row[0] else None for row in rows]
 
-    async def size_bytes(self) -> int:
-        """The journal's size on disk (the database and its write-ahead log)."""
-        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))
-                   if p.exists())
-
     # -- reading the journal ---------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -448,6 +443,11 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
             raise
+
+
+def journal_size_bytes(path: str | Path) -> int:
+    """The journal's size on disk: the database and its write-ahead log."""
+    return sum(p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists())
 
 
 def storable(text: str) -> str:
