@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import make_random_flux as mrf  # noqa: E402
 from bench.emulated_card import EmulatedCard, nvidia_smi_used_gib  # noqa: E402
+from bench.load_bot_launcher import process_memory_kib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = [5.6, 7.5, 9.5, 11.5, 15.5, 23.0]
@@ -107,11 +108,9 @@ class BotProcess:
 
     def peak_rss_gib(self) -> float | None:
         try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
+            return process_memory_kib(self.proc.pid)[1] / 1024**2
+        except (OSError, KeyError):
             return None
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(match.group(1)) * 1024 / 1024**3 if match else None
 
     def stop(self, timeout: float = 60) -> int:
         try:

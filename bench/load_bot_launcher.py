@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     return bot_main(bot_argv)
 
 
+def process_memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB (Linux /proc)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 class BotProcess:
     """One life of the bot under test, as seen from the load test."""
 
@@ -71,11 +80,7 @@ class BotProcess:
     def memory_kib(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the bot process, in KiB."""
         assert self.proc is not None
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+        return process_memory_kib(self.proc.pid)
 
     async def kill(self) -> None:
         assert self.proc is not None
