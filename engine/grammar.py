@@ -48,9 +48,9 @@ def _wide(word: str) -> str:
 # "café——latte" stay prompts.
 _NAMES = "|".join(sorted({n for name in _ALIASES for n in (name, _wide(name))}, key=len,
                          reverse=True))
-_WIDE_MARK = rf"(?:——|－－|－|—)(?:{_NAMES})(?=[ =＝]|$)"
+_WIDE_MARK = rf"(?:——|－－|－|—)({_NAMES})(?=[ =＝]|$)"  # group 1: the option's name
 _AFTER = r"(?:^|(?<= )|(?<=[^\x00-\x7f]))"  # the start, a space, or Chinese text
-_WIDE_OPTION = re.compile(rf"{_AFTER}(?:——|－－|－|—)({_NAMES})(?=[ =＝]|$)", re.IGNORECASE)
+_WIDE_OPTION = re.compile(_AFTER + _WIDE_MARK, re.IGNORECASE)
 _OPTION_START = re.compile(rf"(?:^|(?<= ))(?:--|—|–)[A-Za-z]|{_AFTER}{_WIDE_MARK}",
                            re.IGNORECASE)
 _SPACE_OPTION = re.compile(rf" (?:(?:--|—|–)[A-Za-z]|{_WIDE_MARK})", re.IGNORECASE)
