@@ -400,11 +400,8 @@ class TelegramAdapter:
             text = render.internal_error()
         message = update.effective_message if isinstance(update, Update) else None
         if message is not None:
-            try:
-                await self._reply(message, text)
-            except TelegramError as exc:
-                log.warning("telegram: could not report an error to chat %s: %s",
-                            message.chat_id, exc)
+            await self._reply(message, text)  # the chat's outbox logs a reply it cannot post
+
 
 def telegram_user(user_id: int, name: str) -> User:
     return User("telegram", str(user_id), name[:64])
