@@ -7,7 +7,7 @@ what is left of the device budget once the CUDA context, kernels and workspaces 
 fragmentation margin are set aside (``device_budget.py``).
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
-    low        float8, block streaming          T5 streamed, CLIP/VAE res.  any (6-16 GB cards)
+    low        float8, block streaming          T5 streamed, CLIP/VAE res.  below 18 (run: 6-12 GB)
     balanced   float8, block streaming          T5 streamed, CLIP/VAE res.  >= 18
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
