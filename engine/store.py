@@ -88,6 +88,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN request_key TEXT;
     CREATE UNIQUE INDEX jobs_request_key ON jobs (request_key) WHERE request_key IS NOT NULL;
     """,
+    # v5: commands received and not yet answered (``engine/pending.py``): a crash before their
+    # job was journalled leaves the row, and the next start tells the user to ask again.
+    """
+    CREATE TABLE pending_interactions (
+        request_key TEXT PRIMARY KEY,
+        application_id TEXT NOT NULL,
+        token TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"

@@ -389,3 +389,24 @@ async def test_old_zero_overrides_keep_meaning_no_limit_after_the_upgrade(tmp_pa
         assert await store.get_limit_override(User("telegram", "43")) == 5
         await store.set_limit_override(User("telegram", "44"), 0)
         assert await store.get_limit_override(User("telegram", "44")) == 0
+
+
+async def test_pending_interactions_left_over_are_those_without_a_job(store: Store):
+    """Issue 11 row 15 (Discord): a command written down before its job; after a crash only
+    those whose job never reached the journal are left over (the others' job answers them)."""
+    from engine.pending import PendingInteraction, PendingInteractions
+
+    pending = PendingInteractions(store)
+    lost = PendingInteraction("discord:interaction:1", "900", "secret-token-1", "c1", 10.0)
+    journalled = PendingInteraction("discord:interaction:2", "900", "secret-token-2", "c1", 11.0)
+    answered = PendingInteraction("discord:interaction:3", "900", "secret-token-3", "c1", 12.0)
+    for row in (lost, journalled, answered):
+        await pending.add(row)
+    await store.add_job("j2", ALICE, origin_for(ALICE), make_request(), 11.0,
+                        request_key=journalled.request_key)
+    await pending.remove(answered.request_key)
+
+    assert await pending.left_over() == [lost]
+    assert "secret-token" not in repr(lost)  # a token is never in a repr, so never in a log
+    await pending.remove(lost.request_key)
+    assert await pending.left_over() == []
