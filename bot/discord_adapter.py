@@ -5,21 +5,23 @@
     ...
     await adapter.stop()
 
-``/imagine`` parses first (bad input gets an ephemeral error and nothing is queued), then defers
-at once (Discord drops interactions not acknowledged within 3 s), then submits to the engine;
-``bot.discord_reply`` carries the job from there. Every error of a command or a button goes
-through ``report_error``, which logs and then tells the user privately. Mentions are off for
-every message (``AllowedMentions.none()`` on the client); only a late result mentions its user.
-The bot needs no privileged intents, only the ``guilds`` intent.
+``/imagine`` is written down in the journal first (``bot.discord_pending``: a crash before its
+job is journalled is answered at the next start), parses (bad input gets an ephemeral error and
+nothing is queued), defers at once (Discord drops interactions not acknowledged within 3 s),
+then submits to the engine; ``bot.discord_reply`` carries the job from there. Every error of a
+command or a button goes through ``report_error``, which logs and then tells the user privately.
+Mentions are off for every message (``AllowedMentions.none()`` on the client); only a late
+result mentions its user. The bot needs no privileged intents, only the ``guilds`` intent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import discord
@@ -28,6 +30,7 @@ from discord import app_commands
 from bot import render
 from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
+from bot.discord_pending import answer_left_over, pending_of, request_key
 from bot.discord_reply import Follower, Reply
 from bot.discord_views import JobButton
 from bot.followers import Followers
@@ -112,6 +115,9 @@ class DiscordAdapter:
             raise
         for job in self.engine.recovered_jobs("discord"):
             self.deliver_to_channel(job)
+        told = await answer_left_over(self.client, self.engine.pending, self.clock())
+        if told:
+            log.info("told %d users whose command a restart lost to ask again", told)
 
     def deliver_to_channel(self, job: Job) -> None:
         """Follow a job with no live interaction (restored from the journal, or an undelivered
@@ -200,11 +206,25 @@ class DiscordAdapter:
     async def imagine(self, interaction: discord.Interaction, text: str,
                       options: dict[str, Any]) -> None:
         """Parse (errors before any acknowledgement), defer at once, then queue."""
-        limits = self.config.limits
-        parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
-        request = parsed.to_request(limits, self.rng)
-        await interaction.response.defer(thinking=True)
-        await self._submit(interaction, request, render.conflicts_note(overridden))
+        async with self._until_answered(interaction):
+            limits = self.config.limits
+            parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
+            request = parsed.to_request(limits, self.rng)
+            await interaction.response.defer(thinking=True)
+            await self._submit(interaction, request, render.conflicts_note(overridden))
+
+    @contextlib.asynccontextmanager
+    async def _until_answered(self, interaction: discord.Interaction) -> AsyncIterator[None]:
+        """The interaction stays in the journal until its job is there or its refusal was
+        sent; an error is reported here. A cancellation (shutdown, crash) leaves it for the
+        next start to answer."""
+        pending = pending_of(interaction)
+        await self.engine.pending.add(pending)
+        try:
+            yield
+        except Exception as exc:
+            await self.report_error(interaction, exc)
+        await self.engine.pending.remove(pending.request_key)
 
     async def _submit(self, interaction: discord.Interaction, request: ImageRequest,
                       note: str = "") -> None:
@@ -213,7 +233,8 @@ class DiscordAdapter:
                         message_id=str(interaction.id),
                         extra={"guild_id": str(interaction.guild_id or ""),
                                "filesize_limit": interaction.filesize_limit})
-        job = await self.engine.submit(self.user_of(interaction), request, origin)
+        job = await self.engine.submit(self.user_of(interaction), request, origin,
+                                       key=request_key(interaction))
         self.followers.spawn(self.follower.follow(job, Reply.for_interaction(interaction, note)),
                              job, f"discord-{job.id}")
 
@@ -279,15 +300,20 @@ class DiscordAdapter:
             return False
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        if action != "cancel":
+            await self._resubmit(interaction, action)
+            return
         try:
-            if action == "cancel":
-                await self._cancel(interaction, job_id)
-                return
+            await self._cancel(interaction, job_id)
+        except Exception as exc:  # discord.py would only log it; the user must hear back
+            await self.report_error(interaction, exc)
+
+    async def _resubmit(self, interaction: discord.Interaction, action: str) -> None:
+        """Re-roll or More: a new job from the pressed one's request (see ``imagine``)."""
+        async with self._until_answered(interaction):
             request = self._variant(interaction.extras["request"], action)
             await interaction.response.defer(thinking=True)
             await self._submit(interaction, request)
-        except Exception as exc:  # discord.py would only log it; the user must hear back
-            await self.report_error(interaction, exc)
 
     def _variant(self, request: ImageRequest, action: str) -> ImageRequest:
         """Re-roll: same request, new seed. More: same seed, more steps."""

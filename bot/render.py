@@ -250,6 +250,11 @@ def gave_up_delivery() -> str:
     return "⚠️ Your image could not be uploaded, and the bot has stopped trying."
 
 
+def restarted_ask_again() -> str:
+    """To a command that arrived just before a crash, so it was never queued."""
+    return "⚠️ The bot restarted before it could take this request; please ask again."
+
+
 # -- added for the Discord adapter ----------------------------------------------------------------
 _BUTTON_LABELS = {"reroll": "🎲 Re-roll", "more": "Same seed, more steps", "cancel": "Cancel"}
 

@@ -6,6 +6,7 @@ then sends interactions over the fake gateway and asserts the HTTP calls the rea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -21,6 +22,7 @@ from bot.discord_reply import result_caption
 from engine.backends.dry_run import DryRunBackend
 from engine.grammar import clean_prompt
 from engine.job import JobResult, JobStatus
+from engine.pending import PendingInteraction
 from engine.png import read_parameters
 from engine.request import ImageRequest, User
 from tests.fakes.discord_server import Call, FakeDiscord, FakeUser, SentInteraction
@@ -586,3 +588,53 @@ async def test_a_refused_token_fails_start_clearly_and_never_shows_the_token(
     assert adapter.client is not None and adapter.client.is_closed()
     assert "fake-discord-token" not in str(refused.value)
     assert "fake-discord-token" not in caplog.text
+
+
+# -- issue 11 rows 14 and 15: nothing lost, nothing posted twice --------------------------------
+async def pending_rows(adapter: DiscordAdapter) -> int:
+    async with adapter.engine.store.db.execute("SELECT COUNT(*) FROM pending_interactions") as c:
+        return (await c.fetchone())[0]
+
+
+async def test_an_interaction_a_crash_left_unanswered_is_told_to_ask_again(
+        server, start_bot, engine_factory, dconfig, caplog):
+    """Row 15: killed after the deferral and before the job was journalled, the user's
+    "thinking…" stayed up for good. Now the next start answers it, once, through its token."""
+    first = await start_bot()
+    answered = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await final_upload(server, answered)
+    refused = await server.slash("imagine", ALICE, prompt="a fox --steps 1e9")
+    await private_answer(server, refused)
+    await first.drain()
+    assert await pending_rows(first) == 0  # answered commands leave nothing behind
+
+    handlers: list[asyncio.Task] = []
+
+    async def killed_before_journalling(*args, **kwargs):
+        handlers.append(asyncio.current_task())
+        await asyncio.Event().wait()
+
+    first.engine.submit = killed_before_journalling
+    lost = await server.slash("imagine", ALICE, prompt="a lost fox --steps 1")
+    await server.wait_for(lambda c: c.token == lost.token and c.name == "interaction_callback")
+    while not handlers:
+        await asyncio.sleep(0.01)
+    expired = PendingInteraction("discord:interaction:1", server.app_id, "expired-token",
+                                 server.channel_id, time.time() - 15 * 60)
+    await first.engine.pending.add(expired)
+    handlers[0].cancel()  # the "SIGKILL": the handler never gets further
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+
+    caplog.set_level(logging.INFO)
+    restarted = await start_bot(engine=await engine_factory(dconfig))
+    told = [c for c in server.calls_for(lost) if c.name == "edit_original"]
+    assert len(told) == 1 and _text(told[0]) == render.restarted_ask_again()
+    assert told[0].pings == frozenset()
+    assert server.original(lost)["content"] == render.restarted_ask_again()
+    assert not any(c.token == "expired-token" for c in server.calls)  # too old: dropped
+    assert await pending_rows(restarted) == 0
+    bot_side = [r.getMessage() for r in caplog.records if not r.name.startswith("aiohttp")]
+    assert any("told interaction" in m for m in bot_side)  # (the fake's access log has URLs)
+    assert not any(lost.token in m for m in bot_side)
+    assert [j.request.prompt for j in await jobs_in_journal(restarted, ALICE)] == ["a red fox"]
