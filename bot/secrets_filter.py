@@ -9,9 +9,12 @@ import traceback
 from types import TracebackType
 
 # Telegram tokens look like 123456:ABC..., Discord tokens like three dot-separated base64 parts.
+# A Discord interaction token (a secret for 15 minutes; the journal keeps it until answered) is
+# the path segment after an interaction's or webhook's id: discord.py logs those URLs at debug.
 _TOKEN_SHAPES = [
-    re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}"),  # also inside ".../bot<token>/..."
-    re.compile(r"\b[A-Za-z0-9_-]{20,30}\.[A-Za-z0-9_-]{5,8}\.[A-Za-z0-9_-]{25,}\b"),
+    (re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}"), "[token]"),  # also ".../bot<token>/"
+    (re.compile(r"\b[A-Za-z0-9_-]{20,30}\.[A-Za-z0-9_-]{5,8}\.[A-Za-z0-9_-]{25,}\b"), "[token]"),
+    (re.compile(r"(/(?:webhooks|interactions)/\d+/)[A-Za-z0-9_.~%-]{20,}"), r"\1[token]"),
 ]
 
 
@@ -26,8 +29,8 @@ def redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "[token]")
-    for shape in _TOKEN_SHAPES:
-        text = shape.sub("[token]", text)
+    for shape, replacement in _TOKEN_SHAPES:
+        text = shape.sub(replacement, text)
     return text
 
 

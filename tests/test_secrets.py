@@ -50,3 +50,15 @@ def test_uncaught_traceback_is_redacted(tmp_path):
                           env=env, cwd=tmp_path, timeout=60)
     assert "RuntimeError: connecting with [token]" in done.stderr
     assert TG not in done.stderr
+
+
+def test_interaction_tokens_in_discord_urls_are_redacted():
+    """An interaction token answers its user for 15 minutes and now waits in the journal until
+    answered; discord.py logs the webhook and callback URLs that carry it at debug level."""
+    token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDEyMzQ1Njc4OTpBQkNERUZHSElKS0xNTk9QUVJTVFVW"
+    lines = [f"Webhook ID 900 with PATCH https://discord.com/api/v10/webhooks/900/{token}"
+             "/messages/@original has returned status code 200",
+             f"POST https://discord.com/api/v10/interactions/1234/{token}/callback returned 204"]
+    for line in lines:
+        out = redact(line, [])
+        assert token not in out and "/[token]/" in out
