@@ -31,7 +31,7 @@ from bot import render
 from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
 from bot.discord_pending import answer_left_over, pending_of, request_key
-from bot.discord_reply import Follower, Reply
+from bot.discord_reply import POST_TIMEOUT_S, Follower, Reply
 from bot.discord_views import JobButton
 from bot.followers import Followers
 from engine import variants
@@ -83,14 +83,17 @@ class DiscordAdapter:
 
     def __init__(self, engine: Engine, config: Config, *, retry_policy: RetryPolicy | None = None,
                  clock: Callable[[], float] = time.time, ready_timeout_s: float = 60.0,
-                 rng: random.Random | None = None, **client_options: Any) -> None:
-        """``client_options`` go to ``discord.Client`` (tests: a small ``guild_ready_timeout``)."""
+                 rng: random.Random | None = None, post_timeout_s: float = POST_TIMEOUT_S,
+                 **client_options: Any) -> None:
+        """``client_options`` go to ``discord.Client`` (tests: a small ``guild_ready_timeout``);
+        ``post_timeout_s``: how long an upload's answer is awaited before it is taken as lost."""
         self.engine = engine
         self.config = config
         self.retry_policy = retry_policy or RetryPolicy.from_config(config.delivery)
         self.clock = clock
         self.ready_timeout_s = ready_timeout_s
         self.rng = rng or random.SystemRandom()
+        self.post_timeout_s = post_timeout_s
         self.client_options = client_options
         self.client: ImagineClient | None = None
         self.follower: Follower | None = None
@@ -105,7 +108,8 @@ class DiscordAdapter:
         self.client = ImagineClient(self, **self.client_options)
         self.follower = Follower(self.client, self.engine,
                                  interval_s=self.config.discord.progress_interval_s,
-                                 policy=self.retry_policy, clock=self.clock)
+                                 policy=self.retry_policy, clock=self.clock,
+                                 post_timeout_s=self.post_timeout_s)
         try:
             await self.client.login(token)  # also runs setup_hook: commands, buttons, sync
             self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")

@@ -5,6 +5,14 @@ position and progress, then the PNG with its caption and buttons. After that, an
 recovered after a restart, the result is posted to the channel as a normal message that mentions
 the user (and only that user). A progress edit that fails is logged and forgotten; the final
 upload goes through ``bot.delivery.deliver`` (retries, then the journal's undelivered path).
+
+A retried upload never shows twice. The interaction path edits the same original response, so
+doing it again changes nothing. A channel post carries a nonce made from the job id with
+``enforce_nonce`` (discord.py sends it with every nonce): Discord answers a second post with the
+same nonce, within a few minutes, with the message the first one made. A channel post whose
+answer was lost (a timeout after the upload went out, a dropped connection) is looked for in
+the channel's recent messages before it is posted again, and so is a result recovered after a
+restart: the process before may have posted it just before it died.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import discord
 
 from bot import render
 from bot.delivery import RetryPolicy, deliver
-from bot.discord_views import job_view
+from bot.discord_views import custom_id, job_view
 from bot.media import fit_under
 from engine.engine import Engine
 from engine.job import Cancelled, Failed, Finished, Job, JobResult
@@ -29,6 +37,10 @@ log = logging.getLogger(__name__)
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # Discord's limit for a guild without boosts
 TOKEN_LIFETIME_S = 15 * 60
 TOKEN_MARGIN_S = 60.0  # stop using a token a minute early: an upload can take that long
+# discord.py would wait for aiohttp's 5 minutes; past this an answer is taken as lost and the
+# post tried again (safely: see above). Room for a 25 MB upload on a slow line.
+POST_TIMEOUT_S = 120.0
+RECENT_MESSAGES = 50  # how far back in a channel a lost post is looked for
 
 
 @dataclass
@@ -41,6 +53,7 @@ class Reply:
     filesize_limit: int = DEFAULT_FILE_LIMIT
     interaction: discord.Interaction | None = None
     note: str = ""  # e.g. "the --flags in your prompt were used instead of ..."
+    look_first: bool = False  # a post may have landed unseen: look in the channel before posting
 
     @classmethod
     def for_interaction(cls, interaction: discord.Interaction, note: str = "") -> Reply:
@@ -51,7 +64,8 @@ class Reply:
     def for_origin(cls, origin: Origin, user_id: str) -> Reply:
         """For a job restored from the journal: no token any more, so the channel."""
         limit = origin.extra.get("filesize_limit") or DEFAULT_FILE_LIMIT
-        return cls(channel_id=int(origin.chat_id), user_id=int(user_id), filesize_limit=int(limit))
+        return cls(channel_id=int(origin.chat_id), user_id=int(user_id), filesize_limit=int(limit),
+                   look_first=True)
 
     def token_alive(self, now: float) -> bool:
         if self.interaction is None:
@@ -119,12 +133,14 @@ class Follower:
     """Carries each job's events to its ``Reply``."""
 
     def __init__(self, client: discord.Client, engine: Engine, *, interval_s: float,
-                 policy: RetryPolicy, clock: Callable[[], float]) -> None:
+                 policy: RetryPolicy, clock: Callable[[], float],
+                 post_timeout_s: float = POST_TIMEOUT_S) -> None:
         self.client = client
         self.engine = engine
         self.interval_s = interval_s
         self.policy = policy
         self.clock = clock
+        self.post_timeout_s = post_timeout_s
 
     async def follow(self, job: Job, reply: Reply) -> None:
         editor = ProgressEditor(lambda text, first: self._edit(job, reply, text, first),
@@ -155,11 +171,11 @@ class Follower:
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Failed):
             text = reply.with_note(render.failed(event.reason))
-            await deliver(self.engine, job, lambda: self._post(reply, text, None, None),
+            await deliver(self.engine, job, lambda: self._post(job.id, reply, text, None, None),
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Cancelled) and reply.token_alive(self.clock()):
             try:
-                await self._post(reply, render.cancelled(event.by_owner), None, None)
+                await self._post(job.id, reply, render.cancelled(event.by_owner), None, None)
             except Exception as exc:
                 log.warning("could not show that job %s was cancelled: %s", job.id, exc)
 
@@ -172,7 +188,7 @@ class Follower:
             data, ext = fit_under(result.png, limit)
             name = f"{job.id}-{result.request.seed}.{ext}"
             try:
-                return await self._post(reply, caption, (data, name), view)
+                return await self._post(job.id, reply, caption, (data, name), view)
             except discord.HTTPException as exc:
                 if exc.status != 413 or attempt == 2:
                     raise
@@ -181,33 +197,78 @@ class Follower:
                 limit = len(data) // 2
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post(self, reply: Reply, text: str, image: tuple[bytes, str] | None,
-                    view: discord.ui.View | None) -> str:
+    async def _post(self, job_id: str, reply: Reply, text: str,
+                    image: tuple[bytes, str] | None, view: discord.ui.View | None) -> str:
         """Edit the interaction's response while the token lives, else post to the channel."""
         if reply.interaction is not None and reply.token_alive(self.clock()):
             files = [discord.File(io.BytesIO(image[0]), filename=image[1])] if image else []
-            try:
-                message = await reply.interaction.edit_original_response(
-                    content=text, attachments=files, view=view)
-                return f"discord:channel/{reply.channel_id}/message/{message.id}"
+            try:  # the same message every time: a retry after a lost answer cannot duplicate
+                message = await asyncio.wait_for(reply.interaction.edit_original_response(
+                    content=text, attachments=files, view=view), self.post_timeout_s)
+                return where(reply.channel_id, message)
             except discord.NotFound:  # token expired early, or the response was deleted
                 log.info("interaction response gone; posting to channel %s", reply.channel_id)
-        return await self._post_to_channel(reply, text, image, view)
+        return await self._post_to_channel(job_id, reply, text, image, view)
 
-    async def _post_to_channel(self, reply: Reply, text: str, image: tuple[bytes, str] | None,
+    async def _post_to_channel(self, job_id: str, reply: Reply, text: str,
+                               image: tuple[bytes, str] | None,
                                view: discord.ui.View | None) -> str:
         channel = self.client.get_partial_messageable(reply.channel_id)
+        if reply.look_first:
+            found = await self._find_posted(channel, job_id)
+            if found is not None:
+                log.info("job %s is in channel %s already (an answer was lost); not posting it "
+                         "again", job_id, reply.channel_id)
+                return where(reply.channel_id, found)
         user = discord.Object(id=reply.user_id)
         kwargs: dict[str, object] = {}
         if image is not None:
             kwargs["file"] = discord.File(io.BytesIO(image[0]), filename=image[1])
         if view is not None:
             kwargs["view"] = view
-        message = await channel.send(
+        reply.look_first = True  # from here on it may land without our hearing of it
+        message = await asyncio.wait_for(channel.send(
             render.addressed(f"<@{reply.user_id}>", text),
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=[user]),
-            **kwargs)  # type: ignore[arg-type]
-        return f"discord:channel/{reply.channel_id}/message/{message.id}"
+            nonce=nonce_of(job_id), **kwargs), self.post_timeout_s)  # type: ignore[arg-type]
+        return where(reply.channel_id, message)
+
+    async def _find_posted(self, channel: discord.PartialMessageable,
+                           job_id: str) -> discord.Message | None:
+        """The bot's message for this job among the channel's recent ones, if there is one."""
+        me = self.client.user
+
+        async def search() -> discord.Message | None:
+            async for message in channel.history(limit=RECENT_MESSAGES):
+                if me is not None and message.author.id == me.id and carries(message, job_id):
+                    return message
+            return None
+
+        try:
+            return await asyncio.wait_for(search(), self.post_timeout_s)
+        except (discord.HTTPException, TimeoutError) as exc:  # e.g. no Read Message History
+            log.info("could not look for job %s in channel %s (%s); the nonce still guards "
+                     "a second post for a few minutes", job_id, channel.id, exc)
+            return None
+
+
+def where(channel_id: int, message: discord.Message) -> str:
+    return f"discord:channel/{channel_id}/message/{message.id}"
+
+
+def nonce_of(job_id: str) -> str:
+    """The nonce of a job's channel post (Discord allows 25 characters)."""
+    return f"imagine:{job_id}"[:25]
+
+
+def carries(message: discord.Message, job_id: str) -> bool:
+    """A result message of this job: its file is named after the job, its buttons carry it.
+    (A failure notice carries neither; the nonce alone guards it.)"""
+    if any(a.filename.startswith(f"{job_id}-") for a in message.attachments):
+        return True
+    ids = {custom_id(action, job_id) for action in ("reroll", "more")}
+    return any(getattr(item, "custom_id", None) in ids
+               for row in message.components for item in getattr(row, "children", []))
 
 
 def result_caption(result: JobResult, requester: str, note: str = "") -> str:

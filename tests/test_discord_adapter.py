@@ -638,3 +638,34 @@ async def test_an_interaction_a_crash_left_unanswered_is_told_to_ask_again(
     assert any("told interaction" in m for m in bot_side)  # (the fake's access log has URLs)
     assert not any(lost.token in m for m in bot_side)
     assert [j.request.prompt for j in await jobs_in_journal(restarted, ALICE)] == ["a red fox"]
+
+
+@pytest.mark.parametrize("lost_answer", ["slow", "dropped", "slow, history unreadable"])
+async def test_a_channel_post_whose_answer_is_lost_is_not_posted_twice(server, start_bot,
+                                                                      lost_answer):
+    """Row 14: Discord took the upload but the answer never came back (later than the client
+    waits, or the connection dropped); the retry used to post a second image."""
+    adapter = await start_bot(clock=lambda: time.time() + 15 * 60,  # the token is gone
+                              post_timeout_s=0.3)
+    dropped = lost_answer == "dropped"
+    server.answer_late("channel_message", 0.0 if dropped else 1.0, drop=dropped)
+    if "unreadable" in lost_answer:
+        server.fail_next("channel_history", 403, {"message": "Missing Access", "code": 50001},
+                         times=5)
+    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    await server.wait_for(lambda c: c.name == "channel_message")
+    await adapter.drain()
+
+    [message] = [m for m in server.channel_messages() if m["attachments"]]
+    assert message["attachments"][0]["filename"].endswith("-7.png")
+    record = (await jobs_in_journal(adapter, ALICE))[0]
+    assert record.delivered_to == f"discord:channel/{server.channel_id}/message/{message['id']}"
+    assert [c.name for c in server.calls_for(sent)] == ["interaction_callback"]
+    posts = [c for c in server.calls if c.name == "channel_message"]
+    looked = [c for c in server.calls if c.name == "channel_history"]
+    if "unreadable" in lost_answer:  # posted again: the nonce made Discord return the first
+        assert len(posts) == 2 and [c.status for c in looked] == [403]
+    else:  # found in the channel: not posted again
+        assert len(posts) == 1 and [c.status for c in looked] == [200]
+    assert len({c.json["nonce"] for c in posts}) == 1 and all(c.json["enforce_nonce"]
+                                                              for c in posts)

@@ -12,6 +12,10 @@ file bytes, the status answered, who the message would ping). Unknown routes ans
 recorded as ``unknown``, so a new call shows up in a test. ``fail_next`` injects one-shot
 failures (a 429 with ``retry_after``, a 5xx, a late acknowledgement); uploads above the
 interaction's ``attachment_size_limit`` are refused with 413 like the real API does.
+``answer_late`` takes a call but answers late (or never: the connection drops), as when an upload
+reached Discord and its answer was lost. A channel post with a ``nonce`` and ``enforce_nonce``
+seen before in that channel returns the message the first one made (Discord does so for a few
+minutes; the fake for ever), and ``GET /channels/{id}/messages`` lists a channel, newest first.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class FakeDiscord:
                                              dict[str, str]]]] = {}
         # interaction token -> (channel id, guild id or None, attachment size limit)
         self._where: dict[str, tuple[str, str | None, int]] = {}
+        self._late: dict[str, list[tuple[Callable[[Call], bool], float, bool]]] = {}
+        self.nonces: dict[tuple[str, str], str] = {}  # (channel id, nonce) -> message id
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -142,6 +148,18 @@ class FakeDiscord:
                   when: Callable[[Call], bool] = lambda call: True) -> None:
         """Close the connection instead of answering (a network error; recorded as status 0)."""
         self.fail_next(name, 0, times=times, when=when)
+
+    def answer_late(self, name: str, delay_s: float, *, drop: bool = False, times: int = 1,
+                    when: Callable[[Call], bool] = lambda call: True) -> None:
+        """Handle the next ``times`` calls of ``name`` matching ``when`` (a message is made),
+        then answer after ``delay_s`` (``drop``: close the connection instead)."""
+        self._late.setdefault(name, []).extend([(when, delay_s, drop)] * times)
+
+    def channel_messages(self, channel_id: str | None = None) -> list[dict[str, Any]]:
+        """The messages in a channel (default: the guild's), oldest first; no ephemeral ones."""
+        channel = channel_id or self.channel_id
+        return [m for m in self.messages.values()
+                if m["channel_id"] == channel and not m["flags"] & 64]
 
     async def wait_for(self, predicate: Callable[[Call], bool], timeout: float = 5.0) -> Call:
         """The first recorded call matching ``predicate``, waiting for it if needed."""
@@ -256,6 +274,7 @@ class FakeDiscord:
             ("PATCH", r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)/messages/(?P<mid>\d+)",
              "edit_followup"),
             ("POST", r"/channels/(?P<channel>\d+)/messages", "channel_message"),
+            ("GET", r"/channels/(?P<channel>\d+)/messages", "channel_history"),
         ]
     ]
 
@@ -274,6 +293,10 @@ class FakeDiscord:
         status, answer, headers = self._answer(call, params)
         call.status = status
         await self._record(call)
+        late = self._late_answer(call)
+        if late is not None:
+            await asyncio.sleep(late[0])
+            status = 0 if late[1] else status
         if status == 0 and request.transport is not None:
             request.transport.close()  # the client sees the server disconnect
         return payloads.json_response(status or 500, answer, headers)
@@ -282,6 +305,14 @@ class FakeDiscord:
         async with self._changed:
             self.calls.append(call)
             self._changed.notify_all()
+
+    def _late_answer(self, call: Call) -> tuple[float, bool] | None:
+        queued = self._late.get(call.name, [])
+        for index, (when, delay_s, drop) in enumerate(queued):
+            if when(call):
+                del queued[index]
+                return delay_s, drop
+        return None
 
     def _answer(self, call: Call, params: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
         queued = self._failures.get(call.name, [])
@@ -365,8 +396,19 @@ class FakeDiscord:
         return self._edit(message, call)
 
     def _on_channel_message(self, call: Call, params: dict[str, str]) -> Any:
-        return self._new_message(None, call.json or {}, call.files,
-                                 channel_id=params["channel"])
+        payload = call.json or {}
+        key = (params["channel"], str(payload.get("nonce")))
+        if payload.get("enforce_nonce") and key in self.nonces:
+            return self.messages[self.nonces[key]]  # the first post's message, not a new one
+        created = self._new_message(None, payload, call.files, channel_id=params["channel"])
+        if payload.get("nonce") is not None:
+            created["nonce"] = payload["nonce"]
+            self.nonces[key] = created["id"]
+        return created
+
+    def _on_channel_history(self, call: Call, params: dict[str, str]) -> Any:
+        limit = int(call.query.get("limit", 50))
+        return list(reversed(self.channel_messages(params["channel"])))[:limit]
 
     # -- messages ----------------------------------------------------------------------------
     def _new_message(self, where: str | None, payload: dict[str, Any], files: list[Upload],
