@@ -373,10 +373,14 @@ class Engine:
                 self._recovered.remove(job)  # its PNG leaves memory with it
 
     def _retire(self, job: Job) -> None:
-        """A job just ended: keep it for a while, then let it go (its record stays)."""
+        """A job just ended: keep it for a while, then let it go (its record stays). A
+        recovered job stays in ``_recovered`` until it is delivered or given up: it may have
+        ended before its adapter started and asked for it."""
         self._terminal.append(job)
         while len(self._terminal) > KEEP_FINISHED_JOBS:
-            self._forget(self._terminal.popleft())
+            old = self._terminal.popleft()
+            if not old.recovered:
+                self._jobs.pop(old.id, None)
 
     # -- running ---------------------------------------------------------------------------
     async def _schedule(self) -> None:

@@ -129,6 +129,26 @@ async def test_recovered_jobs_are_let_go_once_delivered(engine_factory, config, 
     assert all(again.get_job(j.id) is None for j in jobs)
 
 
+async def test_recovered_jobs_that_finish_before_their_adapter_starts_stay_to_be_delivered(
+        engine_factory, backend):
+    """Found by the load test: a restarted engine runs its recovered jobs at once, before the
+    adapters ask for them; once more than KEEP_FINISHED_JOBS had finished, the first ones were
+    forgotten with their result and never delivered."""
+    from engine.engine import KEEP_FINISHED_JOBS
+
+    engine = await engine_factory()
+    engine.pause()
+    jobs = [await engine.submit(discord_user(str(i)), make_request(f"p{i}"), ORIGIN)
+            for i in range(KEEP_FINISHED_JOBS + 5)]
+    await engine.shutdown(grace_s=1)
+    again = await engine_factory()  # runs them all before anyone asks
+    for job in list(again._recovered):
+        await job.wait()
+    recovered = again.recovered_jobs("discord")
+    assert [j.id for j in recovered] == [j.id for j in jobs]
+    assert all(j.result_now is not None for j in recovered)
+
+
 async def test_a_job_id_collision_draws_another_id(engine_factory, monkeypatch):
     """Row 8: a repeated id raised a bare ValueError from the store."""
     engine = await engine_factory()
