@@ -128,7 +128,10 @@ class DiscordAdapter:
         result offered again): its result goes to its channel, mentioning its user."""
         assert self.follower is not None, "start() first"
         try:
-            reply = Reply.for_origin(job.origin, job.user.user_id)
+            # Only a job that had ended can have been posted already; one that was queued or
+            # running is not looked for (a history read each would crowd Discord's limits).
+            reply = Reply.for_origin(job.origin, job.user.user_id,
+                                     look_first=job.status.is_terminal)
         except (TypeError, ValueError):  # a journal row without a usable channel id
             log.error("job %s has no channel to deliver to: %r", job.id, job.origin)
             return
@@ -210,18 +213,20 @@ class DiscordAdapter:
     async def imagine(self, interaction: discord.Interaction, text: str,
                       options: dict[str, Any]) -> None:
         """Parse (errors before any acknowledgement), defer at once, then queue."""
+        limits = self.config.limits
+        parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
+        request = parsed.to_request(limits, self.rng)
+        await interaction.response.defer(thinking=True)
         async with self._until_answered(interaction):
-            limits = self.config.limits
-            parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
-            request = parsed.to_request(limits, self.rng)
-            await interaction.response.defer(thinking=True)
             await self._submit(interaction, request, render.conflicts_note(overridden))
 
     @contextlib.asynccontextmanager
     async def _until_answered(self, interaction: discord.Interaction) -> AsyncIterator[None]:
-        """The interaction stays in the journal until its job is there or its refusal was
-        sent; an error is reported here. A cancellation (shutdown, crash) leaves it for the
-        next start to answer."""
+        """A deferred interaction stays in the journal until its job is there or its refusal
+        was sent; an error is reported here. A cancellation (shutdown, crash) leaves it for
+        the next start to answer. Written after the deferral, not before: only a deferred
+        response can be edited after a restart, and the journal's synced write stays out of
+        Discord's 3-second acknowledgement."""
         pending = pending_of(interaction)
         await self.engine.pending.add(pending)
         try:
@@ -304,19 +309,19 @@ class DiscordAdapter:
             return False
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
-        if action != "cancel":
-            await self._resubmit(interaction, action)
-            return
         try:
-            await self._cancel(interaction, job_id)
+            if action == "cancel":
+                await self._cancel(interaction, job_id)
+            else:
+                await self._resubmit(interaction, action)
         except Exception as exc:  # discord.py would only log it; the user must hear back
             await self.report_error(interaction, exc)
 
     async def _resubmit(self, interaction: discord.Interaction, action: str) -> None:
         """Re-roll or More: a new job from the pressed one's request (see ``imagine``)."""
+        request = self._variant(interaction.extras["request"], action)
+        await interaction.response.defer(thinking=True)
         async with self._until_answered(interaction):
-            request = self._variant(interaction.extras["request"], action)
-            await interaction.response.defer(thinking=True)
             await self._submit(interaction, request)
 
     def _variant(self, request: ImageRequest, action: str) -> ImageRequest:

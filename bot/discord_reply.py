@@ -61,11 +61,12 @@ class Reply:
                    filesize_limit=interaction.filesize_limit, interaction=interaction, note=note)
 
     @classmethod
-    def for_origin(cls, origin: Origin, user_id: str) -> Reply:
-        """For a job restored from the journal: no token any more, so the channel."""
+    def for_origin(cls, origin: Origin, user_id: str, *, look_first: bool = True) -> Reply:
+        """For a job restored from the journal: no token any more, so the channel.
+        ``look_first``: its result may have been posted by the process before (it had ended)."""
         limit = origin.extra.get("filesize_limit") or DEFAULT_FILE_LIMIT
         return cls(channel_id=int(origin.chat_id), user_id=int(user_id), filesize_limit=int(limit),
-                   look_first=True)
+                   look_first=look_first)
 
     def token_alive(self, now: float) -> bool:
         if self.interaction is None:
