@@ -15,6 +15,7 @@ commands that got past the caps are accepted until the limit and refused after i
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import sqlite3
@@ -46,6 +47,7 @@ class Command:
     outcome: str = "unanswered"
     start_at: float | None = None  # when the bot could first see it (Telegram: served)
     ack_at: float | None = None
+    group: bool = False  # sent into the flooding Telegram group (``Scenario.group_users``)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class JournalRow:
     seed: int
     status: str
     delivered: bool
+    created_at: float = 0.0  # the bot's wall clock
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass
@@ -94,6 +99,13 @@ class Counts:
     uploads_by_life: Counter[int] = field(default_factory=Counter)
     ack: dict[str, Latency] = field(default_factory=dict)
     ack_full: dict[str, Latency] = field(default_factory=dict)
+    cancelled: int = 0
+    delivered_after_cancel: int = 0  # a cancelled job whose image was posted (re-run)
+    twice_allowed: int = 0  # uploaded but not marked when a SIGKILL hit: may come again
+    group_sent: int = 0
+    group_accepted: int = 0
+    group_refusals_dropped: int = 0  # the flooding group's refusals the outbox let go
+    throughput: dict[str, float] = field(default_factory=dict)  # queue depth band -> jobs/s
 
 
 def read_journal(path: str) -> list[JournalRow]:
@@ -101,16 +113,19 @@ def read_journal(path: str) -> list[JournalRow]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         rows = db.execute("SELECT job_id, platform, user_id, origin_json, request_json, status,"
-                          " delivered_at FROM jobs ORDER BY seq").fetchall()
+                          " delivered_at, created_at, started_at, finished_at FROM jobs"
+                          " ORDER BY seq").fetchall()
     finally:
         db.close()
     journal = []
-    for job_id, platform, user_id, origin_json, request_json, status, delivered_at in rows:
+    for (job_id, platform, user_id, origin_json, request_json, status, delivered_at,
+         created_at, started_at, finished_at) in rows:
         origin = json.loads(origin_json)
         key = origin["message_id"] if platform == "discord" else (
             f"{origin['chat_id']}:{origin['message_id']}")
         journal.append(JournalRow(job_id, platform, user_id, key, json.loads(request_json)["seed"],
-                                  status, delivered_at is not None))
+                                  status, delivered_at is not None, created_at, started_at,
+                                  finished_at))
     return journal
 
 
@@ -138,26 +153,65 @@ def percentiles(values: list[float]) -> Latency:
 
 
 def count(commands: list[Command], journal: list[JournalRow], uploads: list[Upload], *,
-          limit: int, lives: list[float], full_window: tuple[float, float] | None) -> Counts:
+          limit: int, lives: list[float], full_window: tuple[float, float] | None,
+          twice_allowed: int = 0) -> Counts:
     """Tally a run. ``lives``: when each bot life started (an upload belongs to the last one
-    started before it); ``full_window``: when the queue was full (for the latency split)."""
-    c = Counts(sent=len(commands), jobs=len(journal))
+    started before it); ``full_window``: when the queue was full (for the latency split);
+    ``twice_allowed``: uploads not yet marked delivered when a SIGKILL hit (sent again after
+    the restart: delivery is at least once across a SIGKILL, docs/reliability.md)."""
+    c = Counts(sent=len(commands), jobs=len(journal), twice_allowed=twice_allowed)
     rows_by_key: dict[str, list[JournalRow]] = defaultdict(list)
     for row in journal:
         rows_by_key[row.key].append(row)
     for command in commands:
         if rows_by_key.get(command.key):
             command.outcome = "accepted"
+        if command.group:  # a flood's refusals may be dropped by design: counted apart
+            c.group_sent += 1
+            c.group_accepted += command.outcome == "accepted"
+            c.group_refusals_dropped += command.outcome == "unanswered"
+            c.outcomes["accepted"] += command.outcome == "accepted"
+            continue
         c.outcomes[command.outcome] += 1
-    _expected(c, commands, limit)
+    _expected(c, [m for m in commands if not m.group], limit)
+    c.expected_accepted += c.group_accepted
+    c.users_over_limit += sum(n > limit for n in Counter(
+        m.user for m in commands if m.group and m.outcome == "accepted").values())
     _deliveries(c, journal, uploads, lives)
+    c.throughput = throughput_by_depth(journal)
     for platform in ("discord", "telegram"):
-        mine = [m for m in commands if m.platform == platform]
+        mine = [m for m in commands if m.platform == platform and not m.group]
         c.ack[platform] = percentiles(_waits(mine))
         if full_window is not None:
             during = [m for m in mine if full_window[0] <= m.sent_at <= full_window[1]]
             c.ack_full[platform] = percentiles(_waits(during))
     return c
+
+
+# Queue depth bands for the throughput comparison: a short queue (the next job is always ready,
+# so the GPU never waits) against a long one (issue 11: at 1,000 queued, at least 90 %).
+DEPTH_BANDS = {"1-20 queued": (1, 20), "1000+ queued": (1000, 10**9)}
+
+
+def throughput_by_depth(journal: list[JournalRow]) -> dict[str, float]:
+    """Jobs finished per second while the queue held a given number of waiting jobs.
+
+    Each finish is credited with the time since the previous finish, in the band of the
+    queue's depth at that moment (jobs created and not yet started). Bands with fewer than 20
+    finishes are left out (too few to say anything)."""
+    done = sorted(r.finished_at for r in journal if r.status == "finished" and r.finished_at)
+    created = sorted(r.created_at for r in journal)
+    started = sorted(r.started_at if r.started_at is not None else math.inf for r in journal)
+    result = {}
+    for name, (low, high) in DEPTH_BANDS.items():
+        n, seconds = 0, 0.0
+        for before, at in zip(done, done[1:], strict=False):
+            depth = bisect.bisect_right(created, at) - bisect.bisect_right(started, at)
+            if low <= depth <= high:
+                n, seconds = n + 1, seconds + (at - before)
+        if n >= 20 and seconds > 0:
+            result[name] = n / seconds
+    return result
 
 
 def _waits(commands: list[Command]) -> list[float]:
@@ -190,7 +244,11 @@ def _deliveries(c: Counts, journal: list[JournalRow], uploads: list[Upload],
         if row.status in ("queued", "running"):
             c.still_waiting += 1  # the journal still has it: it runs after the next start
             continue
-        c.lost += not mine and row.status != "cancelled"
+        if row.status == "cancelled":
+            c.cancelled += 1
+            c.delivered_after_cancel += bool(mine)
+            continue
+        c.lost += not mine
         c.delivered_once += len(mine) == 1
         c.delivered_twice += len(mine) > 1
         c.wrong_image += any(u.seed != str(row.seed) for u in mine)
@@ -208,14 +266,21 @@ def table(c: Counts, rss: list[tuple[str, int]], limit: int) -> str:
         ("refused by per-user queue cap", f"{o['user_cap']}"),
         ("refused by total queue cap", f"{o['total_cap']}"),
         ("other answers / unanswered", f"{o['other']} / {o['unanswered']}"),
+        ("cancelled / of them posted anyway", f"{c.cancelled} / {c.delivered_after_cancel}"),
         ("users with more than the limit accepted", f"{c.users_over_limit}"),
         ("jobs in journal / completed", f"{c.jobs} / {c.completed}"),
         ("delivered exactly once", f"{c.delivered_once}"),
         ("lost (ended, no upload)", f"{c.lost}"),
         ("still queued at the end", f"{c.still_waiting}"),
-        ("delivered twice or more", f"{c.delivered_twice}"),
+        ("delivered twice or more", f"{c.delivered_twice} (SIGKILL window: at most "
+                                    f"{c.twice_allowed})"),
         ("wrong image / uploaded but not marked delivered", f"{c.wrong_image} / {c.unmarked}"),
     ]
+    if c.group_sent:
+        rows.append(("flooding group: sent / accepted / refusals dropped",
+                     f"{c.group_sent} / {c.group_accepted} / {c.group_refusals_dropped}"))
+    for band, rate in c.throughput.items():
+        rows.append((f"throughput, {band}", f"{rate:.1f} jobs/s"))
     if len(c.uploads_by_life) > 1:
         lives = ", ".join(f"life {k}: {v}" for k, v in sorted(c.uploads_by_life.items()))
         rows.append(("uploads per bot life", lives))
@@ -247,11 +312,19 @@ def problems(c: Counts) -> list[str]:
     checks: list[tuple[int, str]] = [
         (c.users_over_limit, "users got more than the limit"), (o["other"], "other answers"),
         (o["unanswered"], "commands unanswered"),
-        (c.lost, "accepted jobs lost"), (c.jobs - c.completed, "jobs not completed"),
-        (c.delivered_twice, "jobs delivered twice"), (c.wrong_image, "wrong images"),
+        (c.lost, "accepted jobs lost"),
+        (c.jobs - c.completed - c.cancelled, "jobs not completed"),
+        (max(0, c.delivered_twice - c.twice_allowed),
+         "jobs delivered twice (outside the SIGKILL window)"),
+        (c.delivered_after_cancel, "cancelled jobs posted anyway"),
+        (c.wrong_image, "wrong images"),
         (c.unmarked, "uploads without a journal mark"), (c.jobs - o["accepted"],
                                                           "commands queued twice")]
     found += [f"{n} {what}" for n, what in checks if n]
+    short, long = (c.throughput.get(band) for band in DEPTH_BANDS)
+    if short and long and long < 0.9 * short:
+        found.append(f"throughput at 1,000+ queued {long:.1f} jobs/s < 90% of a short "
+                     f"queue's {short:.1f}")
     return found
 
 

@@ -1,14 +1,18 @@
 """Load test: many users send /imagine in bursts to Discord and Telegram at once; nothing is lost.
 
-    /work/venv/bin/python -m bench.load_test                  # both runs, 200 users, 1,000 commands
-    /work/venv/bin/python -m bench.load_test --run restart --users 20 --commands 100
+    .venv/bin/python -m bench.load_test                      # plain and restart, 1,000 commands each
+    .venv/bin/python -m bench.load_test --scenario all       # every fault below, ~15 minutes
+    .venv/bin/python -m bench.load_test --scenario outage --users 20 --commands 100
 
 The bot runs as its own process (``bench.load_bot_launcher``: the real ``python -m bot run`` on the
 dry-run backend) against the fake Discord and Telegram servers of ``tests/fakes``, which run here
 and record every call. Even users are on Discord (one guild channel), odd users on Telegram
 (private chats); ``Scenario.plan`` says who sends when; commands go out ``burst_size`` at a time,
-``burst_gap_s`` apart. The "restart" run SIGKILLs the bot after half the bursts and starts
-it again on the same database before sending the rest. ``bench.load_report`` counts the outcome.
+``burst_gap_s`` apart. ``SCENARIOS`` names the runs: "restart" SIGKILLs the bot after half
+the bursts and starts it again on the same database before sending the rest; others kill it
+twice, during its recovery, 0.2 s after a burst, SIGTERM it with a full queue or uploads in
+flight, take the platforms' uploads down for 60 s, answer uploads after the client's timeout,
+flood one Telegram group, or fill a 2,000-job queue. ``bench.load_report`` counts the outcome.
 
 Acknowledgement latency: Discord, from the INTERACTION_CREATE dispatch to the deferral callback;
 Telegram, from the update being served by getUpdates to the bot's first reply to that message
@@ -65,6 +69,28 @@ class Scenario:
     # ...at the moment a fake has just taken an upload (before the bot can journal it)
     kill_on_upload: bool = False
     settle_timeout_s: float = 300.0
+    # What else happens, as (after this fraction of the bursts, action); the actions are
+    # ``LoadRun.ACTIONS``' keys. ``restart`` above is (0.5, "kill").
+    events: tuple[tuple[float, str], ...] = ()
+    outage_s: float = 60.0  # "outage": uploads answered 503 for this long
+    slow_answer_s: float = 4.0  # "slow": Telegram takes a photo, answers this late
+    slow_uploads: int = 20  # ... for this many photos
+    read_timeout_s: float = 20.0  # the bot's telegram.read_timeout_s
+    cancels: int = 0  # Telegram users who send /cancel for their latest job after "cancel"
+    # One Telegram group floods this many commands (from ``group_users`` members) at the start.
+    group_commands: int = 0
+    group_users: int = 5
+    delivery_max_delay_s: float = 5.0  # [delivery] max_delay_s: background retries' period
+
+    def schedule(self, bursts: int) -> dict[int, list[str]]:
+        """Burst number (1-based) -> actions to take right after sending it."""
+        events = list(self.events)
+        if self.restart:
+            events.append((0.5, "kill-on-upload" if self.kill_on_upload else "kill"))
+        plan: dict[int, list[str]] = {}
+        for fraction, action in events:
+            plan.setdefault(max(1, min(bursts, round(fraction * bursts))), []).append(action)
+        return plan
 
     def plan(self) -> list[int]:
         """Who sends each command, in sending order.
@@ -120,8 +146,8 @@ def write_config(s: Scenario, workdir: Path, tg: FakeTelegramServer) -> None:
         "rate_limit": {"images_per_window": s.images_per_window, "window_s": s.window_s},
         "discord": {"token": "fake-discord-token"},
         "telegram": {"token": TG_TOKEN, "base_url": tg.base_url,
-                     "base_file_url": tg.base_file_url},
-        "delivery": {"attempts": 5, "first_delay_s": 0.5},
+                     "base_file_url": tg.base_file_url, "read_timeout_s": s.read_timeout_s},
+        "delivery": {"attempts": 5, "first_delay_s": 0.5, "max_delay_s": s.delivery_max_delay_s},
         "console": {"enabled": "never"},
     }
     lines = []
@@ -141,7 +167,9 @@ class LoadRun:
         self.commands: list[Command] = []
         self.lives: list[BotProcess] = []
         self.rss: list[tuple[str, int]] = []
-        self.at_kill: dict[str, int] = {}
+        self.at_kill: Counter[str] = Counter()  # the journal at each SIGKILL/SIGTERM, summed
+        self.twice_allowed = 0
+        self.problems: list[str] = []
 
     async def run(self) -> RunResult:
         started = time.monotonic()
@@ -152,19 +180,24 @@ class LoadRun:
             write_config(self.s, self.workdir, self.tg)
             stack.push_async_callback(self._stop_bot)
             await self._start_life()
+            self._flood_group()
             bursts = self.s.bursts()
+            schedule = self.s.schedule(len(bursts))
             for number, burst in enumerate(bursts, start=1):
                 await self._send(burst)
-                await asyncio.sleep(self.s.burst_gap_s)
-                if self.s.restart and number == len(bursts) // 2:
-                    await self._kill_and_restart()
+                actions = schedule.get(number, [])
+                for action in (a for a in actions if a in self.AT_ONCE):
+                    await self.ACTIONS[action](self)
+                await asyncio.sleep(self.s.burst_gap_s)  # the others: once it was answered
+                for action in (a for a in actions if a not in self.AT_ONCE):
+                    await self.ACTIONS[action](self)
             await self._settle()
             rss, peak = self.lives[-1].memory_kib()
             self.rss += [(f"after (life {len(self.lives)})", rss),
                          (f"peak (life {len(self.lives)})", peak)]
             counts = self._count()
             self._dump()
-        return RunResult(self.s, counts, report.problems(counts), self.rss, self.at_kill,
+        return RunResult(self.s, counts, self.problems + report.problems(counts), self.rss, dict(self.at_kill),
                          time.monotonic() - started)
 
     async def _start_life(self) -> None:
@@ -184,33 +217,115 @@ class LoadRun:
         if self.lives:
             await self.lives[-1].stop()
 
-    async def _kill_and_restart(self) -> None:
+    # -- what happens to the bot (``Scenario.events``) ---------------------------------------
+    async def _kill(self) -> None:
+        """SIGKILL, note what the journal had, start the next life."""
         bot = self.lives[-1]
         rss, peak = bot.memory_kib()
         life = len(self.lives)
         self.rss += [(f"at SIGKILL (life {life})", rss), (f"peak (life {life})", peak)]
-        if self.s.kill_on_upload:
-            await self._next_upload()
         await bot.kill()
+        await self._note_journal("SIGKILL")
+        await self._start_life()
+
+    async def _kill_on_upload(self) -> None:
+        await self._next_upload()
+        await self._kill()
+
+    async def _kill_soon(self) -> None:
+        """0.2 s after the burst: commands received, not all journalled yet."""
+        await asyncio.sleep(0.2)
+        await self._kill()
+
+    async def _kill_in_recovery(self) -> None:
+        """SIGKILL, start, and SIGKILL again 0.1 s after the new life is ready (while it is
+        re-queueing and re-delivering what the first one left)."""
+        await self._kill()
+        await asyncio.sleep(0.1)
+        await self._kill()
+
+    async def _term(self) -> None:
+        """SIGTERM (the clean shutdown), wait for the exit, start the next life."""
+        bot = self.lives[-1]
+        await self._note_journal("SIGTERM")
+        code = await bot.stop(timeout=60)
+        if code != 0:
+            self.problems.append(f"the bot exited with {code} after SIGTERM")
+        await self._start_life()
+
+    async def _term_on_upload(self) -> None:
+        await self._next_upload()
+        await self._term()
+
+    async def _outage(self) -> None:
+        """Uploads fail with 503 on both platforms for ``outage_s`` (the run goes on)."""
+        until = time.monotonic() + self.s.outage_s
+        for method in ("sendPhoto", "sendDocument"):
+            self.tg.outage(method, until)
+        for route in ("edit_original", "followup", "channel_message"):
+            self.discord.fail_next(route, 503, times=1_000_000,
+                                   when=lambda call: bool(call.files)
+                                   and time.monotonic() < until)
+
+    async def _slow(self) -> None:
+        """The next photos are taken by Telegram but answered after the client's timeout."""
+        self.tg.slow_next("sendPhoto", self.s.slow_answer_s, times=self.s.slow_uploads)
+
+    async def _cancel(self) -> None:
+        """The first ``cancels`` Telegram users who have a job send /cancel (their latest)."""
+        users = sorted({c.user for c in self.commands
+                        if c.platform == "telegram" and not c.group})[:self.s.cancels]
+        for user in users:
+            uid = TG_USER_BASE + user
+            self.tg.message("/cancel", chat_id=uid, user_id=uid, first_name=f"load{user}")
+
+    ACTIONS = {"kill": _kill, "kill-on-upload": _kill_on_upload, "kill-soon": _kill_soon,
+               "kill-in-recovery": _kill_in_recovery, "term": _term,
+               "term-on-upload": _term_on_upload, "outage": _outage, "slow": _slow,
+               "cancel": _cancel}
+    AT_ONCE = {"kill-soon", "cancel"}  # right after the burst, not after the gap
+
+    async def _note_journal(self, how: str) -> None:
+        """The journal as the bot left it. An image the platform has but the journal does not
+        know was delivered is sent again after a SIGKILL (delivery is at least once across a
+        SIGKILL): those may come twice."""
         journal = await asyncio.to_thread(report.read_journal, str(self.workdir / "bot.sqlite3"))
-        self.at_kill = dict(Counter(
-            "delivered" if r.delivered else f"{r.status}, not delivered" for r in journal))
-        # An image the platform has but the journal does not know was delivered: it will be
-        # sent again after the restart (delivery is at least once).
+        state = Counter(f"delivered (at {how})" if r.delivered else
+                        f"{r.status}, not delivered (at {how})" for r in journal)
         marked = {r.job_id for r in journal if r.delivered}
         unmarked = {u.job_id: u.platform for u in self._uploads() if u.job_id not in marked}
         for name in ("discord", "telegram"):
-            self.at_kill[f"uploaded to {name}, not marked"] = sum(
+            state[f"uploaded to {name}, not marked (at {how})"] = sum(
                 1 for p in unmarked.values() if p == name)
-        await self._start_life()
+        self.at_kill.update(state)
+        if how == "SIGKILL":
+            self.twice_allowed += len(unmarked)
 
-    async def _next_upload(self) -> None:
+    async def _next_upload(self, timeout: float = 30.0) -> None:
+        """Return the moment a fake has taken an image (polled every millisecond)."""
         seen = (len(self.discord.calls), len(self.tg.calls))
-        while True:
-            await asyncio.sleep(0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if any(c.files and c.status == 200 for c in self.discord.calls[seen[0]:]) or any(
                     c.method == "sendPhoto" and c.status == 200 for c in self.tg.calls[seen[1]:]):
                 return
+            await asyncio.sleep(0.001)
+        self.problems.append(f"no upload came within {timeout:.0f} s to aim the fault at")
+
+    def _flood_group(self) -> None:
+        """One Telegram group sends ``group_commands`` at once, its members taking turns."""
+        chat = -(TG_USER_BASE + 999_999)
+        for n in range(self.s.group_commands):
+            member = 1_000_000 + n % self.s.group_users
+            uid = TG_USER_BASE + member
+            text = (f"/imagine group {n} --seed {n} --steps {self.s.steps} "
+                    f"--size {self.s.size}")
+            message = self.tg.message(text, chat_id=chat, user_id=uid, chat_type="group",
+                                      first_name=f"member{member}")
+            key = f"{chat}:{message['message_id']}"
+            self.commands.append(Command(-1 - n, member, "telegram", key, time.monotonic(),
+                                         update_id=self.tg.update_of[(chat, message['message_id'])],
+                                         group=True))
 
     async def _send(self, burst: list[tuple[int, int]]) -> None:
         for index, user in burst:
@@ -278,8 +393,19 @@ class LoadRun:
         return self._uploads()
 
     def _uploads(self) -> list[report.Upload]:
-        uploads = [report.upload_of(f.filename, f.data, call.at, "discord")
-                   for call in self.discord.calls if call.status == 200 for f in call.files]
+        # A channel post Discord answered with the message its nonce already made is no
+        # second message (``enforce_nonce``): each nonce counts once.
+        nonces: set[str] = set()
+        uploads = []
+        for call in self.discord.calls:
+            nonce = call.json.get("nonce") if isinstance(call.json, dict) else None
+            if call.status != 200 or (nonce and call.name == "channel_message"
+                                      and nonce in nonces):
+                continue
+            if nonce and call.name == "channel_message":
+                nonces.add(nonce)
+            uploads += [report.upload_of(f.filename, f.data, call.at, "discord")
+                        for f in call.files]
         for call in self.tg.calls:
             if call.method in ("sendPhoto", "sendDocument") and call.status == 200:
                 name = "photo" if call.method == "sendPhoto" else "document"
@@ -299,7 +425,8 @@ class LoadRun:
         full = sorted(c.sent_at for c in self.commands if c.outcome == "total_cap")
         window = (full[0], full[-1]) if full else None
         return report.count(self.commands, journal, uploads, limit=self.s.images_per_window,
-                            lives=[b.started_at for b in self.lives], full_window=window)
+                            lives=[b.started_at for b in self.lives], full_window=window,
+                            twice_allowed=self.twice_allowed)
 
 
 async def run_load(scenario: Scenario, workdir: Path | None = None) -> RunResult:
@@ -341,39 +468,71 @@ def describe(result: RunResult, title: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Scenario]:
+# The named runs (``--scenario``). Sizes are chosen so that each takes a minute or two here.
+_KILLS = dict(users=100, commands=400, burst_size=40, burst_gap_s=1.0)
+SCENARIOS: dict[str, tuple[str, Scenario]] = {
+    "plain": ("one bot life", Scenario()),
+    "restart": ("SIGKILL halfway, restart", Scenario(restart=True)),
+    "kill-on-upload": ("SIGKILL the moment a platform took an upload",
+                       Scenario(restart=True, kill_on_upload=True)),
+    "kill-in-recovery": ("SIGKILL halfway, and again 0.1 s after the restart (in recovery)",
+                         Scenario(**_KILLS, events=((0.5, "kill-in-recovery"),))),
+    "two-kills": ("two SIGKILLs one burst apart",
+                  Scenario(**_KILLS, events=((0.4, "kill"), (0.5, "kill")))),
+    "kill-after-burst": ("SIGKILL 0.2 s after a burst (commands received, not all journalled)",
+                         Scenario(**_KILLS, events=((0.5, "kill-soon"),))),
+    "term-full-queue": ("SIGTERM with the queue full and cancels just before it",
+                        Scenario(users=100, commands=400, burst_size=100, burst_gap_s=0.5,
+                                 images_per_window=1000, max_queue_per_user=10,
+                                 max_queue_total=100, step_s=0.05, cancels=10,
+                                 events=((0.5, "cancel"), (0.5, "term")))),
+    "term-uploads": ("SIGTERM the moment a platform took an upload (uploads in flight)",
+                     Scenario(**_KILLS, events=((0.5, "term-on-upload"),))),
+    "outage": ("uploads fail with 503 on both platforms for 60 s",
+               Scenario(**_KILLS, events=((0.2, "outage"),))),
+    "slow-uploads": ("20 photos answered 4 s late, after the client's 2 s timeout",
+                     Scenario(**_KILLS, read_timeout_s=2.0, events=((0.2, "slow"),))),
+    "group-flood": ("one Telegram group floods 300 commands while other chats are served",
+                    Scenario(users=100, commands=300, burst_size=20, burst_gap_s=1.0,
+                             group_commands=300, group_users=5)),
+    "queue-2000": ("max_queue_total 2000 with 2,000 commands",
+                   Scenario(users=400, commands=2000, burst_size=250, burst_gap_s=0.2,
+                            images_per_window=5, max_queue_per_user=5, max_queue_total=2000,
+                            step_s=0.005, settle_timeout_s=600)),
+}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Scenario]]:
     d = Scenario()
-    p = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__)
-    p.add_argument("--run", choices=["plain", "restart", "both"], default="both")
-    p.add_argument("--users", type=int, default=d.users)
-    p.add_argument("--commands", type=int, default=d.commands)
-    p.add_argument("--burst-size", type=int, default=d.burst_size)
-    p.add_argument("--burst-gap", type=float, default=d.burst_gap_s)
-    p.add_argument("--images-per-window", type=int, default=d.images_per_window)
-    p.add_argument("--max-queue-per-user", type=int, default=d.max_queue_per_user)
-    p.add_argument("--max-queue-total", type=int, default=d.max_queue_total)
-    p.add_argument("--step-s", type=float, default=d.step_s)
-    p.add_argument("--kill-on-upload", action="store_true",
-                   help="restart run: SIGKILL right after a fake took an upload")
+    p = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", nargs="+", default=["plain", "restart"],
+                   choices=[*SCENARIOS, "all"], help="which runs (default: plain restart)")
+    p.add_argument("--users", type=int, help=f"default {d.users} (or the scenario's)")
+    p.add_argument("--commands", type=int)
+    p.add_argument("--burst-size", type=int)
+    p.add_argument("--burst-gap", type=float, dest="burst_gap_s")
+    p.add_argument("--images-per-window", type=int)
+    p.add_argument("--max-queue-per-user", type=int)
+    p.add_argument("--max-queue-total", type=int)
+    p.add_argument("--step-s", type=float)
     p.add_argument("--workdir", type=Path, help="keep the database, outputs and bot logs here")
     a = p.parse_args(argv)
-    return a, Scenario(users=a.users, commands=a.commands, burst_size=a.burst_size,
-                       burst_gap_s=a.burst_gap, images_per_window=a.images_per_window,
-                       max_queue_per_user=a.max_queue_per_user,
-                       max_queue_total=a.max_queue_total, step_s=a.step_s,
-                       kill_on_upload=a.kill_on_upload)
+    names = list(SCENARIOS) if "all" in a.scenario else a.scenario
+    overrides = {k: v for k, v in vars(a).items()
+                 if k not in ("scenario", "workdir") and v is not None}
+    return a, {name: replace(SCENARIOS[name][1], **overrides) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, scenario = parse_args(argv)
+    args, scenarios = parse_args(argv)
     print(f"python -m bench.load_test {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}\n")
-    runs = {"plain": [False], "restart": [True], "both": [False, True]}[args.run]
     failed = False
-    for restart in runs:
-        title = "Run 2: SIGKILL halfway, restart" if restart else "Run 1: one bot life"
-        workdir = args.workdir / ("restart" if restart else "plain") if args.workdir else None
-        result = asyncio.run(run_load(replace(scenario, restart=restart), workdir))
+    for name, scenario in scenarios.items():
+        title = f"{name}: {SCENARIOS[name][0]}"
+        workdir = args.workdir / name if args.workdir else None
+        result = asyncio.run(run_load(scenario, workdir))
         print(describe(result, title) + "\n", flush=True)
         failed |= bool(result.problems)
     return 1 if failed else 0

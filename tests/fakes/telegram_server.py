@@ -97,6 +97,7 @@ class FakeTelegramServer:
         self._messages: dict[tuple[int, int], dict[str, Any]] = {}
         self._failures: dict[str, list[_Failure]] = {}
         self._slow: dict[str, list[float]] = {}
+        self._down: dict[str, float] = {}  # method -> monotonic time its outage ends
         # called with the update ids a getUpdates offset confirms, as it confirms them
         self.on_confirm: Callable[[list[int]], None] | None = None
         self.sent_updates: dict[int, dict[str, Any]] = {}
@@ -226,6 +227,10 @@ class FakeTelegramServer:
         async with self._changed:
             self._changed.notify_all()
 
+    def outage(self, method: str, until: float) -> None:
+        """Every call of ``method`` fails with 503 until ``until`` (``time.monotonic()``)."""
+        self._down[method] = until
+
     def slow_next(self, method: str, seconds: float, *, times: int = 1) -> None:
         """The next ``times`` calls of ``method`` are carried out (a photo is posted) but
         answered only after ``seconds``, as Telegram does under load."""
@@ -236,6 +241,8 @@ class FakeTelegramServer:
         params, files = await _read_body(request)
         call = Call(method=method, token=request.match_info["token"], params=params, files=files)
         failures = self._failures.get(method)
+        if time.monotonic() < self._down.get(method, 0.0):
+            failures = [_Failure(503, "Service Unavailable", None)]
         if failures:
             failure = failures.pop(0)
             call.status = failure.status
