@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from telegram import BotCommand, CallbackQuery, Message, ReplyParameters, Update
 from telegram.constants import MessageLimit
@@ -46,6 +47,7 @@ from engine.engine import AlreadyAccepted, Engine
 from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
 from engine.job import Job
+from engine.pending import PendingReply
 from engine.request import Origin, User
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ RATE_LIMIT_RETRIES = 3  # the rate limiter waits out a 429's retry_after this ma
 # Telegram unreachable at start: the first retry after this many seconds, doubling up to the max.
 RECONNECT_FIRST_S = 5.0
 RECONNECT_MAX_S = 300.0
+# An answer the last run decided but could not post is posted after a restart up to this old.
+LEFT_OVER_REPLY_S = 600.0
 # Loggers that see this adapter's requests and errors. httpx logs every request URL, and the URL
 # holds the token; an exception text might too. The filter masks the token at the source, also
 # where no root-handler filter (bot.secrets_filter.install_secret_filter) is installed.
@@ -122,6 +126,7 @@ class TelegramAdapter:
         except BaseException:
             await self._close_application()
             raise
+        await self._post_left_over_replies(app.bot)
         for job in self.engine.recovered_jobs("telegram"):
             self._follow(job, announce=False)
         log.info("telegram: connected as @%s", app.bot.username)
@@ -380,14 +385,42 @@ class TelegramAdapter:
         thread_id = message.message_thread_id if message.is_topic_message else None
         bot = message.get_bot()
 
+        if droppable:  # /help, /queue, /limits: asked again if lost
+            self._post_reply(bot, message.chat_id, message.message_id, thread_id, text,
+                             droppable=True)
+            return
+        # A refusal or an error: journalled before the handler returns (and so before the
+        # update is confirmed), so a crash before it is posted still answers the command.
+        pending = PendingReply(f"telegram:{message.chat_id}:{message.message_id}", "telegram",
+                               str(message.chat_id), str(message.message_id), text,
+                               str(thread_id or ""), self.engine.clock())
+        await self.engine.pending_replies.add(pending)
+        self._post_reply(bot, message.chat_id, message.message_id, thread_id, text,
+                         done=lambda: self.engine.pending_replies.remove(pending.reply_key))
+
+    def _post_reply(self, bot: Any, chat_id: int, reply_to: int, thread_id: int | None,
+                    text: str, *, droppable: bool = False,
+                    done: Callable[[], Awaitable[None]] | None = None) -> None:
         def send() -> Awaitable[object]:
             return bot.send_message(
-                message.chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
-                reply_parameters=ReplyParameters(message.message_id,
-                                                 allow_sending_without_reply=True),
+                chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
+                reply_parameters=ReplyParameters(reply_to, allow_sending_without_reply=True),
                 message_thread_id=thread_id, rate_limit_args=ACK)
 
-        self.outbox.post(message.chat_id, send, droppable=droppable)
+        self.outbox.post(chat_id, send, droppable=droppable, done=done)
+
+    async def _post_left_over_replies(self, bot: Any) -> None:
+        """Answers the last run decided but did not post (it stopped first): posted now,
+        if they are at most ``LEFT_OVER_REPLY_S`` old."""
+        replies = await self.engine.pending_replies.take(
+            "telegram", since=self.engine.clock() - LEFT_OVER_REPLY_S)
+        for reply in replies:
+            key = reply.reply_key
+            self._post_reply(bot, int(reply.chat_id), int(reply.reply_to),
+                             int(reply.thread_id) if reply.thread_id else None, reply.text,
+                             done=lambda key=key: self.engine.pending_replies.remove(key))
+        if replies:
+            log.info("telegram: posting %d answers the last run left unposted", len(replies))
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 Send = Callable[[], Awaitable[object]]
+Done = Callable[[], Awaitable[None]]  # a reply is out of the outbox: posted, failed or dropped
 
 
 class ChatOutbox:
@@ -28,20 +29,26 @@ class ChatOutbox:
         self.max_waiting = max_waiting
         self.refusal_interval_s = refusal_interval_s
         self.dropped = 0
-        self._waiting: dict[int, deque[tuple[Send, bool]]] = {}
+        self._waiting: dict[int, deque[tuple[Send, bool, Done | None]]] = {}
         self._senders: dict[int, asyncio.Task[None]] = {}
         self._last_refusal: dict[tuple[int, str], float] = {}
+        self._background: set[asyncio.Task[None]] = set()  # ``done`` of dropped replies
         self._closed = False
 
-    def post(self, chat_id: int, send: Send, *, droppable: bool = False) -> None:
-        """Queue ``send`` for the chat; the chat's task runs it after the earlier ones."""
+    def post(self, chat_id: int, send: Send, *, droppable: bool = False,
+             done: Done | None = None) -> None:
+        """Queue ``send`` for the chat; the chat's task runs it after the earlier ones.
+        ``done`` is awaited once the reply has left the outbox, whichever way."""
         if self._closed:
             return
         waiting = self._waiting.setdefault(chat_id, deque())
-        waiting.append((send, droppable))
+        waiting.append((send, droppable, done))
         while len(waiting) > self.max_waiting:
             victim = next((item for item in waiting if item[1]), waiting[0])
             waiting.remove(victim)
+            if victim[2] is not None:
+                self._background.add(asyncio.create_task(victim[2]()))
+                self._background = {t for t in self._background if not t.done()}
             self.dropped += 1
             log.info("telegram: chat %s has more replies waiting than it may receive; "
                      "dropped the oldest", chat_id)
@@ -65,13 +72,18 @@ class ChatOutbox:
         waiting = self._waiting[chat_id]
         try:
             while waiting:
-                send, _ = waiting.popleft()
+                send, _, done = waiting.popleft()
                 try:
                     await send()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a reply that cannot be posted: logged, not retried
                     log.info("telegram: a reply in chat %s failed: %s", chat_id, exc)
+                if done is not None:
+                    try:
+                        await done()
+                    except Exception:
+                        log.exception("telegram: after a reply in chat %s", chat_id)
         finally:
             self._senders.pop(chat_id, None)
             if not waiting:

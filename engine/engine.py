@@ -43,7 +43,7 @@ from engine.job import (
     Queued,
     Started,
 )
-from engine.pending import PendingInteractions
+from engine.pending import PendingInteractions, PendingReplies
 from engine.png import encode_png
 from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
@@ -95,6 +95,7 @@ class Engine:
         self.clock = clock
         self.store = Store(config.engine.database)
         self.pending = PendingInteractions(self.store)  # commands not yet answered
+        self.pending_replies = PendingReplies(self.store)  # answers not yet posted
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock)
         self._worker = GpuWorker(self.backend)
         self._queue: FairQueue[Job] = FairQueue()

@@ -1,5 +1,8 @@
 """Commands received but not yet answered, written down in the journal before anything else.
 
+Two kinds: ``PendingInteractions`` (a command whose only way back is a short-lived handle) and
+``PendingReplies`` (an answer decided, a refusal or an error, not yet posted).
+
 Some platforms can answer a command only through a short-lived handle (a Discord interaction's
 token, valid 15 minutes). The adapter writes one down here as the first thing it does with a
 command, and removes it once the command's job (or its refusal) is journalled and answered. A row
@@ -53,3 +56,47 @@ class PendingInteractions:
             " FROM pending_interactions ORDER BY received_at"
         ) as cursor:
             return [PendingInteraction(*row) for row in await cursor.fetchall()]
+
+
+@dataclass(frozen=True)
+class PendingReply:
+    """An answer to a command, to post (again) if the bot stops before it is out."""
+
+    reply_key: str  # unique per command, e.g. "telegram:<chat>:<message>"
+    platform: str
+    chat_id: str
+    reply_to: str  # the command's message id
+    text: str
+    thread_id: str = ""
+    created_at: float = 0.0
+
+
+class PendingReplies:
+    """Answers the adapter has decided and confirmed the command for, until they are posted."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def add(self, reply: PendingReply) -> None:
+        await self.store.db.execute(
+            "INSERT OR REPLACE INTO pending_replies (reply_key, platform, chat_id, reply_to,"
+            " thread_id, text, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (reply.reply_key, reply.platform, reply.chat_id, reply.reply_to, reply.thread_id,
+             reply.text, reply.created_at),
+        )
+
+    async def remove(self, reply_key: str) -> None:
+        await self.store.db.execute("DELETE FROM pending_replies WHERE reply_key = ?",
+                                    (reply_key,))
+
+    async def take(self, platform: str, since: float) -> list[PendingReply]:
+        """The platform's answers not posted before the last stop, made after ``since``,
+        oldest first; older ones are deleted (an answer an hour late confuses more than it
+        helps)."""
+        await self.store.db.execute(
+            "DELETE FROM pending_replies WHERE platform = ? AND created_at < ?", (platform, since))
+        async with self.store.db.execute(
+            "SELECT reply_key, platform, chat_id, reply_to, text, thread_id, created_at"
+            " FROM pending_replies WHERE platform = ? ORDER BY created_at", (platform,)
+        ) as cursor:
+            return [PendingReply(*row) for row in await cursor.fetchall()]

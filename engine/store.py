@@ -99,6 +99,19 @@ MIGRATIONS: list[str] = [
         received_at REAL NOT NULL
     );
     """,
+    # v6: answers to commands (refusals, errors) decided but not yet posted: the command counts
+    # as received once its answer is here, so a crash before the post still answers it.
+    """
+    CREATE TABLE pending_replies (
+        reply_key TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        reply_to TEXT NOT NULL,
+        thread_id TEXT NOT NULL DEFAULT '',
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"

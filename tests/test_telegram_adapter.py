@@ -883,6 +883,36 @@ async def test_an_update_is_confirmed_only_once_its_job_is_journalled(
     assert confirmed_without_a_job == []
 
 
+async def test_a_refusal_confirmed_but_not_posted_before_a_crash_is_posted_after_it(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config,
+        engine_factory: Any) -> None:
+    """Found by the load test (a SIGKILL 0.2 s after a burst): a refused command's update was
+    confirmed once its handler returned, with the refusal still waiting in the chat's outbox;
+    the kill lost it, and Telegram did not send the command again. The refusal is journalled
+    before the handler returns, and the next start posts what the last one could not."""
+    confirmed: list[int] = []
+    tg.on_confirm = confirmed.extend
+    engine, adapter = await start_bot()
+    adapter.outbox.post = lambda *args, **kwargs: None  # the process dies before it posts
+    message = tg.message("/imagine a fox --steps 900", chat_id=ALICE, user_id=ALICE)
+    update_id = tg.update_of[(ALICE, message["message_id"])]
+    while update_id not in confirmed:
+        await asyncio.sleep(0.02)
+    [left] = await engine.pending_replies.take("telegram", since=0)
+    assert left.reply_to == str(message["message_id"]) and "steps" in left.text
+    await adapter.stop()
+    await engine.shutdown()
+    assert not [c for c in tg.calls_to("sendMessage") if reply_to(c) == message["message_id"]]
+
+    again, _ = await start_bot(engine=await engine_factory(tg_config, DryRunBackend()))
+    answer = await tg.wait_for("sendMessage")
+    assert reply_to(answer) == message["message_id"] and left.text in answer.params["text"]
+    while await again.pending_replies.take("telegram", since=0):
+        await asyncio.sleep(0.02)
+    assert len([c for c in tg.calls_to("sendMessage")
+                if reply_to(c) == message["message_id"]]) == 1
+
+
 async def test_updates_sent_again_after_a_crash_queue_no_second_job(
         tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
     """After a crash before the offset reached Telegram, it sends the batch again: the update
