@@ -353,7 +353,7 @@ class LoadRun:
                                               str(self.workdir / "bot.sqlite3"))
             self._collect(journal)
             answered = sum(1 for c in self.commands if c.outcome != "unanswered")
-            waiting = sum(1 for r in journal if not r.delivered)
+            waiting = sum(1 for r in journal if not r.delivered and r.status != "cancelled")
             if (answered, waiting) != last:
                 last, stable_since = (answered, waiting), time.monotonic()
             if waiting == 0 and (answered == len(self.commands)
