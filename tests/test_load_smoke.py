@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.load_report import (Command, Counts, JournalRow, Upload, count, problems,
-                                throughput_by_depth)
+from bench.load_report import (
+    Command,
+    Counts,
+    JournalRow,
+    Upload,
+    count,
+    problems,
+    throughput_by_depth,
+)
 from bench.load_test import Scenario, run_load
 
 SMALL = Scenario(users=10, commands=30, burst_size=10, burst_gap_s=0.3, images_per_window=2,
