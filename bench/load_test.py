@@ -263,9 +263,7 @@ class LoadRun:
         for method in ("sendPhoto", "sendDocument"):
             self.tg.outage(method, until)
         for route in ("edit_original", "followup", "channel_message"):
-            self.discord.fail_next(route, 503, times=1_000_000,
-                                   when=lambda call: bool(call.files)
-                                   and time.monotonic() < until)
+            self.discord.outage(route, until, when=lambda call: bool(call.files))
 
     async def _slow(self) -> None:
         """The next photos are taken by Telegram but answered after the client's timeout."""

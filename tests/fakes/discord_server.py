@@ -82,6 +82,7 @@ class FakeDiscord:
         self.messages: dict[str, dict[str, Any]] = {}
         self.originals: dict[str, str] = {}  # interaction token -> message id
         self.ready = asyncio.Event()
+        self._down: dict[str, tuple[float, Callable[[Call], bool]]] = {}  # route -> outage
         self._failures: dict[str, list[tuple[Callable[[Call], bool], int, Any,
                                              dict[str, str]]]] = {}
         # interaction token -> (channel id, guild id or None, attachment size limit)
@@ -135,6 +136,11 @@ class FakeDiscord:
         if body is None:
             body = {"message": f"{status}: injected failure", "code": 0}
         self._failures.setdefault(name, []).extend([(when, status, body, headers or {})] * times)
+
+    def outage(self, name: str, until: float,
+               when: Callable[[Call], bool] = lambda call: True) -> None:
+        """Calls of route ``name`` matching ``when`` get 503 until ``until`` (monotonic)."""
+        self._down[name] = (until, when)
 
     def rate_limit_next(self, name: str, retry_after: float = 0.05,
                         when: Callable[[Call], bool] = lambda call: True) -> None:
@@ -315,6 +321,9 @@ class FakeDiscord:
         return None
 
     def _answer(self, call: Call, params: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        until, when = self._down.get(call.name, (0.0, None))
+        if when is not None and time.monotonic() < until and when(call):
+            return 503, {"message": "503: Service Unavailable", "code": 0}, {}
         queued = self._failures.get(call.name, [])
         for index, (when, status, body, headers) in enumerate(queued):
             if when(call):
