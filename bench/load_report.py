@@ -27,7 +27,7 @@ from engine.png import read_parameters
 # The engine's refusal sentences (engine/rate_limit.py, engine/engine.py), one phrase each.
 REFUSALS = {
     "rate_limit": "You have used your",
-    "user_cap": "images waiting (the most is",
+    "user_cap": "waiting (the most is",
     "total_cap": "The queue is full right now",
 }
 OUTCOMES = ("accepted", *REFUSALS, "other", "unanswered")

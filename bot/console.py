@@ -17,11 +17,12 @@ from bot import render
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.throttle import Throttle
+from engine import variants
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.grammar import parse_command
 from engine.job import Cancelled, Failed, Finished, Job, Progress
-from engine.request import Origin, User
+from engine.request import ImageRequest, Origin, User
 
 log = logging.getLogger(__name__)
 CONSOLE_USER = User("console", "local", "console")
@@ -44,8 +45,9 @@ class ConsoleAdapter:
         self.closed_at_start = False  # stdin was at its end before the first line
 
     async def start(self) -> None:
-        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H], /queue, /cancel [id], "
-                 "/limits, /status, /pause, /resume, /limit, /help or /quit.")
+        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
+                 "/queue, /cancel [id], /limits, /status, /pause, /resume, /limit, /help or "
+                 "/quit.")
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
@@ -128,7 +130,7 @@ class ConsoleAdapter:
     def _commands(self) -> dict[str, Callable[[str], Awaitable[None]]]:
         return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
                 "/status": self._status, "/cancel": self._cancel, "/pause": self._pause,
-                "/resume": self._resume, "/limit": self._limit}
+                "/resume": self._resume, "/limit": self._limit, "/vary": self._vary}
 
     async def _help(self, rest: str) -> None:
         self.say(render.usage(self.engine.config.limits))
@@ -173,11 +175,30 @@ class ConsoleAdapter:
         await self.engine.set_limit_override(User(platform, user_id), images)
         self.say(render.limit_set(f"{platform}:{user_id}", images))
 
+    async def _vary(self, rest: str) -> None:
+        """/vary <job id> <image 1–N> [subtle|strong]: what the V buttons do in a chat."""
+        parts = rest.split()
+        if len(parts) not in (2, 3) or not parts[1].isdigit():
+            self.say("Usage: /vary <job id> <image number> [subtle|strong]")
+            return
+        record = await self.engine.job_record(parts[0][:32])
+        if record is None or record.status != "finished":
+            self.say(render.vary_needs_a_finished_job())
+            return
+        kind = parts[2].lower() if len(parts) == 3 else "subtle"
+        request = variants.vary(record.request, record.job_id, record.result_path,
+                                int(parts[1]) - 1, kind, self.engine.config.limits)
+        await self._submit(request)
+
     async def imagine(self, text: str) -> Job:
         limits = self.engine.config.limits
-        request = parse_command(text, limits).to_request(limits)
+        return await self._submit(parse_command(text, limits).to_request(limits))
+
+    async def _submit(self, request: ImageRequest) -> Job:
         job = await self.engine.submit(CONSOLE_USER, request, Origin("console"))
-        self.say(f"Job {job.id}: seed {request.seed}, {request.steps} steps, "
+        seeds = f"seed {request.seed}" if request.count == 1 else \
+            f"seeds {request.seed}–{request.seeds[-1]}"
+        self.say(f"Job {job.id}: {seeds}, {request.steps} steps, "
                  f"{request.width}×{request.height}.")
         self._watch(job)
         return job
@@ -194,8 +215,9 @@ class ConsoleAdapter:
                 if not isinstance(event, Progress) or throttle.ready(force=last_step):
                     self.say(f"[{job.id}] {text}")
             elif isinstance(event, Finished):
-                self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n"
-                         f"[{job.id}] saved to {event.result.path}")
+                files = "\n".join(f"[{job.id}] saved to {image.path}"
+                                  for image in event.result.images)
+                self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n{files}")
                 # the saved file is what the console delivers: kept even without save_outputs
                 await self.engine.mark_delivered(job, f"console:{event.result.path}",
                                                  keep_file=True)

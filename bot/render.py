@@ -99,7 +99,12 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     """Under the image: prompt, then seed · steps · size · time · who asked."""
     r = result.request
     prompt = safe_text(r.prompt, md=md, limit=CAPTION_PROMPT_CHARS)
-    facts = [f"seed {r.seed}", steps(r.steps), f"{r.width}×{r.height}"]
+    seeds = f"seed {r.seed}" if r.count == 1 else f"{r.count} images, seeds {r.seed}–{r.seeds[-1]}"
+    facts = [seeds, steps(r.steps), f"{r.width}×{r.height}"]
+    if r.derived_from:
+        facts.insert(0, safe_text(r.derived_from, md=md, limit=64))
+    if r.init_image:
+        facts.append(f"strength {r.strength:g}")
     if r.guidance != 3.5:
         facts.append(f"guidance {r.guidance:g}")
     if result.seconds:
@@ -107,6 +112,10 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     if requester:
         facts.append(f"asked by {safe_text(requester, md=md, limit=64)}")
     return f"{prompt}\n{' · '.join(facts)}"
+
+
+def vary_needs_a_finished_job() -> str:
+    return "⚠️ I could not find a finished job with that id to make a variation of."
 
 
 def failed(reason: str) -> str:

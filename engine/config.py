@@ -44,6 +44,12 @@ class EngineSection:
     dry_run_step_s: float = 0.05
 
 
+# One message holds at most this many images (Telegram's media group allows 10; a 2×2 grid is
+# what people expect), and image-to-image below this strength would change nothing visible.
+MAX_IMAGES_PER_JOB = 4
+STRENGTH_MIN = 0.05
+
+
 @dataclass
 class LimitsSection:
     steps_min: int = 1
@@ -60,6 +66,10 @@ class LimitsSection:
     guidance_max: float = 10.0
     guidance_default: float = 3.5
     max_prompt_chars: int = 1000
+    images_default: int = 1  # --n: images per command, run together
+    images_max: int = 4
+    vary_subtle_strength: float = 0.35  # "Vary (subtle)": image-to-image strength
+    vary_strong_strength: float = 0.7
 
 
 @dataclass
@@ -255,6 +265,11 @@ def _validated(config: Config) -> Config:
     need(lim.guidance_min <= lim.guidance_default <= lim.guidance_max, "limits.guidance_default",
          lim.guidance_default, "between guidance_min and guidance_max")
     need(lim.max_prompt_chars >= 1, "limits.max_prompt_chars", lim.max_prompt_chars, "at least 1")
+    need(1 <= lim.images_default <= lim.images_max <= MAX_IMAGES_PER_JOB, "limits.images_max",
+         lim.images_max, f"between images_default (at least 1) and {MAX_IMAGES_PER_JOB}")
+    for key in ("vary_subtle_strength", "vary_strong_strength"):
+        need(STRENGTH_MIN <= getattr(lim, key) <= 1.0, f"limits.{key}", getattr(lim, key),
+             f"from {STRENGTH_MIN} to 1.0")
     need(config.rate_limit.images_per_window >= 0, "rate_limit.images_per_window",
          config.rate_limit.images_per_window, "0 (no limit) or more")
     need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import retention
+from engine import result_files, retention
 from engine.backends import Backend, create_backend
 from engine.config import Config
 from engine.durable import write_durably
@@ -41,6 +41,7 @@ from engine.job import (
     JobStatus,
     Progress,
     Queued,
+    ResultImage,
     Started,
 )
 from engine.pending import PendingInteractions, PendingReplies
@@ -98,7 +99,7 @@ class Engine:
         self.pending_replies = PendingReplies(self.store)  # answers not yet posted
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock)
         self._worker = GpuWorker(self.backend)
-        self._queue: FairQueue[Job] = FairQueue()
+        self._queue: FairQueue[Job] = FairQueue(weight=lambda job: job.request.count)
         self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
         self._terminal: deque[Job] = deque()  # finished jobs still in _jobs, oldest first
         self._recovered: list[Job] = []
@@ -217,7 +218,7 @@ class Engine:
         self._check_banned(user, request)
         async with self._submit_lock:
             self._check_capacity(user)
-            await self.rate_limiter.check(user)  # admins have no limit
+            await self.rate_limiter.check(user, request.count)  # admins have no limit
             job = await self._journal_new_job(user, request, origin, key)
             self._enqueue(job)
         log.info("job %s queued for %s (position %s)", job.id, user.key, job.position())
@@ -247,10 +248,13 @@ class Engine:
                 raise AccessDenied("Sorry, this prompt contains a word this bot does not allow.")
 
     def _check_capacity(self, user: User) -> None:
+        """The queue caps count requests (a job of --n 4 is one: its images run together);
+        the rate limit counts images."""
         mine = sum(1 for j in self._active_jobs() if j.user == user)
         cap = self.config.engine.max_queue_per_user
         if mine >= cap:
-            raise QueueFull(f"You already have {mine} images waiting (the most is {cap}); "
+            waiting = "request" if mine == 1 else "requests"
+            raise QueueFull(f"You already have {mine} {waiting} waiting (the most is {cap}); "
                             "please wait for one to finish or cancel one.")
         total = len(self._queue) + (1 if self._running else 0)
         if total >= self.config.engine.max_queue_total:
@@ -350,8 +354,10 @@ class Engine:
         await self.store.mark_delivered(job.id, at=self.clock(), where=where)
         self._forget(job)
         result = job.result_now
-        if not self.config.engine.save_outputs and not keep_file and result and result.path:
-            Path(result.path).unlink(missing_ok=True)
+        if not self.config.engine.save_outputs and not keep_file and result:
+            for image in result.images:
+                if image.path:
+                    Path(image.path).unlink(missing_ok=True)
 
     async def note_status_message(self, job: Job, ref: str) -> None:
         """The adapter's message that shows this job's progress (``chat:message``): after a
@@ -426,8 +432,8 @@ class Engine:
 
         deadline = started + self.config.engine.job_timeout_s
         try:
-            image = await self._worker.call(self._worker.generate_blocking, job.request,
-                                            on_step, self._abort, deadline)
+            images = await self._worker.call(self._worker.generate_blocking, job.request,
+                                             on_step, self._abort, deadline)
         except Aborted:
             if self._abort_reason == "shutdown":  # runs again after the restart
                 await self.store.set_status(job.id, "queued", at=self.clock())
@@ -447,7 +453,7 @@ class Engine:
             await self._fail_unexpectedly(job, exc)
             return
         gpu_s = time.monotonic() - started
-        task = asyncio.create_task(self._complete(job, image, started, gpu_s, step_times),
+        task = asyncio.create_task(self._complete(job, images, started, gpu_s, step_times),
                                    name=f"complete-{job.id}")
         self._completing.add(task)
         task.add_done_callback(self._completing.discard)
@@ -461,16 +467,17 @@ class Engine:
                            JobStatus.CANCELLED)
         await self.store.refund(job.id)  # cancelled before any GPU work: not charged
 
-    async def _complete(self, job: Job, image: object, started: float, gpu_s: float,
+    async def _complete(self, job: Job, images: object, started: float, gpu_s: float,
                         step_times: list[float]) -> None:
         """Encode the PNG and write it on a thread of its own, journal it, tell the watchers.
         Any failure fails this job (and, if even that cannot be journalled, still tells its
         watchers), so no job is left running with nobody to end it."""
         try:
-            png, path = await asyncio.to_thread(self._save, job, image)
-            result = JobResult(png=png, request=job.request, model_name=self.backend.model_name,
-                               seconds=time.monotonic() - started, path=path)
-            await self.store.set_status(job.id, "finished", at=self.clock(), result_path=path)
+            saved = await asyncio.to_thread(self._save, job, images)
+            result = JobResult(saved, job.request, self.backend.model_name,
+                               time.monotonic() - started)
+            await self.store.set_status(job.id, "finished", at=self.clock(),
+                                        result_path=result.path)
         except Exception as exc:
             log.exception("job %s: saving the image failed", job.id)
             try:
@@ -487,14 +494,23 @@ class Engine:
         log.info("job %s finished in %.2f s (GPU %.2f s%s)", job.id, result.seconds, gpu_s,
                  f", {per_step:.3f} s/step" if per_step else "")
 
-    def _save(self, job: Job, image: object) -> tuple[bytes, str]:
-        """Encode the PNG and write it to the output folder (a thread, beside the GPU)."""
-        png = encode_png(image, job.request, self.backend.model_name)  # type: ignore[arg-type]
+    def _save(self, job: Job, images: object) -> tuple[ResultImage, ...]:
+        """Encode the PNGs and write them to the output folder (a thread, beside the GPU),
+        one file per image, named by the job and the image's seed (``result_files``)."""
+        if not isinstance(images, list) or len(images) != job.request.count:
+            made = len(images) if isinstance(images, list) else "no list of"
+            raise RuntimeError(f"the backend made {made} images for a job of "
+                               f"{job.request.count}")
         folder = Path(self.config.engine.output_dir) / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{job.id}-{job.request.seed}.png"
-        write_durably(path, png)  # on disk before the journal says finished
-        return png, str(path)
+        saved = []
+        for index, image in enumerate(images):
+            one = job.request.one(index)
+            png = encode_png(image, one, self.backend.model_name)
+            path = result_files.path_of(folder, job.id, one.seed)
+            write_durably(path, png)  # on disk before the journal says finished
+            saved.append(ResultImage(png, one.seed, str(path)))
+        return tuple(saved)
 
     async def _fail_unexpectedly(self, job: Job, exc: BaseException) -> None:
         await self._fail(job, f"Something went wrong while making this image ({job.id}); "
@@ -552,10 +568,10 @@ class Engine:
 def _job_from_finished_record(record: JobRecord, engine: Engine) -> Job | None:
     job = Job(id=record.job_id, user=record.user, origin=record.origin, request=record.request,
               created_at=record.created_at, seq=record.seq, recovered=True, _engine=engine)
-    if record.status == "finished" and record.result_path and Path(record.result_path).exists():
-        png = Path(record.result_path).read_bytes()
-        job._emit(Finished(JobResult(png=png, request=record.request, model_name="",
-                                     seconds=0.0, path=record.result_path)))
+    images = result_files.read(record.result_path, record.request) \
+        if record.status == "finished" and record.result_path else None
+    if images:
+        job._emit(Finished(JobResult(images, record.request, model_name="", seconds=0.0)))
     elif record.status == "failed":
         job._emit(Failed(record.error or "This image could not be made."))
     else:

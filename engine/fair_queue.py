@@ -1,34 +1,52 @@
-"""Round-robin queue across users: one user's five jobs do not hold up five other users."""
+"""Fair queue across users: one user's five jobs do not hold up five other users.
+
+Users take turns; a turn costs the job's weight (its number of images: a job of ``--n 4`` is
+four images of GPU time), so a user who just had a grid of four waits while others get four
+single images. Each waiting owner has a count of what it was served; ``pop`` serves the owner
+with the least, and among equals the one waiting longest for its turn. A newcomer starts level
+with the least-served owner waiting: it neither inherits a debt (a user whose grids have run
+for an hour does not make a newcomer wait an hour) nor gets credit for time it was not there.
+With every weight 1 this is round-robin.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Iterator
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class FairQueue(Generic[T]):
-    """Items are queued per owner; ``pop`` serves owners in turn, each owner's items in order.
-
-    The owner just served goes to the back of the rotation; a new owner joins at the back.
-    """
-
-    def __init__(self) -> None:
-        self._by_owner: OrderedDict[str, deque[T]] = OrderedDict()
+    def __init__(self, weight: Callable[[T], int] = lambda item: 1) -> None:
+        self._weight = weight
+        self._by_owner: dict[str, deque[T]] = {}
+        self._served: dict[str, int] = {}  # owner -> images served while it kept waiting
+        self._turn: dict[str, int] = {}  # owner -> when it went to the back (ties' order)
+        self._clock = itertools.count()
 
     def push(self, owner: str, item: T) -> None:
-        self._by_owner.setdefault(owner, deque()).append(item)
+        items = self._by_owner.get(owner)
+        if items is None:
+            self._served[owner] = min(self._served.values(), default=0)
+            self._turn[owner] = next(self._clock)
+            items = self._by_owner[owner] = deque()
+        items.append(item)
 
     def pop(self) -> T | None:
-        for owner, items in self._by_owner.items():
-            item = items.popleft()
-            del self._by_owner[owner]
-            if items:
-                self._by_owner[owner] = items  # re-insert at the back of the rotation
-            return item
-        return None
+        if not self._by_owner:
+            return None
+        owner = min(self._by_owner, key=lambda o: (self._served[o], self._turn[o]))
+        items = self._by_owner[owner]
+        item = items.popleft()
+        self._served[owner] += self._weight(item)
+        self._turn[owner] = next(self._clock)  # to the back among equals
+        if not items:
+            self._drop(owner)
+        return item
 
     def remove(self, owner: str, item: T) -> bool:
         items = self._by_owner.get(owner)
@@ -36,17 +54,26 @@ class FairQueue(Generic[T]):
             return False
         items.remove(item)
         if not items:
-            del self._by_owner[owner]
+            self._drop(owner)
         return True
+
+    def _drop(self, owner: str) -> None:
+        del self._by_owner[owner], self._served[owner], self._turn[owner]
 
     def ordered(self) -> Iterator[T]:
         """Items in the order ``pop`` would return them if nothing else arrived."""
-        queues = [list(items) for items in self._by_owner.values()]
-        depth = max((len(q) for q in queues), default=0)
-        for i in range(depth):
-            for q in queues:
-                if i < len(q):
-                    yield q[i]
+        heap = [(self._served[o], self._turn[o], o) for o in self._by_owner]
+        heapq.heapify(heap)
+        taken = dict.fromkeys(self._by_owner, 0)
+        tick = itertools.count(next(self._clock))  # later than every turn now recorded
+        while heap:
+            served, _, owner = heapq.heappop(heap)
+            items = self._by_owner[owner]
+            item = items[taken[owner]]
+            taken[owner] += 1
+            yield item
+            if taken[owner] < len(items):
+                heapq.heappush(heap, (served + self._weight(item), next(tick), owner))
 
     def count(self, owner: str) -> int:
         return len(self._by_owner.get(owner, ()))

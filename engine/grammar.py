@@ -34,8 +34,9 @@ from engine.request import ImageRequest
 
 MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
 _ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size": "size",
-            "guidance": "guidance", "cfg": "guidance"}
-_EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5"}
+            "guidance": "guidance", "cfg": "guidance", "n": "n", "images": "n"}
+_EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5",
+             "n": "4"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
 
@@ -108,27 +109,29 @@ class ParsedCommand:
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
+    count: int | None = None  # --n
 
     def merged_with(self, limits: LimitsSection,
                     **options: object) -> tuple[ParsedCommand, list[str]]:
         """Fill fields the text left unset from typed options (e.g. Discord's option fields).
 
-        ``options``: seed, steps, guidance, aspect ("16:9") or size ("WxH"); ``None`` values are
+        ``options``: seed, steps, guidance, n, aspect ("16:9") or size ("WxH"); ``None`` values are
         ignored; all given values are validated with ``limits``. The text wins on conflict; the
         second result names the options whose (different) value the text overrode.
         """
-        unknown = set(options) - {"seed", "steps", "guidance", "aspect", "size"}
+        unknown = set(options) - {"seed", "steps", "guidance", "n", "aspect", "size"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options.items() if v is not None}
         if "aspect" in given and "size" in given:
             raise _error("Please use either the aspect option or the size option, not both.")
         current = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
+                   "n": self.count,
                    "size": None if self.width is None else (self.width, self.height)}
         changes: dict[str, Any] = {}
         overridden = []
         for name, raw in given.items():
-            field = "size" if name == "aspect" else name
+            field = {"aspect": "size"}.get(name, name)
             value = _convert(name, raw, f"the {name} option", limits)
             if current[field] is None:
                 changes[field] = value
@@ -136,6 +139,8 @@ class ParsedCommand:
                 overridden.append(name)
         if "size" in changes:
             changes["width"], changes["height"] = changes.pop("size")
+        if "n" in changes:
+            changes["count"] = changes.pop("n")
         return dataclasses.replace(self, **changes), overridden
 
     def to_request(self, limits: LimitsSection, rng: random.Random | None = None) -> ImageRequest:
@@ -143,20 +148,26 @@ class ParsedCommand:
         # Checked again: adapters may build a ParsedCommand by hand, or with other limits.
         prompt = _check_prompt(clean_prompt(self.prompt), limits)
         size = (self.width or limits.width_default, self.height or limits.height_default)
+        count = _whole(limits.images_default if self.count is None else self.count,
+                       "--n (images)", 1, limits.images_max)
+        top = limits.seed_max - (count - 1)  # the last image's seed is seed + count - 1
         seed = self.seed
         if seed is None:
-            seed = (rng or random.SystemRandom()).randint(limits.seed_min, limits.seed_max)
+            seed = (rng or random.SystemRandom()).randint(limits.seed_min,
+                                                          max(limits.seed_min, top))
         steps = limits.steps_default if self.steps is None else self.steps
         guidance = limits.guidance_default if self.guidance is None else self.guidance
         width, height = _size(f"{size[0]}x{size[1]}", "the size", limits)
         return ImageRequest(
             prompt=prompt,
-            seed=_whole(seed, "the seed", limits.seed_min, limits.seed_max),
+            seed=_whole(seed, "the seed" if count == 1 else f"the seed (with --n {count})",
+                        limits.seed_min, top),
             steps=_whole(steps, "the steps", limits.steps_min, limits.steps_max),
             width=width,
             height=height,
             guidance=_number(guidance, "the guidance", limits.guidance_min, limits.guidance_max),
             seed_was_random=self.seed is None,
+            count=count,
         )
 
 
@@ -182,6 +193,7 @@ def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
         steps=values.get("steps"),
         width=width, height=height,
         guidance=values.get("guidance"),
+        count=values.get("n"),
     )
 
 
@@ -240,7 +252,8 @@ def _unknown(name: str) -> str:
     close = difflib.get_close_matches(name[:40], list(_ALIASES), n=1, cutoff=0.6)
     if close:
         return f"Unknown option {shown}; did you mean --{close[0]}?"
-    return f"Unknown option {shown}; the options are --seed, --steps, --ar, --size and --guidance."
+    return (f"Unknown option {shown}; the options are --seed, --steps, --ar, --size, "
+            "--guidance and --n.")
 
 
 def _repeated(first: str, second: str) -> str:
@@ -267,6 +280,8 @@ def _convert(name: str, value: object, label: str, limits: LimitsSection) -> Any
         return _whole(value, label, limits.steps_min, limits.steps_max)
     if name == "guidance":
         return _number(value, label, limits.guidance_min, limits.guidance_max)
+    if name == "n":
+        return _whole(value, label, 1, limits.images_max)
     if name in ("ar", "aspect"):
         return aspect_to_size(_text(value), limits, label=label)
     return _size(_text(value), label, limits)
@@ -404,9 +419,10 @@ def format_command(command: ParsedCommand | ImageRequest) -> str:
     Raises ValueError for the rare prompt that no quote pair can hold (one that contains every
     closing quote followed by an option word).
     """
+    count = command.count if command.count != 1 else None
     options = [f"--{name} {value}" for name, value in (
-        ("seed", command.seed), ("steps", command.steps), ("guidance", command.guidance))
-        if value is not None]
+        ("seed", command.seed), ("steps", command.steps), ("guidance", command.guidance),
+        ("n", count)) if value is not None]
     if command.width is not None and command.height is not None:
         options.append(f"--size {command.width}x{command.height}")
     tail = "".join(" " + option for option in options)
@@ -433,6 +449,8 @@ def usage(limits: LimitsSection) -> str:
         f"{limits.width_default}x{limits.height_default})",
         f"  --guidance X  {limits.guidance_min:g}–{limits.guidance_max:g} "
         f"(default {limits.guidance_default:g})",
+        f"  --n N         images at once, 1–{limits.images_max} (default "
+        f"{limits.images_default}; their seeds follow on: 7, 8, 9, …)",
         f"Prompts: at most {limits.max_prompt_chars:,} characters; quote them if they contain --.",
         "Example: /imagine a red fox in the snow --seed 7 --ar 16:9",
     ])

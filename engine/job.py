@@ -33,14 +33,36 @@ class JobStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class JobResult:
-    """A finished image: PNG bytes (with the ``parameters`` chunk) and what was actually used."""
+class ResultImage:
+    """One image of a job: its PNG (whose ``parameters`` chunk names its own seed)."""
 
     png: bytes
+    seed: int
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job: its images (``--n`` of them, seeds in order) and what was used."""
+
+    images: tuple[ResultImage, ...]
     request: ImageRequest
     model_name: str
     seconds: float
-    path: str | None = None
+
+    @property
+    def png(self) -> bytes:
+        """The first image's PNG (the only one of a job of one)."""
+        return self.images[0].png
+
+    @property
+    def path(self) -> str | None:
+        return self.images[0].path
+
+    @classmethod
+    def single(cls, png: bytes, request: ImageRequest, model_name: str, seconds: float,
+               path: str | None = None) -> JobResult:
+        return cls((ResultImage(png, request.seed, path),), request, model_name, seconds)
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,15 @@ class RateLimiter:
             return override
         return self.config.images_per_window or None
 
-    async def quota(self, user: User) -> Quota:
-        now = self.clock()
-        start = now - self.config.window_s
+    async def _charged_times(self, user: User) -> list[float]:
+        """When each image charged in the current window was asked for, oldest first."""
+        start = self.clock() - self.config.window_s
         times = await self.store.charged_times_since(user, start)
         # The store counts "at or after"; a job exactly window_s old has just left the window.
-        times = [t for t in times if t > start]
+        return [t for t in times if t > start]
+
+    async def quota(self, user: User) -> Quota:
+        times = await self._charged_times(user)
         limit = await self.limit_for(user)
         if limit is None:
             return Quota(limit=None, used=len(times), remaining=None, resets_at=None)
@@ -67,11 +70,25 @@ class RateLimiter:
             resets_at = times[max(0, used - limit)] + self.config.window_s
         return Quota(limit=limit, used=used, remaining=max(0, limit - used), resets_at=resets_at)
 
-    async def check(self, user: User) -> None:
-        """Raise ``RateLimited`` if the user may not start another image now."""
+    async def check(self, user: User, images: int = 1) -> None:
+        """Raise ``RateLimited`` if the user may not start ``images`` more images now."""
         quota = await self.quota(user)
-        if quota.remaining != 0:
+        if quota.remaining is None or quota.remaining >= images:
             return
+        if quota.remaining > 0 and quota.limit is not None and images <= quota.limit:
+            # Some left, not enough for this --n: wait until enough old ones leave the window.
+            times = await self._charged_times(user)
+            ready_at = times[quota.used - quota.limit + images - 1] + self.config.window_s
+            left = "image" if quota.remaining == 1 else "images"
+            raise RateLimited(
+                f"You have {quota.remaining} {left} left for "
+                f"{describe_window(self.config.window_s)} and this asks for {images}; try "
+                f"--n {quota.remaining}, or ask again in "
+                f"{describe_wait(ready_at - self.clock())}.", retry_at=ready_at)
+        if quota.limit is not None and images > quota.limit > 0:
+            raise RateLimited(f"Your limit is {quota.limit} images for "
+                              f"{describe_window(self.config.window_s)}; please ask for at most "
+                              f"--n {quota.limit}.", retry_at=self.clock())
         if quota.limit == 0:
             raise RateLimited("An admin has set your image limit to 0, so you cannot make "
                               "images here for now.", retry_at=self.clock() + self.config.window_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +34,31 @@ class ImageRequest:
     height: int
     guidance: float
     seed_was_random: bool = False
+    count: int = 1  # images in this job, from seeds seed, seed + 1, ... (``--n``)
+    # Image-to-image: the PNG to start from (a file the bot keeps) and how far to move from it
+    # (1.0 = text-to-image; a variation's 0.35 keeps most of the picture).
+    init_image: str = ""
+    strength: float = 1.0
+    derived_from: str = ""  # e.g. "variation (subtle) of 1a2b3c4d #2", for the parameters
 
     def with_changes(self, **changes: Any) -> ImageRequest:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.count)]
+
+    def one(self, index: int) -> ImageRequest:
+        """The request of image ``index`` alone (its own seed): what its PNG says it is."""
+        return dataclasses.replace(self, seed=self.seed + index, count=1)
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps actually run per image: image-to-image runs the last ``strength``
+        of the schedule (as other SD tools do), so a variation at 0.35 costs about a third."""
+        if not self.init_image:
+            return self.steps
+        return max(1, math.ceil(self.steps * self.strength))
 
     def to_json(self) -> str:
         # ASCII escapes keep even a lone surrogate (possible in JSON from a chat platform) storable.

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
+from engine import result_files
 from engine.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,5 +39,6 @@ async def prune_daily(run: Callable[[], Awaitable[int]]) -> None:
 
 
 def _delete_files(paths: list[str]) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+    for path in paths:  # the journal names a job's first image; --n jobs have more beside it
+        for file in result_files.siblings(path):
+            file.unlink(missing_ok=True)

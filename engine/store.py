@@ -112,6 +112,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # v7: a job of N images (``--n``) counts as N against the rate limit.
+    """
+    ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"
@@ -255,10 +259,10 @@ class Store:
         try:
             async with self.db.execute(
                 "INSERT INTO jobs (job_id, platform, user_id, display_name, origin_platform,"
-                " origin_json, request_json, status, created_at, request_key)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING seq",
+                " origin_json, request_json, status, created_at, request_key, images)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING seq",
                 (job_id, user.platform, user.user_id, storable(user.display_name), origin.platform,
-                 origin.to_json(), request.to_json(), created_at, request_key),
+                 origin.to_json(), request.to_json(), created_at, request_key, request.count),
             ) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.IntegrityError as exc:
@@ -394,12 +398,13 @@ class Store:
         )
 
     async def charged_times_since(self, user: User, since: float) -> list[float]:
+        """When each charged image was asked for, oldest first (a job of N images: N times)."""
         async with self.db.execute(
-            f"SELECT created_at FROM jobs WHERE platform = ? AND user_id = ? AND created_at >= ?"
-            f" AND {_CHARGED} ORDER BY created_at",
+            f"SELECT created_at, images FROM jobs WHERE platform = ? AND user_id = ?"
+            f" AND created_at >= ? AND {_CHARGED} ORDER BY created_at",
             (user.platform, user.user_id, since),
         ) as cursor:
-            return [float(row[0]) for row in await cursor.fetchall()]
+            return [float(at) for at, images in await cursor.fetchall() for _ in range(images)]
 
     async def _select(
         self, where: str, params: tuple[Any, ...], order: str = "seq", tail: tuple[Any, ...] = ()

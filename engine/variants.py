@@ -1,13 +1,16 @@
 """New requests made from a finished one, as the buttons under an image ask for them.
 
-Both chat adapters use these, so "Re-roll" and "Same seed, more steps" mean the same everywhere.
-The result is checked against the current limits again: they may have changed since.
+Both chat adapters use these, so "Re-roll", "Same seed, more steps" and the variations mean the
+same everywhere. The result is checked against the current limits again: they may have changed
+since.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+from engine import result_files
 from engine.config import LimitsSection
 from engine.errors import InvalidCommand
 from engine.grammar import ParsedCommand
@@ -23,7 +26,9 @@ def reroll(request: ImageRequest, limits: LimitsSection,
     rng = rng or random.SystemRandom()
     seed = request.seed
     for _ in range(10):
-        seed = rng.randint(limits.seed_min, limits.seed_max)
+        # room for the seeds after it (a job of --n 4 uses seed .. seed + 3)
+        seed = rng.randint(limits.seed_min, max(limits.seed_min,
+                                                limits.seed_max - (request.count - 1)))
         if seed != request.seed:
             break
     return _checked(request, limits, seed, request.steps).with_changes(seed_was_random=True)
@@ -42,5 +47,44 @@ def more_steps(request: ImageRequest, limits: LimitsSection,
 def _checked(request: ImageRequest, limits: LimitsSection, seed: int,
              steps: int) -> ImageRequest:
     parsed = ParsedCommand(prompt=request.prompt, seed=seed, steps=steps, width=request.width,
-                           height=request.height, guidance=request.guidance)
-    return parsed.to_request(limits)
+                           height=request.height, guidance=request.guidance,
+                           count=min(request.count, limits.images_max))
+    # what the grammar does not spell (a variation's start and strength) carries over
+    return parsed.to_request(limits).with_changes(init_image=request.init_image,
+                                                  strength=request.strength,
+                                                  derived_from=request.derived_from)
+
+
+VARIATIONS = ("subtle", "strong")
+
+
+def image_of(record_path: str | None, request: ImageRequest, index: int) -> str:
+    """The file of image ``index`` (0-based) of a finished job, or ``InvalidCommand``."""
+    if not 0 <= index < request.count:
+        raise InvalidCommand(f"That job has {request.count} image"
+                             f"{'' if request.count == 1 else 's'}; pick 1 to {request.count}.")
+    if not record_path:
+        raise InvalidCommand("That job has no image to start from.")
+    path = result_files.paths(record_path, request)[index]
+    if not Path(path).exists():
+        raise InvalidCommand("That image is no longer kept by the bot, so it cannot be varied.")
+    return str(path)
+
+
+def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int, kind: str,
+         limits: LimitsSection, rng: random.Random | None = None) -> ImageRequest:
+    """Image-to-image from image ``index`` of a finished job: same prompt and size, a new
+    seed, one image, at the configured subtle or strong strength."""
+    if kind not in VARIATIONS:
+        raise InvalidCommand("A variation is either subtle or strong.")
+    start = image_of(record_path, request, index)
+    strength = limits.vary_subtle_strength if kind == "subtle" else limits.vary_strong_strength
+    single = request.one(index).with_changes(init_image="", strength=1.0, derived_from="")
+    return reroll(single, limits, rng).with_changes(
+        init_image=start, strength=strength, derived_from=f"variation ({kind}) of "
+                                                         f"{job_id} #{index + 1}")
+
+
+def alone(request: ImageRequest, index: int) -> ImageRequest:
+    """Image ``index`` of a job as a request of its own (what its PNG says it is)."""
+    return request.one(index)

@@ -572,7 +572,7 @@ _FRAGMENTS = st.sampled_from(["@everyone", "@here", "<@&555>", "<@!123>", "<@123
 def test_a_caption_pings_nobody_even_without_allowed_mentions(prompt, requester):
     request = ImageRequest(prompt=prompt or "x", seed=7, steps=4, width=256, height=256,
                            guidance=3.5)
-    result = JobResult(png=b"", request=request, model_name="m", seconds=1.0)
+    result = JobResult.single(b"", request, "m", 1.0)
     text = result_caption(result, requester, render.conflicts_note(["seed"]))
     assert len(text) <= 2000  # Discord's message limit
     assert fake_pings({"content": text}) == frozenset()  # Discord's default: parse everything

@@ -343,14 +343,41 @@ def test_backend_generates_with_the_requests_parameters(tmp_path: Path) -> None:
     backend.load()
     steps: list[tuple[int, int]] = []
     request = ImageRequest(prompt="a red fox", seed=7, steps=4, width=768, height=512, guidance=2.5)
-    image = backend.generate(request, lambda i, n: steps.append((i, n)))
+    [image] = backend.generate(request, lambda i, n: steps.append((i, n)))
     assert image.size == (768, 512) and steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     call = built[0].calls[0]
     assert (call["prompt"], call["seed"], call["num_inference_steps"]) == ("a red fox", 7, 4)
     assert (call["height"], call["width"], call["embedded_guidance"]) == (512, 768, 2.5)
     assert call["cfg_scale"] == 1.0 and call["rand_device"] == "cpu"
+    assert "input_image" not in call
     assert built[0].paths.dit.endswith("majicflus_v134.safetensors")
     assert backend.memory_info() == {}  # no CUDA device in use
+
+
+def test_backend_makes_n_images_from_consecutive_seeds_with_one_progress(tmp_path: Path) -> None:
+    backend, built = cpu_backend(tmp_path)
+    backend.load()
+    steps: list[tuple[int, int]] = []
+    request = ImageRequest(prompt="fox", seed=5, steps=2, width=512, height=512, guidance=3.5,
+                           count=3)
+    images = backend.generate(request, lambda i, n: steps.append((i, n)))
+    assert len(images) == 3 and [c["seed"] for c in built[0].calls] == [5, 6, 7]
+    assert steps == [(i, 6) for i in range(1, 7)]
+
+
+def test_image_to_image_goes_through_diffsynths_input_image_and_strength(tmp_path: Path) -> None:
+    backend, built = cpu_backend(tmp_path)
+    backend.load()
+    start = tmp_path / "start.png"
+    Image.new("RGBA", (300, 200), (10, 200, 30, 128)).save(start)
+    request = ImageRequest(prompt="fox", seed=5, steps=20, width=512, height=512, guidance=3.5,
+                           init_image=str(start), strength=0.35)
+    steps: list[tuple[int, int]] = []
+    backend.generate(request, lambda i, n: steps.append((i, n)))
+    call = built[0].calls[0]
+    assert call["denoising_strength"] == 0.35 and call["num_inference_steps"] == 7  # ⌈20 × .35⌉
+    assert call["input_image"].size == (512, 512) and call["input_image"].mode == "RGB"
+    assert steps[-1] == (7, 7)
 
 
 def test_backend_reduce_memory_walks_the_ladder_then_gives_up(tmp_path: Path) -> None:
@@ -449,7 +476,7 @@ def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
     assert backend.compile_seconds is None
     pipe.fail_with = None
     request = ImageRequest(prompt="fox", seed=1, steps=2, width=512, height=512, guidance=3.5)
-    assert backend.generate(request, lambda i, n: None).size == (512, 512)
+    assert backend.generate(request, lambda i, n: None)[0].size == (512, 512)
 
 
 def test_running_out_of_memory_while_warming_up_is_reported_not_hidden(tmp_path: Path,

@@ -66,7 +66,7 @@ def test_corpus_gets_a_clear_answer_or_a_clean_request(text):
     assert 0 < len(request.prompt) <= LIMITS.max_prompt_chars
     assert LIMITS.steps_min <= request.steps <= LIMITS.steps_max
     assert request.width * request.height <= LIMITS.max_pixels
-    result = JobResult(png=b"", request=request, model_name="m", seconds=1.0)
+    result = JobResult.single(b"", request, "m", 1.0)
     for md in (False, True):
         caption = render.caption(result, "@everyone", md=md)
         assert_safe_caption(caption)
@@ -80,7 +80,7 @@ def test_any_text_renders_without_pings_and_within_limits(text):
         request = parse_command(text, LIMITS).to_request(LIMITS, random.Random(0))
     except InvalidCommand:
         return
-    result = JobResult(png=b"", request=request, model_name="m", seconds=2.0)
+    result = JobResult.single(b"", request, "m", 2.0)
     for md in (False, True):
         caption = render.caption(result, text[:100], md=md)
         assert_safe_caption(caption)

@@ -28,8 +28,24 @@ def test_placeholder_is_deterministic_per_seed_and_sized():
 
 def test_dry_run_emits_every_step():
     steps = []
-    image = DryRunBackend().generate(make_request(steps=3), lambda i, n: steps.append((i, n)))
+    [image] = DryRunBackend().generate(make_request(steps=3), lambda i, n: steps.append((i, n)))
     assert steps == [(1, 3), (2, 3), (3, 3)] and image.size == (256, 256)
+
+
+def test_dry_run_makes_n_images_and_starts_from_an_image(tmp_path):
+    request = make_request(seed=5, steps=2).with_changes(count=3)
+    steps = []
+    images = DryRunBackend().generate(request, lambda i, n: steps.append((i, n)))
+    assert [im.tobytes() for im in images] == [
+        placeholder_image(request.one(i)).tobytes() for i in range(3)]
+    assert steps == [(i, 6) for i in range(1, 7)]
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(start)
+    vary = make_request(seed=9, steps=10).with_changes(init_image=str(start), strength=0.3)
+    steps.clear()
+    [image] = DryRunBackend().generate(vary, lambda i, n: steps.append((i, n)))
+    assert steps[-1] == (3, 3)  # ⌈10 × 0.3⌉ steps
+    assert image.getpixel((0, 0))[0] > 150  # mostly the red it started from
 
 
 def test_png_parameters_chunk_round_trip():
@@ -51,6 +67,28 @@ def test_fair_queue_serves_owners_in_turn():
     assert list(q.ordered()) == ["a1", "b1", "c1", "a2", "a3"]
     assert [q.pop() for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
     assert q.pop() is None and len(q) == 0
+
+
+def test_fair_queue_charges_a_job_its_images():
+    """A grid of four is four turns: b's and c's single images go before a's next job."""
+    sizes = {"a4": 4, "a1": 1, "b1": 1, "b2": 1, "c1": 1, "c2": 1, "c3": 1, "d1": 1}
+    q: FairQueue[str] = FairQueue(weight=sizes.__getitem__)
+    for item in ["a4", "a1"]:
+        q.push("a", item)
+    for item in ["b1", "b2"]:
+        q.push("b", item)
+    for item in ["c1", "c2", "c3"]:
+        q.push("c", item)
+    expected = ["a4", "b1", "c1", "b2", "c2", "c3", "a1"]
+    assert list(q.ordered()) == expected
+    assert [q.pop() for _ in range(7)] == expected
+    q = FairQueue(weight=sizes.__getitem__)
+    q.push("a", "a4")
+    q.push("a", "a1")
+    q.push("b", "b1")
+    assert q.pop() == "a4"
+    q.push("d", "d1")  # a newcomer starts level with b, who has had nothing yet; a had four
+    assert list(q.ordered()) == ["b1", "d1", "a1"]
 
 
 def test_example_config_equals_the_built_in_defaults():

@@ -87,6 +87,30 @@ async def test_limit_reached_then_window_rolls(store: Store, clock: FakeClock):
     assert (quota.used, quota.remaining, quota.resets_at) == (2, 1, first + 100 + HOUR)
 
 
+async def test_a_job_of_n_images_counts_n_and_a_too_big_n_says_what_fits(
+        store: Store, clock: FakeClock):
+    """Issue 12: --n 4 is four images of the limit, in one journal row."""
+    limits = limiter(store, clock, per_window=5)
+    first = clock.now
+    request = ImageRequest("a fox", seed=1, steps=20, width=1024, height=1024, guidance=3.5,
+                           count=4)
+    await limits.check(ALICE, 4)
+    await store.add_job("grid", ALICE, Origin("discord"), request, clock.now)
+    clock.now += 100
+    assert (await limits.quota(ALICE)).used == 4
+    with pytest.raises(RateLimited) as caught:
+        await limits.check(ALICE, 2)
+    # one left; two more once the grid's four have left the window
+    assert str(caught.value).startswith("You have 1 image left for this hour and this asks "
+                                        "for 2; try --n 1, or ask again in 59 minutes")
+    assert caught.value.retry_at == first + HOUR
+    await limits.check(ALICE, 1)
+    with pytest.raises(RateLimited, match="at most --n 5"):
+        await limits.check(ALICE, 6)
+    await store.refund("grid")  # refunded (the bot's fault): all four come back
+    assert (await limits.quota(ALICE)).used == 0
+
+
 async def test_refund_frees_a_slot(store: Store, clock: FakeClock):
     limits = limiter(store, clock)
     ids = await fill(store, clock, 3)

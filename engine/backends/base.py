@@ -1,4 +1,7 @@
-"""The backend protocol: ``load()``, ``generate(request, on_step) -> image``, ``close()``.
+"""The backend protocol: ``load()``, ``generate(request, on_step) -> images``, ``close()``.
+
+``generate`` returns ``request.count`` images, for seeds ``request.seeds`` in order; with
+``request.init_image`` it starts from that image (image-to-image at ``request.strength``).
 
 Every method is blocking and is called on the engine's one worker thread, never on the event loop.
 """
@@ -14,7 +17,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
 # on_step(step, total) is called after each denoising step; it may raise to abort the job.
+# For several images ``total`` counts all their steps.
 StepCallback = Callable[[int, int], None]
+
+
+def per_image(on_step: StepCallback, index: int, count: int) -> StepCallback:
+    """The job's progress while image ``index`` of ``count`` makes its steps."""
+    def report(step: int, total: int) -> None:
+        on_step(index * total + step, count * total)
+    return report
+
+
+def load_init_image(request: ImageRequest) -> Image:
+    """The image an image-to-image request starts from, at the request's size, in RGB."""
+    from PIL import Image as PILImage
+
+    with PILImage.open(request.init_image) as image:
+        return image.convert("RGB").resize((request.width, request.height),
+                                           PILImage.Resampling.LANCZOS)
 
 
 class Backend(Protocol):
@@ -22,7 +42,7 @@ class Backend(Protocol):
 
     def load(self) -> None: ...
 
-    def generate(self, request: ImageRequest, on_step: StepCallback) -> Image: ...
+    def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image]: ...
 
     def close(self) -> None: ...
 

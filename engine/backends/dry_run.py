@@ -11,7 +11,7 @@ import threading
 
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.backends.base import StepCallback
+from engine.backends.base import StepCallback, load_init_image
 from engine.request import ImageRequest
 
 
@@ -26,12 +26,17 @@ class DryRunBackend:
     def load(self) -> None:
         self.loaded = True
 
-    def generate(self, request: ImageRequest, on_step: StepCallback) -> Image.Image:
-        for step in range(1, request.steps + 1):
+    def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image.Image]:
+        steps = request.steps_run
+        for step in range(1, steps * request.count + 1):
             if self.step_seconds:
                 self._sleep.wait(self.step_seconds)
-            on_step(step, request.steps)
-        return placeholder_image(request)
+            on_step(step, steps * request.count)
+        images = [placeholder_image(request.one(i)) for i in range(request.count)]
+        if request.init_image:  # image-to-image: as much of the start as the strength keeps
+            start = load_init_image(request)
+            images = [Image.blend(start, image, request.strength) for image in images]
+        return images
 
     def close(self) -> None:
         self.loaded = False

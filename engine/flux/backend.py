@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.backends.base import StepCallback
+from engine.backends.base import StepCallback, load_init_image, per_image
 from engine.config import ModelSection
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
@@ -110,9 +110,17 @@ class FluxBackend:
         _empty_cache()
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, request: ImageRequest, on_step: StepCallback) -> Image:
-        """Sample one image. Exceptions (``on_step``'s abort, ``torch.cuda.OutOfMemoryError``)
-        propagate to the engine."""
+    def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image]:
+        """Sample the request's images, one seed after another. Exceptions (``on_step``'s
+        abort, ``torch.cuda.OutOfMemoryError``) propagate to the engine.
+
+        Image-to-image goes through diffsynth's own ``input_image``/``denoising_strength``
+        and runs ``steps_run`` steps (the last ``strength`` of the schedule)."""
+        init = load_init_image(request) if request.init_image else None
+        return [self._one(request.one(i), per_image(on_step, i, request.count), init)
+                for i in range(request.count)]
+
+    def _one(self, request: ImageRequest, on_step: StepCallback, init: Image | None) -> Image:
         import torch
 
         from engine.flux.pipeline import step_reporter
@@ -125,10 +133,13 @@ class FluxBackend:
                 raise RuntimeError("the FLUX pipeline could not be loaded again; see the log")
         sync = torch.cuda.synchronize if self.plan.device.startswith("cuda") else None
         tile_vae_decode(self._pipe, self.plan.vae_tiled)
+        start = {} if init is None else {"input_image": init,
+                                           "denoising_strength": request.strength}
         return self._pipe(
             prompt=request.prompt,
             seed=request.seed,
-            num_inference_steps=request.steps,
+            num_inference_steps=request.steps_run,
+            **start,
             height=request.height,
             width=request.width,
             embedded_guidance=request.guidance,
