@@ -73,6 +73,11 @@ class Call:
             return self.files[ref.removeprefix("attach://")]
         raise KeyError(f"{self.method} uploaded no file for {name!r}: {list(self.files)}")
 
+    def media(self) -> list[tuple[dict[str, Any], Upload]]:
+        """``sendMediaGroup``: each item of ``media`` with the file its ``attach://`` names."""
+        return [(item, self.files[item["media"].removeprefix("attach://")])
+                for item in self.json("media", [])]
+
 
 @dataclass
 class _Failure:
@@ -259,6 +264,8 @@ class FakeTelegramServer:
             result = True
         elif method in ("sendMessage", "sendPhoto", "sendDocument"):
             result = self._sent(method, call)
+        elif method == "sendMediaGroup":
+            result = self._sent_group(call)
         elif method in ("editMessageText", "editMessageReplyMarkup", "editMessageCaption"):
             result = self._edited(call)
         else:
@@ -330,6 +337,34 @@ class FakeTelegramServer:
                 message["reply_to_message"] = replied
         self._messages[(chat_id, message["message_id"])] = message
         return message
+
+    def _sent_group(self, call: Call) -> list[dict[str, Any]]:
+        """An album: one Message per item (photos or documents), sharing a media_group_id,
+        each replying like ``_sent`` does; the caption stays on the item that had it."""
+        chat_id = int(call.params["chat_id"])
+        group_id = f"album-{next(self._message_ids)}"
+        reply = call.json("reply_parameters")
+        replied = (self._messages.get((chat_id, int(reply["message_id"])))
+                   if isinstance(reply, dict) else None)
+        messages = []
+        for item, upload in call.media():
+            message: dict[str, Any] = {
+                "message_id": next(self._message_ids), "date": int(time.time()),
+                "chat": self._chat(chat_id, None), "from": BOT_USER,
+                "media_group_id": group_id}
+            file = {"file_id": f"file-{message['message_id']}", "file_size": len(upload.data),
+                    "file_unique_id": f"u{message['message_id']}"}
+            if item["type"] == "photo":
+                message["photo"] = [{**file, "width": 256, "height": 256}]
+            else:
+                message["document"] = {**file, "file_name": upload.filename}
+            if "caption" in item:
+                message["caption"] = item["caption"]
+            if replied is not None:
+                message["reply_to_message"] = replied
+            self._messages[(chat_id, message["message_id"])] = message
+            messages.append(message)
+        return messages
 
     def _edited(self, call: Call) -> dict[str, Any] | bool:
         key = (int(call.params.get("chat_id", "0")), int(call.params.get("message_id", "0")))
