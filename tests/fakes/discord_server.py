@@ -10,8 +10,8 @@
 Every HTTP call is recorded as a ``Call`` (route name, JSON body or ``payload_json``, uploaded
 file bytes, the status answered, who the message would ping). Unknown routes answer 404 and are
 recorded as ``unknown``, so a new call shows up in a test. ``fail_next`` injects one-shot
-failures (a 429 with ``retry_after``, a 5xx, a late acknowledgement); uploads above the
-interaction's ``attachment_size_limit`` are refused with 413 like the real API does.
+failures (a 429 with ``retry_after``, a 5xx, a late acknowledgement); a message whose files
+together exceed the interaction's ``attachment_size_limit`` is refused with 413.
 ``answer_late`` takes a call but answers late (or never: the connection drops), as when an upload
 reached Discord and its answer was lost. A channel post with a ``nonce`` and ``enforce_nonce``
 seen before in that channel returns the message the first one made (Discord does so for a few
@@ -330,7 +330,7 @@ class FakeDiscord:
                 del queued[index]
                 return status, body, headers
         limit = self._where.get(call.token or "", ("", None, self.attachment_size_limit))[2]
-        if any(len(f.data) > limit for f in call.files):
+        if sum(len(f.data) for f in call.files) > limit:  # the whole message counts
             return 413, {"message": "Request entity too large", "code": 40005}, {}
         handler = getattr(self, f"_on_{call.name}", None)
         if handler is None:
