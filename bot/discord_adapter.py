@@ -27,6 +27,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from bot import discord_image_alone as image_alone
 from bot import render
 from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
@@ -298,7 +299,7 @@ class DiscordAdapter:
             user = self.user_of(interaction)
             if record.user.user_id == user.user_id or (
                     action == "cancel" and self.engine.is_admin(user)):
-                interaction.extras["request"] = record.request
+                interaction.extras["record"] = record
                 return True
             log.info("%s pressed %s on job %s of %s: refused", user.key, action, job_id,
                      record.user.key)
@@ -308,10 +309,16 @@ class DiscordAdapter:
             await self.report_error(interaction, exc)
             return False
 
-    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str,
+                        index: int = 0, kind: str = "subtle") -> None:
+        """``index`` (0-based) and ``kind`` ("subtle" or "strong"): the image of a U or V."""
         try:
             if action == "cancel":
                 await self._cancel(interaction, job_id)
+            elif action == "u":
+                await self._post_alone(interaction, index)
+            elif action == "v":
+                await self._vary(interaction, index, kind)
             else:
                 await self._resubmit(interaction, action)
         except Exception as exc:  # discord.py would only log it; the user must hear back
@@ -319,10 +326,39 @@ class DiscordAdapter:
 
     async def _resubmit(self, interaction: discord.Interaction, action: str) -> None:
         """Re-roll or More: a new job from the pressed one's request (see ``imagine``)."""
-        request = self._variant(interaction.extras["request"], action)
+        request = self._variant(interaction.extras["record"].request, action)
+        await self._defer_and_submit(interaction, request)
+
+    async def _vary(self, interaction: discord.Interaction, index: int, kind: str) -> None:
+        """V: image-to-image from image ``index`` of the pressed job, as a new job."""
+        record = interaction.extras["record"]
+        if image_alone.path_of(record, index) is None:
+            await self.say(interaction, render.image_gone())
+            return
+        request = variants.vary(record.request, record.job_id, record.result_path, index, kind,
+                                self.config.limits, self.rng)
+        await self._defer_and_submit(interaction, request)
+
+    async def _defer_and_submit(self, interaction: discord.Interaction,
+                                request: ImageRequest) -> None:
         await interaction.response.defer(thinking=True)
         async with self._until_answered(interaction):
             await self._submit(interaction, request)
+
+    async def _post_alone(self, interaction: discord.Interaction, index: int) -> None:
+        """U: image ``index`` of the pressed job alone, full size, as a new message. Journalled
+        like a command, so a crash before the upload still answers the user after the restart."""
+        record = interaction.extras["record"]
+        path = image_alone.path_of(record, index)
+        if path is None:
+            await self.say(interaction, render.image_gone())
+            return
+        await interaction.response.defer(thinking=True)
+        async with self._until_answered(interaction):
+            text, upload, view = await asyncio.to_thread(
+                image_alone.message, record, index, path, interaction.filesize_limit)
+            await interaction.edit_original_response(content=text, attachments=[upload],
+                                                     view=view)
 
     def _variant(self, request: ImageRequest, action: str) -> ImageRequest:
         """Re-roll: same request, new seed. More: same seed, more steps."""

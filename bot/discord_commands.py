@@ -38,6 +38,7 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
     Steps = app_commands.Range[int, limits.steps_min, limits.steps_max]
     Guidance = app_commands.Range[float, limits.guidance_min, limits.guidance_max]
     Prompt = app_commands.Range[str, 1, min(6000, limits.max_prompt_chars + 200)]
+    Count = app_commands.Range[int, 1, limits.images_max]
 
     @app_commands.command(description="Make an image from a prompt (--seed, --steps, --ar work "
                                       "inside the prompt too).")
@@ -47,13 +48,14 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
                                  f"{limits.steps_default})",
                            aspect="Shape of the image",
                            guidance=f"How closely to follow the prompt (default "
-                                    f"{limits.guidance_default:g})")
+                                    f"{limits.guidance_default:g})",
+                           n="How many images at once")
     @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
     async def imagine(interaction: discord.Interaction, prompt: Prompt,
                       seed: Seed | None = None, steps: Steps | None = None,
                       aspect: app_commands.Choice[str] | None = None,
-                      guidance: Guidance | None = None) -> None:
-        options = {"seed": seed, "steps": steps, "guidance": guidance,
+                      guidance: Guidance | None = None, n: Count | None = None) -> None:
+        options = {"seed": seed, "steps": steps, "guidance": guidance, "n": n,
                    "aspect": aspect.value if aspect else None}
         await _adapter(interaction).imagine(interaction, prompt, options)
 

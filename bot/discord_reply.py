@@ -1,7 +1,8 @@
-"""Following one job into Discord: progress edits of the reply, then the image.
+"""Following one job into Discord: progress edits of the reply, then the image(s).
 
 While the interaction token lives (15 minutes) the bot edits its own deferred response: queue
-position and progress, then the PNG with its caption and buttons. After that, and for jobs
+position and progress, then the PNG (a job of ``--n N``: its N files in one message) with its
+caption and buttons. After that, and for jobs
 recovered after a restart, the result is posted to the channel as a normal message that mentions
 the user (and only that user). A progress edit that fails is logged and forgotten; the final
 upload goes through ``bot.delivery.deliver`` (retries, then the journal's undelivered path).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -27,10 +29,10 @@ import discord
 
 from bot import render
 from bot.delivery import RetryPolicy, deliver
-from bot.discord_views import custom_id, job_view
+from bot.discord_views import TEMPLATE, job_view, result_view
 from bot.media import fit_under
 from engine.engine import Engine
-from engine.job import Cancelled, Failed, Finished, Job, JobResult
+from engine.job import Cancelled, Failed, Finished, Job, JobResult, ResultImage
 from engine.request import Origin
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ TOKEN_MARGIN_S = 60.0  # stop using a token a minute early: an upload can take t
 # post tried again (safely: see above). Room for a 25 MB upload on a slow line.
 POST_TIMEOUT_S = 120.0
 RECENT_MESSAGES = 50  # how far back in a channel a lost post is looked for
+Upload = tuple[bytes, str]  # a file's bytes and its name
 
 
 @dataclass
@@ -172,48 +175,48 @@ class Follower:
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Failed):
             text = reply.with_note(render.failed(event.reason))
-            await deliver(self.engine, job, lambda: self._post(job.id, reply, text, None, None),
+            await deliver(self.engine, job, lambda: self._post(job.id, reply, text, [], None),
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Cancelled) and reply.token_alive(self.clock()):
             try:
-                await self._post(job.id, reply, render.cancelled(event.by_owner), None, None)
+                await self._post(job.id, reply, render.cancelled(event.by_owner), [], None)
             except Exception as exc:
                 log.warning("could not show that job %s was cancelled: %s", job.id, exc)
 
     async def _send_result(self, job: Job, reply: Reply, result: JobResult) -> str:
-        """Upload the image, re-encoded under the upload limit; smaller again on a 413."""
+        """Upload the images in one message, re-encoded under the upload limit; smaller again
+        on a 413."""
         caption = result_caption(result, job.user.display_name, reply.note)
-        view = job_view(job.id, "reroll", "more")
+        view = result_view(job.id, len(result.images))
         limit = reply.filesize_limit
         for attempt in range(3):
-            data, ext = fit_under(result.png, limit)
-            name = f"{job.id}-{result.request.seed}.{ext}"
+            uploads = fitted(job.id, result.images, limit)
             try:
-                return await self._post(job.id, reply, caption, (data, name), view)
+                return await self._post(job.id, reply, caption, uploads, view)
             except discord.HTTPException as exc:
                 if exc.status != 413 or attempt == 2:
                     raise
+                size = sum(len(data) for data, _ in uploads)
                 log.warning("job %s: %d bytes were too large for Discord; shrinking", job.id,
-                            len(data))
-                limit = len(data) // 2
+                            size)
+                limit = size // 2
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post(self, job_id: str, reply: Reply, text: str,
-                    image: tuple[bytes, str] | None, view: discord.ui.View | None) -> str:
+    async def _post(self, job_id: str, reply: Reply, text: str, uploads: list[Upload],
+                    view: discord.ui.View | None) -> str:
         """Edit the interaction's response while the token lives, else post to the channel."""
         if reply.interaction is not None and reply.token_alive(self.clock()):
-            files = [discord.File(io.BytesIO(image[0]), filename=image[1])] if image else []
             try:  # the same message every time: a retry after a lost answer cannot duplicate
                 message = await asyncio.wait_for(reply.interaction.edit_original_response(
-                    content=text, attachments=files, view=view), self.post_timeout_s)
+                    content=text, attachments=as_files(uploads), view=view),
+                    self.post_timeout_s)
                 return where(reply.channel_id, message)
             except discord.NotFound:  # token expired early, or the response was deleted
                 log.info("interaction response gone; posting to channel %s", reply.channel_id)
-        return await self._post_to_channel(job_id, reply, text, image, view)
+        return await self._post_to_channel(job_id, reply, text, uploads, view)
 
     async def _post_to_channel(self, job_id: str, reply: Reply, text: str,
-                               image: tuple[bytes, str] | None,
-                               view: discord.ui.View | None) -> str:
+                               uploads: list[Upload], view: discord.ui.View | None) -> str:
         channel = self.client.get_partial_messageable(reply.channel_id)
         if reply.look_first:
             found = await self._find_posted(channel, job_id)
@@ -223,8 +226,8 @@ class Follower:
                 return where(reply.channel_id, found)
         user = discord.Object(id=reply.user_id)
         kwargs: dict[str, object] = {}
-        if image is not None:
-            kwargs["file"] = discord.File(io.BytesIO(image[0]), filename=image[1])
+        if uploads:
+            kwargs["files"] = as_files(uploads)
         if view is not None:
             kwargs["view"] = view
         reply.look_first = True  # from here on it may land without our hearing of it
@@ -262,14 +265,36 @@ def nonce_of(job_id: str) -> str:
     return f"imagine:{job_id}"[:25]
 
 
+def fitted(job_id: str, images: tuple[ResultImage, ...], limit: int) -> list[Upload]:
+    """The job's images as files named ``<job id>-<seed>.<ext>``, each under an equal share of
+    ``limit``: Discord counts the whole message against it."""
+    share = limit // len(images)
+    uploads = []
+    for image in images:
+        data, ext = fit_under(image.png, share)
+        uploads.append((data, f"{job_id}-{image.seed}.{ext}"))
+    return uploads
+
+
+def as_files(uploads: list[Upload]) -> list[discord.File]:
+    return [discord.File(io.BytesIO(data), filename=name) for data, name in uploads]
+
+
+_BUTTON_ID = re.compile(TEMPLATE)
+
+
 def carries(message: discord.Message, job_id: str) -> bool:
-    """A result message of this job: its file is named after the job, its buttons carry it.
-    (A failure notice carries neither; the nonce alone guards it.)"""
+    """A result message of this job (one image or a grid): its files are named after the job,
+    its buttons other than Cancel carry it. (A failure notice carries neither; the nonce alone
+    guards it; the Cancel button is on the progress message, not the result.)"""
     if any(a.filename.startswith(f"{job_id}-") for a in message.attachments):
         return True
-    ids = {custom_id(action, job_id) for action in ("reroll", "more")}
-    return any(getattr(item, "custom_id", None) in ids
-               for row in message.components for item in getattr(row, "children", []))
+    for row in message.components:
+        for item in getattr(row, "children", []):
+            match = _BUTTON_ID.fullmatch(getattr(item, "custom_id", None) or "")
+            if match and match["job"] == job_id and match["action"] != "cancel":
+                return True
+    return False
 
 
 def result_caption(result: JobResult, requester: str, note: str = "") -> str:

@@ -243,6 +243,15 @@ def rerolling(seed: int) -> str:
     return f"🎲 Re-rolling with seed {seed}."
 
 
+# -- the image actions of issue 12 (Telegram's buttons) -------------------------------------------
+def vary_label(kind: str) -> str:
+    return f"Vary ({kind})"
+
+
+def image_gone() -> str:
+    return "That image is no longer kept by the bot, so this button cannot be used."
+
+
 def job_unknown() -> str:
     return "I no longer know that image, so this button cannot be used."
 
@@ -268,8 +277,11 @@ def restarted_ask_again() -> str:
 _BUTTON_LABELS = {"reroll": "🎲 Re-roll", "more": "Same seed, more steps", "cancel": "Cancel"}
 
 
-def button_label(action: str) -> str:
-    """The label of an image button: "reroll", "more" (same seed, more steps) or "cancel"."""
+def button_label(action: str, number: int | None = None) -> str:
+    """The label of an image button: "reroll", "more" (same seed, more steps) or "cancel";
+    "u" or "v" with the number of an image of a grid: "U3" (it alone), "V2" (a variation)."""
+    if number is not None:
+        return f"{action.upper()}{number}"
     return _BUTTON_LABELS[action]
 
 

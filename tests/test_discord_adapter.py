@@ -138,7 +138,8 @@ async def test_imagine_acks_edits_progress_and_uploads_png_with_parameters(serve
     assert (params["Seed"], params["Steps"], params["prompt"]) == ("7", "4", "a red fox")
     assert upload.files[0].filename == f"{job.job_id}-7.png"
     assert "seed 7 · 4 steps" in _text(upload) and "asked by alice" in _text(upload)
-    assert _custom_ids(upload) == [f"imagine:reroll:{job.job_id}", f"imagine:more:{job.job_id}"]
+    assert _custom_ids(upload) == [f"imagine:reroll:{job.job_id}", f"imagine:more:{job.job_id}",
+                                   f"imagine:v:{job.job_id}:1:s", f"imagine:v:{job.job_id}:1:t"]
     assert all(c.json["allowed_mentions"]["parse"] == [] for c in edits)
     record = await adapter.engine.job_record(job.job_id)
     message_id = server.original(sent)["id"]
@@ -669,3 +670,177 @@ async def test_a_channel_post_whose_answer_is_lost_is_not_posted_twice(server, s
         assert len(posts) == 1 and [c.status for c in looked] == [200]
     assert len({c.json["nonce"] for c in posts}) == 1 and all(c.json["enforce_nonce"]
                                                               for c in posts)
+
+
+# -- issue 12: a grid of N images, U1..UN and V1..VN --------------------------------------------
+def _rows(call: Call) -> list[list[str]]:
+    payload = call.json or {}
+    rows = (payload.get("data") or payload).get("components") or []
+    return [[c["custom_id"] for c in row["components"]] for row in rows]
+
+
+def _labels(call: Call) -> list[str]:
+    payload = call.json or {}
+    rows = (payload.get("data") or payload).get("components") or []
+    return [c["label"] for row in rows for c in row["components"]]
+
+
+async def post_grid(server: FakeDiscord, adapter: DiscordAdapter, **options):
+    """/imagine prompt:"a fox" n:4 seed:5 steps:1 (or ``options``): the upload and the job id."""
+    options = {"prompt": "a fox", "n": 4, "seed": 5, "steps": 1, **options}
+    sent = await server.slash("imagine", ALICE, **options)
+    upload = await final_upload(server, sent)
+    job_id = next(j.job_id for j in await jobs_in_journal(adapter, ALICE)
+                  if j.request.count == options["n"])
+    return sent, upload, job_id
+
+
+async def test_a_grid_of_four_is_one_message_with_its_files_and_u_v_buttons(server, start_bot):
+    adapter = await start_bot()
+    sent, upload, job = await post_grid(server, adapter)
+    await adapter.drain()
+
+    assert [f.filename for f in upload.files] == [f"{job}-{seed}.png" for seed in (5, 6, 7, 8)]
+    assert [read_parameters(f.data)["Seed"] for f in upload.files] == ["5", "6", "7", "8"]
+    assert len([c for c in server.calls_for(sent) if c.files]) == 1  # one message
+    assert _rows(upload) == [[f"imagine:u:{job}:{i}" for i in range(1, 5)],
+                             [f"imagine:v:{job}:{i}:s" for i in range(1, 5)],
+                             [f"imagine:reroll:{job}", f"imagine:more:{job}"]]
+    assert _labels(upload)[:8] == ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4"]
+    assert all(len(i) <= 100 for row in _rows(upload) for i in row)  # Discord's limit
+    assert "4 images, seeds 5–8" in _text(upload) and "asked by alice" in _text(upload)
+    assert len(server.original(sent)["attachments"]) == 4
+    record = await adapter.engine.job_record(job)
+    assert record.delivered_to.endswith(f"/message/{server.original(sent)['id']}")
+
+
+async def test_u3_posts_image_three_alone_full_size(server, start_bot):
+    adapter = await start_bot()
+    sent, grid, job = await post_grid(server, adapter)
+    press = await server.click(server.original(sent)["id"], f"imagine:u:{job}:3", ALICE)
+    alone = await final_upload(server, press)
+    await adapter.drain()
+
+    assert server.calls_for(press)[0].json == {"type": 5}  # deferred: a new message
+    [png] = alone.files
+    assert png.filename == f"{job}-7.png" and png.data == grid.files[2].data
+    assert read_parameters(png.data)["Seed"] == "7"
+    assert "seed 7 · 1 step" in _text(alone) and "images" not in _text(alone)
+    assert _custom_ids(alone) == [f"imagine:v:{job}:3:s", f"imagine:v:{job}:3:t"]
+    assert len(await jobs_in_journal(adapter, ALICE)) == 1  # nothing queued
+    assert await pending_rows(adapter) == 0
+
+
+async def test_v2_queues_a_subtle_variation_of_image_two_and_posts_it(server, start_bot):
+    adapter = await start_bot()
+    sent, grid, job = await post_grid(server, adapter)
+    press = await server.click(server.original(sent)["id"], f"imagine:v:{job}:2:s", ALICE)
+    upload = await final_upload(server, press)
+    await adapter.drain()
+
+    variation, original = await jobs_in_journal(adapter, ALICE)
+    assert original.job_id == job
+    request = variation.request
+    assert request.init_image.endswith(f"{job}-6.png")
+    assert open(request.init_image, "rb").read() == grid.files[1].data  # image 2's file
+    assert (request.strength, request.count, request.prompt) == (0.35, 1, "a fox")
+    assert request.derived_from == f"variation (subtle) of {job} #2"
+    assert read_parameters(upload.files[0].data)["Seed"] == str(request.seed)
+    assert upload.files[0].filename == f"{variation.job_id}-{request.seed}.png"
+    assert "strength 0.35" in _text(upload)
+    assert await pending_rows(adapter) == 0
+
+
+async def test_one_image_has_vary_subtle_and_strong(server, start_bot):
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a fox --seed 5 --steps 2")
+    upload = await final_upload(server, sent)
+    job = (await jobs_in_journal(adapter, ALICE))[0].job_id
+    assert _labels(upload)[2:] == ["Vary (subtle)", "Vary (strong)"]
+    press = await server.click(server.original(sent)["id"], f"imagine:v:{job}:1:t", ALICE)
+    await final_upload(server, press)
+    await adapter.drain()
+    variation = (await jobs_in_journal(adapter, ALICE))[0].request
+    assert variation.init_image.endswith(f"{job}-5.png") and variation.strength == 0.7
+
+
+async def test_a_strangers_u_and_v_presses_are_refused(server, start_bot):
+    adapter = await start_bot()
+    sent, _, job = await post_grid(server, adapter)
+    for button in (f"imagine:u:{job}:3", f"imagine:v:{job}:2:s"):
+        press = await server.click(server.original(sent)["id"], button, BOB)
+        answer = await private_answer(server, press)
+        assert server.calls_for(press) == [answer]  # refused before any deferral
+        assert _text(answer) == render.not_your_job()
+    await adapter.drain()
+    assert await jobs_in_journal(adapter, BOB) == []
+    assert len(await jobs_in_journal(adapter, ALICE)) == 1
+
+
+async def test_u3_and_v2_work_after_a_restart(server, start_bot, engine_factory, dconfig):
+    first = await start_bot()
+    sent, grid, job = await post_grid(server, first)
+    await first.drain()
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+
+    restarted = await start_bot(engine=await engine_factory(dconfig))
+    message = server.original(sent)["id"]
+    alone = await final_upload(server, await server.click(message, f"imagine:u:{job}:3", ALICE))
+    assert alone.files[0].data == grid.files[2].data
+    press = await server.click(message, f"imagine:v:{job}:2:s", ALICE)
+    upload = await final_upload(server, press)
+    await restarted.drain()
+    variation = (await jobs_in_journal(restarted, ALICE))[0]
+    assert variation.request.init_image.endswith(f"{job}-6.png")
+    assert read_parameters(upload.files[0].data)["Seed"] == str(variation.request.seed)
+    assert variation.delivered_at is not None
+
+
+async def test_u_and_v_on_images_no_longer_kept_are_answered_politely(server, start_bot,
+                                                                      dconfig):
+    dconfig.engine.save_outputs = False  # the files go once posted
+    adapter = await start_bot()
+    sent, _, job = await post_grid(server, adapter, n=2)
+    await adapter.drain()
+    for button in (f"imagine:u:{job}:1", f"imagine:v:{job}:2:s"):
+        press = await server.click(server.original(sent)["id"], button, ALICE)
+        answer = await private_answer(server, press)
+        assert server.calls_for(press) == [answer]
+        assert _text(answer) == render.image_gone()
+    assert len(await jobs_in_journal(adapter, ALICE)) == 1
+
+
+async def test_a_grid_counts_its_images_against_the_quota(server, start_bot, dconfig):
+    dconfig.rate_limit.images_per_window = 5
+    adapter = await start_bot()
+    await post_grid(server, adapter)
+    second = await server.slash("imagine", ALICE, prompt="a fox", n=2, steps=1)
+    answer = await private_answer(server, second)
+    await adapter.drain()
+    assert "You have 1 image left" in _text(answer) and "--n 1" in _text(answer)
+    assert [j.request.count for j in await jobs_in_journal(adapter, ALICE)] == [4]
+
+
+async def test_a_grid_shares_the_upload_limit_between_its_files(server, start_bot):
+    adapter = await start_bot()
+    server.attachment_size_limit = 100_000  # a dry-run PNG is about 58 kB; four are 230 kB
+    sent, upload, _ = await post_grid(server, adapter)
+    await adapter.drain()
+    assert len(upload.files) == 4 and sum(len(f.data) for f in upload.files) <= 100_000
+    assert [c.status for c in server.calls_for(sent) if c.files] == [200]
+
+
+async def test_a_grid_whose_channel_post_answer_is_lost_is_not_posted_twice(server, start_bot):
+    adapter = await start_bot(clock=lambda: time.time() + 15 * 60, post_timeout_s=0.3)
+    server.answer_late("channel_message", 1.0)
+    await server.slash("imagine", ALICE, prompt="a fox", n=2, seed=5, steps=1)
+    await server.wait_for(lambda c: c.name == "channel_message")
+    await adapter.drain()
+    [message] = [m for m in server.channel_messages() if m["attachments"]]
+    assert [a["filename"].rsplit("-", 1)[1] for a in message["attachments"]] == ["5.png",
+                                                                                  "6.png"]
+    assert len([c for c in server.calls if c.name == "channel_message"]) == 1
+    assert [c.status for c in server.calls if c.name == "channel_history"] == [200]  # found
+    record = (await jobs_in_journal(adapter, ALICE))[0]
+    assert record.delivered_to.endswith(f"/message/{message['id']}")
