@@ -248,6 +248,24 @@ def vary_label(kind: str) -> str:
     return f"Vary ({kind})"
 
 
+def grid_actions(count: int) -> str:
+    """The message under a grid that carries its buttons (an album cannot carry any)."""
+    return (f"U1–U{count}: post that image alone as a full-size PNG · "
+            f"V1–V{count}: a subtle variation of it.")
+
+
+def posting_alone(number: int) -> str:
+    return f"📤 Posting image {number} as a full-size PNG."
+
+
+def varying(kind: str, number: int, seed: int) -> str:
+    return f"🔀 A {kind} variation of image {number}, seed {seed}."
+
+
+def more_steps_queued(steps_now: int) -> str:
+    return f"➕ The same seed again with {steps(steps_now)}."
+
+
 def image_gone() -> str:
     return "That image is no longer kept by the bot, so this button cannot be used."
 

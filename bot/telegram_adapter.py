@@ -10,8 +10,9 @@ Users: ``/imagine <prompt> --flags`` (also ``/imagine@BotName``; plain text in a
 ``/status``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
 ``/cancel <anyone's id>``.
 Chats outside ``access.telegram_chats`` (when set) are refused politely; admins may use the bot
-anywhere. Buttons carry ``reroll:<job id>`` / ``cancel:<job id>``; only the requester's presses act,
-and every press is answered. ``telegram.base_url`` points the bot at a self-hosted Bot API server.
+anywhere. Buttons carry the action and the job id (``bot/telegram_buttons.py``: cancel, re-roll,
+more steps, U<n>, V<n>); only the requester's presses act, and every press is answered.
+``telegram.base_url`` points the bot at a self-hosted Bot API server.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ from bot import render
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.secrets_filter import SecretFilter
-from bot.telegram_jobs import CANCEL, REROLL, JobFollower
+from bot.telegram_buttons import (
+    ALONE,
+    CANCEL,
+    Press,
+    alone_keyboard,
+    image_file,
+    new_request,
+    parse_press,
+    queued_answer,
+)
+from bot.telegram_jobs import JobFollower, Target
 from bot.telegram_limiter import ACK, PriorityRateLimiter
 from bot.telegram_outbox import ChatOutbox
 from bot.telegram_polling import JournalledPolling, current_update
@@ -46,9 +57,10 @@ from engine.config import Config
 from engine.engine import AlreadyAccepted, Engine
 from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
-from engine.job import Job
+from engine.job import Job, JobResult
 from engine.pending import PendingReply
 from engine.request import Origin, User
+from engine.store import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +328,7 @@ class TelegramAdapter:
 
     # -- buttons ---------------------------------------------------------------------------
     async def _button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Re-roll / Cancel presses: the requester's act, every press is answered."""
+        """Button presses: the requester's act, every press is answered."""
         query = update.callback_query
         if query is None:
             return
@@ -336,35 +348,65 @@ class TelegramAdapter:
 
     async def _press(self, query: CallbackQuery, user: User) -> tuple[str, bool]:
         """Act on a press; returns the answer text and whether it is an alert."""
-        action, _, job_id = (query.data or "").partition(":")
+        press = parse_press(query.data or "")
         message = query.message
-        if action not in (REROLL, CANCEL) or not job_id or message is None:
+        if press is None or message is None:
             return "", False  # an old or foreign button: answer quietly
         if not self._chat_allowed(message.chat.id, user):
             return render.chat_not_allowed(), True
-        record = await self.engine.job_record(job_id)
+        # the journal, not memory: the buttons of a job from before a restart work too
+        record = await self.engine.job_record(press.job_id)
         if record is None:
             return render.job_unknown(), True
         if record.user.platform != "telegram" or record.user.user_id != user.user_id:
             return render.not_your_job(), True
-        if action == CANCEL:
+        if press.action == CANCEL:
             try:
-                done = await self.engine.cancel(job_id, user)
+                done = await self.engine.cancel(press.job_id, user)
             except JobNotFound:  # no longer live (finished before a restart)
                 done = False
-            return (render.cancelling(job_id) if done else render.already_over()), False
-        request = variants.reroll(record.request, self.config.limits)
+            return (render.cancelling(press.job_id) if done else render.already_over()), False
+        # a reply to the pressed message, in the parent's thread, never with its status message
         origin = Origin("telegram", chat_id=str(message.chat.id),
                         message_id=str(message.message_id),
-                        # the parent's details, but never its status message
                         extra={k: v for k, v in record.origin.extra.items()
                                if k != "status_message"})
+        if press.action == ALONE:
+            return await self._post_alone(record, press, origin)
+        return await self._submit_press(press, record, user, origin)
+
+    async def _submit_press(self, press: Press, record: JobRecord, user: User,
+                            origin: Origin) -> tuple[str, bool]:
+        """Re-roll, More or V: a new job from the pressed one, followed like a command's."""
+        request = new_request(press, record, self.config.limits)
         try:
             job = await self.engine.submit(user, request, origin, key=current_update.get())
         except AlreadyAccepted:  # the press was sent again after a crash
             return "", False
         self._follow(job, announce=True)
-        return render.rerolling(request.seed), False
+        return queued_answer(press, request), False
+
+    async def _post_alone(self, record: JobRecord, press: Press,
+                          origin: Origin) -> tuple[str, bool]:
+        """U<n>: image n as a full-size PNG document with its own parameters. Posted by the
+        chat's outbox, so the press is answered at once (its answer expires in 15 s)."""
+        path = image_file(record, press.number)
+        if path is None:
+            return render.image_gone(), True
+        png = await asyncio.to_thread(path.read_bytes)
+        one = variants.alone(record.request, press.number - 1)
+        caption = render.shorten(
+            render.caption(JobResult.single(png, one, "", 0.0), record.user.display_name),
+            MessageLimit.CAPTION_LENGTH)
+        follower, target = self.follower, Target.of(origin)
+        assert follower is not None  # buttons are handled only while connected
+
+        def send() -> Awaitable[object]:
+            return follower.send_document(png, f"{record.job_id}-{one.seed}", target, caption,
+                                          alone_keyboard(record.job_id, press.number))
+
+        self.outbox.post(target.chat_id, send)
+        return render.posting_alone(press.number), False
 
     # -- helpers ---------------------------------------------------------------------------
     def _follow(self, job: Job, *, announce: bool) -> None:

@@ -1,4 +1,5 @@
-"""Following one job in a Telegram chat: a status message, then the image as a reply.
+"""Following one job in a Telegram chat: a status message, then the image as a reply (a grid
+of ``--n`` images: an album, then a message with its buttons, since an album can carry none).
 
     follower = JobFollower(bot, engine, config)
     await follower.follow(job, announce=True)
@@ -19,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters
+from telegram import (
+    InlineKeyboardMarkup,
+    InputMediaDocument,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+)
 from telegram.constants import ChatAction, MessageLimit
 from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError, TimedOut
 from telegram.ext import ExtBot
@@ -27,6 +34,7 @@ from telegram.ext import ExtBot
 from bot import render
 from bot.delivery import RetryPolicy, deliver
 from bot.media import fit_under
+from bot.telegram_buttons import cancel_keyboard, result_keyboard
 from bot.telegram_limiter import ACK
 from engine.config import Config
 from engine.engine import Engine
@@ -48,19 +56,11 @@ LOCAL_DOCUMENT_MAX_BYTES = 2000 * 1024 * 1024  # a self-hosted Bot API server al
 # Telegram allows about 20 messages a minute in a group, edits included: edit at most every 6 s
 # there, which leaves half of that budget for replies and other users' jobs.
 GROUP_EDIT_INTERVAL_S = 6.0
-REROLL, CANCEL = "reroll", "cancel"  # button data is "<action>:<job id>" (64 bytes at most)
 
 
-def _one_button(label: str, action: str, job_id: str) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[InlineKeyboardButton(label, callback_data=f"{action}:{job_id}")]])
-
-
-def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
-    return _one_button("✖ Cancel", CANCEL, job_id)
-
-
-def result_keyboard(job_id: str) -> InlineKeyboardMarkup:
-    return _one_button("🎲 Re-roll", REROLL, job_id)
+def fits_as_photo(png: bytes, width: int, height: int) -> bool:
+    """Whether Telegram takes this PNG as a photo (else it goes as a document)."""
+    return len(png) <= PHOTO_MAX_BYTES and width + height <= PHOTO_MAX_SIDES
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -263,7 +263,10 @@ class JobFollower:
         await self._chat_action(target)
 
         async def send() -> str:
-            sent = await self._send_image(job, result, target)
+            if len(result.images) > 1:
+                sent = await self._send_album(job, result, target)
+            else:
+                sent = await self._send_image(job, result, target)
             return f"telegram:{target.chat_id}/{sent.message_id}"
 
         async def tell_of_the_delay() -> None:
@@ -279,33 +282,92 @@ class JobFollower:
                                     if record is not None and record.delivery_given_up
                                     else render.undelivered())
             return
+        if len(result.images) > 1:  # an album carries no buttons: they follow it
+            await self._post_grid_buttons(job, result, target)
         if status is not None:
             await status.delete()
         if self.config.telegram.send_png_document:
             try:
-                await self._send_document(job, result.png, target)
+                await self._send_png_documents(job, result, target)
             except TelegramError as exc:  # the photo arrived; the extra PNG is a bonus
                 log.warning("sending the PNG of job %s failed: %s", job.id, exc)
 
-    async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
-        request = result.request
-        caption = render.shorten(render.caption(result, job.user.display_name),
-                       MessageLimit.CAPTION_LENGTH)
-        markup = result_keyboard(job.id)
-        if (len(result.png) <= PHOTO_MAX_BYTES
-                and request.width + request.height <= PHOTO_MAX_SIDES):
-            return await self.bot.send_photo(photo=result.png, caption=caption, reply_markup=markup,
-                                             filename=f"{job.id}-{request.seed}.png",
-                                             **target.kwargs())
-        return await self._send_document(job, result.png, target, caption, markup)
+    def _caption(self, job: Job, result: JobResult) -> str:
+        return render.shorten(render.caption(result, job.user.display_name),
+                              MessageLimit.CAPTION_LENGTH)
 
-    async def _send_document(self, job: Job, png: bytes, target: Target,
-                             caption: str | None = None,
-                             markup: InlineKeyboardMarkup | None = None) -> Message:
+    async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
+        caption = self._caption(job, result)
+        markup = result_keyboard(job.id)
+        if fits_as_photo(result.png, result.request.width, result.request.height):
+            return await self.bot.send_photo(photo=result.png, caption=caption, reply_markup=markup,
+                                             filename=f"{job.id}-{result.request.seed}.png",
+                                             **target.kwargs())
+        return await self.send_document(result.png, f"{job.id}-{result.request.seed}", target,
+                                        caption, markup)
+
+    def _album_as_photos(self, result: JobResult) -> bool:
+        r = result.request
+        return all(fits_as_photo(image.png, r.width, r.height) for image in result.images)
+
+    async def _send_album(self, job: Job, result: JobResult, target: Target) -> Message:
+        """A grid as one media group, the caption on its first item; photos, or documents
+        when a photo would be refused. Returns the first message."""
+        caption = self._caption(job, result)
+        items: list[InputMediaPhoto] | list[InputMediaDocument]
+        if self._album_as_photos(result):
+            items = [InputMediaPhoto(image.png, caption=caption if index == 0 else None,
+                                     filename=f"{job.id}-{image.seed}.png")
+                     for index, image in enumerate(result.images)]
+        else:
+            items = self._documents(job, result, caption)
+        sent = await self.bot.send_media_group(media=items, **target.kwargs())
+        return sent[0]
+
+    def _documents(self, job: Job, result: JobResult,
+                   caption: str | None = None) -> list[InputMediaDocument]:
+        share = self.document_limit // len(result.images)  # the whole upload must fit the limit
+        items = []
+        for index, image in enumerate(result.images):
+            data, ext = fit_under(image.png, share)
+            items.append(InputMediaDocument(data, caption=caption if index == 0 else None,
+                                            filename=f"{job.id}-{image.seed}.{ext}"))
+        return items
+
+    async def _post_grid_buttons(self, job: Job, result: JobResult, target: Target) -> None:
+        """The grid's buttons, in a message of their own. Not part of the delivery: a retry
+        there would post the album twice. Tried a few times; a read timeout is not retried
+        (the message may be there already)."""
+        text = render.grid_actions(len(result.images))
+        markup = result_keyboard(job.id, len(result.images))
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                await self.bot.send_message(text=text, reply_markup=markup, **target.kwargs())
+                return
+            except TelegramError as exc:
+                log.warning("posting the buttons of job %s failed (attempt %d): %s", job.id,
+                            attempt, exc)
+                if is_permanent(exc) or sent_but_unanswered(exc) \
+                        or attempt == self.policy.attempts:
+                    return
+            await asyncio.sleep(self.policy.delay(attempt))
+
+    async def _send_png_documents(self, job: Job, result: JobResult, target: Target) -> None:
+        """``send_png_document``: the lossless PNGs after the photos (a grid's as an album of
+        documents; none when the grid already went as documents)."""
+        if len(result.images) == 1:
+            await self.send_document(result.png, f"{job.id}-{result.request.seed}", target)
+        elif self._album_as_photos(result):
+            await self.bot.send_media_group(media=self._documents(job, result),
+                                            **target.kwargs())
+
+    async def send_document(self, png: bytes, stem: str, target: Target,
+                            caption: str | None = None,
+                            markup: InlineKeyboardMarkup | None = None) -> Message:
+        """A PNG as a document named ``<stem>.png`` (a JPEG if over the upload limit)."""
         data, ext = fit_under(png, self.document_limit)
         return await self.bot.send_document(document=data, caption=caption, reply_markup=markup,
-                                            filename=f"{job.id}-{job.request.seed}.{ext}",
-                                            **target.kwargs())
+                                            filename=f"{stem}.{ext}", **target.kwargs())
 
     async def _deliver_text(self, job: Job, text: str, target: Target,
                             status: StatusMessage | None) -> None:

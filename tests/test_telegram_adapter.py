@@ -151,7 +151,8 @@ async def test_imagine_posts_status_progress_and_png_with_the_seed(
     assert reply_to(photo) == sent["message_id"]
     assert "parse_mode" not in photo.params  # plain text: prompts cannot inject markup
     assert photo.params["caption"].startswith("a red fox\nseed 7 · 4 steps · 1024×1024")
-    assert buttons(photo) == [f"reroll:{job.id}"]
+    assert buttons(photo) == [f"reroll:{job.id}", f"more:{job.id}", f"v:{job.id}:1:s",
+                              f"v:{job.id}:1:t"]
     png = photo.upload("photo").data
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     params = read_parameters(png)
