@@ -19,6 +19,7 @@ from telegram.error import InvalidToken
 from bot import render, telegram_jobs
 from bot.telegram_adapter import TelegramAdapter
 from bot.telegram_limiter import ACK, PriorityRateLimiter
+from engine import result_files
 from engine.backends.dry_run import DryRunBackend
 from engine.config import Config
 from engine.engine import Engine
@@ -984,3 +985,223 @@ async def test_a_cancelled_request_does_not_lift_a_429_pause_for_everyone() -> N
     await asyncio.gather(first, return_exceptions=True)
     await limiter.process_request(plain, (), {}, "sendMessage", {"chat_id": 43}, None)
     assert calls[-1] - started >= 1.0  # still paused after the cancellation
+
+
+# -- grids and the image actions (issue 12) --------------------------------------------------
+def grid_buttons(tg: FakeTelegramServer) -> list[dict[str, Any]]:
+    """The messages that carry a grid's buttons (they follow its album)."""
+    return [c.result for c in tg.calls_to("sendMessage", ok_only=True)
+            if any(b.startswith("u:") for b in buttons(c))]
+
+
+async def post_grid(tg: FakeTelegramServer, engine: Engine, text: str = "a fox --n 4 --seed 5"
+                    ) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+    """/imagine a grid as Alice; the job, her command and the message with the grid's buttons."""
+    command = tg.message(f"/imagine {text} --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_until(lambda: bool(grid_buttons(tg)), what="the grid's buttons")
+    return await finished_job(engine, ALICE), command, grid_buttons(tg)[0]
+
+
+def seeds_of(call: Call) -> list[str]:
+    return [read_parameters(upload.data)["Seed"] for _, upload in call.media()]
+
+
+async def test_a_grid_of_four_is_one_album_then_one_message_with_its_buttons(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    job, command, keys = await post_grid(tg, engine)
+    album = tg.calls_to("sendMediaGroup")[0]
+    assert len(tg.calls_to("sendMediaGroup")) == 1 and tg.calls_to("sendPhoto") == []
+    assert [item["type"] for item, _ in album.media()] == ["photo"] * 4
+    assert seeds_of(album) == ["5", "6", "7", "8"]
+    captions = [item.get("caption") for item, _ in album.media()]
+    assert captions[0].startswith("a fox\n4 images, seeds 5–8 · 1 step") and captions[1:] == [
+        None] * 3
+    assert reply_to(album) == command["message_id"]
+    after = tg.calls_to("sendMessage")[-1]
+    assert reply_to(after) == command["message_id"] and after.result == keys
+    assert buttons(after) == ([f"u:{job.id}:{n}" for n in range(1, 5)]
+                              + [f"v:{job.id}:{n}:s" for n in range(1, 5)] + [f"reroll:{job.id}"])
+    assert all(len(data.encode()) <= 64 for data in buttons(after))
+    first = tg.sent("sendMediaGroup")[0][0]["message_id"]
+    assert (await delivered(engine, job.id)).delivered_to == f"telegram:{ALICE}/{first}"
+
+
+async def test_u3_posts_image_3_alone_as_a_png_document_with_its_seed(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    job, _, keys = await post_grid(tg, engine)
+    tg.press(keys, f"u:{job.id}:3", user_id=ALICE)
+    document = await tg.wait_for("sendDocument")
+    answer = await tg.wait_for("answerCallbackQuery")
+    assert answer.params["text"] == render.posting_alone(3)
+    png = document.upload("document").data
+    assert read_parameters(png)["Seed"] == "7" and document.upload(
+        "document").filename == f"{job.id}-7.png"
+    assert document.params["caption"].startswith("a fox\nseed 7 · 1 step")
+    assert reply_to(document) == keys["message_id"]
+    assert buttons(document) == [f"v:{job.id}:3:s", f"v:{job.id}:3:t"]
+    assert len(engine._jobs) == 1, "posting an image alone queues nothing"
+
+
+async def test_v2_queues_a_subtle_variation_of_image_2_and_posts_it(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    engine, _ = await start_bot()
+    job, _, keys = await post_grid(tg, engine)
+    tg.press(keys, f"v:{job.id}:2:s", user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    variation = await finished_job(engine, ALICE)
+    record = await engine.job_record(job.id)
+    image_2 = result_files.paths(record.result_path, record.request)[1]
+    assert variation.request.init_image == str(image_2) and image_2.exists()
+    assert variation.request.strength == 0.35 and variation.request.count == 1
+    assert variation.request.derived_from == f"variation (subtle) of {job.id} #2"
+    answer = tg.calls_to("answerCallbackQuery")[0]
+    assert answer.params["text"] == render.varying("subtle", 2, variation.request.seed)
+    assert reply_to(photo) == keys["message_id"]
+    assert read_parameters(photo.upload("photo").data)["Seed"] == str(variation.request.seed)
+    await delivered(engine, variation.id)
+
+
+async def test_another_users_u3_and_v2_are_refused_and_queue_nothing(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    job, _, keys = await post_grid(tg, engine)
+    tg.press(keys, f"u:{job.id}:3", user_id=BOB)
+    tg.press(keys, f"v:{job.id}:2:s", user_id=BOB)
+    await tg.wait_for("answerCallbackQuery", 2)
+    answers = [(c.params.get("text"), c.params.get("show_alert"))
+               for c in tg.calls_to("answerCallbackQuery")]
+    assert answers == [(render.not_your_job(), "true")] * 2
+    await asyncio.sleep(0.2)
+    assert len(engine._jobs) == 1 and tg.calls_to("sendDocument") == []
+    assert await engine.store.jobs_for_user(user(BOB)) == []
+
+
+async def test_v2_pressed_after_a_restart_still_makes_the_variation(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config, engine_factory: Any
+        ) -> None:
+    before = await engine_factory(tg_config, DryRunBackend())
+    _, adapter = await start_bot(engine=before)
+    job, _, keys = await post_grid(tg, before)
+    await delivered(before, job.id)
+    await adapter.stop()
+    await before.shutdown(grace_s=1)
+
+    after = await engine_factory(tg_config, DryRunBackend())
+    await start_bot(engine=after)
+    tg.press(keys, f"v:{job.id}:2:s", user_id=ALICE)
+    photo = await tg.wait_for("sendPhoto")
+    variation = await finished_job(after, ALICE)
+    assert variation.request.init_image.endswith(f"{job.id}-6.png")
+    assert reply_to(photo) == keys["message_id"]
+
+
+async def test_buttons_of_a_grid_whose_images_are_gone_answer_politely(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    job, _, keys = await post_grid(tg, engine)
+    record = await engine.job_record(job.id)
+    for path in result_files.paths(record.result_path, record.request):
+        path.unlink()
+    tg.press(keys, f"u:{job.id}:3", user_id=ALICE)
+    tg.press(keys, f"v:{job.id}:2:s", user_id=ALICE)
+    await tg.wait_for("answerCallbackQuery", 2)
+    texts = sorted(c.params.get("text") for c in tg.calls_to("answerCallbackQuery"))
+    assert texts == sorted([render.image_gone(),
+                            "⚠️ That image is no longer kept by the bot, so it cannot be varied."])
+    assert len(engine._jobs) == 1 and tg.calls_to("sendDocument") == []
+
+
+async def test_a_single_image_has_vary_and_same_seed_more_steps(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    tg.message("/imagine a red fox --seed 7 --steps 2", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendPhoto")
+    first = await finished_job(engine, ALICE)
+    photo_message = tg.sent("sendPhoto")[0]
+    tg.press(photo_message, f"more:{first.id}", user_id=ALICE)
+    await tg.wait_for("sendPhoto", 2)
+    more = await finished_job(engine, ALICE)
+    assert (more.request.seed, more.request.steps) == (7, 12)
+    tg.press(photo_message, f"v:{first.id}:1:t", user_id=ALICE)
+    await tg.wait_for("sendPhoto", 3)
+    strong = await finished_job(engine, ALICE)
+    assert strong.request.strength == 0.7 and strong.request.init_image.endswith(
+        f"{first.id}-7.png")
+    texts = [c.params.get("text") for c in tg.calls_to("answerCallbackQuery")]
+    assert texts == [render.more_steps_queued(12),
+                     render.varying("strong", 1, strong.request.seed)]
+
+
+async def test_a_grid_counts_its_images_against_the_quota(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.rate_limit.images_per_window = 5
+    engine, _ = await start_bot()
+    await post_grid(tg, engine, "a fox --n 4")
+    tg.message("/imagine a fox --n 2 --steps 1", chat_id=ALICE, user_id=ALICE)
+    refusal = await tg.wait_for("sendMessage", where=lambda c: "left" in c.params["text"])
+    assert refusal.params["text"].startswith("⚠️ You have 1 image left for ")
+    assert "try --n 1" in refusal.params["text"]
+    assert len(await engine.store.jobs_for_user(user(ALICE))) == 1
+
+
+async def test_a_slow_album_is_never_posted_twice(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    """The same at-most-once rule as a photo: Telegram took the album, the answer came late."""
+    tg_config.telegram.read_timeout_s = 0.5
+    engine, _ = await start_bot()
+    tg.slow_next("sendMediaGroup", 1.5)
+    job, _, _ = await post_grid(tg, engine)
+    record = await delivered(engine, job.id)
+    assert record.delivered_to.startswith("unknown: TimedOut")
+    await asyncio.sleep(1.5)  # time for any retry that should not happen
+    assert len(tg.calls_to("sendMediaGroup")) == 1
+
+
+async def test_a_grid_with_png_documents_adds_an_album_of_the_pngs(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.telegram.send_png_document = True
+    engine, _ = await start_bot()
+    await post_grid(tg, engine)
+    documents = await tg.wait_for("sendMediaGroup", 2)
+    assert [item["type"] for item, _ in documents.media()] == ["document"] * 4
+    assert seeds_of(documents) == ["5", "6", "7", "8"]
+
+
+async def test_a_grid_too_large_for_photos_goes_as_an_album_of_documents(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telegram_jobs, "PHOTO_MAX_BYTES", 1000)
+    tg_config.telegram.send_png_document = True  # nothing more to send: they are PNGs already
+    engine, _ = await start_bot()
+    job, _, _ = await post_grid(tg, engine)
+    await delivered(engine, job.id)
+    (album,) = tg.calls_to("sendMediaGroup")
+    assert [item["type"] for item, _ in album.media()] == ["document"] * 4
+    assert album.media()[0][0]["caption"].startswith("a fox\n4 images")
+    assert seeds_of(album) == ["5", "6", "7", "8"]
+
+
+async def test_buttons_that_fail_to_post_are_retried_without_posting_the_album_again(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    engine.pause()
+    tg.message("/imagine a fox --n 2 --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMessage")  # the status message
+    tg.fail_next("sendMessage", 502)  # the buttons' first try
+    engine.resume()
+    await tg.wait_until(lambda: bool(grid_buttons(tg)), what="the grid's buttons")
+    assert [c.status for c in tg.calls_to("sendMessage")] == [200, 502, 200]
+    assert len(tg.calls_to("sendMediaGroup")) == 1
+
+
+def test_button_data_is_parsed_strictly() -> None:
+    from bot.telegram_buttons import Press, parse_press
+
+    assert parse_press("u:ab12:3") == Press("u", "ab12", 3)
+    assert parse_press("v:ab12:2:t") == Press("v", "ab12", 2, "strong")
+    assert parse_press("more:ab12") == Press("more", "ab12")
+    for data in ("u:ab12", "u:ab12:x", "u::3", "v:ab12:2:q", "v:ab12:2", "u:ab12:١", "reroll:",
+                 "reroll:a:b", "garbage-from-an-old-bot", ""):
+        assert parse_press(data) is None, data
