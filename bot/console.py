@@ -46,8 +46,8 @@ class ConsoleAdapter:
 
     async def start(self) -> None:
         self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
-                 "/queue, /cancel [id], /limits, /status, /pause, /resume, /limit, /help or "
-                 "/quit.")
+                 "/upscale, /queue, /cancel [id], /limits, /status, /pause, /resume, /limit, "
+                 "/help or /quit.")
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
@@ -130,7 +130,8 @@ class ConsoleAdapter:
     def _commands(self) -> dict[str, Callable[[str], Awaitable[None]]]:
         return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
                 "/status": self._status, "/cancel": self._cancel, "/pause": self._pause,
-                "/resume": self._resume, "/limit": self._limit, "/vary": self._vary}
+                "/resume": self._resume, "/limit": self._limit, "/vary": self._vary,
+                "/upscale": self._upscale}
 
     async def _help(self, rest: str) -> None:
         self.say(render.usage(self.engine.config.limits))
@@ -189,6 +190,19 @@ class ConsoleAdapter:
         request = variants.vary(record.request, record.job_id, record.result_path,
                                 int(parts[1]) - 1, kind, self.engine.config.limits)
         await self._submit(request)
+
+    async def _upscale(self, rest: str) -> None:
+        """/upscale <job id> <image 1–N>: what the Upscale buttons do in a chat."""
+        parts = rest.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            self.say("Usage: /upscale <job id> <image number>")
+            return
+        record = await self.engine.job_record(parts[0][:32])
+        if record is None or record.status != "finished":
+            self.say(render.vary_needs_a_finished_job())
+            return
+        await self._submit(variants.upscale(record.request, record.job_id, record.result_path,
+                                            int(parts[1]) - 1, self.engine.config.limits))
 
     async def imagine(self, text: str) -> Job:
         limits = self.engine.config.limits

@@ -115,7 +115,7 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
 
 
 def vary_needs_a_finished_job() -> str:
-    return "⚠️ I could not find a finished job with that id to make a variation of."
+    return "⚠️ I could not find a finished job with that id to start from."
 
 
 def failed(reason: str) -> str:

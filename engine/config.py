@@ -70,6 +70,7 @@ class LimitsSection:
     images_max: int = 4
     vary_subtle_strength: float = 0.35  # "Vary (subtle)": image-to-image strength
     vary_strong_strength: float = 0.7
+    upscale_strength: float = 0.3  # "Upscale": how much each tile of the 2× image is redrawn
 
 
 @dataclass
@@ -267,7 +268,7 @@ def _validated(config: Config) -> Config:
     need(lim.max_prompt_chars >= 1, "limits.max_prompt_chars", lim.max_prompt_chars, "at least 1")
     need(1 <= lim.images_default <= lim.images_max <= MAX_IMAGES_PER_JOB, "limits.images_max",
          lim.images_max, f"between images_default (at least 1) and {MAX_IMAGES_PER_JOB}")
-    for key in ("vary_subtle_strength", "vary_strong_strength"):
+    for key in ("vary_subtle_strength", "vary_strong_strength", "upscale_strength"):
         need(STRENGTH_MIN <= getattr(lim, key) <= 1.0, f"limits.{key}", getattr(lim, key),
              f"from {STRENGTH_MIN} to 1.0")
     need(config.rate_limit.images_per_window >= 0, "rate_limit.images_per_window",

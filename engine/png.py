@@ -25,6 +25,12 @@ def parameters_text(request: ImageRequest, model_name: str) -> str:
         ("Size", f"{request.width}x{request.height}"),
         ("Model", model_name.replace(",", " ")),
     ]
+    if request.init_image:  # image-to-image, as AUTOMATIC1111 writes it
+        pairs.append(("Denoising strength", f"{request.strength:g}"))
+    if request.upscale_tile:
+        pairs.append(("Upscale", "2"))
+    if request.derived_from:  # e.g. "upscale 2× of 1a2b3c4d #2": which image it came from
+        pairs.append(("Source", request.derived_from.replace(",", " ")))
     prompt = request.prompt.replace("\n", " ")
     return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
 

@@ -40,6 +40,9 @@ class ImageRequest:
     init_image: str = ""
     strength: float = 1.0
     derived_from: str = ""  # e.g. "variation (subtle) of 1a2b3c4d #2", for the parameters
+    # An upscale: ``init_image`` enlarged to width × height and refined in tiles of this side
+    # (``engine/upscale.py``); 0 for every other request.
+    upscale_tile: int = 0
 
     def with_changes(self, **changes: Any) -> ImageRequest:
         return dataclasses.replace(self, **changes)

@@ -15,6 +15,7 @@ from engine.config import LimitsSection
 from engine.errors import InvalidCommand
 from engine.grammar import ParsedCommand
 from engine.request import ImageRequest
+from engine.upscale import FACTOR, tile_side
 
 MORE_STEPS = 10  # "Same seed, more steps" adds this many (up to limits.steps_max)
 
@@ -46,6 +47,9 @@ def more_steps(request: ImageRequest, limits: LimitsSection,
 
 def _checked(request: ImageRequest, limits: LimitsSection, seed: int,
              steps: int) -> ImageRequest:
+    if request.upscale_tile:  # larger than any request the grammar allows
+        raise InvalidCommand("An upscale is made from its original image; please use the "
+                             "buttons under that one.")
     parsed = ParsedCommand(prompt=request.prompt, seed=seed, steps=steps, width=request.width,
                            height=request.height, guidance=request.guidance,
                            count=min(request.count, limits.images_max))
@@ -77,6 +81,9 @@ def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int
     seed, one image, at the configured subtle or strong strength."""
     if kind not in VARIATIONS:
         raise InvalidCommand("A variation is either subtle or strong.")
+    if request.upscale_tile:
+        raise InvalidCommand("Variations are made from the original image, not its upscale; "
+                             "please use the buttons under that one.")
     start = image_of(record_path, request, index)
     strength = limits.vary_subtle_strength if kind == "subtle" else limits.vary_strong_strength
     single = request.one(index).with_changes(init_image="", strength=1.0, derived_from="")
@@ -88,3 +95,19 @@ def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int
 def alone(request: ImageRequest, index: int) -> ImageRequest:
     """Image ``index`` of a job as a request of its own (what its PNG says it is)."""
     return request.one(index)
+
+
+def upscale(request: ImageRequest, job_id: str, record_path: str | None, index: int,
+            limits: LimitsSection) -> ImageRequest:
+    """Image ``index`` of a finished job at twice its size: the enlarged image refined in tiles
+    (``engine/upscale.py``) with the same prompt and seed at ``limits.upscale_strength``. It
+    may be larger than ``limits.max_pixels``: no tile is."""
+    start = image_of(record_path, request, index)
+    one = request.one(index)
+    if one.upscale_tile:
+        raise InvalidCommand("This image is an upscale already.")
+    return one.with_changes(
+        init_image=start, strength=limits.upscale_strength, width=one.width * FACTOR,
+        height=one.height * FACTOR, upscale_tile=tile_side(limits.max_pixels,
+                                                           limits.size_multiple),
+        seed_was_random=False, derived_from=f"upscale {FACTOR}× of {job_id} #{index + 1}")

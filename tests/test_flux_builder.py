@@ -380,6 +380,23 @@ def test_image_to_image_goes_through_diffsynths_input_image_and_strength(tmp_pat
     assert steps[-1] == (7, 7)
 
 
+def test_an_upscale_samples_tiles_no_larger_than_a_full_image(tmp_path: Path) -> None:
+    """2048² out of calls of at most 1024² each: the plan budgets for max_pixels, no more."""
+    backend, built = cpu_backend(tmp_path)
+    backend.load()
+    start = tmp_path / "start.png"
+    Image.new("RGB", (1024, 1024), (10, 200, 30)).save(start)
+    request = ImageRequest(prompt="fox", seed=5, steps=20, width=2048, height=2048,
+                           guidance=3.5, init_image=str(start), strength=0.3,
+                           upscale_tile=1024)
+    [image] = backend.generate(request, lambda i, n: None)
+    calls = built[0].calls
+    assert image.size == (2048, 2048) and len(calls) == 9  # 3 × 3 overlapping tiles
+    assert all((c["width"], c["height"]) == (1024, 1024) for c in calls)
+    assert all(c["denoising_strength"] == 0.3 and c["num_inference_steps"] == 6 for c in calls)
+    assert all(c["input_image"].size == (1024, 1024) and c["seed"] == 5 for c in calls)
+
+
 def test_backend_reduce_memory_walks_the_ladder_then_gives_up(tmp_path: Path) -> None:
     backend, built = cpu_backend(tmp_path, preset="max", vram_limit_gib=40.0)
     backend.load()

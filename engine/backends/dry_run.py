@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from engine.backends.base import StepCallback, load_init_image
 from engine.request import ImageRequest
+from engine.upscale import upscale
 
 
 class DryRunBackend:
@@ -27,6 +28,8 @@ class DryRunBackend:
         self.loaded = True
 
     def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image.Image]:
+        if request.upscale_tile:
+            return [upscale(request, self._refine, on_step)]
         steps = request.steps_run
         for step in range(1, steps * request.count + 1):
             if self.step_seconds:
@@ -37,6 +40,17 @@ class DryRunBackend:
             start = load_init_image(request)
             images = [Image.blend(start, image, request.strength) for image in images]
         return images
+
+    def _refine(self, start: Image.Image, request: ImageRequest,
+                on_step: StepCallback) -> Image.Image:
+        """One tile of an upscale: its steps, then the tile with a touch of the placeholder
+        over it (so a test can see every tile was refined)."""
+        steps = request.steps_run
+        for step in range(1, steps + 1):
+            if self.step_seconds:
+                self._sleep.wait(self.step_seconds)
+            on_step(step, steps)
+        return Image.blend(start, placeholder_image(request), request.strength * 0.2)
 
     def close(self) -> None:
         self.loaded = False

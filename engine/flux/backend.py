@@ -30,6 +30,7 @@ from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
 from engine.flux.vae_tiling import tile_vae_decode
 from engine.request import ImageRequest
+from engine.upscale import upscale
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -116,6 +117,9 @@ class FluxBackend:
 
         Image-to-image goes through diffsynth's own ``input_image``/``denoising_strength``
         and runs ``steps_run`` steps (the last ``strength`` of the schedule)."""
+        if request.upscale_tile:  # tiles of at most max_pixels: fits where a 1024² image does
+            return [upscale(request, lambda tile, part, step: self._one(part, step, tile),
+                            on_step)]
         init = load_init_image(request) if request.init_image else None
         return [self._one(request.one(i), per_image(on_step, i, request.count), init)
                 for i in range(request.count)]
