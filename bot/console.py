@@ -23,6 +23,7 @@ from engine.errors import EngineError
 from engine.grammar import parse_command
 from engine.job import Cancelled, Failed, Finished, Job, Progress
 from engine.request import ImageRequest, Origin, User
+from engine.store import JobRecord
 
 log = logging.getLogger(__name__)
 CONSOLE_USER = User("console", "local", "console")
@@ -179,30 +180,33 @@ class ConsoleAdapter:
     async def _vary(self, rest: str) -> None:
         """/vary <job id> <image 1–N> [subtle|strong]: what the V buttons do in a chat."""
         parts = rest.split()
-        if len(parts) not in (2, 3) or not parts[1].isdigit():
-            self.say("Usage: /vary <job id> <image number> [subtle|strong]")
-            return
-        record = await self.engine.job_record(parts[0][:32])
-        if record is None or record.status != "finished":
-            self.say(render.vary_needs_a_finished_job())
-            return
-        kind = parts[2].lower() if len(parts) == 3 else "subtle"
-        request = variants.vary(record.request, record.job_id, record.result_path,
-                                int(parts[1]) - 1, kind, self.engine.config.limits)
-        await self._submit(request)
+        record = await self._finished(parts, "/vary <job id> <image number> [subtle|strong]",
+                                      (2, 3))
+        if record is not None:
+            kind = parts[2].lower() if len(parts) == 3 else "subtle"
+            await self._submit(variants.vary(record.request, record.job_id, record.result_path,
+                                             int(parts[1]) - 1, kind, self.engine.config.limits))
 
     async def _upscale(self, rest: str) -> None:
         """/upscale <job id> <image 1–N>: what the Upscale buttons do in a chat."""
         parts = rest.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            self.say("Usage: /upscale <job id> <image number>")
-            return
+        record = await self._finished(parts, "/upscale <job id> <image number>", (2,))
+        if record is not None:
+            await self._submit(variants.upscale(record.request, record.job_id,
+                                                record.result_path, int(parts[1]) - 1,
+                                                self.engine.config.limits))
+
+    async def _finished(self, parts: list[str], usage: str,
+                        lengths: tuple[int, ...]) -> JobRecord | None:
+        """The finished job ``parts`` name (an id, then an image number), or None (said why)."""
+        if len(parts) not in lengths or not parts[1].isdigit():
+            self.say(f"Usage: {usage}")
+            return None
         record = await self.engine.job_record(parts[0][:32])
         if record is None or record.status != "finished":
             self.say(render.vary_needs_a_finished_job())
-            return
-        await self._submit(variants.upscale(record.request, record.job_id, record.result_path,
-                                            int(parts[1]) - 1, self.engine.config.limits))
+            return None
+        return record
 
     async def imagine(self, text: str) -> Job:
         limits = self.engine.config.limits
