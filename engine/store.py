@@ -116,6 +116,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
     """,
+    # v8: quotas by GPU time, per-chat caps and usage statistics (issue 13): what the job was
+    # priced at in images of the default size (``engine/costs.py``; NULL = before v8, priced as
+    # its images), the chat it counts against as a whole ('' = none, e.g. a private chat; rows
+    # from before v8 count for their user only), and its measured GPU seconds and median s/step.
+    """
+    ALTER TABLE jobs ADD COLUMN cost REAL;
+    ALTER TABLE jobs ADD COLUMN group_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN gpu_s REAL;
+    ALTER TABLE jobs ADD COLUMN step_s REAL;
+    CREATE INDEX jobs_group_created ON jobs (group_key, created_at);
+    CREATE INDEX jobs_created ON jobs (created_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"
@@ -252,17 +264,19 @@ class Store:
 
     async def add_job(
         self, job_id: str, user: User, origin: Origin, request: ImageRequest, created_at: float,
-        request_key: str | None = None,
+        request_key: str | None = None, cost: float | None = None, group_key: str = "",
     ) -> int:
         """Record a new queued job; return its ``seq`` (strictly increasing, never reused).
-        ``request_key``: the command's own id on its platform; one job per key."""
+        ``request_key``: the command's own id on its platform; one job per key. ``cost``: its
+        price in images of the default size; ``group_key``: the chat it counts against."""
         try:
             async with self.db.execute(
                 "INSERT INTO jobs (job_id, platform, user_id, display_name, origin_platform,"
-                " origin_json, request_json, status, created_at, request_key, images)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING seq",
+                " origin_json, request_json, status, created_at, request_key, images, cost,"
+                " group_key) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?) RETURNING seq",
                 (job_id, user.platform, user.user_id, storable(user.display_name), origin.platform,
-                 origin.to_json(), request.to_json(), created_at, request_key, request.count),
+                 origin.to_json(), request.to_json(), created_at, request_key, request.count,
+                 cost, group_key),
             ) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.IntegrityError as exc:
@@ -323,6 +337,11 @@ class Store:
     async def refund(self, job_id: str) -> None:
         """The job no longer counts against its user's rate limit (the engine's fault)."""
         await self._update(job_id, "charged = 0", {})
+
+    async def record_timing(self, job_id: str, *, gpu_s: float, step_s: float | None) -> None:
+        """The job's measured GPU seconds and median s/step (costs and ``/stats``)."""
+        await self._update(job_id, "gpu_s = :gpu_s, step_s = :step_s",
+                           {"gpu_s": gpu_s, "step_s": step_s})
 
     async def mark_delivered(self, job_id: str, *, at: float, where: str) -> None:
         """The result reached the chat. ``delivery_attempts`` counts this attempt too."""
@@ -405,6 +424,36 @@ class Store:
             (user.platform, user.user_id, since),
         ) as cursor:
             return [float(at) for at, images in await cursor.fetchall() for _ in range(images)]
+
+    async def charges_since(self, since: float, *, user: User | None = None, group: str = "",
+                            priced: bool = False) -> list[tuple[float, float]]:
+        """(when asked for, amount) of each charged job of ``user`` (or, without one, of every
+        user in chat ``group``) asked for at or after ``since``, oldest first. The amount is
+        its images, or with ``priced`` its cost in images of the default size."""
+        amount = "COALESCE(cost, images)" if priced else "images"
+        if user is not None:
+            who, params = "platform = ? AND user_id = ?", (user.platform, user.user_id)
+        else:
+            who, params = "group_key = ?", (group,)
+        async with self.db.execute(
+            f"SELECT created_at, {amount} FROM jobs WHERE {who} AND created_at >= ?"
+            f" AND {_CHARGED} ORDER BY created_at", (*params, since),
+        ) as cursor:
+            return [(float(at), float(spent)) for at, spent in await cursor.fetchall()]
+
+    async def recent_step_times(self, limit: int = 500) -> list[tuple[int, float]]:
+        """(pixels, median s/step) of the last ``limit`` jobs that measured one, oldest first:
+        the cost model's calibration after a restart."""
+        async with self.db.execute(
+            "SELECT request_json, step_s FROM jobs WHERE step_s IS NOT NULL"
+            " ORDER BY seq DESC LIMIT ?", (max(0, limit),),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        measured = []
+        for text, step_s in reversed(rows):
+            request = ImageRequest.from_json(text)
+            measured.append((request.width * request.height, float(step_s)))
+        return measured
 
     async def _select(
         self, where: str, params: tuple[Any, ...], order: str = "seq", tail: tuple[Any, ...] = ()
