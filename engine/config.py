@@ -77,6 +77,13 @@ class LimitsSection:
 class RateLimitSection:
     images_per_window: int = 10
     window_s: float = 3600.0
+    # "gpu_seconds": limits count images of the default size (engine/costs.py), not images
+    mode: str = "images"
+    per_chat_images_per_window: int = 0  # a Discord server or Telegram group as a whole
+    images_per_day: int = 0  # per user, over the last 24 hours
+
+
+RATE_LIMIT_MODES = ("images", "gpu_seconds")
 
 
 @dataclass
@@ -275,6 +282,11 @@ def _validated(config: Config) -> Config:
          config.rate_limit.images_per_window, "0 (no limit) or more")
     need(config.rate_limit.window_s > 0, "rate_limit.window_s", config.rate_limit.window_s,
          "more than 0 seconds")
+    need(config.rate_limit.mode in RATE_LIMIT_MODES, "rate_limit.mode", config.rate_limit.mode,
+         " or ".join(RATE_LIMIT_MODES))
+    for key in ("per_chat_images_per_window", "images_per_day"):
+        need(getattr(config.rate_limit, key) >= 0, f"rate_limit.{key}",
+             getattr(config.rate_limit, key), "0 (no cap) or more")
     need(config.delivery.attempts >= 1, "delivery.attempts", config.delivery.attempts, "at least 1")
     for key in ("first_delay_s", "max_delay_s"):
         need(getattr(config.delivery, key) > 0, f"delivery.{key}", getattr(config.delivery, key),
