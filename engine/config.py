@@ -66,6 +66,10 @@ class LimitsSection:
     guidance_max: float = 10.0
     guidance_default: float = 3.5
     max_prompt_chars: int = 1000
+    # Image-to-image from a picture the user sends: --strength when none is given, and the
+    # largest file taken (refused before the download where the platform tells its size).
+    strength_default: float = 0.6
+    input_max_bytes: int = 10 * 1024 * 1024
     images_default: int = 1  # --n: images per command, run together
     images_max: int = 4
     vary_subtle_strength: float = 0.35  # "Vary (subtle)": image-to-image strength
@@ -272,6 +276,9 @@ def _validated(config: Config) -> Config:
          lim.max_pixels, "at least width_default × height_default")
     need(lim.guidance_min <= lim.guidance_default <= lim.guidance_max, "limits.guidance_default",
          lim.guidance_default, "between guidance_min and guidance_max")
+    need(STRENGTH_MIN <= lim.strength_default <= 1.0, "limits.strength_default",
+         lim.strength_default, f"from {STRENGTH_MIN} to 1.0")
+    need(lim.input_max_bytes >= 1, "limits.input_max_bytes", lim.input_max_bytes, "at least 1")
     need(lim.max_prompt_chars >= 1, "limits.max_prompt_chars", lim.max_prompt_chars, "at least 1")
     need(1 <= lim.images_default <= lim.images_max <= MAX_IMAGES_PER_JOB, "limits.images_max",
          lim.images_max, f"between images_default (at least 1) and {MAX_IMAGES_PER_JOB}")

@@ -4,7 +4,8 @@
     PROMPT = "quoted text" | text up to the first OPTION
     OPTION = --name VALUE | --name=VALUE   (case-insensitive; a long dash — or – may stand for --)
     names  = --seed N, --steps N, --ar W:H (alias --aspect), --size WxH (also W×H, W*H),
-             --guidance X (alias --cfg)
+             --guidance X (alias --cfg), --n N (alias --images),
+             --strength X (only with an image to start from: ``engine/input_image.py``)
 
 The whole text is cleaned first (``clean_prompt``). An option token is a word that starts with
 ``--``/``—``/``–`` followed by an ASCII letter; the prompt ends before the first one. A prompt that
@@ -28,15 +29,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from engine.config import LimitsSection
+from engine.config import STRENGTH_MIN, LimitsSection
 from engine.errors import InvalidCommand
 from engine.request import ImageRequest
 
 MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
 _ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size": "size",
-            "guidance": "guidance", "cfg": "guidance", "n": "n", "images": "n"}
+            "guidance": "guidance", "cfg": "guidance", "n": "n", "images": "n",
+            "strength": "strength"}
 _EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5",
-             "n": "4"}
+             "n": "4", "strength": "0.6"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
 
@@ -110,23 +112,25 @@ class ParsedCommand:
     height: int | None = None
     guidance: float | None = None
     count: int | None = None  # --n
+    strength: float | None = None  # --strength: image-to-image only (engine/input_image.py)
 
     def merged_with(self, limits: LimitsSection,
                     **options: object) -> tuple[ParsedCommand, list[str]]:
         """Fill fields the text left unset from typed options (e.g. Discord's option fields).
 
-        ``options``: seed, steps, guidance, n, aspect ("16:9") or size ("WxH"); ``None`` values are
+        ``options``: seed, steps, guidance, n, strength, aspect ("16:9") or size ("WxH"); ``None``
+        values are
         ignored; all given values are validated with ``limits``. The text wins on conflict; the
         second result names the options whose (different) value the text overrode.
         """
-        unknown = set(options) - {"seed", "steps", "guidance", "n", "aspect", "size"}
+        unknown = set(options) - {"seed", "steps", "guidance", "n", "strength", "aspect", "size"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options.items() if v is not None}
         if "aspect" in given and "size" in given:
             raise _error("Please use either the aspect option or the size option, not both.")
         current = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
-                   "n": self.count,
+                   "n": self.count, "strength": self.strength,
                    "size": None if self.width is None else (self.width, self.height)}
         changes: dict[str, Any] = {}
         overridden = []
@@ -147,6 +151,9 @@ class ParsedCommand:
         """Fill defaults; a missing seed is drawn from ``rng`` (default ``random.SystemRandom``)."""
         # Checked again: adapters may build a ParsedCommand by hand, or with other limits.
         prompt = _check_prompt(clean_prompt(self.prompt), limits)
+        if self.strength is not None:  # engine/input_image.py takes it out when there is an image
+            raise _error("--strength only works with an image to start from; please send one "
+                         "with the command, or leave --strength out.")
         size = (self.width or limits.width_default, self.height or limits.height_default)
         count = _whole(limits.images_default if self.count is None else self.count,
                        "--n (images)", 1, limits.images_max)
@@ -194,6 +201,7 @@ def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
         width=width, height=height,
         guidance=values.get("guidance"),
         count=values.get("n"),
+        strength=values.get("strength"),
     )
 
 
@@ -253,7 +261,7 @@ def _unknown(name: str) -> str:
     if close:
         return f"Unknown option {shown}; did you mean --{close[0]}?"
     return (f"Unknown option {shown}; the options are --seed, --steps, --ar, --size, "
-            "--guidance and --n.")
+            "--guidance, --n and --strength.")
 
 
 def _repeated(first: str, second: str) -> str:
@@ -282,6 +290,8 @@ def _convert(name: str, value: object, label: str, limits: LimitsSection) -> Any
         return _number(value, label, limits.guidance_min, limits.guidance_max)
     if name == "n":
         return _whole(value, label, 1, limits.images_max)
+    if name == "strength":
+        return _number(value, label, STRENGTH_MIN, 1.0)
     if name in ("ar", "aspect"):
         return aspect_to_size(_text(value), limits, label=label)
     return _size(_text(value), label, limits)
@@ -422,7 +432,7 @@ def format_command(command: ParsedCommand | ImageRequest) -> str:
     count = command.count if command.count != 1 else None
     options = [f"--{name} {value}" for name, value in (
         ("seed", command.seed), ("steps", command.steps), ("guidance", command.guidance),
-        ("n", count)) if value is not None]
+        ("n", count), ("strength", _strength_of(command))) if value is not None]
     if command.width is not None and command.height is not None:
         options.append(f"--size {command.width}x{command.height}")
     tail = "".join(" " + option for option in options)
@@ -431,6 +441,12 @@ def format_command(command: ParsedCommand | ImageRequest) -> str:
         if _split(candidate + tail)[0] == command.prompt:
             return f"/imagine {candidate}{tail}"
     raise ValueError("this prompt cannot be quoted unambiguously")
+
+
+def _strength_of(command: ParsedCommand | ImageRequest) -> float | None:
+    if isinstance(command, ParsedCommand):
+        return command.strength
+    return command.strength if command.init_image else None
 
 
 def usage(limits: LimitsSection) -> str:
@@ -451,6 +467,8 @@ def usage(limits: LimitsSection) -> str:
         f"(default {limits.guidance_default:g})",
         f"  --n N         images at once, 1–{limits.images_max} (default "
         f"{limits.images_default}; their seeds follow on: 7, 8, 9, …)",
+        f"  --strength X  {STRENGTH_MIN:g}–1 with a picture sent along to start from (default "
+        f"{limits.strength_default:g}; lower keeps more of the picture)",
         f"Prompts: at most {limits.max_prompt_chars:,} characters; quote them if they contain --.",
         "Example: /imagine a red fox in the snow --seed 7 --ar 16:9",
     ])
