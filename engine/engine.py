@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import result_files, retention
+from engine import input_image, result_files, retention
 from engine.backends import Backend, create_backend
 from engine.config import Config
 from engine.durable import write_durably
@@ -46,8 +46,9 @@ from engine.job import (
 )
 from engine.pending import PendingInteractions, PendingReplies
 from engine.png import encode_png
-from engine.rate_limit import Quota, RateLimiter
+from engine.rate_limit import Charge, Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
+from engine.stats import UsageStats, usage_stats
 from engine.step_timing import eta_s, median_step_s
 from engine.store import DuplicateJobId, DuplicateRequest, JobRecord, Store
 from engine.worker import Aborted, GpuWorker
@@ -97,7 +98,8 @@ class Engine:
         self.store = Store(config.engine.database)
         self.pending = PendingInteractions(self.store)  # commands not yet answered
         self.pending_replies = PendingReplies(self.store)  # answers not yet posted
-        self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock)
+        self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock,
+                                        config.limits)
         self._worker = GpuWorker(self.backend)
         self._queue: FairQueue[Job] = FairQueue(weight=lambda job: job.request.count)
         self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
@@ -127,6 +129,8 @@ class Engine:
     async def __aenter__(self) -> Engine:
         await self.store.__aenter__()
         try:
+            # the cost model's step times measured on this GPU before the restart
+            self.rate_limiter.costs.seed(await self.store.recent_step_times())
             started = time.monotonic()
             await self._worker.load()
             self.load_seconds = time.monotonic() - started
@@ -218,21 +222,22 @@ class Engine:
         self._check_banned(user, request)
         async with self._submit_lock:
             self._check_capacity(user)
-            await self.rate_limiter.check(user, request.count)  # admins have no limit
-            job = await self._journal_new_job(user, request, origin, key)
+            charge = await self.rate_limiter.admit(user, request, origin)  # admins: no limit
+            job = await self._journal_new_job(user, request, origin, key, charge)
             self._enqueue(job)
         log.info("job %s queued for %s (position %s)", job.id, user.key, job.position())
         return job
 
     async def _journal_new_job(self, user: User, request: ImageRequest, origin: Origin,
-                               key: str | None) -> Job:
+                               key: str | None, charge: Charge) -> Job:
         """A new job with an id no other job in the journal has (ids are short, for typing)."""
         for _ in range(ID_ATTEMPTS):
             job = Job(id=new_job_id(), user=user, origin=origin, request=request,
                       created_at=self.clock(), _engine=self)
             try:
                 job.seq = await self.store.add_job(job.id, user, origin, request,
-                                                   job.created_at, request_key=key)
+                                                   job.created_at, request_key=key,
+                                                   cost=charge.cost, group_key=charge.group)
                 return job
             except DuplicateRequest:
                 raise AlreadyAccepted(f"{key} has its job already") from None
@@ -300,6 +305,10 @@ class Engine:
     def recovered_jobs(self, platform: str) -> list[Job]:
         """Jobs restored from the journal for ``platform``; its adapter delivers their results."""
         return [j for j in self._recovered if j.origin.platform == platform]
+
+    async def stats(self) -> UsageStats:
+        """``/stats``: the last day's and week's use of the GPU, from the journal."""
+        return await usage_stats(self.store, self.clock())
 
     def health(self) -> Health:
         return Health(queued=len(self._queue), running=self._running, paused=self._paused,
@@ -488,11 +497,21 @@ class Engine:
                                  "admin can find the details in the log."))
             return
         self._counts["finished"] += 1
+        per_step = median_step_s(step_times)
+        await self._record_timing(job, gpu_s, per_step)
         job._emit(Finished(result))
         self._retire(job)
-        per_step = median_step_s(step_times)
         log.info("job %s finished in %.2f s (GPU %.2f s%s)", job.id, result.seconds, gpu_s,
                  f", {per_step:.3f} s/step" if per_step else "")
+
+    async def _record_timing(self, job: Job, gpu_s: float, per_step: float | None) -> None:
+        """Journal the job's GPU seconds and s/step (``/stats``, the cost calibration). The
+        image is made and journalled already: a failure here is logged, never the job's."""
+        self.rate_limiter.costs.observe(job.request.width * job.request.height, per_step)
+        try:
+            await self.store.record_timing(job.id, gpu_s=gpu_s, step_s=per_step)
+        except Exception:
+            log.exception("job %s: could not journal its timing", job.id)
 
     def _save(self, job: Job, images: object) -> tuple[ResultImage, ...]:
         """Encode the PNGs and write them to the output folder (a thread, beside the GPU),
@@ -544,7 +563,8 @@ class Engine:
     async def prune(self) -> int:
         """Delete what is older than ``engine.keep_outputs_days`` (``engine/retention.py``)."""
         return await retention.prune(self.store, self.config.engine.keep_outputs_days,
-                                     self.clock())
+                                     self.clock(),
+                                     input_image.inputs_folder(self.config.engine.output_dir))
 
     # -- restart ---------------------------------------------------------------------------
     async def _recover(self) -> None:
