@@ -409,6 +409,12 @@ class Store:
             return await self._select(where, (), "seq")
         return await self._select(where + " AND origin_platform = ?", (platform,), "seq")
 
+    async def init_images(self) -> set[str]:
+        """Every picture a job in the journal starts from (retention keeps these files)."""
+        async with self.db.execute(
+            "SELECT DISTINCT json_extract(request_json, '$.init_image') FROM jobs") as cursor:
+            return {str(row[0]) for row in await cursor.fetchall() if row[0]}
+
     async def jobs_for_user(self, user: User, limit: int = 20) -> list[JobRecord]:
         """The user's most recent jobs, newest first."""
         return await self._select(

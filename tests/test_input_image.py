@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from engine import input_image
-from engine.config import LimitsSection
+from engine.config import Config, LimitsSection
 from engine.errors import InvalidCommand
 from engine.grammar import parse_command
+from engine.request import ImageRequest, User
+from tests.conftest import ORIGIN, FakeClock
 
 LIMITS = LimitsSection()
 
@@ -208,3 +213,33 @@ def test_strength_as_a_typed_option_and_in_help() -> None:
     assert "--strength X" in usage(LIMITS) and "default 0.6" in usage(LIMITS)
     with pytest.raises(InvalidCommand, match="--n and --strength"):
         parse_command("a fox --zzzzzzz 1", LIMITS)
+
+
+# -- retention -----------------------------------------------------------------------------
+async def test_retention_deletes_the_pictures_of_pruned_jobs_and_old_orphans(
+        engine_factory: Any, config: Config, clock: FakeClock) -> None:
+    engine = await engine_factory(config)
+    folder = input_image.inputs_folder(config.engine.output_dir)
+    data = encoded(Image.new("RGB", (64, 64)))
+    user = User("telegram", "5", "Ada")
+
+    def start(prompt: str) -> ImageRequest:
+        parsed = parse_command(f"{prompt} --steps 1", config.limits)
+        return input_image.request_for(parsed, data, config.limits, folder)
+
+    old = start("old")
+    done = await engine.submit(user, old, ORIGIN)
+    await done.wait()
+    await engine.mark_delivered(done, "telegram:5/1")
+    engine.pause()
+    waiting = start("waiting")
+    await engine.submit(user, waiting, ORIGIN)
+    orphan = input_image.save(Image.new("RGB", (8, 8)), folder)  # e.g. a crash before submit
+    fresh = input_image.save(Image.new("RGB", (8, 8)), folder)
+    clock.advance(31 * 86400)
+    for path in (old.init_image, waiting.init_image, orphan):  # file ages are wall-clock time
+        os.utime(path, (time.time() - 31 * 86400,) * 2)
+
+    assert await engine.prune() == 1
+    assert not Path(old.init_image).exists() and not orphan.exists()
+    assert Path(waiting.init_image).exists() and fresh.exists()  # queued; and new
