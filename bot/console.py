@@ -47,8 +47,8 @@ class ConsoleAdapter:
 
     async def start(self) -> None:
         self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
-                 "/upscale, /queue, /cancel [id], /limits, /status, /pause, /resume, /limit, "
-                 "/help or /quit.")
+                 "/upscale, /queue, /cancel [id], /limits, /status, /stats, /pause, /resume, "
+                 "/limit, /help or /quit.")
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
@@ -130,9 +130,9 @@ class ConsoleAdapter:
 
     def _commands(self) -> dict[str, Callable[[str], Awaitable[None]]]:
         return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
-                "/status": self._status, "/cancel": self._cancel, "/pause": self._pause,
-                "/resume": self._resume, "/limit": self._limit, "/vary": self._vary,
-                "/upscale": self._upscale}
+                "/status": self._status, "/stats": self._stats, "/cancel": self._cancel,
+                "/pause": self._pause, "/resume": self._resume, "/limit": self._limit,
+                "/vary": self._vary, "/upscale": self._upscale}
 
     async def _help(self, rest: str) -> None:
         self.say(render.usage(self.engine.config.limits))
@@ -141,10 +141,14 @@ class ConsoleAdapter:
         self.say(render.queue_list(self.engine.jobs_of(CONSOLE_USER)))
 
     async def _limits(self, rest: str) -> None:
-        self.say(render.quota(await self.engine.quota(CONSOLE_USER), self.engine.clock()))
+        self.say(render.quota(await self.engine.quota(CONSOLE_USER), self.engine.clock(),
+                              self.engine.config.limits))
 
     async def _status(self, rest: str) -> None:
         self.say(render.status(self.engine.health()))
+
+    async def _stats(self, rest: str) -> None:
+        self.say(render.stats(await self.engine.stats()))
 
     async def _cancel(self, rest: str) -> None:
         """/cancel [id]: the latest of the console's jobs when no id is given (as Telegram)."""

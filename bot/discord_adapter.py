@@ -258,7 +258,7 @@ class DiscordAdapter:
 
     async def show_limits(self, interaction: discord.Interaction) -> None:
         quota = await self.engine.quota(self.user_of(interaction))
-        await self.say(interaction, render.quota(quota, self.engine.clock()))
+        await self.say(interaction, render.quota(quota, self.engine.clock(), self.config.limits))
 
     async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
         user = self.user_of(interaction)

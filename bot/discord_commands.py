@@ -87,6 +87,13 @@ def _admin_commands() -> list[app_commands.Command]:
         adapter = _adapter(interaction)
         await adapter.say(interaction, render.status(adapter.engine.health()))
 
+    @app_commands.command(description="Admins: the last day's and week's images, GPU time, "
+                                      "failures, waits and top users.")
+    @app_commands.check(_admin_only)
+    async def stats(interaction: discord.Interaction) -> None:
+        adapter = _adapter(interaction)  # answered privately: ids may be shown
+        await adapter.say(interaction, render.stats(await adapter.engine.stats(), md=True))
+
     @app_commands.command(description="Admins: stop starting new images (the queue keeps them).")
     @app_commands.check(_admin_only)
     async def pause(interaction: discord.Interaction) -> None:
@@ -107,4 +114,4 @@ def _admin_commands() -> list[app_commands.Command]:
                     images: app_commands.Range[int, 0, 100_000] | None = None) -> None:
         await _adapter(interaction).set_limit(interaction, user, images)
 
-    return [status, pause, resume, limit]
+    return [status, stats, pause, resume, limit]

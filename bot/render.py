@@ -17,8 +17,10 @@ from engine.errors import EngineError
 from engine.grammar import clean_prompt
 from engine.grammar import usage as grammar_usage
 from engine.job import Job, JobEvent, JobResult, Progress, Queued, Started
+from engine.quota_text import amount
 from engine.rate_limit import Quota
 from engine.request import ImageRequest
+from engine.stats import UsageStats
 
 CAPTION_PROMPT_CHARS = 300
 _MD_SPECIAL = re.compile(r"([\\*_~`|>#\[\]()-])")
@@ -141,13 +143,65 @@ def not_your_job() -> str:
     return "This is not your job: only the person who asked can use these buttons."
 
 
-def quota(q: Quota, now: float) -> str:
+def quota(q: Quota, now: float, limits: LimitsSection | None = None) -> str:
+    """/limits: the window's balance, the last 24 hours' where capped; under gpu_seconds in
+    images of the default size (``limits`` names that size)."""
     if q.limit is None:
-        return "You have no image limit here."
-    text = f"You have {q.remaining} of {q.limit} images left."
-    if q.resets_at is not None and q.remaining is not None and q.remaining < q.limit:
-        text += f" The next one frees up in {duration(q.resets_at - now)}."
+        text = "You have no image limit here." if q.day is None else \
+            "You have no limit per window here."
+    else:
+        text = f"You have {_balance(q)} left."
+        if q.resets_at is not None and q.remaining is not None and q.remaining < q.limit:
+            what = "An image's worth" if q.priced else "The next one"
+            text += f" {what} frees up in {duration(q.resets_at - now)}."
+    if q.day is not None:
+        text += f" Over the last 24 hours: {_balance(q.day)} left."
+    if q.priced and limits is not None:
+        text += (f" (An image's worth is one {limits.width_default}×{limits.height_default} "
+                 f"image at {steps(limits.steps_default)}; bigger images and more steps cost "
+                 "more.)")
     return text
+
+
+def _balance(q: Quota) -> str:
+    """'3 of 10 images', or priced '7.5 of 10 images' worth' (what is left rounded down)."""
+    if q.priced:
+        return f"{amount(q.remaining or 0.0, up=False)} of {q.limit:g} images' worth"
+    return f"{q.remaining} of {q.limit} images"
+
+
+def stats(usage: UsageStats, *, private: bool = True, md: bool = False) -> str:
+    """/stats for an admin. Outside a private answer it names users by display name only and
+    shows no error text (as ``status``)."""
+    blocks = []
+    for p in usage.periods:
+        failed = f"{p.failures} failed" if p.failures else "none failed"
+        lines = [f"📊 {p.label.capitalize()}: {p.images} images made ({p.jobs} asked for), "
+                 f"GPU {_seconds(p.gpu_s)}, {failed}",
+                 f"Median wait in the queue {_seconds(p.wait_p50_s)} · median GPU time per "
+                 f"image {_seconds(p.per_image_p50_s)}"]
+        if p.top_users:
+            lines.append("Top users: " + ", ".join(
+                f"{_who(u.name, u.key, private, md)} {u.images} ({_seconds(u.gpu_s)})"
+                for u in p.top_users))
+        if p.causes and private:
+            lines.append("Failures: " + "; ".join(
+                f"{safe_text(cause, md=md, limit=80)} ×{n}" for cause, n in p.causes))
+        elif p.causes:
+            lines.append("Failures: their causes are in a private /stats.")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _who(name: str, key: str, private: bool, md: bool) -> str:
+    shown = safe_text(name, md=md, limit=32) or ("someone" if not private else "")
+    return f"{shown} ({key})".strip() if private else shown
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f} s" if value < 60 else duration(value)
 
 
 def queue_list(jobs: list[Job]) -> str:

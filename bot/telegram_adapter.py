@@ -7,7 +7,7 @@
 
 Users: ``/imagine <prompt> --flags`` (also ``/imagine@BotName``; plain text in a private chat when
 ``telegram.plain_text_prompts``), ``/queue``, ``/cancel [id]``, ``/limits``, ``/help``; admins also
-``/status``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
+``/status``, ``/stats``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
 ``/cancel <anyone's id>``.
 Chats outside ``access.telegram_chats`` (when set) are refused politely; admins may use the bot
 anywhere. Buttons carry the action and the job id (``bot/telegram_buttons.py``: cancel, re-roll,
@@ -22,7 +22,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from telegram import BotCommand, CallbackQuery, Message, ReplyParameters, Update
+from telegram import (
+    BotCommand,
+    BotCommandScopeChat,
+    CallbackQuery,
+    Message,
+    ReplyParameters,
+    Update,
+)
 from telegram.constants import MessageLimit
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
@@ -70,6 +77,14 @@ COMMANDS = [
     BotCommand("cancel", "Cancel your latest image, or /cancel <id>"),
     BotCommand("limits", "How many images you have left"),
     BotCommand("help", "How to use the options"),
+]
+# The menu of an admin's private chat with the bot adds the admin commands.
+ADMIN_COMMANDS = [
+    *COMMANDS,
+    BotCommand("status", "Admins: queue, running job, memory, last error"),
+    BotCommand("stats", "Admins: images, GPU time, waits and top users"),
+    BotCommand("pause", "Admins: start no new images"),
+    BotCommand("resume", "Admins: start images again"),
 ]
 CALLBACK_ANSWER_CHARS = 200  # Telegram's limit for a callback query answer
 RATE_LIMIT_RETRIES = 3  # the rate limiter waits out a 429's retry_after this many times
@@ -128,10 +143,7 @@ class TelegramAdapter:
         try:
             await app.initialize()  # getMe: a wrong token fails here
             self.follower = JobFollower(app.bot, self.engine, self.config)
-            try:
-                await app.bot.set_my_commands(COMMANDS)
-            except TelegramError as exc:  # the menu is a convenience; commands work without it
-                log.warning("telegram: setMyCommands failed: %s", exc)
+            await self._publish_commands(app)
             await app.start()
             self.polling = JournalledPolling(app, self.poll_timeout_s)
             self.polling.start()
@@ -142,6 +154,19 @@ class TelegramAdapter:
         for job in self.engine.recovered_jobs("telegram"):
             self._follow(job, announce=False)
         log.info("telegram: connected as @%s", app.bot.username)
+
+    async def _publish_commands(self, app: Application) -> None:  # type: ignore[type-arg]
+        """Everyone's menu, then each admin's (their private chat with the bot). The menu is a
+        convenience, and an admin who never wrote to the bot has no chat yet: failures are
+        logged, the commands work without it."""
+        menus = [(COMMANDS, None)] + [
+            (ADMIN_COMMANDS, BotCommandScopeChat(int(admin)))
+            for admin in self.config.access.telegram_admins if _is_number(admin, 20)]
+        for commands, scope in menus:
+            try:
+                await app.bot.set_my_commands(commands, scope=scope)
+            except TelegramError as exc:
+                log.warning("telegram: setMyCommands (%s) failed: %s", scope or "default", exc)
 
     async def _connect_later(self) -> None:
         delay = RECONNECT_FIRST_S
@@ -218,7 +243,7 @@ class TelegramAdapter:
         }
         admin_commands: dict[str, Handler] = {
             "status": self._status, "pause": self._pause, "resume": self._resume,
-            "limit": self._limit,
+            "limit": self._limit, "stats": self._stats,
         }
         for name, handler in user_commands.items():
             app.add_handler(CommandHandler(name, self._guarded(handler), filters=new_messages))
@@ -283,7 +308,8 @@ class TelegramAdapter:
     async def _limits(self, message: Message, user: User, args: list[str]) -> None:
         """/limits: images left in this window."""
         quota = await self.engine.quota(user)
-        await self._reply(message, render.quota(quota, self.engine.clock()), droppable=True)
+        await self._reply(message, render.quota(quota, self.engine.clock(), self.config.limits),
+                          droppable=True)
 
     async def _cancel(self, message: Message, user: User, args: list[str]) -> None:
         """/cancel [id]: the user's latest job, or one by id (admins: anyone's)."""
@@ -302,6 +328,12 @@ class TelegramAdapter:
         """/status (admins): queue, running job, memory, last error (details in private)."""
         private = message.chat.type == "private"
         await self._reply(message, render.status(self.engine.health(), private=private))
+
+    async def _stats(self, message: Message, user: User, args: list[str]) -> None:
+        """/stats (admins): the last day's and week's use (names only, no ids, in a group)."""
+        private = message.chat.type == "private"
+        await self._reply(message, render.stats(await self.engine.stats(), private=private),
+                          droppable=True)
 
     async def _pause(self, message: Message, user: User, args: list[str]) -> None:
         """/pause (admins): accept jobs but start none."""
