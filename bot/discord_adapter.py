@@ -35,11 +35,11 @@ from bot.discord_pending import answer_left_over, pending_of, request_key
 from bot.discord_reply import POST_TIMEOUT_S, Follower, Reply
 from bot.discord_views import JobButton
 from bot.followers import Followers
-from engine import variants
+from engine import input_image, variants
 from engine.config import Config
 from engine.engine import Engine
 from engine.errors import EngineError
-from engine.grammar import parse_command
+from engine.grammar import ParsedCommand, parse_command
 from engine.job import Job
 from engine.request import ImageRequest, Origin, User
 
@@ -212,14 +212,35 @@ class DiscordAdapter:
 
     # -- commands ----------------------------------------------------------------------------
     async def imagine(self, interaction: discord.Interaction, text: str,
-                      options: dict[str, Any]) -> None:
-        """Parse (errors before any acknowledgement), defer at once, then queue."""
+                      options: dict[str, Any], image: discord.Attachment | None = None) -> None:
+        """Parse (errors before any acknowledgement), defer at once, then queue. With an
+        ``image``: its announced size is checked first, then it is downloaded and kept
+        (``engine/input_image.py``) while the deferral shows."""
         limits = self.config.limits
         parsed, overridden = parse_command(text, limits).merged_with(limits, **options)
-        request = parsed.to_request(limits, self.rng)
+        if image is None:
+            request: ImageRequest | None = parsed.to_request(limits, self.rng)
+        else:
+            input_image.check_announced(image.size, limits)
+            request = None
         await interaction.response.defer(thinking=True)
         async with self._until_answered(interaction):
-            await self._submit(interaction, request, render.conflicts_note(overridden))
+            if request is None:
+                assert image is not None
+                request = await self._start_from(image, parsed)
+            with input_image.discarded_if_refused(request.init_image):
+                await self._submit(interaction, request, render.conflicts_note(overridden))
+
+    async def _start_from(self, image: discord.Attachment, parsed: ParsedCommand) -> ImageRequest:
+        """The image-to-image request starting from the attached ``image``."""
+        try:
+            data = await image.read()
+        except discord.HTTPException as exc:
+            log.warning("could not download attachment %s: %s", image.id, exc)
+            raise input_image.unavailable() from None
+        folder = input_image.inputs_folder(self.config.engine.output_dir)
+        return await asyncio.to_thread(input_image.request_for, parsed, data, self.config.limits,
+                                       folder, self.rng)
 
     @contextlib.asynccontextmanager
     async def _until_answered(self, interaction: discord.Interaction) -> AsyncIterator[None]:

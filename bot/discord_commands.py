@@ -11,7 +11,7 @@ import discord
 from discord import app_commands
 
 from bot import render
-from engine.config import LimitsSection
+from engine.config import STRENGTH_MIN, LimitsSection
 
 ASPECTS = [("1:1 square", "1:1"), ("3:2 landscape", "3:2"), ("2:3 portrait", "2:3"),
            ("4:3 landscape", "4:3"), ("3:4 portrait", "3:4"), ("16:9 wide", "16:9"),
@@ -39,6 +39,7 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
     Guidance = app_commands.Range[float, limits.guidance_min, limits.guidance_max]
     Prompt = app_commands.Range[str, 1, min(6000, limits.max_prompt_chars + 200)]
     Count = app_commands.Range[int, 1, limits.images_max]
+    Strength = app_commands.Range[float, STRENGTH_MIN, 1.0]
 
     @app_commands.command(description="Make an image from a prompt (--seed, --steps, --ar work "
                                       "inside the prompt too).")
@@ -49,15 +50,21 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
                            aspect="Shape of the image",
                            guidance=f"How closely to follow the prompt (default "
                                     f"{limits.guidance_default:g})",
-                           n="How many images at once")
+                           n="How many images at once",
+                           image="A picture to start from (PNG, JPEG or WebP); its shape is "
+                                 "kept unless aspect is given",
+                           strength=f"With an image: how far to move from it (default "
+                                    f"{limits.strength_default:g}; lower keeps more)")
     @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
     async def imagine(interaction: discord.Interaction, prompt: Prompt,
                       seed: Seed | None = None, steps: Steps | None = None,
                       aspect: app_commands.Choice[str] | None = None,
-                      guidance: Guidance | None = None, n: Count | None = None) -> None:
+                      guidance: Guidance | None = None, n: Count | None = None,
+                      image: discord.Attachment | None = None,
+                      strength: Strength | None = None) -> None:
         options = {"seed": seed, "steps": steps, "guidance": guidance, "n": n,
-                   "aspect": aspect.value if aspect else None}
-        await _adapter(interaction).imagine(interaction, prompt, options)
+                   "strength": strength, "aspect": aspect.value if aspect else None}
+        await _adapter(interaction).imagine(interaction, prompt, options, image)
 
     @app_commands.command(name="queue", description="Your images waiting or being drawn.")
     async def queue(interaction: discord.Interaction) -> None:

@@ -241,8 +241,9 @@ def status(health: Health, *, private: bool = True) -> str:
 
 def usage(limits: LimitsSection) -> str:
     """/help: the commands, then the grammar's own option summary."""
-    return (grammar_usage(limits) + "\nAlso: /queue (your images), /cancel [id], /limits "
-            "(images left).")
+    return (grammar_usage(limits) + "\nTo start from a picture: Discord's image option, or in "
+            "Telegram a photo with /imagine … as its caption (or /imagine … as a reply to one)."
+            "\nAlso: /queue (your images), /cancel [id], /limits (images left).")
 
 
 # -- added for the chat adapters' commands and buttons (Telegram first) ---------------------------

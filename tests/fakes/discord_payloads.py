@@ -43,6 +43,23 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True)
+class FakeAttachment:
+    """A file given to a slash command's attachment option; the fake serves ``data`` at ``url``.
+    ``size`` is what Discord announces (a test may claim more than ``data`` holds)."""
+
+    id: str
+    filename: str
+    content_type: str
+    data: bytes
+    url: str
+    size: int
+
+    def payload(self) -> dict[str, Any]:
+        return {"id": self.id, "filename": self.filename, "size": self.size, "url": self.url,
+                "proxy_url": self.url, "content_type": self.content_type}
+
+
 def ready(bot: FakeUser, guild_id: str, gateway_url: str) -> dict[str, Any]:
     return {"v": 10, "user": bot.payload(bot=True), "session_id": "fake-session",
             "resume_gateway_url": gateway_url, "guilds": [{"id": guild_id, "unavailable": True}],
@@ -88,12 +105,18 @@ def interaction(iid: str, token: str, app_id: str, kind: int, data: dict[str, An
 
 
 def command_data(command_id: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A slash command's data; ``FakeUser`` values become user options with resolved data."""
+    """A slash command's data; ``FakeUser`` and ``FakeAttachment`` values become user and
+    attachment options with resolved data."""
     users: dict[str, Any] = {}
     members: dict[str, Any] = {}
+    attachments: dict[str, Any] = {}
     given = []
     for key, value in options.items():
         if value is None:
+            continue
+        if isinstance(value, FakeAttachment):
+            attachments[value.id] = value.payload()
+            given.append({"name": key, "type": 11, "value": value.id})
             continue
         if isinstance(value, FakeUser):
             users[value.id] = value.payload()
@@ -103,6 +126,8 @@ def command_data(command_id: str, name: str, options: dict[str, Any]) -> dict[st
     data: dict[str, Any] = {"id": command_id, "name": name, "type": 1, "options": given}
     if users:
         data["resolved"] = {"users": users, "members": members}
+    if attachments:
+        data.setdefault("resolved", {})["attachments"] = attachments
     return data
 
 

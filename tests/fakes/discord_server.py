@@ -34,9 +34,10 @@ import yarl
 from aiohttp import web
 
 from tests.fakes import discord_payloads as payloads
-from tests.fakes.discord_payloads import FakeUser, Upload, pings_of
+from tests.fakes.discord_payloads import FakeAttachment, FakeUser, Upload, pings_of
 
-__all__ = ["Call", "FakeDiscord", "FakeUser", "SentInteraction", "Upload", "pings_of"]
+__all__ = ["Call", "FakeAttachment", "FakeDiscord", "FakeUser", "SentInteraction", "Upload",
+           "pings_of"]
 API = "/api/v10"
 DISCORD_EPOCH_MS = 1_420_070_400_000
 
@@ -89,6 +90,7 @@ class FakeDiscord:
         self._where: dict[str, tuple[str, str | None, int]] = {}
         self._late: dict[str, list[tuple[Callable[[Call], bool], float, bool]]] = {}
         self.nonces: dict[tuple[str, str], str] = {}  # (channel id, nonce) -> message id
+        self.user_files: dict[str, bytes] = {}  # attachment id -> what a download gets
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -100,6 +102,7 @@ class FakeDiscord:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{aid}/{filename}", self._download)
         app.router.add_route("*", API + "/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -199,6 +202,23 @@ class FakeDiscord:
         data = payloads.command_data(self._snowflake(), name, options)
         return await self._interact(2, data, user, self.guild_id if guild else None,
                                     channel_id or self.channel_id)
+
+    def attachment(self, data: bytes, filename: str = "picture.png", *,
+                   content_type: str = "image/png", size: int | None = None) -> FakeAttachment:
+        """A file a user attaches: pass it as an option of ``slash`` (e.g. ``image=``)."""
+        aid = self._snowflake()
+        self.user_files[aid] = data
+        url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{filename}"
+        return FakeAttachment(aid, filename, content_type, data, url,
+                              len(data) if size is None else size)
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """An attachment's URL (Discord's CDN): recorded as ``attachment_download``."""
+        data = self.user_files.get(request.match_info["aid"])
+        await self._record(Call(name="attachment_download", method="GET", path=request.path,
+                                query={}, json=None, files=[],
+                                status=404 if data is None else 200))
+        return web.Response(status=404) if data is None else web.Response(body=data)
 
     async def click(self, message_id: str, custom_id: str, user: FakeUser) -> SentInteraction:
         """Press the button ``custom_id`` on a message the bot sent (it must carry that button)."""
