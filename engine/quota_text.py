@@ -40,11 +40,16 @@ def amount(value: float, *, up: bool) -> str:
     return f"{rounded / scale:g}"
 
 
+def worth(text: str) -> str:
+    """'1 image's worth', '2.5 images' worth'."""
+    return f"{text} image's worth" if text == "1" else f"{text} images' worth"
+
+
 def partial(who: Who, remaining: float, asked: float, period: str, wait: str,
             priced: bool) -> str:
     """Some left, not enough for this job."""
     if priced:
-        return (f"This asks for {amount(asked, up=True)} images' worth; {who.has.lower()} "
+        return (f"This asks for {worth(amount(asked, up=True))}; {who.has.lower()} "
                 f"{amount(remaining, up=False)} left for {period}. Ask for fewer steps, a smaller "
                 f"size or a smaller --n, or ask again in {wait}.")
     return (f"{who.has} {images(remaining)} left for {period} and this asks for {asked:g}; "
@@ -54,7 +59,7 @@ def partial(who: Who, remaining: float, asked: float, period: str, wait: str,
 def too_big(who: Who, limit: float, asked: float, period: str, priced: bool) -> str:
     """The job alone is more than the whole limit."""
     if priced:
-        return (f"This asks for {amount(asked, up=True)} images' worth, more than "
+        return (f"This asks for {worth(amount(asked, up=True))}, more than "
                 f"{who.owns} limit of {limit:g} for {period}; please ask for fewer steps, a "
                 "smaller size or a smaller --n.")
     return (f"{who.possessive} limit is {images(limit)} for {period}; please ask for at most "
@@ -65,7 +70,7 @@ def used_up(who: Who, limit: float, period: str, wait_s: float, priced: bool,
             asked: float = 1.0) -> str:
     """Nothing left: when it fits again."""
     if priced:
-        return (f"{who.has} used {who.owns} {limit:g} images' worth for {period}; this asks for "
+        return (f"{who.has} used {who.owns} {worth(f'{limit:g}')} for {period}; this asks for "
                 f"{amount(asked, up=True)}, which fits again in {describe_wait(wait_s)}.")
     if who == YOU:
         return refusal_message(int(limit), 0.0, wait_s, period)
