@@ -844,3 +844,32 @@ async def test_a_grid_whose_channel_post_answer_is_lost_is_not_posted_twice(serv
     assert [c.status for c in server.calls if c.name == "channel_history"] == [200]  # found
     record = (await jobs_in_journal(adapter, ALICE))[0]
     assert record.delivered_to.endswith(f"/message/{message['id']}")
+
+
+# -- issue 13: a server cap and /stats -------------------------------------------------------------
+async def test_a_server_cap_counts_everyone_in_the_server(server, start_bot, dconfig):
+    dconfig.rate_limit.per_chat_images_per_window = 1
+    adapter = await start_bot()
+    first = await server.slash("imagine", ALICE, prompt="first --seed 1 --steps 1")
+    await final_upload(server, first)
+    second = await server.slash("imagine", BOB, prompt="second --seed 2 --steps 1")
+    answer = await private_answer(server, second)
+    assert _text(answer) == ("⚠️ This server has used its 1 image for this hour; you can ask "
+                             "again in 1 hour.")
+    assert await jobs_in_journal(adapter, BOB) == []
+    direct = await server.slash("imagine", BOB, guild=False, prompt="third --seed 3 --steps 1")
+    await final_upload(server, direct)  # a direct message counts against no server
+    await adapter.drain()
+
+
+async def test_stats_is_for_admins_and_answered_privately(server, start_bot):
+    adapter = await start_bot()
+    made = await server.slash("imagine", ALICE, prompt="a fox --seed 1 --steps 1")
+    await final_upload(server, made)
+    await adapter.drain()
+    refused = await server.slash("stats", ALICE)
+    assert _text(await private_answer(server, refused)) == render.admin_only()
+    asked = await server.slash("stats", ADMIN)
+    text = _text(await private_answer(server, asked))
+    assert text == render.stats(await adapter.engine.stats(), md=True)
+    assert "1 images made" in text and f"alice (discord:{ALICE.id})" in text

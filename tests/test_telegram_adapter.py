@@ -1205,3 +1205,41 @@ def test_button_data_is_parsed_strictly() -> None:
     for data in ("u:ab12", "u:ab12:x", "u::3", "v:ab12:2:q", "v:ab12:2", "u:ab12:١", "reroll:",
                  "reroll:a:b", "garbage-from-an-old-bot", ""):
         assert parse_press(data) is None, data
+
+
+# -- issue 13: per-chat caps and /stats ------------------------------------------------------------
+async def test_a_group_cap_refuses_the_next_user_in_that_group_only(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    tg_config.rate_limit.per_chat_images_per_window = 1
+    engine, _ = await start_bot()
+    tg.message("/imagine first --steps 1", chat_id=GROUP, user_id=ALICE, chat_type="supergroup")
+    await tg.wait_for("sendPhoto")
+    tg.message("/imagine second --steps 1", chat_id=GROUP, user_id=BOB, chat_type="supergroup")
+    refusal = await tg.wait_for("sendMessage", where=lambda c: c.params["text"].startswith("⚠️"))
+    assert refusal.params["text"] == ("⚠️ This group has used its 1 image for this hour; you "
+                                      "can ask again in 1 hour.")
+    assert await engine.store.jobs_for_user(user(BOB)) == []
+    tg.message("/imagine third --steps 1", chat_id=BOB, user_id=BOB)  # a private chat: no cap
+    await tg.wait_for("sendPhoto", 2)
+
+
+async def test_stats_names_users_only_in_a_group_and_is_in_the_admins_menu(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    engine, _ = await start_bot()
+    menus = tg.calls_to("setMyCommands")
+    assert len(menus) == 2 and "scope" not in menus[0].params
+    assert menus[1].json("scope") == {"type": "chat", "chat_id": ADMIN}
+    assert "stats" in [c["command"] for c in menus[1].json("commands")]
+    assert "stats" not in [c["command"] for c in menus[0].json("commands")]
+    tg.message("/imagine a fox --steps 1", chat_id=GROUP, user_id=ALICE, chat_type="supergroup",
+               first_name="Alice")
+    await tg.wait_for("sendPhoto")
+    tg.message("/stats", chat_id=GROUP, user_id=ALICE, chat_type="supergroup")
+    assert (await tg.wait_for("sendMessage", 2)).params["text"] == render.admin_only()
+    tg.message("/stats", chat_id=GROUP, user_id=ADMIN, chat_type="supergroup")
+    in_group = (await tg.wait_for("sendMessage", 3)).params["text"]
+    assert "The last day: 1 images made" in in_group and "Top users: Alice 1" in in_group
+    assert str(ALICE) not in in_group and "telegram:" not in in_group
+    tg.message("/stats", chat_id=ADMIN, user_id=ADMIN)
+    private = (await tg.wait_for("sendMessage", 4)).params["text"]
+    assert private == render.stats(await engine.stats()) and f"telegram:{ALICE}" in private
