@@ -6,8 +6,9 @@
     await adapter.stop()
 
 Users: ``/imagine <prompt> --flags`` (also ``/imagine@BotName``; plain text in a private chat when
-``telegram.plain_text_prompts``), ``/queue``, ``/cancel [id]``, ``/limits``, ``/help``; admins also
-``/status``, ``/stats``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
+``telegram.plain_text_prompts``; as a photo's caption, or a reply to one, it starts from that
+picture: ``bot/telegram_input.py``), ``/queue``, ``/cancel [id]``, ``/limits``, ``/help``; admins
+also ``/status``, ``/stats``, ``/pause``, ``/resume``, ``/limit <user id> <n|default>`` and
 ``/cancel <anyone's id>``.
 Chats outside ``access.telegram_chats`` (when set) are refused politely; admins may use the bot
 anywhere. Buttons carry the action and the job id (``bot/telegram_buttons.py``: cancel, re-roll,
@@ -41,7 +42,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot import render
+from bot import render, telegram_input
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.secrets_filter import SecretFilter
@@ -59,7 +60,7 @@ from bot.telegram_jobs import JobFollower, Target
 from bot.telegram_limiter import ACK, PriorityRateLimiter
 from bot.telegram_outbox import ChatOutbox
 from bot.telegram_polling import JournalledPolling, current_update
-from engine import variants
+from engine import input_image, variants
 from engine.config import Config
 from engine.engine import AlreadyAccepted, Engine
 from engine.errors import EngineError, JobNotFound
@@ -250,6 +251,8 @@ class TelegramAdapter:
         for name, handler in admin_commands.items():
             app.add_handler(CommandHandler(name, self._guarded(handler, admin=True),
                                            filters=new_messages))
+        app.add_handler(MessageHandler(telegram_input.PICTURE_WITH_COMMAND & new_messages,
+                                       self._guarded(self._imagine)))
         if tg.plain_text_prompts:
             app.add_handler(MessageHandler(
                 filters.TEXT & ~filters.COMMAND & filters.ChatType.PRIVATE & new_messages,
@@ -285,14 +288,22 @@ class TelegramAdapter:
 
     # -- commands --------------------------------------------------------------------------
     async def _imagine(self, message: Message, user: User, args: list[str]) -> None:
-        """/imagine <prompt> --flags (or a plain private message): queue an image."""
+        """/imagine <prompt> --flags (or a plain private message, or a picture's caption):
+        queue an image."""
         limits = self.config.limits
-        request = parse_command(message.text or "", limits).to_request(limits)
+        parsed = parse_command(message.text or message.caption or "", limits)
+        picture = telegram_input.picture_of(message)
+        if picture is None:
+            request = parsed.to_request(limits)
+        else:  # image-to-image from the picture sent with the command, or replied to
+            request = await telegram_input.request_from(message.get_bot(), picture, parsed,
+                                                        self.config)
         extra = {"thread_id": message.message_thread_id} if message.is_topic_message else {}
         origin = Origin("telegram", chat_id=str(message.chat_id),
                         message_id=str(message.message_id), extra=extra)
         try:
-            job = await self.engine.submit(user, request, origin, key=current_update.get())
+            with input_image.discarded_if_refused(request.init_image):
+                job = await self.engine.submit(user, request, origin, key=current_update.get())
         except AlreadyAccepted:  # sent again after a crash: its job was recovered already
             return
         self._follow(job, announce=True)

@@ -11,12 +11,15 @@ decodes one. Every call is recorded (unknown methods too, answered 404 like the 
 HTTP status, so a test sees exactly what the client sent. ``fail_next`` injects one-shot failures.
 Like the real Bot API, a ``getUpdates`` with ``offset`` N confirms (forgets) the updates below N,
 so a restarted bot gets only what its predecessor had not confirmed. ``served`` records when each
-update was handed out (the load test measures acknowledgement latency from it).
+update was handed out (the load test measures acknowledgement latency from it). ``photo`` sends
+a user's picture (a photo in two sizes, or an image document); ``getFile`` and the file URL serve
+it (downloads are recorded as ``file`` calls).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import time
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from PIL import Image
 
 BOT_ID = 999_000
 BOT_USERNAME = "ImagineTestBot"
@@ -106,6 +110,7 @@ class FakeTelegramServer:
         # called with the update ids a getUpdates offset confirms, as it confirms them
         self.on_confirm: Callable[[list[int]], None] | None = None
         self.sent_updates: dict[int, dict[str, Any]] = {}
+        self.user_files: dict[str, bytes] = {}  # file id -> what users sent (photo, document)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -141,8 +146,10 @@ class FakeTelegramServer:
 
     # -- what tests feed in ----------------------------------------------------------------
     def message(self, text: str, *, chat_id: int, user_id: int, chat_type: str | None = None,
-                first_name: str = "Ada", username: str | None = None) -> dict[str, Any]:
-        """Queue a user's text message (a command gets its ``bot_command`` entity)."""
+                first_name: str = "Ada", username: str | None = None,
+                reply_to: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a user's text message (a command gets its ``bot_command`` entity), optionally
+        a reply to ``reply_to`` (a message dict)."""
         chat = self._chat(chat_id, chat_type)
         message: dict[str, Any] = {
             "message_id": next(self._message_ids), "date": int(time.time()), "chat": chat,
@@ -154,9 +161,46 @@ class FakeTelegramServer:
             command = text.split(maxsplit=1)[0]
             message["entities"] = [{"type": "bot_command", "offset": 0,
                                     "length": _utf16_len(command)}]
+        if reply_to is not None:
+            message["reply_to_message"] = reply_to
         self._messages[(chat_id, message["message_id"])] = message
         self._push({"message": message})
         self.update_of[(chat_id, message["message_id"])] = self._updates[-1]["update_id"]
+        return message
+
+    def photo(self, data: bytes, *, chat_id: int, user_id: int, caption: str | None = None,
+              document: str | None = None, file_size: int | None = None,
+              chat_type: str | None = None) -> dict[str, Any]:
+        """Queue a user's picture: a photo (a 90-pixel thumbnail, then ``data``), or with
+        ``document`` (a MIME type) an image file. ``file_size``: what Telegram announces."""
+        message_id = next(self._message_ids)
+        size = len(data) if file_size is None else file_size
+        self.user_files[f"photo-{message_id}"] = data
+        self.user_files[f"thumb-{message_id}"] = b"a thumbnail the bot should not take"
+        message: dict[str, Any] = {
+            "message_id": message_id, "date": int(time.time()),
+            "chat": self._chat(chat_id, chat_type),
+            "from": {"id": user_id, "is_bot": False, "first_name": "Ada",
+                     "username": f"user{user_id}"}}
+        if document:
+            message["document"] = {"file_id": f"photo-{message_id}", "file_size": size,
+                                   "file_unique_id": f"up{message_id}", "mime_type": document,
+                                   "file_name": "picture"}
+        else:
+            width, height = _picture_size(data)
+            message["photo"] = [
+                {"file_id": f"thumb-{message_id}", "file_unique_id": f"ut{message_id}",
+                 "file_size": 35, "width": 90, "height": 90 * height // width or 1},
+                {"file_id": f"photo-{message_id}", "file_unique_id": f"up{message_id}",
+                 "file_size": size, "width": width, "height": height}]
+        if caption is not None:
+            message["caption"] = caption
+            if caption.startswith("/"):
+                message["caption_entities"] = [{"type": "bot_command", "offset": 0, "length":
+                                                _utf16_len(caption.split(maxsplit=1)[0])}]
+        self._messages[(chat_id, message_id)] = message
+        self._push({"message": message})
+        self.update_of[(chat_id, message_id)] = self._updates[-1]["update_id"]
         return message
 
     def press(self, message: dict[str, Any], data: str, *, user_id: int,
@@ -266,6 +310,11 @@ class FakeTelegramServer:
             result = self._sent(method, call)
         elif method == "sendMediaGroup":
             result = self._sent_group(call)
+        elif method == "getFile" and call.params.get("file_id") in self.user_files:
+            file_id = call.params["file_id"]
+            result = {"file_id": file_id, "file_unique_id": f"u{file_id}",
+                      "file_size": len(self.user_files[file_id]),
+                      "file_path": f"photos/{file_id}.jpg"}
         elif method in ("editMessageText", "editMessageReplyMarkup", "editMessageCaption"):
             result = self._edited(call)
         else:
@@ -383,9 +432,14 @@ class FakeTelegramServer:
         return message
 
     async def _file(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        file_id = path.removeprefix("photos/").removesuffix(".jpg")
+        data = self.user_files.get(file_id) if path.startswith("photos/") else None
         self.calls.append(Call(method="file", token=request.match_info["token"],
-                               params={"path": request.match_info["path"]}, files={}, status=404))
-        return web.Response(status=404)
+                               params={"path": path}, files={},
+                               status=404 if data is None else 200))
+        await self._notify()
+        return web.Response(status=404) if data is None else web.Response(body=data)
 
 
 async def _read_body(request: web.Request) -> tuple[dict[str, str], dict[str, Upload]]:
@@ -407,6 +461,15 @@ async def _read_body(request: web.Request) -> tuple[dict[str, str], dict[str, Up
     elif request.can_read_body:
         params.update({k: str(v) for k, v in (await request.post()).items()})
     return params, files
+
+
+def _picture_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a picture (256×256 for bytes that are none)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:
+        return 256, 256
 
 
 def _utf16_len(text: str) -> int:
