@@ -98,10 +98,10 @@ def _period(label: str, rows: list[_Row]) -> PeriodStats:
 def _top_users(finished: list[_Row]) -> tuple[UserUse, ...]:
     names: dict[str, str] = {}
     images: Counter[str] = Counter()
-    gpu: Counter[str] = Counter()
+    gpu: dict[str, float] = {}
     for row in finished:  # oldest first: the last name seen is the user's latest
         names[row.key] = row.name or names.get(row.key, "")
         images[row.key] += row.images
-        gpu[row.key] += row.gpu_s or 0.0
+        gpu[row.key] = gpu.get(row.key, 0.0) + (row.gpu_s or 0.0)
     return tuple(UserUse(key, names[key], count, gpu[key])
                  for key, count in images.most_common(TOP_USERS))

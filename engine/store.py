@@ -437,6 +437,7 @@ class Store:
         user in chat ``group``) asked for at or after ``since``, oldest first. The amount is
         its images, or with ``priced`` its cost in images of the default size."""
         amount = "COALESCE(cost, images)" if priced else "images"
+        params: tuple[str, ...]
         if user is not None:
             who, params = "platform = ? AND user_id = ?", (user.platform, user.user_id)
         else:
@@ -454,7 +455,7 @@ class Store:
             "SELECT request_json, step_s FROM jobs WHERE step_s IS NOT NULL"
             " ORDER BY seq DESC LIMIT ?", (max(0, limit),),
         ) as cursor:
-            rows = await cursor.fetchall()
+            rows = list(await cursor.fetchall())
         measured = []
         for text, step_s in reversed(rows):
             request = ImageRequest.from_json(text)
