@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from bot.console import CONSOLE_USER, ConsoleAdapter
+from engine import variants
 from engine.config import LimitsSection
 from engine.errors import InvalidCommand
 from engine.png import read_parameters
 from engine.request import ImageRequest
 from engine.upscale import OVERLAP, feather, tile_side, tiles, upscale
-from engine import variants
 
 
 def test_tiles_cover_the_image_within_the_budget_and_overlap() -> None:
