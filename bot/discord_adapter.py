@@ -340,6 +340,8 @@ class DiscordAdapter:
                 await self._post_alone(interaction, index)
             elif action == "v":
                 await self._vary(interaction, index, kind)
+            elif action == "up":
+                await self._upscale(interaction, index)
             else:
                 await self._resubmit(interaction, action)
         except Exception as exc:  # discord.py would only log it; the user must hear back
@@ -358,6 +360,16 @@ class DiscordAdapter:
             return
         request = variants.vary(record.request, record.job_id, record.result_path, index, kind,
                                 self.config.limits, self.rng)
+        await self._defer_and_submit(interaction, request)
+
+    async def _upscale(self, interaction: discord.Interaction, index: int) -> None:
+        """Upscale: image ``index`` of the pressed job at twice its size, as a new job."""
+        record = interaction.extras["record"]
+        if image_alone.path_of(record, index) is None:
+            await self.say(interaction, render.image_gone())
+            return
+        request = variants.upscale(record.request, record.job_id, record.result_path, index,
+                                   self.config.limits)
         await self._defer_and_submit(interaction, request)
 
     async def _defer_and_submit(self, interaction: discord.Interaction,

@@ -187,7 +187,7 @@ class Follower:
         """Upload the images in one message, re-encoded under the upload limit; smaller again
         on a 413."""
         caption = result_caption(result, job.user.display_name, reply.note)
-        view = result_view(job.id, len(result.images))
+        view = result_view(job.id, len(result.images), bool(result.request.upscale_tile))
         limit = reply.filesize_limit
         for attempt in range(3):
             uploads = fitted(job.id, result.images, limit)

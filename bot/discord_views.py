@@ -19,12 +19,12 @@ from bot import render
 if TYPE_CHECKING:  # pragma: no cover
     from bot.discord_adapter import DiscordAdapter
 
-ACTIONS = ("reroll", "more", "cancel", "u", "v")
+ACTIONS = ("reroll", "more", "cancel", "u", "v", "up")
 _STYLES = {"reroll": discord.ButtonStyle.primary, "more": discord.ButtonStyle.secondary,
            "cancel": discord.ButtonStyle.danger, "u": discord.ButtonStyle.secondary,
-           "v": discord.ButtonStyle.secondary}
+           "v": discord.ButtonStyle.secondary, "up": discord.ButtonStyle.secondary}
 # Well under Discord's 100 characters: "imagine:v:" + 32 + ":9:s".
-TEMPLATE = (r"imagine:(?P<action>reroll|more|cancel|u|v):(?P<job>[0-9a-f]{1,32})"
+TEMPLATE = (r"imagine:(?P<action>reroll|more|cancel|up|u|v):(?P<job>[0-9a-f]{1,32})"
             r"(?::(?P<number>[1-9])(?::(?P<kind>[st]))?)?")
 _KINDS = {"s": "subtle", "t": "strong"}  # one letter in the id, the word everywhere else
 _CODES = {word: code for code, word in _KINDS.items()}
@@ -76,10 +76,13 @@ def job_view(job_id: str, *actions: str) -> discord.ui.View:
     return view
 
 
-def result_view(job_id: str, count: int) -> discord.ui.View:
+def result_view(job_id: str, count: int, upscaled: bool = False) -> discord.ui.View:
     """Under a result. A grid: a row U1..UN, a row V1..VN, then Re-roll / More. One image:
-    Re-roll, More, Vary (subtle), Vary (strong). (At most 5 buttons a row: ``--n`` is 1–4.)"""
+    Re-roll, More, Vary (subtle), Vary (strong), Upscale. (At most 5 buttons a row: ``--n`` is
+    1–4.) An upscale has none: its original has them."""
     view = discord.ui.View(timeout=None)
+    if upscaled:
+        return view
     if count > 1:
         for number in range(1, count + 1):
             view.add_item(JobButton("u", job_id, number, row=0))
@@ -90,13 +93,15 @@ def result_view(job_id: str, count: int) -> discord.ui.View:
         view.add_item(JobButton(action, job_id, row=row))
     if count == 1:
         _add_variations(view, job_id, 1, row)
+        view.add_item(JobButton("up", job_id, 1, label=render.upscale_label(), row=row))
     return view
 
 
 def alone_view(job_id: str, number: int) -> discord.ui.View:
-    """Under one image of a grid posted alone (U): its two variations."""
+    """Under one image of a grid posted alone (U): its two variations and its upscale."""
     view = discord.ui.View(timeout=None)
     _add_variations(view, job_id, number, 0)
+    view.add_item(JobButton("up", job_id, number, label=render.upscale_label(), row=0))
     return view
 
 

@@ -303,6 +303,14 @@ def vary_label(kind: str) -> str:
     return f"Vary ({kind})"
 
 
+def upscale_label() -> str:
+    return "⤢ Upscale 2×"
+
+
+def upscaling(number: int, width: int, height: int) -> str:
+    return f"⤢ Upscaling image {number} to {width}×{height}."
+
+
 def grid_actions(count: int) -> str:
     """The message under a grid that carries its buttons (an album cannot carry any)."""
     return (f"U1–U{count}: post that image alone as a full-size PNG · "

@@ -8,6 +8,7 @@ press looks the job up in the journal (``engine.job_record``), so buttons work a
     more:<job>              the same seed, more steps (a job of one image)
     u:<job>:<n>             image n (1-based) alone, as a full-size PNG document
     v:<job>:<n>:s|t         a subtle (s) or strong (t) variation of image n
+    up:<job>:<n>            image n at twice its size (``engine/upscale.py``)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from engine.config import LimitsSection
 from engine.request import ImageRequest
 from engine.store import JobRecord
 
-CANCEL, REROLL, MORE, ALONE, VARY = "cancel", "reroll", "more", "u", "v"
+CANCEL, REROLL, MORE, ALONE, VARY, UPSCALE = "cancel", "reroll", "more", "u", "v", "up"
 KINDS = {"s": "subtle", "t": "strong"}  # a variation's letter in the data -> its kind
 
 
@@ -42,7 +43,7 @@ def parse_press(data: str) -> Press | None:
     action, *rest = data.split(":")
     if action in (CANCEL, REROLL, MORE) and len(rest) == 1 and rest[0]:
         return Press(action, rest[0])
-    if action == ALONE and len(rest) == 2 and rest[0] and _is_small_number(rest[1]):
+    if action in (ALONE, UPSCALE) and len(rest) == 2 and rest[0] and _is_small_number(rest[1]):
         return Press(action, rest[0], int(rest[1]))
     if (action == VARY and len(rest) == 3 and rest[0] and _is_small_number(rest[1])
             and rest[2] in KINDS):
@@ -67,9 +68,12 @@ def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[_button("✖ Cancel", CANCEL, job_id)]])
 
 
-def result_keyboard(job_id: str, count: int = 1) -> InlineKeyboardMarkup:
+def result_keyboard(job_id: str, count: int = 1,
+                    upscaled: bool = False) -> InlineKeyboardMarkup | None:
     """Under a result. A grid: U1…UN, V1…VN (subtle) and Re-roll. One image: Re-roll, Same
-    seed more steps, and both variations."""
+    seed more steps, both variations and Upscale. An upscale: none (its original has them)."""
+    if upscaled:
+        return None
     reroll = _button(render.button_label("reroll"), REROLL, job_id)
     if count > 1:
         numbers = range(1, count + 1)
@@ -79,13 +83,16 @@ def result_keyboard(job_id: str, count: int = 1) -> InlineKeyboardMarkup:
             [reroll]])
     return InlineKeyboardMarkup([
         [reroll, _button(render.button_label("more"), MORE, job_id)],
-        [_vary(render.vary_label(kind), job_id, 1, kind) for kind in KINDS.values()]])
+        [_vary(render.vary_label(kind), job_id, 1, kind) for kind in KINDS.values()],
+        [_button(render.upscale_label(), UPSCALE, job_id, 1)]])
 
 
 def alone_keyboard(job_id: str, number: int) -> InlineKeyboardMarkup:
-    """Under an image posted alone (U): its variations (the job's buttons name image n)."""
+    """Under an image posted alone (U): its variations and its upscale (the job's buttons
+    name image n)."""
     return InlineKeyboardMarkup([[_vary(render.vary_label(kind), job_id, number, kind)
-                                  for kind in KINDS.values()]])
+                                  for kind in KINDS.values()],
+                                 [_button(render.upscale_label(), UPSCALE, job_id, number)]])
 
 
 def new_request(press: Press, record: JobRecord, limits: LimitsSection) -> ImageRequest:
@@ -95,6 +102,9 @@ def new_request(press: Press, record: JobRecord, limits: LimitsSection) -> Image
         return variants.reroll(record.request, limits)
     if press.action == MORE:
         return variants.more_steps(record.request, limits)
+    if press.action == UPSCALE:
+        return variants.upscale(record.request, record.job_id, record.result_path,
+                                press.number - 1, limits)
     return variants.vary(record.request, record.job_id, record.result_path, press.number - 1,
                          press.kind, limits)
 
@@ -105,6 +115,8 @@ def queued_answer(press: Press, request: ImageRequest) -> str:
         return render.rerolling(request.seed)
     if press.action == MORE:
         return render.more_steps_queued(request.steps)
+    if press.action == UPSCALE:
+        return render.upscaling(press.number, request.width, request.height)
     return render.varying(press.kind, press.number, request.seed)
 
 

@@ -298,7 +298,7 @@ class JobFollower:
 
     async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
         caption = self._caption(job, result)
-        markup = result_keyboard(job.id)
+        markup = result_keyboard(job.id, upscaled=bool(result.request.upscale_tile))
         if fits_as_photo(result.png, result.request.width, result.request.height):
             return await self.bot.send_photo(photo=result.png, caption=caption, reply_markup=markup,
                                              filename=f"{job.id}-{result.request.seed}.png",

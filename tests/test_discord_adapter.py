@@ -756,12 +756,30 @@ async def test_one_image_has_vary_subtle_and_strong(server, start_bot):
     sent = await server.slash("imagine", ALICE, prompt="a fox --seed 5 --steps 2")
     upload = await final_upload(server, sent)
     job = (await jobs_in_journal(adapter, ALICE))[0].job_id
-    assert _labels(upload)[2:] == ["Vary (subtle)", "Vary (strong)"]
+    assert _labels(upload)[2:] == ["Vary (subtle)", "Vary (strong)", render.upscale_label()]
     press = await server.click(server.original(sent)["id"], f"imagine:v:{job}:1:t", ALICE)
     await final_upload(server, press)
     await adapter.drain()
     variation = (await jobs_in_journal(adapter, ALICE))[0].request
     assert variation.init_image.endswith(f"{job}-5.png") and variation.strength == 0.7
+
+
+async def test_upscale_posts_the_image_at_twice_its_size_with_no_buttons(server, start_bot):
+    """Issue 12 item 4: the Upscale button; the upscale's own message offers nothing more."""
+    adapter = await start_bot()
+    sent = await server.slash("imagine", ALICE, prompt="a fox --seed 5 --steps 4 --size 256x256")
+    await final_upload(server, sent)
+    job = (await jobs_in_journal(adapter, ALICE))[0].job_id
+    press = await server.click(server.original(sent)["id"], f"imagine:up:{job}:1", ALICE)
+    upload = await final_upload(server, press)
+    await adapter.drain()
+    up = (await jobs_in_journal(adapter, ALICE))[0]
+    assert (up.request.width, up.request.height, up.request.seed) == (512, 512, 5)
+    params = read_parameters(upload.files[0].data)
+    assert params["Size"] == "512x512" and params["Source"] == f"upscale 2× of {job} #1"
+    assert _labels(upload) == []
+    stranger = await server.click(server.original(sent)["id"], f"imagine:up:{job}:1", BOB)
+    assert _text(await private_answer(server, stranger)) == render.not_your_job()
 
 
 async def test_a_strangers_u_and_v_presses_are_refused(server, start_bot):

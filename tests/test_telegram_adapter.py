@@ -1134,6 +1134,30 @@ async def test_a_single_image_has_vary_and_same_seed_more_steps(
                      render.varying("strong", 1, strong.request.seed)]
 
 
+async def test_upscale_posts_the_image_at_twice_its_size(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    """Issue 12 item 4: the Upscale button under one image; the upscale has no buttons."""
+    engine, _ = await start_bot()
+    tg.message("/imagine a red fox --seed 7 --steps 4 --size 256x256", chat_id=ALICE,
+               user_id=ALICE)
+    await tg.wait_for("sendPhoto")
+    first = await finished_job(engine, ALICE)
+    photo_message = tg.sent("sendPhoto")[0]
+    assert "up:" + first.id + ":1" in str(tg.calls_to("sendPhoto")[0].params["reply_markup"])
+    tg.press(photo_message, f"up:{first.id}:1", user_id=BOB)  # not his
+    tg.press(photo_message, f"up:{first.id}:1", user_id=ALICE)
+    await tg.wait_for("sendPhoto", 2)
+    second = tg.calls_to("sendPhoto")[1]
+    up = await finished_job(engine, ALICE)
+    assert (up.request.width, up.request.height, up.request.seed) == (512, 512, 7)
+    params = read_parameters(second.upload("photo").data)
+    assert params["Size"] == "512x512" and params["Source"] == f"upscale 2× of {first.id} #1"
+    assert "reply_markup" not in second.params
+    texts = [c.params.get("text") for c in tg.calls_to("answerCallbackQuery")]
+    assert render.not_your_job() in texts and render.upscaling(1, 512, 512) in texts
+    assert len(await engine.store.jobs_for_user(user(BOB))) == 0
+
+
 async def test_a_grid_counts_its_images_against_the_quota(
         tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
     tg_config.rate_limit.images_per_window = 5
