@@ -139,7 +139,8 @@ async def test_imagine_acks_edits_progress_and_uploads_png_with_parameters(serve
     assert upload.files[0].filename == f"{job.job_id}-7.png"
     assert "seed 7 · 4 steps" in _text(upload) and "asked by alice" in _text(upload)
     assert _custom_ids(upload) == [f"imagine:reroll:{job.job_id}", f"imagine:more:{job.job_id}",
-                                   f"imagine:v:{job.job_id}:1:s", f"imagine:v:{job.job_id}:1:t"]
+                                   f"imagine:v:{job.job_id}:1:s", f"imagine:v:{job.job_id}:1:t",
+                                   f"imagine:up:{job.job_id}:1"]
     assert all(c.json["allowed_mentions"]["parse"] == [] for c in edits)
     record = await adapter.engine.job_record(job.job_id)
     message_id = server.original(sent)["id"]
@@ -726,7 +727,8 @@ async def test_u3_posts_image_three_alone_full_size(server, start_bot):
     assert png.filename == f"{job}-7.png" and png.data == grid.files[2].data
     assert read_parameters(png.data)["Seed"] == "7"
     assert "seed 7 · 1 step" in _text(alone) and "images" not in _text(alone)
-    assert _custom_ids(alone) == [f"imagine:v:{job}:3:s", f"imagine:v:{job}:3:t"]
+    assert _custom_ids(alone) == [f"imagine:v:{job}:3:s", f"imagine:v:{job}:3:t",
+                                  f"imagine:up:{job}:3"]
     assert len(await jobs_in_journal(adapter, ALICE)) == 1  # nothing queued
     assert await pending_rows(adapter) == 0
 

@@ -153,7 +153,7 @@ async def test_imagine_posts_status_progress_and_png_with_the_seed(
     assert "parse_mode" not in photo.params  # plain text: prompts cannot inject markup
     assert photo.params["caption"].startswith("a red fox\nseed 7 · 4 steps · 1024×1024")
     assert buttons(photo) == [f"reroll:{job.id}", f"more:{job.id}", f"v:{job.id}:1:s",
-                              f"v:{job.id}:1:t"]
+                              f"v:{job.id}:1:t", f"up:{job.id}:1"]
     png = photo.upload("photo").data
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     params = read_parameters(png)
@@ -1040,7 +1040,7 @@ async def test_u3_posts_image_3_alone_as_a_png_document_with_its_seed(
         "document").filename == f"{job.id}-7.png"
     assert document.params["caption"].startswith("a fox\nseed 7 · 1 step")
     assert reply_to(document) == keys["message_id"]
-    assert buttons(document) == [f"v:{job.id}:3:s", f"v:{job.id}:3:t"]
+    assert buttons(document) == [f"v:{job.id}:3:s", f"v:{job.id}:3:t", f"up:{job.id}:3"]
     assert len(engine._jobs) == 1, "posting an image alone queues nothing"
 
 
