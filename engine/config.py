@@ -12,9 +12,12 @@ import difflib
 import os
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from engine.moderation import DEFAULT_LABELS, LABELS, POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.request import User
@@ -163,6 +166,17 @@ class ConsoleSection:
 
 
 @dataclass
+class ModerationSection:
+    nsfw_check: bool = False  # opt-in: needs the nsfw extra (NudeNet)
+    policy: str = "block"  # for a flagged image: allow | spoiler | block
+    threshold: float = 0.5  # a detection counts from this score
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    # Per-chat policies: Discord guild id / Telegram chat id -> allow | spoiler | block.
+    discord_guilds: dict[str, str] = field(default_factory=dict)
+    telegram_chats: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     engine: EngineSection = field(default_factory=EngineSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -173,6 +187,7 @@ class Config:
     telegram: TelegramSection = field(default_factory=TelegramSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    moderation: ModerationSection = field(default_factory=ModerationSection)
 
     @property
     def discord_token(self) -> str:
@@ -227,11 +242,8 @@ def _coerce(hint: Any, raw: Any, key: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, raw, key)
     origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(raw, list):
-            raise ConfigError(f"{key} = {raw!r} must be a list")
-        # Ids are written as numbers or strings in TOML; keep them as strings.
-        return [str(item) for item in raw]
+    if origin in (list, dict):
+        return _coerce_container(origin, hint, raw, key)
     if hint is bool:
         if not isinstance(raw, bool):
             raise ConfigError(f"{key} = {raw!r} must be true or false")
@@ -249,6 +261,19 @@ def _coerce(hint: Any, raw: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {raw!r} must be a string")
         return raw
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _coerce_container(origin: Any, hint: Any, raw: Any, key: str) -> Any:
+    if origin is list:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{key} = {raw!r} must be a list")
+        # Ids are written as numbers or strings in TOML; keep them as strings.
+        return [str(item) for item in raw]
+    # a table whose keys are ids or names: each value by its own type
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{key}] = {raw!r} must be a table")
+    value_hint = typing.get_args(hint)[1]
+    return {str(k): _coerce(value_hint, v, f"{key}.{k}") for k, v in raw.items()}
 
 
 def _validated(config: Config) -> Config:
@@ -305,4 +330,22 @@ def _validated(config: Config) -> Config:
          "0 (keep everything) or at least the rate-limit window and delivery.give_up_after_s")
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
+    _validate_moderation(config.moderation, need)
     return config
+
+
+def _validate_moderation(mod: ModerationSection, need: Callable[[bool, str, Any, str], None]) \
+        -> None:
+    allowed = " or ".join(POLICIES)
+    need(mod.policy in POLICIES, "moderation.policy", mod.policy, allowed)
+    need(0 < mod.threshold <= 1, "moderation.threshold", mod.threshold,
+         "more than 0, at most 1")
+    need(bool(mod.labels), "moderation.labels", mod.labels, "at least one NudeNet label")
+    for label in mod.labels:
+        need(label in LABELS, "moderation.labels", label, "NudeNet's labels: "
+             + ", ".join(LABELS))
+    for table in ("discord_guilds", "telegram_chats"):
+        for chat, policy in getattr(mod, table).items():
+            need(chat.removeprefix("-").isdigit(), f"moderation.{table}", chat,
+                 "keys are numeric ids (Discord guild ids, Telegram chat ids)")
+            need(policy in POLICIES, f"moderation.{table}.{chat}", policy, allowed)

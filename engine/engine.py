@@ -11,6 +11,7 @@ Every accepted job is written to the journal before ``submit`` returns, so a res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import threading
@@ -44,6 +45,7 @@ from engine.job import (
     ResultImage,
     Started,
 )
+from engine.moderation import Detector, Moderator, Policy
 from engine.pending import PendingInteractions, PendingReplies
 from engine.png import encode_png
 from engine.rate_limit import Charge, Quota, RateLimiter
@@ -88,9 +90,11 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         recover: bool = True,
+        detector: Detector | None = None,
     ) -> None:
         """``recover=False``: leave the journal's unfinished jobs alone (a one-off process, such
-        as ``python -m bot imagine``, beside a running bot that owns them)."""
+        as ``python -m bot imagine``, beside a running bot that owns them). ``detector``: the
+        NSFW check's (tests); NudeNet when ``[moderation] nsfw_check`` is on."""
         self.config = config
         self._recover_on_start = recover
         self.backend = backend if backend is not None else create_backend(config)
@@ -101,6 +105,7 @@ class Engine:
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock,
                                         config.limits)
         self._worker = GpuWorker(self.backend)
+        self.moderator = Moderator(config.moderation, detector)
         self._queue: FairQueue[Job] = FairQueue(weight=lambda job: job.request.count)
         self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
         self._terminal: deque[Job] = deque()  # finished jobs still in _jobs, oldest first
@@ -131,6 +136,7 @@ class Engine:
         try:
             # the cost model's step times measured on this GPU before the restart
             self.rate_limiter.costs.seed(await self.store.recent_step_times())
+            await asyncio.to_thread(self.moderator.load)  # a missing extra stops us here
             started = time.monotonic()
             await self._worker.load()
             self.load_seconds = time.monotonic() - started
@@ -483,6 +489,7 @@ class Engine:
         watchers), so no job is left running with nobody to end it."""
         try:
             saved = await asyncio.to_thread(self._save, job, images)
+            saved = await self._moderated(job.id, job.origin, saved)
             result = JobResult(saved, job.request, self.backend.model_name,
                                time.monotonic() - started)
             await self.store.set_status(job.id, "finished", at=self.clock(),
@@ -512,6 +519,22 @@ class Engine:
             await self.store.record_timing(job.id, gpu_s=gpu_s, step_s=per_step)
         except Exception:
             log.exception("job %s: could not journal its timing", job.id)
+
+    async def _moderated(self, job_id: str, origin: Origin,
+                         images: tuple[ResultImage, ...]) -> tuple[ResultImage, ...]:
+        """The NSFW check (``[moderation]``) before anything is posted: on a thread of its own,
+        never the GPU worker's (the next job runs meanwhile) nor the event loop."""
+        if not self.moderator.needs_check(origin):
+            return images
+        policies = await asyncio.to_thread(self.moderator.judge, job_id, origin,
+                                           [image.png for image in images])
+        return tuple(dataclasses.replace(image, policy=policy)
+                     for image, policy in zip(images, policies, strict=True))
+
+    async def policy_of(self, job_id: str, origin: Origin, png: bytes) -> Policy:
+        """The NSFW policy for one image posted again (U: an image of a grid alone)."""
+        judged = await self._moderated(job_id, origin, (ResultImage(png, 0),))
+        return judged[0].policy
 
     def _save(self, job: Job, images: object) -> tuple[ResultImage, ...]:
         """Encode the PNGs and write them to the output folder (a thread, beside the GPU),
@@ -578,18 +601,27 @@ class Engine:
             self._recovered.append(job)
             self._enqueue(job)
         for record in await self.store.undelivered_jobs():
-            finished = _job_from_finished_record(record, self)
+            # read back and checked again (same bytes, same verdict; the policy is today's)
+            images = await asyncio.to_thread(_finished_images, record)
+            if images:
+                images = await self._moderated(record.job_id, record.origin, images)
+            finished = _job_from_finished_record(record, self, images)
             if finished is not None:
                 self._recovered.append(finished)
         if self._recovered:
             log.info("recovered %d jobs from the journal", len(self._recovered))
 
 
-def _job_from_finished_record(record: JobRecord, engine: Engine) -> Job | None:
+def _finished_images(record: JobRecord) -> tuple[ResultImage, ...] | None:
+    if record.status == "finished" and record.result_path:
+        return result_files.read(record.result_path, record.request)
+    return None
+
+
+def _job_from_finished_record(record: JobRecord, engine: Engine,
+                              images: tuple[ResultImage, ...] | None) -> Job | None:
     job = Job(id=record.job_id, user=record.user, origin=record.origin, request=record.request,
               created_at=record.created_at, seq=record.seq, recovered=True, _engine=engine)
-    images = result_files.read(record.result_path, record.request) \
-        if record.status == "finished" and record.result_path else None
     if images:
         job._emit(Finished(JobResult(images, record.request, model_name="", seconds=0.0)))
     elif record.status == "failed":

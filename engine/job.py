@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.errors import GenerationFailed, JobCancelled
+from engine.moderation import Policy
 from engine.request import ImageRequest, Origin, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,11 +35,22 @@ class JobStatus(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ResultImage:
-    """One image of a job: its PNG (whose ``parameters`` chunk names its own seed)."""
+    """One image of a job: its PNG (whose ``parameters`` chunk names its own seed), and what
+    its chat's ``[moderation]`` policy says to do with it (ALLOW unless the NSFW check flagged
+    it: then SPOILER or BLOCK)."""
 
     png: bytes
     seed: int
     path: str | None = None
+    policy: Policy = Policy.ALLOW
+
+    @property
+    def blocked(self) -> bool:
+        return self.policy is Policy.BLOCK
+
+    @property
+    def spoiler(self) -> bool:
+        return self.policy is Policy.SPOILER
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,11 @@ class JobResult:
     @property
     def path(self) -> str | None:
         return self.images[0].path
+
+    @property
+    def shown(self) -> tuple[ResultImage, ...]:
+        """The images that may be posted (the NSFW check blocked none of them)."""
+        return tuple(image for image in self.images if not image.blocked)
 
     @classmethod
     def single(cls, png: bytes, request: ImageRequest, model_name: str, seconds: float,
