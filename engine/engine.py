@@ -14,11 +14,10 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import input_image, result_files, retention
@@ -53,7 +52,7 @@ from engine.request import ImageRequest, Origin, User
 from engine.stats import UsageStats, usage_stats
 from engine.step_timing import eta_s, median_step_s
 from engine.store import DuplicateJobId, DuplicateRequest, JobRecord, Store
-from engine.worker import Aborted, GpuWorker
+from engine.worker import Aborted, GpuWorker, Runner, StopSignal
 
 log = logging.getLogger(__name__)
 # Finished jobs (and their PNGs) kept in memory for buttons and late watchers; delivered ones
@@ -66,6 +65,14 @@ ID_ATTEMPTS = 5
 class AlreadyAccepted(Exception):
     """The platform sent a command again (after a crash) whose job is in the journal already:
     nothing to do, and nothing to tell the user (not an ``EngineError``)."""
+
+
+@dataclass(eq=False)
+class _Run:
+    """A job between its start and the end of its GPU part, and the signal that stops it."""
+
+    job: Job
+    signal: StopSignal = field(default_factory=StopSignal)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         recover: bool = True,
+        worker: Runner | None = None,
         detector: Detector | None = None,
     ) -> None:
         """``recover=False``: leave the journal's unfinished jobs alone (a one-off process, such
@@ -104,22 +112,22 @@ class Engine:
         self.pending_replies = PendingReplies(self.store)  # answers not yet posted
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock,
                                         config.limits)
-        self._worker = GpuWorker(self.backend)
+        # Where jobs run: this process's GPU, or GPU workers elsewhere (engine/cluster/)
+        self._worker: Runner = worker if worker is not None else GpuWorker(self.backend)
         self.moderator = Moderator(config.moderation, detector)
         self._queue: FairQueue[Job] = FairQueue(weight=lambda job: job.request.count)
         self._jobs: dict[str, Job] = {}  # live jobs: queued, running, and recent finished ones
         self._terminal: deque[Job] = deque()  # finished jobs still in _jobs, oldest first
         self._recovered: list[Job] = []
-        self._running: Job | None = None  # the job on the GPU
+        # Jobs started and not yet past their GPU part: one here, one per busy worker in a cluster
+        self._runs: dict[str, _Run] = {}
         self._completing: set[asyncio.Task[None]] = set()  # PNG, file and journal, off the GPU
-        self._abort = threading.Event()
-        self._abort_reason: str | None = None  # "cancel" (by a user) or "shutdown"
-        self._cancelled_by_owner = True
         self._draining: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self._put_back: dict[str, Job] = {}  # stopped by a shutdown, queued in the journal
         self._worker_hung = False  # a step did not return within STOP_WAIT_S of a shutdown
         self._wake = asyncio.Event()
+        self._worker.on_room(self._wake.set)  # a worker joined: a job may start
         self._gpu_idle = asyncio.Event()  # no job between start and the end of its GPU part
         self._gpu_idle.set()
         self._submit_lock = asyncio.Lock()
@@ -169,27 +177,26 @@ class Engine:
 
     async def _drain(self, grace_s: float | None) -> None:
         grace = self.config.engine.shutdown_grace_s if grace_s is None else grace_s
-        running = self._running
-        if running is not None:
+        running = [run.job for run in self._runs.values()]
+        if running:
+            ids = ", ".join(job.id for job in running)
+            ended = asyncio.gather(*(job.wait() for job in running))
             try:
-                await asyncio.wait_for(asyncio.shield(running.wait()), timeout=grace)
+                await asyncio.wait_for(asyncio.shield(ended), timeout=grace)
             except TimeoutError:
                 log.warning("job %s still running after %.0f s grace; it will run again after "
-                            "the restart", running.id, grace)
-                self._stop_running("shutdown")
-                try:  # the worker stops at the next step; a hung step must not hold the stop
+                            "the restart", ids, grace)
+                for run in list(self._runs.values()):  # each stops at its next step
+                    run.signal.stop("shutdown")
+                try:  # a hung step must not hold the stop
                     await asyncio.wait_for(self._gpu_idle.wait(), STOP_WAIT_S)
                 except TimeoutError:
-                    log.error("job %s did not stop within %.0f s; leaving it", running.id,
+                    log.error("job %s did not stop within %.0f s; leaving it", ids,
                               STOP_WAIT_S)
                     self._worker_hung = True
+            finally:
+                ended.cancel()
         await self._settle_completions()
-
-    def _stop_running(self, reason: str) -> None:
-        """Ask the worker to stop the running job at its next step (a user's cancel wins)."""
-        if self._abort_reason != "cancel":
-            self._abort_reason = reason
-        self._abort.set()
 
     async def _settle_completions(self) -> None:
         """Let images already made be encoded, saved and journalled (seconds at most)."""
@@ -267,7 +274,7 @@ class Engine:
             waiting = "request" if mine == 1 else "requests"
             raise QueueFull(f"You already have {mine} {waiting} waiting (the most is {cap}); "
                             "please wait for one to finish or cancel one.")
-        total = len(self._queue) + (1 if self._running else 0)
+        total = len(self._queue) + len(self._runs)
         if total >= self.config.engine.max_queue_total:
             raise QueueFull("The queue is full right now; please try again in a few minutes.")
 
@@ -290,8 +297,13 @@ class Engine:
     def get_job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    @property
+    def _running(self) -> Job | None:
+        """The job on the GPU (in a cluster, the longest running one)."""
+        return next(iter(self._runs.values())).job if self._runs else None
+
     def _active_jobs(self) -> list[Job]:
-        running = [self._running] if self._running else []
+        running = [run.job for run in self._runs.values()]
         return running + list(self._queue.ordered())
 
     def jobs_of(self, user: User) -> list[Job]:
@@ -344,23 +356,22 @@ class Engine:
             await self.store.refund(job.id)  # it never ran
             self._announce_positions()
             return True
-        if job is self._running:  # running, or being started: stops at its next step
-            self._cancelled_by_owner = job.user == by
-            self._stop_running("cancel")
+        run = self._runs.get(job.id)
+        if run is not None:  # running, or being started: stops at its next step
+            run.signal.by_owner = job.user == by
+            run.signal.stop("cancel")
             return True
         if job.id in self._put_back:  # stopped by the shutdown, waiting for the restart
-            self._cancelled_by_owner = job.user == by
-            await self._cancel_put_back(job)
+            await self._cancel_put_back(job, by_owner=job.user == by)
             return True
         return False
 
-    async def _cancel_put_back(self, job: Job) -> None:
+    async def _cancel_put_back(self, job: Job, *, by_owner: bool) -> None:
         """A job the shutdown put back in line is cancelled after all. It is a queued job again
         (the journal cleared its start), so, like any job cancelled while queued, it is not
         charged."""
         self._put_back.pop(job.id, None)
-        await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
-                           JobStatus.CANCELLED)
+        await self._finish(job, Cancelled(by_owner=by_owner), JobStatus.CANCELLED)
 
     # -- delivery bookkeeping (adapters call these) -----------------------------------------
     async def mark_delivered(self, job: Job, where: str, *, keep_file: bool = False) -> None:
@@ -406,35 +417,49 @@ class Engine:
 
     # -- running ---------------------------------------------------------------------------
     async def _schedule(self) -> None:
-        while True:
-            # Paused or shutting down: start nothing new (queued jobs stay in the journal).
-            job = None if self._paused or not self._accepting else self._queue.pop()
-            if job is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._abort.clear()
-            self._abort_reason = None
-            self._running = job
-            self._gpu_idle.clear()
-            self._announce_positions()
-            try:
-                await self._run(job)
-            except Exception:  # never let one job stop the queue
-                log.exception("job %s: unexpected engine error", job.id)
-            finally:
-                self._running = None
-                self._gpu_idle.set()
+        """Start the next job in line whenever the worker has room: one job at a time on this
+        process's GPU; in a cluster, as many as workers are free (so the fair order holds
+        there too: nothing waits in a worker's own queue). Job tasks belong to this one."""
+        async with asyncio.TaskGroup() as runs:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                run = _Run(job)
+                self._runs[job.id] = run
+                self._gpu_idle.clear()
+                self._announce_positions()
+                runs.create_task(self._run_guarded(run), name=f"run-{job.id}")
 
-    async def _run(self, job: Job) -> None:
+    def _next_job(self) -> Job | None:
+        # Paused or shutting down: start nothing new (queued jobs stay in the journal).
+        if self._paused or not self._accepting or not self._worker.has_room(len(self._runs)):
+            return None
+        return self._queue.pop()
+
+    async def _run_guarded(self, run: _Run) -> None:
+        try:
+            await self._run(run)
+        except Exception:  # never let one job stop the queue
+            log.exception("job %s: unexpected engine error", run.job.id)
+        finally:
+            del self._runs[run.job.id]
+            if not self._runs:
+                self._gpu_idle.set()
+            self._wake.set()  # room for the next job
+
+    async def _run(self, run: _Run) -> None:
         """The GPU part of a job. Once its image is made, encoding, saving and journalling run
         beside the next job (``_complete``), so the GPU never waits for them."""
         loop = asyncio.get_running_loop()
-        marked_running = not self._abort.is_set()
+        job, signal = run.job, run.signal
+        marked_running = not signal.is_set()
         if marked_running:
             await self.store.set_status(job.id, "running", at=self.clock())
-        if self._abort.is_set():  # stopped while being started: it never reached the GPU
-            await self._stopped_before_start(job, marked_running)
+        if signal.is_set():  # stopped while being started: it never reached the GPU
+            await self._stopped_before_start(job, signal, marked_running)
             return
         job._emit(Started())
         started = time.monotonic()
@@ -447,18 +472,17 @@ class Engine:
 
         deadline = started + self.config.engine.job_timeout_s
         try:
-            images = await self._worker.call(self._worker.generate_blocking, job.request,
-                                             on_step, self._abort, deadline)
+            images = await self._worker.generate(job.id, job.request, on_step, signal,
+                                                 deadline)
         except Aborted:
-            if self._abort_reason == "shutdown":  # runs again after the restart
+            if signal.reason == "shutdown":  # runs again after the restart
                 await self.store.set_status(job.id, "queued", at=self.clock())
                 self._put_back[job.id] = job
-                if self._abort_reason == "cancel":  # its user cancelled meanwhile
-                    await self._cancel_put_back(job)
+                if signal.reason == "cancel":  # its user cancelled meanwhile
+                    await self._cancel_put_back(job, by_owner=signal.by_owner)
                 return
             # cancelled while running: its GPU time was spent, so it stays charged
-            await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
-                               JobStatus.CANCELLED)
+            await self._finish(job, Cancelled(by_owner=signal.by_owner), JobStatus.CANCELLED)
             return
         except EngineError as exc:
             await self._fail(job, str(exc), refund=True)
@@ -473,13 +497,13 @@ class Engine:
         self._completing.add(task)
         task.add_done_callback(self._completing.discard)
 
-    async def _stopped_before_start(self, job: Job, marked_running: bool) -> None:
-        if self._abort_reason == "shutdown":
+    async def _stopped_before_start(self, job: Job, signal: StopSignal,
+                                    marked_running: bool) -> None:
+        if signal.reason == "shutdown":
             if marked_running:
                 await self.store.set_status(job.id, "queued", at=self.clock())
             return
-        await self._finish(job, Cancelled(by_owner=self._cancelled_by_owner),
-                           JobStatus.CANCELLED)
+        await self._finish(job, Cancelled(by_owner=signal.by_owner), JobStatus.CANCELLED)
         await self.store.refund(job.id)  # cancelled before any GPU work: not charged
 
     async def _complete(self, job: Job, images: object, started: float, gpu_s: float,
@@ -548,7 +572,9 @@ class Engine:
         saved = []
         for index, image in enumerate(images):
             one = job.request.one(index)
-            png = encode_png(image, one, self.backend.model_name)
+            # a cluster's worker sends its PNGs made already (the same encode_png)
+            png = image if isinstance(image, bytes) else encode_png(image, one,
+                                                                    self.backend.model_name)
             path = result_files.path_of(folder, job.id, one.seed)
             write_durably(path, png)  # on disk before the journal says finished
             saved.append(ResultImage(png, one.seed, str(path)))

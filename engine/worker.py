@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from engine.backends.base import Backend, is_out_of_memory
 from engine.errors import JobTimedOut, OutOfMemory
@@ -25,6 +25,41 @@ T = TypeVar("T")
 
 class Aborted(Exception):
     """Raised inside the backend's step callback when a running job is cancelled."""
+
+
+class StopSignal(threading.Event):
+    """Set to stop a running job at its next step. ``reason`` says why: "cancel" (by a user,
+    or an admin: ``by_owner`` False) wins over "shutdown", which puts the job back in line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: str | None = None
+        self.by_owner = True
+
+    def stop(self, reason: str) -> None:
+        if self.reason != "cancel":
+            self.reason = reason
+        self.set()
+
+
+class Runner(Protocol):
+    """Where the engine's jobs run: ``GpuWorker`` (this process's GPU) or a cluster's
+    ``RemoteWorker`` (engine/cluster/dispatch.py). ``generate`` returns the job's images, as
+    PIL images or as PNG bytes made already; it raises ``Aborted`` once ``abort`` is set."""
+
+    async def load(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+    def has_room(self, running: int) -> bool: ...
+
+    def on_room(self, wake: Callable[[], None]) -> None: ...
+
+    async def generate(self, job_id: str, request: ImageRequest,
+                       on_step: Callable[[int, int], None], abort: StopSignal,
+                       deadline: float) -> object: ...
 
 
 class GpuWorker:
@@ -40,6 +75,19 @@ class GpuWorker:
 
     async def load(self) -> None:
         await self.call(self.backend.load)
+
+    def has_room(self, running: int) -> bool:
+        """One job at a time on this process's GPU."""
+        return running == 0
+
+    def on_room(self, wake: Callable[[], None]) -> None:
+        """Room here changes only when a job ends, which the engine sees itself."""
+
+    async def generate(self, job_id: str, request: ImageRequest,
+                       on_step: Callable[[int, int], None], abort: StopSignal,
+                       deadline: float) -> object:
+        """The job's images (PIL images: the engine encodes them) made on this thread."""
+        return await self.call(self.generate_blocking, request, on_step, abort, deadline)
 
     async def close(self) -> None:
         try:
@@ -124,4 +172,4 @@ _OOM_MESSAGE = (
     "bot is less busy."
 )
 
-__all__ = ["Aborted", "GpuWorker"]
+__all__ = ["Aborted", "GpuWorker", "Runner", "StopSignal"]
