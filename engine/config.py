@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable
@@ -177,6 +178,22 @@ class ModerationSection:
 
 
 @dataclass
+class StyleSection:
+    """One ``[styles.<name>]`` table: a LoRA users pick with ``--style <name>``."""
+
+    file: str = ""  # a local .safetensors path, or the file inside model_id's repository
+    model_id: str = ""  # a ModelScope model id: file is downloaded into models_dir like the base
+    alpha: float = 1.0  # the LoRA's weight: out + alpha·(x·Aᵀ)·Bᵀ
+    trigger: str = ""  # words put before the prompt when the style is used
+    description: str = ""  # one line, shown by /styles and Discord's autocomplete
+
+
+STYLE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+STYLE_ALPHA_MAX = 4.0
+STYLE_DESCRIPTION_MAX = 100  # Discord's autocomplete choices show at most 100 characters
+
+
+@dataclass
 class Config:
     engine: EngineSection = field(default_factory=EngineSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -188,6 +205,7 @@ class Config:
     delivery: DeliverySection = field(default_factory=DeliverySection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
     moderation: ModerationSection = field(default_factory=ModerationSection)
+    styles: dict[str, StyleSection] = field(default_factory=dict)  # none by default
 
     @property
     def discord_token(self) -> str:
@@ -331,7 +349,27 @@ def _validated(config: Config) -> Config:
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
     _validate_moderation(config.moderation, need)
+    _validate_styles(config.styles, need)
     return config
+
+
+def _validate_styles(styles: dict[str, StyleSection],
+                     need: Callable[[bool, str, Any, str], None]) -> None:
+    for name, style in styles.items():
+        key = f"styles.{name}"
+        need(STYLE_NAME.fullmatch(name) is not None, "styles", name,
+             "style names are 1-32 lower-case letters, digits, - or _ (typed after --style)")
+        need(style.file.endswith(".safetensors"), f"{key}.file", style.file,
+             "a .safetensors LoRA file (a local path, or a file of model_id on ModelScope)")
+        need(style.model_id == "" or style.model_id.count("/") == 1, f"{key}.model_id",
+             style.model_id, '"" (file is a local path) or a ModelScope id such as "owner/name"')
+        need(style.alpha != 0 and abs(style.alpha) <= STYLE_ALPHA_MAX, f"{key}.alpha",
+             style.alpha, f"a weight from -{STYLE_ALPHA_MAX:g} to {STYLE_ALPHA_MAX:g}, not 0")
+        need("\n" not in style.trigger and len(style.trigger) <= 200, f"{key}.trigger",
+             style.trigger, "one line of at most 200 characters")
+        need("\n" not in style.description
+             and len(style.description) <= STYLE_DESCRIPTION_MAX, f"{key}.description",
+             style.description, f"one line of at most {STYLE_DESCRIPTION_MAX} characters")
 
 
 def _validate_moderation(mod: ModerationSection, need: Callable[[bool, str, Any, str], None]) \

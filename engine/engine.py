@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import input_image, result_files, retention
+from engine import input_image, result_files, retention, styles
 from engine.backends import Backend, create_backend
 from engine.config import Config
 from engine.durable import write_durably
@@ -233,6 +233,7 @@ class Engine:
         if not self._accepting:
             raise EngineClosed("The bot is shutting down; please try again in a minute.")
         self._check_banned(user, request)
+        styles.check_style(request.style, self.config.styles)  # nothing queued for an unknown one
         async with self._submit_lock:
             self._check_capacity(user)
             charge = await self.rate_limiter.admit(user, request, origin)  # admins: no limit
@@ -573,8 +574,9 @@ class Engine:
         for index, image in enumerate(images):
             one = job.request.one(index)
             # a cluster's worker sends its PNGs made already (the same encode_png)
+            tag = styles.lora_tag(one.style, self.config.styles, self.config.model.models_dir)
             png = image if isinstance(image, bytes) else encode_png(image, one,
-                                                                    self.backend.model_name)
+                                                                    self.backend.model_name, tag)
             path = result_files.path_of(folder, job.id, one.seed)
             write_durably(path, png)  # on disk before the journal says finished
             saved.append(ResultImage(png, one.seed, str(path)))

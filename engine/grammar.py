@@ -5,7 +5,8 @@
     OPTION = --name VALUE | --name=VALUE   (case-insensitive; a long dash — or – may stand for --)
     names  = --seed N, --steps N, --ar W:H (alias --aspect), --size WxH (also W×H, W*H),
              --guidance X (alias --cfg), --n N (alias --images),
-             --strength X (only with an image to start from: ``engine/input_image.py``)
+             --strength X (only with an image to start from: ``engine/input_image.py``),
+             --style NAME (a configured LoRA style; the engine refuses unknown ones)
 
 The whole text is cleaned first (``clean_prompt``). An option token is a word that starts with
 ``--``/``—``/``–`` followed by an ASCII letter; the prompt ends before the first one. A prompt that
@@ -29,16 +30,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from engine.config import STRENGTH_MIN, LimitsSection
+from engine.config import STRENGTH_MIN, STYLE_NAME, LimitsSection
 from engine.errors import InvalidCommand
 from engine.request import ImageRequest
 
 MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
 _ALIASES = {"seed": "seed", "steps": "steps", "ar": "ar", "aspect": "ar", "size": "size",
             "guidance": "guidance", "cfg": "guidance", "n": "n", "images": "n",
-            "strength": "strength"}
+            "strength": "strength", "style": "style"}
 _EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "guidance": "3.5",
-             "n": "4", "strength": "0.6"}
+             "n": "4", "strength": "0.6", "style": "watercolor"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
 
@@ -113,24 +114,27 @@ class ParsedCommand:
     guidance: float | None = None
     count: int | None = None  # --n
     strength: float | None = None  # --strength: image-to-image only (engine/input_image.py)
+    style: str | None = None  # --style: a name; whether it is configured is the engine's check
 
     def merged_with(self, limits: LimitsSection,
                     **options: object) -> tuple[ParsedCommand, list[str]]:
         """Fill fields the text left unset from typed options (e.g. Discord's option fields).
 
-        ``options``: seed, steps, guidance, n, strength, aspect ("16:9") or size ("WxH"); ``None``
+        ``options``: seed, steps, guidance, n, strength, style, aspect ("16:9") or size ("WxH");
+        ``None``
         values are
         ignored; all given values are validated with ``limits``. The text wins on conflict; the
         second result names the options whose (different) value the text overrode.
         """
-        unknown = set(options) - {"seed", "steps", "guidance", "n", "strength", "aspect", "size"}
+        unknown = set(options) - {"seed", "steps", "guidance", "n", "strength", "style", "aspect",
+                                  "size"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options.items() if v is not None}
         if "aspect" in given and "size" in given:
             raise _error("Please use either the aspect option or the size option, not both.")
         current = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
-                   "n": self.count, "strength": self.strength,
+                   "n": self.count, "strength": self.strength, "style": self.style,
                    "size": None if self.width is None else (self.width, self.height)}
         changes: dict[str, Any] = {}
         overridden = []
@@ -175,6 +179,7 @@ class ParsedCommand:
             guidance=_number(guidance, "the guidance", limits.guidance_min, limits.guidance_max),
             seed_was_random=self.seed is None,
             count=count,
+            style=self.style or "",
         )
 
 
@@ -202,6 +207,7 @@ def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
         guidance=values.get("guidance"),
         count=values.get("n"),
         strength=values.get("strength"),
+        style=values.get("style"),
     )
 
 
@@ -261,7 +267,7 @@ def _unknown(name: str) -> str:
     if close:
         return f"Unknown option {shown}; did you mean --{close[0]}?"
     return (f"Unknown option {shown}; the options are --seed, --steps, --ar, --size, "
-            "--guidance, --n and --strength.")
+            "--guidance, --n, --strength and --style.")
 
 
 def _repeated(first: str, second: str) -> str:
@@ -292,6 +298,8 @@ def _convert(name: str, value: object, label: str, limits: LimitsSection) -> Any
         return _whole(value, label, 1, limits.images_max)
     if name == "strength":
         return _number(value, label, STRENGTH_MIN, 1.0)
+    if name == "style":
+        return _style(value, label)
     if name in ("ar", "aspect"):
         return aspect_to_size(_text(value), limits, label=label)
     return _size(_text(value), label, limits)
@@ -303,6 +311,15 @@ def _text(value: object) -> str:
     if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
         text = text[1:-1].strip()
     return text
+
+
+def _style(value: object, label: str) -> str:
+    """A style name as configured: lower case, letters, digits, - and _."""
+    name = _text(value).lower()
+    if not STYLE_NAME.fullmatch(name):
+        raise _error(f"{label} needs the name of a style, e.g. {label} watercolor; "
+                     "/styles lists them.")
+    return name
 
 
 def _error(message: str) -> InvalidCommand:
@@ -432,7 +449,8 @@ def format_command(command: ParsedCommand | ImageRequest) -> str:
     count = command.count if command.count != 1 else None
     options = [f"--{name} {value}" for name, value in (
         ("seed", command.seed), ("steps", command.steps), ("guidance", command.guidance),
-        ("n", count), ("strength", _strength_of(command))) if value is not None]
+        ("n", count), ("strength", _strength_of(command)), ("style", command.style or None))
+        if value is not None]
     if command.width is not None and command.height is not None:
         options.append(f"--size {command.width}x{command.height}")
     tail = "".join(" " + option for option in options)
@@ -469,6 +487,7 @@ def usage(limits: LimitsSection) -> str:
         f"{limits.images_default}; their seeds follow on: 7, 8, 9, …)",
         f"  --strength X  {STRENGTH_MIN:g}–1 with a picture sent along to start from (default "
         f"{limits.strength_default:g}; lower keeps more of the picture)",
+        "  --style NAME  a style (LoRA) of this bot's; /styles lists them",
         f"Prompts: at most {limits.max_prompt_chars:,} characters; quote them if they contain --.",
         "Example: /imagine a red fox in the snow --seed 7 --ar 16:9",
     ])

@@ -11,11 +11,12 @@ import io
 from PIL import Image, PngImagePlugin
 
 from engine.request import ImageRequest
+from engine.styles import LoraTag
 
 SAMPLER = "FlowMatch Euler"
 
 
-def parameters_text(request: ImageRequest, model_name: str) -> str:
+def parameters_text(request: ImageRequest, model_name: str, lora: LoraTag | None = None) -> str:
     pairs = [
         ("Steps", str(request.steps)),
         ("Sampler", SAMPLER),
@@ -32,12 +33,17 @@ def parameters_text(request: ImageRequest, model_name: str) -> str:
     if request.derived_from:  # e.g. "upscale 2× of 1a2b3c4d #2": which image it came from
         pairs.append(("Source", request.derived_from.replace(",", " ")))
     prompt = request.prompt.replace("\n", " ")
+    if lora is not None:  # as AUTOMATIC1111 writes a LoRA: in the prompt, and its file's hash
+        prompt += " " + lora.prompt_tag
+        if lora.hash:
+            pairs.append(("Lora hashes", f'"{lora.name}: {lora.hash}"'))
     return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
 
 
-def encode_png(image: Image.Image, request: ImageRequest, model_name: str) -> bytes:
+def encode_png(image: Image.Image, request: ImageRequest, model_name: str,
+               lora: LoraTag | None = None) -> bytes:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters_text(request, model_name))
+    info.add_itxt("parameters", parameters_text(request, model_name, lora))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
     return buffer.getvalue()

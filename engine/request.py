@@ -43,6 +43,7 @@ class ImageRequest:
     # An upscale: ``init_image`` enlarged to width × height and refined in tiles of this side
     # (``engine/upscale.py``); 0 for every other request.
     upscale_tile: int = 0
+    style: str = ""  # a [styles.<name>] LoRA ("" = none); checked against the config at submit
 
     def with_changes(self, **changes: Any) -> ImageRequest:
         return dataclasses.replace(self, **changes)
