@@ -41,6 +41,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from engine.grammar import ParsedCommand, parse_command
 from engine.job import Job
+from engine.moderation import Policy
 from engine.request import ImageRequest, Origin, User
 
 log = logging.getLogger(__name__)
@@ -388,8 +389,13 @@ class DiscordAdapter:
             return
         await interaction.response.defer(thinking=True)
         async with self._until_answered(interaction):
+            policy = await image_alone.policy(self.engine, interaction, record, path)
+            if policy is Policy.BLOCK:
+                await interaction.edit_original_response(content=render.blocked_alone(index + 1))
+                return
             text, upload, view = await asyncio.to_thread(
-                image_alone.message, record, index, path, interaction.filesize_limit)
+                image_alone.message, record, index, path, interaction.filesize_limit,
+                policy is Policy.SPOILER)
             await interaction.edit_original_response(content=text, attachments=[upload],
                                                      view=view)
 

@@ -33,6 +33,7 @@ from bot.discord_views import TEMPLATE, job_view, result_view
 from bot.media import fit_under
 from engine.engine import Engine
 from engine.job import Cancelled, Failed, Finished, Job, JobResult, ResultImage
+from engine.moderation import delivered_blocked
 from engine.request import Origin
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ TOKEN_MARGIN_S = 60.0  # stop using a token a minute early: an upload can take t
 # post tried again (safely: see above). Room for a 25 MB upload on a slow line.
 POST_TIMEOUT_S = 120.0
 RECENT_MESSAGES = 50  # how far back in a channel a lost post is looked for
+SPOILER = "SPOILER_"  # discord.py's (and Discord's) mark of a spoiler attachment's name
 Upload = tuple[bytes, str]  # a file's bytes and its name
 
 
@@ -185,12 +187,17 @@ class Follower:
 
     async def _send_result(self, job: Job, reply: Reply, result: JobResult) -> str:
         """Upload the images in one message, re-encoded under the upload limit; smaller again
-        on a 413."""
+        on a 413. Images the NSFW check flagged go as spoilers, or not at all (blocked)."""
+        if not result.shown:  # held back entirely: the user is told, the journal says so
+            text = reply.with_note(render.blocked(len(result.images)))
+            return delivered_blocked(await self._post(job.id, reply, text, [], None))
         caption = result_caption(result, job.user.display_name, reply.note)
+        if len(result.shown) < len(result.images):
+            caption = f"{caption}\n{render.partly_blocked(result)}"
         view = result_view(job.id, len(result.images), bool(result.request.upscale_tile))
         limit = reply.filesize_limit
         for attempt in range(3):
-            uploads = fitted(job.id, result.images, limit)
+            uploads = fitted(job.id, result.shown, limit)
             try:
                 return await self._post(job.id, reply, caption, uploads, view)
             except discord.HTTPException as exc:
@@ -266,18 +273,21 @@ def nonce_of(job_id: str) -> str:
 
 
 def fitted(job_id: str, images: tuple[ResultImage, ...], limit: int) -> list[Upload]:
-    """The job's images as files named ``<job id>-<seed>.<ext>``, each under an equal share of
-    ``limit``: Discord counts the whole message against it."""
+    """The job's images as files named ``<job id>-<seed>.<ext>`` (``SPOILER_`` first where the
+    NSFW check asks for a spoiler), each under an equal share of ``limit``: Discord counts the
+    whole message against it."""
     share = limit // len(images)
     uploads = []
     for image in images:
         data, ext = fit_under(image.png, share)
-        uploads.append((data, f"{job_id}-{image.seed}.{ext}"))
+        mark = SPOILER if image.spoiler else ""
+        uploads.append((data, f"{mark}{job_id}-{image.seed}.{ext}"))
     return uploads
 
 
 def as_files(uploads: list[Upload]) -> list[discord.File]:
-    return [discord.File(io.BytesIO(data), filename=name) for data, name in uploads]
+    return [discord.File(io.BytesIO(data), filename=name.removeprefix(SPOILER),
+                         spoiler=name.startswith(SPOILER)) for data, name in uploads]
 
 
 _BUTTON_ID = re.compile(TEMPLATE)
@@ -287,7 +297,8 @@ def carries(message: discord.Message, job_id: str) -> bool:
     """A result message of this job (one image or a grid): its files are named after the job,
     its buttons other than Cancel carry it. (A failure notice carries neither; the nonce alone
     guards it; the Cancel button is on the progress message, not the result.)"""
-    if any(a.filename.startswith(f"{job_id}-") for a in message.attachments):
+    if any(a.filename.removeprefix(SPOILER).startswith(f"{job_id}-")
+           for a in message.attachments):
         return True
     for row in message.components:
         for item in getattr(row, "children", []):

@@ -329,6 +329,26 @@ def more_steps_queued(steps_now: int) -> str:
     return f"➕ The same seed again with {steps(steps_now)}."
 
 
+def blocked(count: int = 1) -> str:
+    """A result the NSFW check held back entirely (``[moderation] policy = "block"``)."""
+    what = "Your image was" if count == 1 else f"All {count} of your images were"
+    return (f"🚫 {what} not posted: the bot's image check found it not suitable for this chat. "
+            "Please try a different prompt.")
+
+
+def partly_blocked(result: JobResult) -> str:
+    """The line under a grid some of whose images the NSFW check held back."""
+    numbers = [str(i) for i, image in enumerate(result.images, start=1) if image.blocked]
+    which = f"Image {numbers[0]} was" if len(numbers) == 1 \
+        else f"Images {', '.join(numbers)} were"
+    return f"🚫 {which} not posted (held back by the bot's image check)."
+
+
+def blocked_alone(number: int) -> str:
+    """U on an image the NSFW check holds back in this chat."""
+    return f"🚫 Image {number} is not posted here: the bot's image check held it back."
+
+
 def image_gone() -> str:
     return "That image is no longer kept by the bot, so this button cannot be used."
 

@@ -66,6 +66,7 @@ from engine.engine import AlreadyAccepted, Engine
 from engine.errors import EngineError, JobNotFound
 from engine.grammar import parse_command
 from engine.job import Job, JobResult
+from engine.moderation import Policy
 from engine.pending import PendingReply
 from engine.request import Origin, User
 from engine.store import JobRecord
@@ -437,6 +438,9 @@ class TelegramAdapter:
         if path is None:
             return render.image_gone(), True
         png = await asyncio.to_thread(path.read_bytes)
+        policy = await self.engine.policy_of(record.job_id, origin, png)  # NSFW check, here
+        if policy is Policy.BLOCK:
+            return render.blocked_alone(press.number), True
         one = variants.alone(record.request, press.number - 1)
         caption = render.shorten(
             render.caption(JobResult.single(png, one, "", 0.0), record.user.display_name),
@@ -445,8 +449,9 @@ class TelegramAdapter:
         assert follower is not None  # buttons are handled only while connected
 
         def send() -> Awaitable[object]:
-            return follower.send_document(png, f"{record.job_id}-{one.seed}", target, caption,
-                                          alone_keyboard(record.job_id, press.number))
+            post = follower.send_spoiler if policy is Policy.SPOILER else follower.send_document
+            return post(png, f"{record.job_id}-{one.seed}", target, caption,
+                        alone_keyboard(record.job_id, press.number))
 
         self.outbox.post(target.chat_id, send)
         return render.posting_alone(press.number), False

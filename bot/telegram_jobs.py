@@ -44,7 +44,9 @@ from engine.job import (
     Finished,
     Job,
     JobResult,
+    ResultImage,
 )
+from engine.moderation import Policy, delivered_blocked
 from engine.request import Origin
 
 log = logging.getLogger(__name__)
@@ -260,6 +262,10 @@ class JobFollower:
                              status: StatusMessage | None) -> None:
         if status is not None:
             await status.stop_editing()
+        if not result.shown:  # the NSFW check held back every image: the user is told
+            await self._deliver_text(job, render.blocked(len(result.images)), target, status,
+                                     blocked=True)
+            return
         await self._chat_action(target)
 
         async def send() -> str:
@@ -286,19 +292,29 @@ class JobFollower:
             await self._post_grid_buttons(job, result, target)
         if status is not None:
             await status.delete()
-        if self.config.telegram.send_png_document:
+        await self._send_png_extras(job, result, target)
+
+    async def _send_png_extras(self, job: Job, result: JobResult, target: Target) -> None:
+        """``send_png_document``. Never for flagged images: a document cannot be a spoiler."""
+        unflagged = all(image.policy is Policy.ALLOW for image in result.images)
+        if self.config.telegram.send_png_document and unflagged:
             try:
                 await self._send_png_documents(job, result, target)
             except TelegramError as exc:  # the photo arrived; the extra PNG is a bonus
                 log.warning("sending the PNG of job %s failed: %s", job.id, exc)
 
     def _caption(self, job: Job, result: JobResult) -> str:
-        return render.shorten(render.caption(result, job.user.display_name),
-                              MessageLimit.CAPTION_LENGTH)
+        text = render.caption(result, job.user.display_name)
+        if len(result.shown) < len(result.images):
+            text = f"{text}\n{render.partly_blocked(result)}"
+        return render.shorten(text, MessageLimit.CAPTION_LENGTH)
 
     async def _send_image(self, job: Job, result: JobResult, target: Target) -> Message:
         caption = self._caption(job, result)
         markup = result_keyboard(job.id, upscaled=bool(result.request.upscale_tile))
+        if result.images[0].spoiler:
+            return await self.send_spoiler(result.png, f"{job.id}-{result.request.seed}", target,
+                                           caption, markup)
         if fits_as_photo(result.png, result.request.width, result.request.height):
             return await self.bot.send_photo(photo=result.png, caption=caption, reply_markup=markup,
                                              filename=f"{job.id}-{result.request.seed}.png",
@@ -307,18 +323,27 @@ class JobFollower:
                                         caption, markup)
 
     def _album_as_photos(self, result: JobResult) -> bool:
+        """Photos, unless one would be refused; always photos when one needs a spoiler (only a
+        photo can have one: it is shrunk under the photo limit instead)."""
         r = result.request
-        return all(fits_as_photo(image.png, r.width, r.height) for image in result.images)
+        return any(image.spoiler for image in result.images) or \
+            all(fits_as_photo(image.png, r.width, r.height) for image in result.images)
 
     async def _send_album(self, job: Job, result: JobResult, target: Target) -> Message:
         """A grid as one media group, the caption on its first item; photos, or documents
-        when a photo would be refused. Returns the first message."""
+        when a photo would be refused. Returns the first message. Only the images the NSFW
+        check did not block; one left goes alone (an album needs two)."""
         caption = self._caption(job, result)
+        shown = result.shown
+        if len(shown) == 1:
+            return await self._send_one_of_grid(job, shown[0], caption, target)
         items: list[InputMediaPhoto] | list[InputMediaDocument]
         if self._album_as_photos(result):
-            items = [InputMediaPhoto(image.png, caption=caption if index == 0 else None,
-                                     filename=f"{job.id}-{image.seed}.png")
-                     for index, image in enumerate(result.images)]
+            items = [InputMediaPhoto(fit_under(image.png, PHOTO_MAX_BYTES)[0],
+                                     caption=caption if index == 0 else None,
+                                     filename=f"{job.id}-{image.seed}.png",
+                                     has_spoiler=image.spoiler)
+                     for index, image in enumerate(shown)]
         else:
             items = self._documents(job, result, caption)
         sent = await self.bot.send_media_group(media=items, **target.kwargs())
@@ -326,9 +351,10 @@ class JobFollower:
 
     def _documents(self, job: Job, result: JobResult,
                    caption: str | None = None) -> list[InputMediaDocument]:
-        share = self.document_limit // len(result.images)  # the whole upload must fit the limit
+        shown = result.shown
+        share = self.document_limit // len(shown)  # the whole upload must fit the limit
         items = []
-        for index, image in enumerate(result.images):
+        for index, image in enumerate(shown):
             data, ext = fit_under(image.png, share)
             items.append(InputMediaDocument(data, caption=caption if index == 0 else None,
                                             filename=f"{job.id}-{image.seed}.{ext}"))
@@ -361,6 +387,23 @@ class JobFollower:
             await self.bot.send_media_group(media=self._documents(job, result),
                                             **target.kwargs())
 
+    async def _send_one_of_grid(self, job: Job, image: ResultImage, caption: str,
+                                target: Target) -> Message:
+        """The one image of a grid the NSFW check left (its buttons follow, as a grid's)."""
+        if image.spoiler:
+            return await self.send_spoiler(image.png, f"{job.id}-{image.seed}", target, caption)
+        return await self.send_document(image.png, f"{job.id}-{image.seed}", target, caption)
+
+    async def send_spoiler(self, png: bytes, stem: str, target: Target,
+                           caption: str | None = None,
+                           markup: InlineKeyboardMarkup | None = None) -> Message:
+        """A photo behind Telegram's spoiler (``[moderation] policy = "spoiler"``), shrunk
+        under the photo limit if need be: a document cannot be hidden."""
+        data, ext = fit_under(png, PHOTO_MAX_BYTES)
+        return await self.bot.send_photo(photo=data, caption=caption, reply_markup=markup,
+                                         filename=f"{stem}.{ext}", has_spoiler=True,
+                                         **target.kwargs())
+
     async def send_document(self, png: bytes, stem: str, target: Target,
                             caption: str | None = None,
                             markup: InlineKeyboardMarkup | None = None) -> Message:
@@ -370,12 +413,15 @@ class JobFollower:
                                             filename=f"{stem}.{ext}", **target.kwargs())
 
     async def _deliver_text(self, job: Job, text: str, target: Target,
-                            status: StatusMessage | None) -> None:
+                            status: StatusMessage | None, *, blocked: bool = False) -> None:
+        """``blocked``: the notice of a result the NSFW check held back (journalled as such)."""
         async def send() -> str:
             if status is not None and await status.finish(text):
-                return f"telegram:{target.chat_id}/{status.message.message_id}"
-            short = render.shorten(text, MessageLimit.MAX_TEXT_LENGTH)
-            sent = await self.bot.send_message(text=short, **target.kwargs())
-            return f"telegram:{target.chat_id}/{sent.message_id}"
+                where = f"telegram:{target.chat_id}/{status.message.message_id}"
+            else:
+                short = render.shorten(text, MessageLimit.MAX_TEXT_LENGTH)
+                sent = await self.bot.send_message(text=short, **target.kwargs())
+                where = f"telegram:{target.chat_id}/{sent.message_id}"
+            return delivered_blocked(where) if blocked else where
 
         await deliver(self.engine, job, send, policy=self.policy, is_permanent=is_permanent)

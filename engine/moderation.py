@@ -180,6 +180,15 @@ class Moderator:
         return decided
 
 
+def delivered_blocked(where: str) -> str:
+    """The journal's ``delivered_to`` of a result the check held back entirely: delivered (the
+    user was told, at ``where``), never retried as undelivered."""
+    return f"{BLOCKED_PREFIX}{where}"
+
+
+BLOCKED_PREFIX = "blocked:"
+
+
 def _done(policy: Policy) -> str:
     return "not posted (blocked)" if policy is Policy.BLOCK else "posted as a spoiler"
 
