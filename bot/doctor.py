@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bot.secrets_filter import mask
 from engine.config import DEFAULT_CONFIG_PATH, Config
+from engine.moderation import INSTALL_HINT, missing_packages
 from engine.store import journal_size_bytes
 
 # What @BotFather hands out: the bot's id, a colon, and a 35-character secret.
@@ -35,6 +36,8 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # ty
     else:
         checks = [check_config(config_path), *check_tokens(config, config_path),
                   check_database(config), check_output_dir(config)]
+        if config.moderation.nsfw_check:
+            checks.append(check_moderation(config))
         if config.engine.backend == "flux":
             checks += [check_gpu(config), *check_plan(config), *check_models(config)]
         else:
@@ -47,6 +50,18 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # ty
     problems = sum(not c.ok for c in checks)
     print_fn("All good." if not problems else f"{problems} problem(s) found.")
     return 1 if problems else 0
+
+
+def check_moderation(config: Config) -> Check:
+    """``[moderation] nsfw_check``: the detector's packages are there (nothing is loaded)."""
+    missing = missing_packages()
+    if missing:
+        return Check("NSFW check", False, f"nsfw_check = true but {', '.join(missing)} "
+                     "not installed: the bot will not start", INSTALL_HINT)
+    mod = config.moderation
+    overrides = len(mod.discord_guilds) + len(mod.telegram_chats)
+    return Check("NSFW check", True, f"NudeNet installed; flagged images: {mod.policy} "
+                 f"({overrides} per-chat override(s)), threshold {mod.threshold:g}")
 
 
 def check_config(config_path: str | None) -> Check:
