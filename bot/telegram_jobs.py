@@ -390,9 +390,14 @@ class JobFollower:
     async def _send_one_of_grid(self, job: Job, image: ResultImage, caption: str,
                                 target: Target) -> Message:
         """The one image of a grid the NSFW check left (its buttons follow, as a grid's)."""
+        stem = f"{job.id}-{image.seed}"
         if image.spoiler:
-            return await self.send_spoiler(image.png, f"{job.id}-{image.seed}", target, caption)
-        return await self.send_document(image.png, f"{job.id}-{image.seed}", target, caption)
+            return await self.send_spoiler(image.png, stem, target, caption)
+        r = job.request
+        if fits_as_photo(image.png, r.width, r.height):
+            return await self.bot.send_photo(photo=image.png, caption=caption,
+                                             filename=f"{stem}.png", **target.kwargs())
+        return await self.send_document(image.png, stem, target, caption)
 
     async def send_spoiler(self, png: bytes, stem: str, target: Target,
                            caption: str | None = None,
