@@ -48,7 +48,7 @@ class ConsoleAdapter:
     async def start(self) -> None:
         self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
                  "/upscale, /queue, /cancel [id], /limits, /status, /stats, /pause, /resume, "
-                 "/limit, /help or /quit.")
+                 "/limit, /styles, /help or /quit.")
         for job in self.engine.recovered_jobs("console"):
             self._watch(job)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
@@ -132,10 +132,13 @@ class ConsoleAdapter:
         return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
                 "/status": self._status, "/stats": self._stats, "/cancel": self._cancel,
                 "/pause": self._pause, "/resume": self._resume, "/limit": self._limit,
-                "/vary": self._vary, "/upscale": self._upscale}
+                "/vary": self._vary, "/upscale": self._upscale, "/styles": self._styles}
 
     async def _help(self, rest: str) -> None:
         self.say(render.usage(self.engine.config.limits))
+
+    async def _styles(self, rest: str) -> None:
+        self.say(render.styles_list(self.engine.config.styles))
 
     async def _queue(self, rest: str) -> None:
         self.say(render.queue_list(self.engine.jobs_of(CONSOLE_USER)))

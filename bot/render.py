@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from engine.config import LimitsSection
+from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
 from engine.errors import EngineError
 from engine.grammar import clean_prompt
@@ -389,3 +389,14 @@ def button_label(action: str, number: int | None = None) -> str:
 def addressed(mention: str, text: str) -> str:
     """A message for one user outside their own interaction (e.g. a result after a restart)."""
     return f"{mention} {text}"
+
+
+def styles_list(styles: dict[str, StyleSection]) -> str:
+    """/styles: every configured LoRA style with its one-line description."""
+    if not styles:
+        return "This bot has no styles set up."
+    lines = ["Styles: add --style <name> to /imagine."]
+    for name in sorted(styles):
+        about = styles[name].description
+        lines.append(f"  --style {name}" + (f" — {about}" if about else ""))
+    return "\n".join(lines)

@@ -79,6 +79,8 @@ def placeholder_image(request: ImageRequest) -> Image.Image:
     size = max(16, min(w, h) // 8)
     font = ImageFont.load_default(size=size)
     lines = ["DRY RUN", f"seed {request.seed}", f"{w}x{h}, {request.steps} steps"]
+    if request.style:  # the LoRA a real backend would apply
+        lines.append(f"style {request.style}")
     y = h // 2 - size * 2
     for i, line in enumerate(lines):
         line_size = size if i == 0 else size // 2

@@ -15,16 +15,19 @@ Every method blocks and runs on the engine's one worker thread, except ``memory_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.backends.base import StepCallback, load_init_image, per_image
-from engine.config import ModelSection
+from engine.config import ModelSection, StyleSection
+from engine.errors import GenerationFailed
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
@@ -42,8 +45,12 @@ PipelineFactory = Any  # (plan, paths) -> pipeline; replaceable in tests
 class FluxBackend:
     def __init__(self, config: ModelSection, *, downloader: Downloader | None = None,
                  pipeline_factory: PipelineFactory | None = None,
-                 max_pixels: int = 1024 * 1024) -> None:
+                 max_pixels: int = 1024 * 1024,
+                 styles: dict[str, StyleSection] | None = None) -> None:
         self.config = config
+        self.styles = dict(styles or {})  # [styles]: LoRAs applied per job (engine/flux/lora.py)
+        self._loras: dict[str, Any] = {}  # style -> LoraWeights, host memory, read at load()
+        self._branches: Any = None  # LoraBranches on the DiT while a pipeline is loaded
         self.max_pixels = max_pixels  # limits.max_pixels: activations are kept for it
         self.model_name = f"{_dit_name(config)} (FLUX.1-dev)"
         self.plan: MemoryPlan | None = None
@@ -68,9 +75,10 @@ class FluxBackend:
         self._check_device(torch)
         _prefer_expandable_segments(torch, self.config)
         self.paths = ensure_model_files(self.config, self._downloader)
+        lora_gib = self._read_styles()
         free, used = _device_memory(torch, self.config.device)
         self._at_plan = _allocator_snapshot(torch, self.config.device)
-        self.plan = plan_memory(self.config, free, used, self.max_pixels)
+        self.plan = plan_memory(self.config, free, used, self.max_pixels, lora_gib)
         log.info("FLUX memory plan: %s", self.plan.describe())
         self._build()
         self._finish_setup()
@@ -80,6 +88,7 @@ class FluxBackend:
         assert self.plan is not None
         if self.config.float8_compute:
             self._enable_float8()
+        self._attach_styles()  # after float8 (it replaces layers), before compile
         if self.config.compile:
             self._compile()
         if calibrate and self.plan.device.startswith("cuda"):
@@ -101,6 +110,9 @@ class FluxBackend:
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
 
     def close(self) -> None:
+        if self._branches is not None:
+            self._branches.detach()
+            self._branches = None
         for handle in (self._stream, self._t5_stream):
             if handle is not None:
                 handle.close()  # unregisters the page-locked host memory
@@ -118,11 +130,13 @@ class FluxBackend:
         Image-to-image goes through diffsynth's own ``input_image``/``denoising_strength``
         and runs ``steps_run`` steps (the last ``strength`` of the schedule)."""
         if request.upscale_tile:  # tiles of at most max_pixels: fits where a 1024² image does
-            return [upscale(request, lambda tile, part, step: self._one(part, step, tile),
-                            on_step)]
+            with self._style(request) as request:
+                return [upscale(request, lambda tile, part, step: self._one(part, step, tile),
+                                on_step)]
         init = load_init_image(request) if request.init_image else None
-        return [self._one(request.one(i), per_image(on_step, i, request.count), init)
-                for i in range(request.count)]
+        with self._style(request) as request:
+            return [self._one(request.one(i), per_image(on_step, i, request.count), init)
+                    for i in range(request.count)]
 
     def _one(self, request: ImageRequest, on_step: StepCallback, init: Image | None) -> Image:
         import torch
@@ -154,6 +168,58 @@ class FluxBackend:
             tiled=False,
             progress_bar_cmd=step_reporter(on_step, sync),
         )
+
+    # -- styles (LoRA) --------------------------------------------------------------------
+    def _read_styles(self) -> float:
+        """Find (download) and read every style's LoRA into host memory, once; returns the
+        GiB the largest takes on the GPU while active, which the memory plan sets aside."""
+        from engine.flux.lora import read_lora
+        from engine.styles import ensure_style_files
+
+        if not self.styles:
+            return 0.0
+        paths = ensure_style_files(self.styles, self.config, self._downloader)
+        self._loras = {name: read_lora(str(path)) for name, path in paths.items()}
+        for name, weights in self._loras.items():
+            log.info("style %s: LoRA of rank %d on %d layers, %.2f GiB in host memory", name,
+                     weights.rank, len(weights.pairs), weights.nbytes / GIB)
+        return max(w.nbytes for w in self._loras.values()) / GIB
+
+    def _attach_styles(self) -> None:
+        """Hook the DiT layers any style targets (once per pipeline; engine/flux/lora.py)."""
+        from engine.flux.lora import LoraBranches
+
+        dit = getattr(self._pipe, "dit", None)
+        if not self._loras or dit is None:
+            return
+        names = {name for weights in self._loras.values() for name in weights.pairs}
+        self._branches = LoraBranches.attach(dit, names)
+        for style, weights in self._loras.items():
+            missed = sum(1 for name in weights.pairs if name not in self._branches.modules)
+            if missed:
+                log.warning("style %s: %d of its %d layers are not in this DiT; ignored", style,
+                            missed, len(weights.pairs))
+
+    @contextlib.contextmanager
+    def _style(self, request: ImageRequest) -> Iterator[ImageRequest]:
+        """The request's style on the DiT for this job (its trigger words before the prompt),
+        cleared afterwards whatever happens; the float8 weights are never touched."""
+        from engine.styles import prompt_for_model
+
+        if not request.style:
+            yield request
+            return
+        if self._pipe is None:  # a failed re-plan dropped the pipeline (and its hooks)
+            self._reload()
+        style, weights = self.styles.get(request.style), self._loras.get(request.style)
+        if style is None or weights is None or self._branches is None:
+            raise GenerationFailed(f"The style {request.style!r} is no longer set up on this "
+                                   "bot; /styles lists the styles there are.")
+        assert self.plan is not None
+        with self._branches.active(weights, style.alpha, self.plan.device):
+            log.info("style %s on %d layers (%.1f ms to switch)", request.style,
+                     len(weights.pairs), self._branches.switch_s * 1000)
+            yield request.with_changes(prompt=prompt_for_model(request.prompt, style))
 
     # -- memory ----------------------------------------------------------------------------
     def reduce_memory(self) -> bool:

@@ -12,6 +12,7 @@ everything the process will ever hold comes out of those 7.5 GiB:
                                               allocator
       + fragmentation margin                  what the caching allocator holds but cannot use
       + calibration                           what the start-up warm-up measured above the plan
+      + LoRA                                  the largest [styles] LoRA, on the GPU during its jobs
       + allocator budget                      what the memory plan (presets, residency) divides:
           weights kept on the GPU, the block streamer's buffers, the DiT's activations at the
           largest image the limits allow (any aspect ratio: they scale with the pixel count),
@@ -56,11 +57,12 @@ class DeviceBudget:
     margin_gib: float = 0.0
     calibration_gib: float = 0.0  # added by start-up calibration and out-of-memory re-plans
     source: str = ""  # "vram_limit_gib" or "free at start"
+    lora_gib: float = 0.0  # the largest style's A and B matrices (engine/flux/lora.py)
 
     @property
     def allocator_gib(self) -> float:
         return max(0.0, self.device_gib - self.context_gib - self.runtime_gib - self.margin_gib
-                   - self.calibration_gib)
+                   - self.calibration_gib - self.lora_gib)
 
     @property
     def growth_gib(self) -> float:
@@ -73,14 +75,16 @@ class DeviceBudget:
     def describe(self) -> str:
         calibration = (f" + calibration {self.calibration_gib:.2f}"
                        if self.calibration_gib else "")
+        lora = f" + LoRA styles {self.lora_gib:.2f}" if self.lora_gib else ""
         return (f"device budget {self.device_gib:.2f} GiB ({self.source}) = CUDA context "
                 f"{self.context_gib:.2f} + kernels/workspaces {self.runtime_gib:.2f} + "
-                f"fragmentation margin {self.margin_gib:.2f}{calibration} + allocator "
+                f"fragmentation margin {self.margin_gib:.2f}{calibration}{lora} + allocator "
                 f"{self.allocator_gib:.2f}")
 
 
 def device_budget(vram_limit_gib: float, free_gib: float | None,
-                  context_gib: float = CUDA_CONTEXT_GIB) -> DeviceBudget | None:
+                  context_gib: float = CUDA_CONTEXT_GIB,
+                  lora_gib: float = 0.0) -> DeviceBudget | None:
     """The budget from the config and the card: ``vram_limit_gib`` when set (everything the
     process may hold, its context included), else what was free at start plus the context the
     process holds already. None without a GPU figure (no CUDA)."""
@@ -92,7 +96,7 @@ def device_budget(vram_limit_gib: float, free_gib: float | None,
         device, source = free_gib + context_gib, "free at start"
     rest = max(0.0, device - context_gib - RUNTIME_RESERVE_GIB)
     margin = FRAGMENTATION_GIB + FRAGMENTATION_FRACTION * rest
-    return DeviceBudget(device, context_gib, RUNTIME_RESERVE_GIB, margin, 0.0, source)
+    return DeviceBudget(device, context_gib, RUNTIME_RESERVE_GIB, margin, 0.0, source, lora_gib)
 
 
 def calibration_excess_gib(budget: DeviceBudget, measured_growth_gib: float) -> float:

@@ -145,9 +145,11 @@ class MemoryPlan:
                 f"{self.reason}")
 
 
-def resolve_budget(config: ModelSection, free_gib: float | None) -> DeviceBudget | None:
-    """The device budget: ``vram_limit_gib`` when set, else what was free at start-up."""
-    return device_budget(config.vram_limit_gib, free_gib)
+def resolve_budget(config: ModelSection, free_gib: float | None,
+                   lora_gib: float = 0.0) -> DeviceBudget | None:
+    """The device budget: ``vram_limit_gib`` when set, else what was free at start-up; the
+    largest LoRA style (``lora_gib``) is set aside from what the plan divides."""
+    return device_budget(config.vram_limit_gib, free_gib, lora_gib=lora_gib)
 
 
 def choose_preset(config: ModelSection, budget_gib: float | None) -> tuple[str, str]:
@@ -164,11 +166,13 @@ def choose_preset(config: ModelSection, budget_gib: float | None) -> tuple[str, 
 
 
 def plan_memory(config: ModelSection, free_gib: float | None = None,
-                used_gib: float = 0.0, max_pixels: int = 1024 * 1024) -> MemoryPlan:
+                used_gib: float = 0.0, max_pixels: int = 1024 * 1024,
+                lora_gib: float = 0.0) -> MemoryPlan:
     """The plan for this machine. ``free_gib``: what this process may still allocate on the
     device at start-up (None without CUDA); ``used_gib``: what the whole device holds already;
-    ``max_pixels``: the largest image the limits allow."""
-    budget = resolve_budget(config, free_gib)
+    ``max_pixels``: the largest image the limits allow; ``lora_gib``: the largest style's LoRA,
+    on the GPU while a job uses it."""
+    budget = resolve_budget(config, free_gib, lora_gib)
     allocator = None if budget is None else budget.allocator_gib
     preset, why = choose_preset(config, allocator)
     return make_plan(preset, config.device, allocator, used_gib=used_gib, reason=why,
