@@ -1,4 +1,4 @@
-"""Command line: ``python -m bot run | imagine | doctor`` (each takes ``--config FILE``)."""
+"""Command line: ``python -m bot run | imagine | doctor | worker`` (each takes ``--config``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--size", metavar="WxH")
     imagine.add_argument("--guidance", type=float)
     imagine.add_argument("-o", "--output", type=Path, help="where to write the PNG")
+    sub.add_parser("worker", parents=[common],
+                   help="run images for the bot as one GPU worker of its [cluster]")
     doctor = sub.add_parser("doctor", parents=[common],
                             help="check the set-up and say how to fix it")
     doctor.add_argument("--quick", action="store_true",
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `doctor | head`: the reader has gone, which is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+    if args.command == "worker":
+        from bot.worker_main import serve_worker
+
+        return serve_worker(config)
     from bot.app import run_bot
 
     try:

@@ -34,6 +34,16 @@ class Adapter(Protocol):
     async def stop(self) -> None: ...
 
 
+def make_engine(config: Config) -> Engine:
+    """This process's GPU, or with ``[cluster] url`` the cluster's GPU workers (``python -m bot
+    worker``; engine/cluster/): the bot keeps the chats, the journal, the queue and the limits."""
+    if not config.cluster.url:
+        return Engine(config)
+    from engine.cluster.dispatch import NoLocalBackend, RemoteWorker
+
+    return Engine(config, NoLocalBackend(), worker=RemoteWorker(config.cluster))
+
+
 def build_adapters(engine: Engine, config: Config, stop: asyncio.Event) -> list[Adapter]:
     """Every adapter whose token is set; the console when none is (or when asked for)."""
     adapters: list[Adapter] = []
@@ -58,8 +68,8 @@ async def run_bot(config: Config, stop: asyncio.Event | None = None) -> int:
     console was the only adapter and its input was closed from the start (nothing served)."""
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
-    log.info("loading the %s backend…", config.engine.backend)
-    async with Engine(config) as engine:
+    log.info("loading the %s backend…", "cluster" if config.cluster.url else config.engine.backend)
+    async with make_engine(config) as engine:
         log.info("engine ready (load took %.1f s)", engine.load_seconds or 0.0)
         adapters = build_adapters(engine, config, stop)
         started: list[Adapter] = []

@@ -167,6 +167,25 @@ class ConsoleSection:
 
 
 @dataclass
+class ClusterSection:
+    """GPU workers on other cards or hosts through NATS JetStream (engine/cluster/)."""
+
+    url: str = ""  # "" = this process runs the jobs on its own GPU (no server needed)
+    name: str = "flux"  # prefix of the streams, buckets and subjects on the server
+    credentials: str = ""  # a NATS .creds file (a user JWT and its NKey seed)
+    tls_ca: str = ""  # CA file that signed the server's certificate (tls:// URLs)
+    worker_name: str = ""  # "" = host name and process id
+    ack_wait_s: float = 30.0  # a worker's lease on a job, renewed while the job runs
+    max_deliver: int = 3  # tries of a job before it goes to the dead-letter stream
+    heartbeat_s: float = 5.0
+    worker_ttl_s: float = 20.0  # a worker unheard of for this long has left
+    result_ttl_s: float = 86400.0  # finished images kept on the server for the bot
+
+
+CLUSTER_URL_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+@dataclass
 class ModerationSection:
     nsfw_check: bool = False  # opt-in: needs the nsfw extra (NudeNet)
     policy: str = "block"  # for a flagged image: allow | spoiler | block
@@ -204,6 +223,7 @@ class Config:
     telegram: TelegramSection = field(default_factory=TelegramSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     moderation: ModerationSection = field(default_factory=ModerationSection)
     styles: dict[str, StyleSection] = field(default_factory=dict)  # none by default
 
@@ -349,6 +369,7 @@ def _validated(config: Config) -> Config:
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
     _validate_moderation(config.moderation, need)
+    _validate_cluster(config.cluster, need)
     _validate_styles(config.styles, need)
     return config
 
@@ -370,6 +391,19 @@ def _validate_styles(styles: dict[str, StyleSection],
         need("\n" not in style.description
              and len(style.description) <= STYLE_DESCRIPTION_MAX, f"{key}.description",
              style.description, f"one line of at most {STYLE_DESCRIPTION_MAX} characters")
+
+
+def _validate_cluster(c: ClusterSection, need: Callable[[bool, str, Any, str], None]) -> None:
+    need(not c.url or c.url.startswith(CLUSTER_URL_SCHEMES), "cluster.url", c.url,
+         "empty (no cluster) or a URL starting with " + ", ".join(CLUSTER_URL_SCHEMES))
+    need(0 < len(c.name) <= 32 and all(ch.isascii() and (ch.isalnum() or ch in "-_")
+                                       for ch in c.name), "cluster.name", c.name,
+         "1 to 32 letters, digits, - or _")
+    for key in ("ack_wait_s", "heartbeat_s", "result_ttl_s"):
+        need(getattr(c, key) > 0, f"cluster.{key}", getattr(c, key), "more than 0 seconds")
+    need(c.worker_ttl_s > c.heartbeat_s, "cluster.worker_ttl_s", c.worker_ttl_s,
+         "more than heartbeat_s")
+    need(c.max_deliver >= 1, "cluster.max_deliver", c.max_deliver, "at least 1")
 
 
 def _validate_moderation(mod: ModerationSection, need: Callable[[bool, str, Any, str], None]) \

@@ -1,0 +1,274 @@
+"""The engine's ``Runner`` for a cluster: jobs go to GPU workers through NATS JetStream.
+
+    engine = Engine(config, backend=NoLocalBackend(), worker=RemoteWorker(config.cluster))
+
+``generate`` has the shape of ``GpuWorker.generate`` (progress through ``on_step``, stopped by
+``abort``, failed past ``deadline``) and returns the job's PNGs. Room is one job per live
+worker, so the engine hands a job out only when a worker can start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
+from engine.cluster.names import Names, connect, ensure_streams
+from engine.config import ClusterSection
+from engine.errors import EngineError, JobTimedOut
+from engine.request import ImageRequest
+from engine.worker import Aborted, StopSignal
+
+log = logging.getLogger(__name__)
+POLL_S = 0.1  # how often a waiting job looks at its stop signal
+RECHECK_S = 2.0  # and at the outcome stream (an outcome sent while this client reconnected)
+RETRY_S = 0.5
+
+
+@dataclass
+class _Waiting:
+    future: asyncio.Future[Outcome]
+    on_step: Callable[[int, int], None]
+
+
+class RemoteWorker:
+    def __init__(self, settings: ClusterSection) -> None:
+        self.settings = settings
+        self.names = Names(settings.name)
+        self._waiting: dict[str, _Waiting] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._wake: Callable[[], None] = lambda: None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nc: Any = None
+
+    # -- the Runner protocol -----------------------------------------------------------------
+    async def load(self) -> None:
+        self._nc = await connect(self.settings, "imagine-bot")
+        self._js = self._nc.jetstream()
+        self._kv, self._images = await ensure_streams(self._js, self.names, self.settings)
+        await self._nc.subscribe(self.names.progress("*"), cb=self._on_progress)
+        await self._nc.subscribe(self.names.result("*"), cb=self._on_outcome)
+        await self._read_workers()
+        self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
+                       asyncio.create_task(self._dead_letters(), name="cluster-dead-letters")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None:
+            await self._nc.close()
+
+    def abandon(self) -> None:
+        """Nothing runs in this process; jobs left on workers finish there."""
+
+    def has_room(self, running: int) -> bool:
+        return running < len(self._workers)
+
+    def on_room(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers (``/status``, ``doctor``), by name."""
+        return sorted(self._workers.values(), key=lambda w: w.name)
+
+    async def generate(self, job_id: str, request: ImageRequest,
+                       on_step: Callable[[int, int], None], abort: StopSignal,
+                       deadline: float) -> list[bytes]:
+        """The job's PNGs, made by whichever worker pulls it; an outcome stored while this bot
+        was away (a restart) is taken as it is, and the job is never published twice."""
+        waiting = _Waiting(asyncio.get_running_loop().create_future(), on_step)
+        self._waiting[job_id] = waiting
+        try:
+            outcome = await self._stored_outcome(job_id)
+            if outcome is None:
+                await self._hand_out(job_id, request, abort, deadline)
+                outcome = await self._wait(job_id, waiting, abort, deadline)
+            return await self._images_of(outcome)
+        finally:
+            self._waiting.pop(job_id, None)
+
+    # -- one job -------------------------------------------------------------------------------
+    async def _hand_out(self, job_id: str, request: ImageRequest, abort: StopSignal,
+                        deadline: float) -> None:
+        item = WorkItem(job_id, request)
+        if request.init_image:  # the worker may be on another host: the picture travels too
+            data = await asyncio.to_thread(Path(request.init_image).read_bytes)
+            name = self.names.input_image(job_id)
+            await self._until(self._images.put, abort, deadline, name, data)
+            item = WorkItem(job_id, request, input_object=name)
+        await self._until(self._js.publish, abort, deadline, self.names.jobs, item.to_bytes(),
+                          headers={"Nats-Msg-Id": job_id})
+        log.info("job %s handed out", job_id)
+
+    async def _wait(self, job_id: str, waiting: _Waiting, abort: StopSignal,
+                    deadline: float) -> Outcome:
+        next_check = time.monotonic() + RECHECK_S
+        while True:
+            self._check_stop(job_id, abort, deadline)
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting.future), POLL_S)
+            except TimeoutError:
+                pass
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + RECHECK_S
+                outcome = await self._stored_outcome(job_id)
+                if outcome is not None:
+                    return outcome
+
+    def _check_stop(self, job_id: str, abort: StopSignal, deadline: float) -> None:
+        """A user's cancel reaches the worker (it stops between steps); a shutdown leaves the
+        job running there: its outcome waits for the restarted bot."""
+        if abort.is_set():
+            if abort.reason == "cancel":
+                self._send_cancel(job_id)
+            raise Aborted()
+        if time.monotonic() > deadline:
+            self._send_cancel(job_id)
+            raise JobTimedOut("This image took too long and was stopped.")
+
+    def _send_cancel(self, job_id: str) -> None:
+        asyncio.ensure_future(self._nc.publish(self.names.cancel(job_id), b""))
+
+    async def _images_of(self, outcome: Outcome) -> list[bytes]:
+        if outcome.status == FAILED:
+            raise EngineError(outcome.error or "This image could not be made.")
+        if outcome.status == CANCELLED:
+            raise Aborted()
+        pngs = []
+        for index in range(outcome.images):
+            found = await self._images.get(self.names.image(outcome.job_id, index))
+            pngs.append(found.data)
+        return pngs
+
+    async def _stored_outcome(self, job_id: str) -> Outcome | None:
+        from nats.js.errors import NotFoundError
+
+        try:
+            raw = await self._js.get_last_msg(self.names.results_stream,
+                                              self.names.result(job_id))
+        except NotFoundError:
+            return None
+        except Exception as exc:  # the server away: the wait goes on
+            log.debug("job %s: could not look for its outcome: %s", job_id, exc)
+            return None
+        return Outcome.from_bytes(raw.data)
+
+    async def _until(self, call: Any, abort: StopSignal, deadline: float, *args: Any,
+                     **kwargs: Any) -> Any:
+        """Try ``call`` until it works (the server restarting), the job is stopped or late."""
+        while True:
+            try:
+                return await call(*args, **kwargs)
+            except Exception as exc:
+                log.warning("%s failed (%s); trying again", getattr(call, "__name__", call), exc)
+            if abort.is_set() or time.monotonic() > deadline:
+                raise Aborted() if abort.is_set() else JobTimedOut(
+                    "The image workers could not be reached in time.")
+            await asyncio.sleep(RETRY_S)
+
+    # -- what the workers send -----------------------------------------------------------------
+    async def _on_progress(self, msg: Any) -> None:
+        waiting = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
+        if waiting is None:
+            return
+        step, total = (int(part) for part in msg.data.split())
+        waiting.on_step(step, total)
+
+    async def _on_outcome(self, msg: Any) -> None:
+        """An outcome, taken once: a second one for the same job finds nobody waiting."""
+        outcome = Outcome.from_bytes(msg.data)
+        waiting = self._waiting.get(outcome.job_id)
+        if waiting is not None and not waiting.future.done():
+            waiting.future.set_result(outcome)
+
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s / 2)
+            await self._read_workers()
+
+    async def _read_workers(self) -> None:
+        """The workers whose heartbeat has not expired (the bucket's TTL drops the others)."""
+        from nats.js.errors import NoKeysError
+
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            keys = []
+        except Exception as exc:
+            log.debug("could not read the workers: %s", exc)
+            return
+        workers = {}
+        for key in keys:
+            try:
+                entry = await self._kv.get(key)
+            except Exception:  # expired between the two reads
+                continue
+            if entry.value:
+                workers[key] = WorkerInfo.from_bytes(entry.value)
+        grew = len(workers) > len(self._workers)
+        if set(workers) != set(self._workers):
+            log.info("workers: %s", ", ".join(sorted(workers)) or "none")
+        self._workers = workers
+        if grew:
+            self._wake()
+
+    async def _dead_letters(self) -> None:
+        """A job tried ``max_deliver`` times fails: the server's advisory names its message;
+        the failure goes to the outcome stream like any other (once, by job id)."""
+        sub = await self._until(self._js.pull_subscribe, StopSignal(), float("inf"),
+                                self.names.dead_letters, durable="bot",
+                                stream=self.names.dead_stream)
+        while True:
+            try:
+                msgs = await sub.fetch(10, timeout=1.0)
+            except Exception:  # nothing there (a timeout), or the server away
+                await asyncio.sleep(RETRY_S)
+                continue
+            for msg in msgs:
+                await self._fail_dead(msg)
+                await msg.ack()
+
+    async def _fail_dead(self, advisory: Any) -> None:
+        import json
+
+        seq = json.loads(advisory.data).get("stream_seq")
+        try:
+            raw = await self._js.get_msg(self.names.jobs_stream, seq)
+        except Exception as exc:  # gone already
+            log.info("dead letter %s: %s", seq, exc)
+            return
+        item = WorkItem.from_bytes(raw.data)
+        log.error("job %s failed on %d workers; giving up", item.job_id,
+                  self.settings.max_deliver)
+        outcome = Outcome(item.job_id, FAILED, error="This image could not be made: the image "
+                          "workers kept stopping while making it.")
+        await self._js.publish(self.names.result(item.job_id), outcome.to_bytes(),
+                               headers={"Nats-Msg-Id": item.job_id})
+        await self._js.delete_msg(self.names.jobs_stream, seq)
+
+
+class NoLocalBackend:
+    """The bot's backend in a cluster: the images are made elsewhere (``RemoteWorker``)."""
+
+    model_name = "cluster"
+
+    def load(self) -> None:
+        pass
+
+    def generate(self, request: ImageRequest, on_step: Callable[[int, int], None]) -> list[Any]:
+        raise RuntimeError("in a cluster the workers make the images")
+
+    def close(self) -> None:
+        pass
+
+    def reduce_memory(self) -> bool:
+        return False
+
+    def memory_info(self) -> dict[str, float]:
+        return {}
