@@ -54,17 +54,33 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
                            image="A picture to start from (PNG, JPEG or WebP); its shape is "
                                  "kept unless aspect is given",
                            strength=f"With an image: how far to move from it (default "
-                                    f"{limits.strength_default:g}; lower keeps more)")
+                                    f"{limits.strength_default:g}; lower keeps more)",
+                           style="A style the admins set up (see /styles)")
     @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
     async def imagine(interaction: discord.Interaction, prompt: Prompt,
                       seed: Seed | None = None, steps: Steps | None = None,
                       aspect: app_commands.Choice[str] | None = None,
                       guidance: Guidance | None = None, n: Count | None = None,
                       image: discord.Attachment | None = None,
-                      strength: Strength | None = None) -> None:
+                      strength: Strength | None = None, style: str | None = None) -> None:
         options = {"seed": seed, "steps": steps, "guidance": guidance, "n": n,
-                   "strength": strength, "aspect": aspect.value if aspect else None}
+                   "strength": strength, "style": style,
+                   "aspect": aspect.value if aspect else None}
         await _adapter(interaction).imagine(interaction, prompt, options, image)
+
+    @imagine.autocomplete("style")
+    async def style_names(interaction: discord.Interaction,
+                          current: str) -> list[app_commands.Choice[str]]:
+        """The configured styles whose name starts with what was typed (Discord shows 25)."""
+        names = sorted(_adapter(interaction).config.styles)
+        typed = current.strip().lower()
+        return [app_commands.Choice(name=name, value=name)
+                for name in names if name.startswith(typed)][:25]
+
+    @app_commands.command(name="styles", description="The styles you can add with --style.")
+    async def styles(interaction: discord.Interaction) -> None:
+        adapter = _adapter(interaction)
+        await adapter.say(interaction, render.styles_list(adapter.config.styles))
 
     @app_commands.command(name="queue", description="Your images waiting or being drawn.")
     async def queue(interaction: discord.Interaction) -> None:
@@ -84,7 +100,7 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
     async def help_(interaction: discord.Interaction) -> None:
         await _adapter(interaction).say(interaction, render.usage(limits))
 
-    return [imagine, queue, cancel, limits_, help_, *_admin_commands()]
+    return [imagine, queue, cancel, limits_, help_, styles, *_admin_commands()]
 
 
 def _admin_commands() -> list[app_commands.Command]:

@@ -79,6 +79,7 @@ COMMANDS = [
     BotCommand("cancel", "Cancel your latest image, or /cancel <id>"),
     BotCommand("limits", "How many images you have left"),
     BotCommand("help", "How to use the options"),
+    BotCommand("styles", "The styles you can add with --style"),
 ]
 # The menu of an admin's private chat with the bot adds the admin commands.
 ADMIN_COMMANDS = [
@@ -242,6 +243,7 @@ class TelegramAdapter:
         user_commands: dict[str, Handler] = {
             "imagine": self._imagine, "help": self._help, "start": self._help,
             "queue": self._queue, "cancel": self._cancel, "limits": self._limits,
+            "styles": self._styles,
         }
         admin_commands: dict[str, Handler] = {
             "status": self._status, "pause": self._pause, "resume": self._resume,
@@ -312,6 +314,10 @@ class TelegramAdapter:
     async def _help(self, message: Message, user: User, args: list[str]) -> None:
         """/help: the options and their limits."""
         await self._reply(message, render.usage(self.config.limits), droppable=True)
+
+    async def _styles(self, message: Message, user: User, args: list[str]) -> None:
+        """/styles: the configured LoRA styles."""
+        await self._reply(message, render.styles_list(self.config.styles), droppable=True)
 
     async def _queue(self, message: Message, user: User, args: list[str]) -> None:
         """/queue: the user's images and their places in line."""

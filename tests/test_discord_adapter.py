@@ -893,3 +893,23 @@ async def test_stats_is_for_admins_and_answered_privately(server, start_bot):
     text = _text(await private_answer(server, asked))
     assert text == render.stats(await adapter.engine.stats(), md=True)
     assert "1 images made" in text and f"alice (discord:{ALICE.id})" in text
+
+
+async def test_styles_are_listed_and_the_style_option_reaches_the_job(server, start_bot, dconfig):
+    """Issue 13: /styles and /imagine's style option (autocompleted from the config)."""
+    from engine.config import StyleSection
+
+    dconfig.styles = {"watercolor": StyleSection(file="w.safetensors",
+                                                 description="soft washes of colour")}
+    adapter = await start_bot(dconfig)
+    listed = await private_answer(server, await server.slash("styles", ALICE))
+    assert _text(listed) == render.styles_list(dconfig.styles)
+    assert "--style watercolor — soft washes of colour" in _text(listed)
+    sent = await server.slash("imagine", ALICE, prompt="a fox --steps 1", style="watercolor")
+    await final_upload(server, sent)
+    await adapter.drain()
+    assert (await jobs_in_journal(adapter, ALICE))[0].request.style == "watercolor"
+    refused = await server.slash("imagine", ALICE, prompt="a fox --steps 1", style="oil")
+    assert "watercolor" in _text(await private_answer(server, refused))
+    await adapter.drain()
+    assert len(await jobs_in_journal(adapter, ALICE)) == 1

@@ -1267,3 +1267,15 @@ async def test_stats_names_users_only_in_a_group_and_is_in_the_admins_menu(
     tg.message("/stats", chat_id=ADMIN, user_id=ADMIN)
     private = (await tg.wait_for("sendMessage", 4)).params["text"]
     assert private == render.stats(await engine.stats()) and f"telegram:{ALICE}" in private
+
+
+async def test_styles_lists_the_configured_styles(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config) -> None:
+    from engine.config import StyleSection
+
+    tg_config.styles = {"ink": StyleSection(file="ink.safetensors", description="brush ink")}
+    await start_bot()
+    tg.message("/styles", chat_id=ALICE, user_id=ALICE)
+    answer = await tg.wait_for("sendMessage")
+    assert answer.params["text"] == render.styles_list(tg_config.styles)
+    assert "styles" in [c["command"] for c in tg.calls_to("setMyCommands")[0].json("commands")]
