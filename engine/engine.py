@@ -180,10 +180,11 @@ class Engine:
         running = [run.job for run in self._runs.values()]
         if running:
             ids = ", ".join(job.id for job in running)
-            ended = asyncio.gather(*(job.wait() for job in running))
-            try:
-                await asyncio.wait_for(asyncio.shield(ended), timeout=grace)
-            except TimeoutError:
+            waits = [asyncio.ensure_future(job.wait()) for job in running]
+            _, late = await asyncio.wait(waits, timeout=grace)
+            for wait in late:
+                wait.cancel()
+            if late:
                 log.warning("job %s still running after %.0f s grace; it will run again after "
                             "the restart", ids, grace)
                 for run in list(self._runs.values()):  # each stops at its next step
@@ -194,8 +195,6 @@ class Engine:
                     log.error("job %s did not stop within %.0f s; leaving it", ids,
                               STOP_WAIT_S)
                     self._worker_hung = True
-            finally:
-                ended.cancel()
         await self._settle_completions()
 
     async def _settle_completions(self) -> None:

@@ -113,3 +113,163 @@ async def test_jobs_run_on_several_workers_in_the_fair_order(cfg, workers, bots)
 
     await eventually(lambda: sum(done().values()) == len(jobs), what="heartbeats' counts")
     assert all(done().values()), done()  # both workers took jobs
+
+
+async def running_on(engine: Engine, job_id: str) -> str:
+    """The worker whose heartbeat says it runs ``job_id``."""
+    found: list[str] = []
+
+    def look() -> bool:
+        found[:] = [w.name for w in remote(engine).workers() if w.running == job_id]
+        return bool(found)
+
+    await eventually(look, what=f"a worker running {job_id}")
+    return found[0]
+
+
+async def test_a_worker_killed_mid_job_lets_another_run_it_delivered_once(
+        tmp_path, nats_server, workers, bots) -> None:
+    cfg = cluster_config(tmp_path, nats_server.url, step_s=0.2)
+    workers.cfg = cfg
+    workers.start("w1")
+    workers.start("w2")
+    engine = await open_bot(cfg, bots, workers=2)
+    job = await engine.submit(user(1), make_request("a fox", seed=11, steps=10), ORIGIN)
+    await eventually(lambda: any(isinstance(e, Progress) for e in job.events_so_far))
+    victim = await running_on(engine, job.id)
+    workers.kill(victim)
+    assert await asyncio.wait_for(job.wait(), 30) is JobStatus.FINISHED
+    assert sum(isinstance(e, Finished) for e in job.events_so_far) == 1
+    result = await job.result()
+    assert result.png == local_png(job.request)  # same seed on the other worker, same image
+    survivor = ({"w1", "w2"} - {victim}).pop()
+    assert f"job {job.id} finished (delivery 2)" in workers.log(survivor)
+    record = await engine.store.get_job(job.id)
+    assert record is not None and record.status == "finished"
+    # the dead worker's heartbeat expires: room for one job, not two
+    await eventually(lambda: [w.name for w in remote(engine).workers()] == [survivor])
+    assert not remote(engine).has_room(1)
+
+
+async def test_cancel_reaches_a_running_remote_job_between_steps(tmp_path, nats_server,
+                                                                 workers, bots) -> None:
+    cfg = cluster_config(tmp_path, nats_server.url, step_s=0.2)
+    workers.cfg = cfg
+    workers.start("w1")
+    engine = await open_bot(cfg, bots, workers=1)
+    job = await engine.submit(user(1), make_request("slow", steps=50), ORIGIN)
+    await eventually(lambda: any(isinstance(e, Progress) for e in job.events_so_far))
+    assert await job.cancel()
+    assert await asyncio.wait_for(job.wait(), 5) is JobStatus.CANCELLED
+    assert isinstance(job.events_so_far[-1], Cancelled)
+    await eventually(lambda: f"job {job.id} cancelled" in workers.log("w1"), timeout=5,
+                     what="the worker stopping the job")
+    follow = await engine.submit(user(1), make_request("next", steps=2), ORIGIN)
+    assert await asyncio.wait_for(follow.wait(), 10) is JobStatus.FINISHED  # worker free again
+
+
+async def die(engine: Engine) -> None:
+    """The bot process dies: nothing more reaches its journal or the server from it."""
+    assert engine._scheduler is not None
+    engine._scheduler.cancel()
+    await asyncio.gather(engine._scheduler, return_exceptions=True)
+    engine._scheduler = None
+    await remote(engine).close()
+    await engine.store.__aexit__(None, None, None)
+
+
+async def test_the_bot_killed_while_a_worker_finishes_gets_the_image_after_its_restart(
+        tmp_path, nats_server, workers, bots) -> None:
+    cfg = cluster_config(tmp_path, nats_server.url, step_s=0.1)
+    workers.cfg = cfg
+    workers.start("w1")
+    engine = await open_bot(cfg, bots, workers=1)
+    job = await engine.submit(user(1), make_request("a heron", seed=5, steps=10), ORIGIN)
+    await eventually(lambda: any(isinstance(e, Progress) for e in job.events_so_far))
+    await die(engine)
+    await eventually(lambda: f"job {job.id} finished" in workers.log("w1"), timeout=10,
+                     what="the worker finishing without the bot")
+    again = await open_bot(cfg, bots, workers=1)
+    [recovered] = again.recovered_jobs("discord")
+    assert recovered.id == job.id
+    assert await asyncio.wait_for(recovered.wait(), 10) is JobStatus.FINISHED
+    assert (await recovered.result()).png == local_png(job.request)
+    await asyncio.sleep(1.0)  # nothing runs it a second time
+    assert workers.log("w1").count(f"job {job.id} finished") == 1
+    assert [w.jobs_done for w in remote(again).workers()] == [1]
+
+
+async def test_a_nats_restart_loses_no_accepted_job(tmp_path, nats_server, workers,
+                                                    bots) -> None:
+    cfg = cluster_config(tmp_path, nats_server.url, step_s=0.1)
+    workers.cfg = cfg
+    workers.start("w1")
+    workers.start("w2")
+    engine = await open_bot(cfg, bots, workers=2)
+    jobs = [await engine.submit(user(n), make_request(f"p{n}", seed=n, steps=6), ORIGIN)
+            for n in range(4)]
+    await eventually(lambda: any(isinstance(e, Progress) for e in jobs[0].events_so_far))
+    nats_server.restart()  # file storage: the streams, the lease and the buckets come back
+    for job in jobs:
+        assert await asyncio.wait_for(job.wait(), 45) is JobStatus.FINISHED, job.error
+        assert sum(isinstance(e, Finished) for e in job.events_so_far) == 1
+        assert (await job.result()).png == local_png(job.request)
+
+
+async def test_an_outcome_arriving_twice_is_taken_once(cfg, bots) -> None:
+    """A fake worker answers the same job twice (as two workers would after a lease lapsed)."""
+    import nats
+
+    nc = await nats.connect(cfg.cluster.url)
+    js = nc.jetstream()
+    engine = Engine(cfg, NoLocalBackend(), worker=RemoteWorker(cfg.cluster))  # type: ignore[arg-type]
+    await engine.__aenter__()
+    bots.append(engine)
+    rw = remote(engine)
+    info = WorkerInfo("fake", "none", "dry-run placeholder", 1 << 20, 4)
+    await rw._kv.put("fake", info.to_bytes())
+    await eventually(lambda: len(rw.workers()) == 1)
+    sub = await js.pull_subscribe(rw.names.jobs, durable="fake", stream=rw.names.jobs_stream)
+    job = await engine.submit(user(1), make_request("twice", seed=3), ORIGIN)
+    [msg] = await sub.fetch(1, timeout=10)
+    png = local_png(job.request)
+    await rw._images.put(rw.names.image(job.id, 0), png)
+    outcome = Outcome(job.id, FINISHED, images=1, worker="fake").to_bytes()
+    for n in range(2):  # different message ids: the server keeps both, the bot takes one
+        await js.publish(rw.names.result(job.id), outcome, headers={"Nats-Msg-Id": f"x{n}"})
+    await msg.ack()
+    assert await asyncio.wait_for(job.wait(), 10) is JobStatus.FINISHED
+    await asyncio.sleep(0.5)
+    assert sum(isinstance(e, Finished) for e in job.events_so_far) == 1
+    assert list(Path(cfg.engine.output_dir).rglob("*.png")) == [Path(job.result_now.path)]
+    await nc.close()
+
+
+async def test_a_job_no_worker_finishes_goes_to_the_dead_letters_and_fails(cfg, bots) -> None:
+    """A worker that takes the job and never answers, every time: after max_deliver leases
+    the server's advisory reaches the bot, which fails the job (refunded: the bot's fault)."""
+    import nats
+
+    nc = await nats.connect(cfg.cluster.url)
+    js = nc.jetstream()
+    engine = Engine(cfg, NoLocalBackend(), worker=RemoteWorker(cfg.cluster))  # type: ignore[arg-type]
+    await engine.__aenter__()
+    bots.append(engine)
+    rw = remote(engine)
+    await rw._kv.put("silent", WorkerInfo("silent", "none", "x", 1 << 20, 4).to_bytes())
+    await eventually(lambda: len(rw.workers()) == 1)
+    from nats.js.api import ConsumerConfig
+
+    sub = await js.pull_subscribe(rw.names.jobs, durable="workers", stream=rw.names.jobs_stream,
+                                  config=ConsumerConfig(ack_wait=0.5, max_deliver=2))
+    job = await engine.submit(user(1), make_request("poison"), ORIGIN)
+    taken = collections.Counter()
+    for _ in range(2):
+        [msg] = await sub.fetch(1, timeout=10)
+        taken[msg.data] += 1  # and never acked
+    assert len(taken) == 1
+    with pytest.raises(nats.errors.TimeoutError):  # the workers keep asking: nothing more
+        await sub.fetch(1, timeout=2)
+    assert await asyncio.wait_for(job.wait(), 15) is JobStatus.FAILED
+    assert "kept stopping" in (job.error or "")
+    await nc.close()
