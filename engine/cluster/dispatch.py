@@ -143,6 +143,8 @@ class RemoteWorker:
         pngs = []
         for index in range(outcome.images):
             found = await self._images.get(self.names.image(outcome.job_id, index))
+            if found.data is None:
+                raise EngineError(f"Image {index + 1} of this job was lost on its way back.")
             pngs.append(found.data)
         return pngs
 

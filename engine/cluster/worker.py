@@ -11,6 +11,7 @@ point leaves the job to be run again (its lease lapses) or its outcome to be fou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -164,7 +165,8 @@ class ClusterWorker:
             loop.call_soon_threadsafe(self._progress, item.job_id, step, total)
 
         deadline = started + self.config.engine.job_timeout_s
-        base = dict(job_id=item.job_id, worker=self.name, model_name=self.backend.model_name)
+        ended = Outcome(item.job_id, CANCELLED, worker=self.name,
+                        model_name=self.backend.model_name)
         with tempfile.TemporaryDirectory(prefix="flux-input-") as folder:
             try:
                 request = await self._with_input(item, Path(folder))
@@ -173,18 +175,18 @@ class ClusterWorker:
                 pngs = await asyncio.to_thread(_encode, images, request,
                                                self.backend.model_name)
             except Aborted:
-                return Outcome(status=CANCELLED, **base)
+                return ended
             except EngineError as exc:  # out of memory, too slow: the user may read it
-                return Outcome(status=FAILED, error=str(exc), **base)
+                return dataclasses.replace(ended, status=FAILED, error=str(exc))
             except Exception:
                 log.exception("job %s failed", item.job_id)
-                return Outcome(status=FAILED, error=f"Something went wrong while making this "
-                               f"image ({item.job_id}); the bot's admin can find the details "
-                               "in the worker's log.", **base)
+                return dataclasses.replace(
+                    ended, status=FAILED, error=f"Something went wrong while making this image "
+                    f"({item.job_id}); the bot's admin can find the details in the worker's log.")
         for index, png in enumerate(pngs):
             await self._retry(self._images.put, self.names.image(item.job_id, index), png)
-        return Outcome(status=FINISHED, images=len(pngs), gpu_s=time.monotonic() - started,
-                       **base)
+        return dataclasses.replace(ended, status=FINISHED, images=len(pngs),
+                                   gpu_s=time.monotonic() - started)
 
     async def _with_input(self, item: WorkItem, folder: Path) -> ImageRequest:
         """An image-to-image job's picture, fetched from the images bucket to a local file."""
