@@ -211,7 +211,7 @@ def test_strength_as_a_typed_option_and_in_help() -> None:
         parse_command("a fox", LIMITS).merged_with(LIMITS, strength=2.0)
     from engine.grammar import usage
     assert "--strength X" in usage(LIMITS) and "default 0.6" in usage(LIMITS)
-    with pytest.raises(InvalidCommand, match="--n and --strength"):
+    with pytest.raises(InvalidCommand, match="--n, --strength and --style"):
         parse_command("a fox --zzzzzzz 1", LIMITS)
 
 
