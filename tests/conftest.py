@@ -13,6 +13,7 @@ from engine.backends.dry_run import DryRunBackend
 from engine.config import Config
 from engine.engine import Engine
 from engine.request import ImageRequest, Origin, User
+from engine.store import Store
 
 
 class RecordingBackend(DryRunBackend):
@@ -110,6 +111,13 @@ def backend() -> RecordingBackend:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A journal of its own, closed at the end of the test."""
+    async with Store(tmp_path / "bot.sqlite3") as opened:
+        yield opened
 
 
 @pytest.fixture

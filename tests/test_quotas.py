@@ -17,6 +17,7 @@ from engine.errors import RateLimited
 from engine.rate_limit import RateLimiter
 from engine.request import ImageRequest, Origin, User
 from engine.store import UNLIMITED, Store
+from tests.conftest import FakeClock
 
 ALICE = User("discord", "42", "Alice")
 BOB = User("discord", "43", "Bob")
@@ -26,25 +27,6 @@ OTHER_GUILD = Origin("discord", chat_id="200", extra={"guild_id": "901"})
 DM = Origin("discord", chat_id="300", extra={"guild_id": ""})
 HOUR = 3600.0
 LIMITS = LimitsSection()
-
-
-class FakeClock:
-    def __init__(self, now: float = 100_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path):
-    async with Store(tmp_path / "bot.sqlite3") as opened:
-        yield opened
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def request(steps: int = 20, side: int = 1024, count: int = 1, **more: object) -> ImageRequest:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from engine.config import AccessSection, RateLimitSection
@@ -11,28 +9,10 @@ from engine.errors import RateLimited
 from engine.rate_limit import Quota, RateLimiter, describe_wait, describe_window, refusal_message
 from engine.request import ImageRequest, Origin, User
 from engine.store import Store
+from tests.conftest import FakeClock
 
 ALICE = User("discord", "42", "Alice")
 HOUR = 3600.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path):
-    async with Store(tmp_path / "bot.sqlite3") as opened:
-        yield opened
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def limiter(store: Store, clock: FakeClock, per_window: int = 3, window_s: float = HOUR,
