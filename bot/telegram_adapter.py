@@ -19,6 +19,7 @@ more steps, U<n>, V<n>); only the requester's presses act, and every press is an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +28,7 @@ from telegram import (
     BotCommand,
     BotCommandScopeChat,
     CallbackQuery,
+    InlineKeyboardMarkup,
     Message,
     ReplyParameters,
     Update,
@@ -494,14 +496,18 @@ class TelegramAdapter:
         self._post_reply(bot, message.chat_id, message.message_id, thread_id, text,
                          done=lambda: self.engine.pending_replies.remove(pending.reply_key))
 
-    def _post_reply(self, bot: Any, chat_id: int, reply_to: int, thread_id: int | None,
+    def _post_reply(self, bot: Any, chat_id: int, reply_to: int | None, thread_id: int | None,
                     text: str, *, droppable: bool = False,
-                    done: Callable[[], Awaitable[None]] | None = None) -> None:
+                    done: Callable[[], Awaitable[None]] | None = None,
+                    markup: InlineKeyboardMarkup | None = None) -> None:
+        reply = None if reply_to is None else ReplyParameters(reply_to,
+                                                              allow_sending_without_reply=True)
+
         def send() -> Awaitable[object]:
             return bot.send_message(
                 chat_id, render.shorten(text, MessageLimit.MAX_TEXT_LENGTH),
-                reply_parameters=ReplyParameters(reply_to, allow_sending_without_reply=True),
-                message_thread_id=thread_id, rate_limit_args=ACK)
+                reply_parameters=reply, reply_markup=markup, message_thread_id=thread_id,
+                rate_limit_args=ACK)
 
         self.outbox.post(chat_id, send, droppable=droppable, done=done)
 
@@ -512,9 +518,13 @@ class TelegramAdapter:
             "telegram", since=self.engine.clock() - LEFT_OVER_REPLY_S)
         for reply in replies:
             key = reply.reply_key
-            self._post_reply(bot, int(reply.chat_id), int(reply.reply_to),
+            markup = (InlineKeyboardMarkup.de_json(json.loads(reply.markup), bot)
+                      if reply.markup else None)  # a grid's buttons
+            self._post_reply(bot, int(reply.chat_id),
+                             int(reply.reply_to) if reply.reply_to else None,
                              int(reply.thread_id) if reply.thread_id else None, reply.text,
-                             done=lambda key=key: self.engine.pending_replies.remove(key))
+                             done=lambda key=key: self.engine.pending_replies.remove(key),
+                             markup=markup)
         if replies:
             log.info("telegram: posting %d answers the last run left unposted", len(replies))
 

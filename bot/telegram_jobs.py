@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from engine.job import (
     ResultImage,
 )
 from engine.moderation import Policy, delivered_blocked
+from engine.pending import PendingReply
 from engine.request import Origin
 
 log = logging.getLogger(__name__)
@@ -366,17 +368,24 @@ class JobFollower:
         (the message may be there already)."""
         text = render.grid_actions(len(result.images))
         markup = result_keyboard(job.id, len(result.images))
+        assert markup is not None  # a grid always has buttons
+        # Journalled until posted (or given up): a stop before that posts it at the next start.
+        owed = PendingReply(f"telegram:buttons:{job.id}", "telegram", str(target.chat_id),
+                            str(target.reply_to or ""), text, str(target.thread_id or ""),
+                            self.engine.clock(), markup=json.dumps(markup.to_dict()))
+        await self.engine.pending_replies.add(owed)
         for attempt in range(1, self.policy.attempts + 1):
             try:
                 await self.bot.send_message(text=text, reply_markup=markup, **target.kwargs())
-                return
+                break
             except TelegramError as exc:
                 log.warning("posting the buttons of job %s failed (attempt %d): %s", job.id,
                             attempt, exc)
                 if is_permanent(exc) or sent_but_unanswered(exc) \
                         or attempt == self.policy.attempts:
-                    return
+                    break
             await asyncio.sleep(self.policy.delay(attempt))
+        await self.engine.pending_replies.remove(owed.reply_key)
 
     async def _send_png_documents(self, job: Job, result: JobResult, target: Target) -> None:
         """``send_png_document``: the lossless PNGs after the photos (a grid's as an album of

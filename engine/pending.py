@@ -69,6 +69,7 @@ class PendingReply:
     text: str
     thread_id: str = ""
     created_at: float = 0.0
+    markup: str = ""  # buttons, as the platform's JSON ("" = none)
 
 
 class PendingReplies:
@@ -80,9 +81,9 @@ class PendingReplies:
     async def add(self, reply: PendingReply) -> None:
         await self.store.db.execute(
             "INSERT OR REPLACE INTO pending_replies (reply_key, platform, chat_id, reply_to,"
-            " thread_id, text, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " thread_id, text, created_at, markup) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (reply.reply_key, reply.platform, reply.chat_id, reply.reply_to, reply.thread_id,
-             reply.text, reply.created_at),
+             reply.text, reply.created_at, reply.markup),
         )
 
     async def remove(self, reply_key: str) -> None:
@@ -96,7 +97,7 @@ class PendingReplies:
         await self.store.db.execute(
             "DELETE FROM pending_replies WHERE platform = ? AND created_at < ?", (platform, since))
         async with self.store.db.execute(
-            "SELECT reply_key, platform, chat_id, reply_to, text, thread_id, created_at"
+            "SELECT reply_key, platform, chat_id, reply_to, text, thread_id, created_at, markup"
             " FROM pending_replies WHERE platform = ? ORDER BY created_at", (platform,)
         ) as cursor:
             return [PendingReply(*row) for row in await cursor.fetchall()]

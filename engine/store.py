@@ -128,6 +128,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_group_created ON jobs (group_key, created_at);
     CREATE INDEX jobs_created ON jobs (created_at);
     """,
+    # v9: a pending reply may carry buttons (a grid's U/V message): the platform's own JSON.
+    """
+    ALTER TABLE pending_replies ADD COLUMN markup TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"

@@ -1279,3 +1279,41 @@ async def test_styles_lists_the_configured_styles(
     answer = await tg.wait_for("sendMessage")
     assert answer.params["text"] == render.styles_list(tg_config.styles)
     assert "styles" in [c["command"] for c in tg.calls_to("setMyCommands")[0].json("commands")]
+
+
+async def test_a_grids_buttons_not_posted_before_a_stop_are_posted_at_the_next_start(
+        tg: FakeTelegramServer, start_bot: Starter, tg_config: Config,
+        engine_factory: Any) -> None:
+    """An album carries no buttons, so they follow it in a message of their own. That message
+    is owed in the journal until it is out: a stop while it still fails posts it later."""
+    tg_config.delivery.attempts, tg_config.delivery.first_delay_s = 5, 2.0
+    engine, adapter = await start_bot()
+    tg.message("/imagine a fox --n 2 --seed 5 --steps 1", chat_id=ALICE, user_id=ALICE)
+    await tg.wait_for("sendMediaGroup")
+    tg.fail_next("sendMessage", 502, times=1)  # the buttons' first try fails...
+    job = await finished_job(engine, ALICE)
+
+    async def owed_now() -> list[Any]:
+        return [r for r in await engine.pending_replies.take("telegram", since=0)
+                if r.reply_key == f"telegram:buttons:{job.id}"]
+
+    while not [c for c in tg.calls_to("sendMessage") if c.status == 502] \
+            or not await owed_now():
+        await asyncio.sleep(0.02)  # the album is out, the buttons' first try has failed
+    [owed] = await owed_now()
+    await adapter.stop()  # ...and the bot stops while it waits to try again
+    await engine.shutdown()
+    grid_buttons = [c for c in tg.calls_to("sendMessage", ok_only=True)
+                    if f"u:{job.id}:1" in str(c.params.get("reply_markup"))]
+    assert grid_buttons == []
+
+    again, _ = await start_bot(engine=await engine_factory(tg_config, DryRunBackend()))
+    while not [c for c in tg.calls_to("sendMessage", ok_only=True)
+               if f"u:{job.id}:1" in str(c.params.get("reply_markup"))]:
+        await asyncio.sleep(0.02)
+    posted = [c for c in tg.calls_to("sendMessage", ok_only=True)
+              if f"u:{job.id}:1" in str(c.params.get("reply_markup"))]
+    assert len(posted) == 1 and posted[0].params["text"] == owed.text
+    assert tg.calls_to("sendMediaGroup") and len(tg.calls_to("sendMediaGroup")) == 1
+    while await again.pending_replies.take("telegram", since=0):
+        await asyncio.sleep(0.02)
