@@ -1,0 +1,82 @@
+"""The README's hardware table, generated from the emulated-card results (``bench_cards.py``).
+
+    python -m bench.hardware_table            # print the table
+    python -m bench.hardware_table --write    # put it into README.md between its markers
+
+One table, used everywhere card sizes are named (issue 15 row 9): every row is a measured run of
+the bot with its default config on an emulated card (``bench/emulated_card.py``), through
+``python -m bot``. ``tests/test_readme_hardware.py`` fails when README.md and the results
+disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- hardware-table:start -->", "<!-- hardware-table:end -->"
+# What a real card of that size leaves free once the desktop and driver have their share.
+CARD_OF_FREE = {5.6: 6, 7.5: 8, 9.5: 10, 11.5: 12, 15.5: 16, 23.0: 24}
+MODELS_GB = 33  # the DiT, both text encoders and the VAE, as downloaded (engine/flux/model_files)
+
+
+def measured_rows() -> list[tuple[str, dict]]:
+    """(device, row) of every default-config run on an emulated card that stayed within it."""
+    rows = []
+    for path in sorted(RESULTS.glob("cards-*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        for row in result["rows"]:
+            if row.get("config") == "default" and row.get("within_card") and not row.get("oom"):
+                rows.append((f"{result['device']}, {result['date']}", row))
+    return sorted(rows, key=lambda item: item[1]["card_free_gib"])
+
+
+def table() -> str:
+    lines = ["| card (GiB free at start) | preset auto picks | 1024², 20 steps | GPU memory "
+             "(driver) | host RAM (peak) | disk |",
+             "|---|---|---|---|---|---|"]
+    devices = []
+    for device, row in measured_rows():
+        free = row["card_free_gib"]
+        card = CARD_OF_FREE.get(free)
+        name = f"{card} GB ({free:g})" if card else f"{free:g} GiB free"
+        preset = row["plan"].split(",")[0].removeprefix("preset ")
+        lines.append(f"| {name} | {preset} | {row['s_image_1024']:.1f} s | "
+                     f"{row['device_peak_gib']:.1f} GiB | {row['host_peak_rss_gib']:.0f} GiB | "
+                     f"{MODELS_GB} GB of models |")
+        if device not in devices:
+            devices.append(device)
+    lines.append("")
+    lines.append(f"Measured on: {'; '.join(devices)}, with the card emulated (another process "
+                 "holds the rest of the GPU), the default config, through `python -m bot` "
+                 "(`bench/bench_cards.py`; `python -m bench.hardware_table` makes this table).")
+    return "\n".join(lines)
+
+
+def with_table(readme: str) -> str:
+    head, start, rest = readme.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        raise ValueError(f"README.md has no {START} … {END} block")
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hardware_table",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    args = parser.parse_args(argv)
+    if args.write:
+        README.write_text(with_table(README.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
