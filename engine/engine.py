@@ -22,6 +22,7 @@ from pathlib import Path
 
 from engine import input_image, result_files, retention, styles
 from engine.backends import Backend, create_backend
+from engine.cluster.messages import WorkerInfo
 from engine.config import Config
 from engine.durable import write_durably
 from engine.errors import (
@@ -87,6 +88,7 @@ class Health:
     failed: int
     last_error: str | None
     memory: dict[str, float]
+    workers: tuple[WorkerInfo, ...] = ()  # a cluster's live GPU workers (none: this GPU)
 
 
 class Engine:
@@ -233,6 +235,7 @@ class Engine:
             raise EngineClosed("The bot is shutting down; please try again in a minute.")
         self._check_banned(user, request)
         styles.check_style(request.style, self.config.styles)  # nothing queued for an unknown one
+        self._worker.check_runnable(request)  # a cluster: some worker online can run it
         async with self._submit_lock:
             self._check_capacity(user)
             charge = await self.rate_limiter.admit(user, request, origin)  # admins: no limit
@@ -332,7 +335,7 @@ class Engine:
         return Health(queued=len(self._queue), running=self._running, paused=self._paused,
                       accepting=self._accepting, finished=self._counts["finished"],
                       failed=self._counts["failed"], last_error=self._last_error,
-                      memory=self.backend.memory_info())
+                      memory=self.backend.memory_info(), workers=tuple(self._worker.workers()))
 
     # -- admin -----------------------------------------------------------------------------
     def pause(self) -> None:
@@ -437,7 +440,10 @@ class Engine:
         # Paused or shutting down: start nothing new (queued jobs stay in the journal).
         if self._paused or not self._accepting or not self._worker.has_room(len(self._runs)):
             return None
-        return self._queue.pop()
+        # the first in fair order that a free worker can run (in a cluster a big job waits for a
+        # big card while smaller jobs use the others; here, simply the first)
+        return self._queue.pop_first(
+            lambda job: self._worker.claim(job.id, job.request, len(self._runs)))
 
     async def _run_guarded(self, run: _Run) -> None:
         try:
@@ -446,6 +452,7 @@ class Engine:
             log.exception("job %s: unexpected engine error", run.job.id)
         finally:
             del self._runs[run.job.id]
+            self._worker.release(run.job.id)
             if not self._runs:
                 self._gpu_idle.set()
             self._wake.set()  # room for the next job

@@ -7,6 +7,7 @@
     ├── QueueFull               per-user or global queue cap reached
     ├── JobNotFound             no such job, or not the caller's
     ├── EngineClosed            the engine is shutting down or paused
+    ├── NoWorkerCanRun          a cluster: no GPU worker online can run this job (size, --n, style)
     ├── JobCancelled            ``Job.result()`` of a cancelled job
     └── GenerationFailed        the backend failed this one job
         ├── OutOfMemory         the GPU ran out of memory (after the retry)
@@ -45,6 +46,10 @@ class JobNotFound(EngineError):
 
 
 class EngineClosed(EngineError):
+    pass
+
+
+class NoWorkerCanRun(EngineError):
     pass
 
 

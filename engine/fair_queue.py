@@ -48,6 +48,21 @@ class FairQueue(Generic[T]):
             self._drop(owner)
         return item
 
+    def pop_first(self, can_start: Callable[[T], bool]) -> T | None:
+        """The first item in ``ordered()`` that ``can_start`` accepts, served as ``pop`` serves
+        (its owner pays its weight). An item skipped (no free worker can run it yet) keeps its
+        owner's place: it goes first once it can."""
+        for owner, index, item in self._in_order():
+            if can_start(item):
+                items = self._by_owner[owner]
+                del items[index]
+                self._served[owner] += self._weight(item)
+                self._turn[owner] = next(self._clock)
+                if not items:
+                    self._drop(owner)
+                return item
+        return None
+
     def remove(self, owner: str, item: T) -> bool:
         items = self._by_owner.get(owner)
         if not items or item not in items:
@@ -62,6 +77,10 @@ class FairQueue(Generic[T]):
 
     def ordered(self) -> Iterator[T]:
         """Items in the order ``pop`` would return them if nothing else arrived."""
+        return (item for _, _, item in self._in_order())
+
+    def _in_order(self) -> Iterator[tuple[str, int, T]]:
+        """``ordered()`` with each item's owner and its index among the owner's items."""
         heap = [(self._served[o], self._turn[o], o) for o in self._by_owner]
         heapq.heapify(heap)
         taken = dict.fromkeys(self._by_owner, 0)
@@ -71,7 +90,7 @@ class FairQueue(Generic[T]):
             items = self._by_owner[owner]
             item = items[taken[owner]]
             taken[owner] += 1
-            yield item
+            yield owner, taken[owner] - 1, item
             if taken[owner] < len(items):
                 heapq.heappush(heap, (served + self._weight(item), next(tick), owner))
 

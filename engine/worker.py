@@ -13,11 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from engine.backends.base import Backend, is_out_of_memory
 from engine.errors import JobTimedOut, OutOfMemory
 from engine.request import ImageRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.cluster.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +48,9 @@ class StopSignal(threading.Event):
 class Runner(Protocol):
     """Where the engine's jobs run: ``GpuWorker`` (this process's GPU) or a cluster's
     ``RemoteWorker`` (engine/cluster/dispatch.py). ``generate`` returns the job's images, as
-    PIL images or as PNG bytes made already; it raises ``Aborted`` once ``abort`` is set."""
+    PIL images or as PNG bytes made already; it raises ``Aborted`` once ``abort`` is set.
+    ``claim`` takes room for one job (the engine then runs it) and ``release`` gives it back;
+    ``check_runnable`` refuses at submit a job nothing here could ever run."""
 
     async def load(self) -> None: ...
 
@@ -54,6 +59,14 @@ class Runner(Protocol):
     def abandon(self) -> None: ...
 
     def has_room(self, running: int) -> bool: ...
+
+    def claim(self, job_id: str, request: ImageRequest, running: int) -> bool: ...
+
+    def release(self, job_id: str) -> None: ...
+
+    def check_runnable(self, request: ImageRequest) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]: ...
 
     def on_room(self, wake: Callable[[], None]) -> None: ...
 
@@ -79,6 +92,20 @@ class GpuWorker:
     def has_room(self, running: int) -> bool:
         """One job at a time on this process's GPU."""
         return running == 0
+
+    def claim(self, job_id: str, request: ImageRequest, running: int) -> bool:
+        """Any job fits here (the grammar kept it within this GPU's limits)."""
+        return self.has_room(running)
+
+    def release(self, job_id: str) -> None:
+        """Room here is the engine's count of running jobs: nothing to give back."""
+
+    def check_runnable(self, request: ImageRequest) -> None:
+        """Nothing to refuse: the grammar checked the request against this GPU's limits."""
+
+    def workers(self) -> list[WorkerInfo]:
+        """No cluster: this process's GPU is the only one."""
+        return []
 
     def on_room(self, wake: Callable[[], None]) -> None:
         """Room here changes only when a job ends, which the engine sees itself."""

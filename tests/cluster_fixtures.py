@@ -92,7 +92,8 @@ def cluster_config(tmp_path: Path, url: str, *, step_s: float = 0.05) -> Config:
     return cfg
 
 
-def worker_config_file(cfg: Config, path: Path, name: str) -> Path:
+def worker_config_file(cfg: Config, path: Path, name: str, extra: str = "") -> Path:
+    """``extra``: more TOML for this worker alone (its [limits], its [styles])."""
     c = cfg.cluster
     path.write_text(f"""
 [engine]
@@ -108,7 +109,7 @@ ack_wait_s = {c.ack_wait_s}
 max_deliver = {c.max_deliver}
 heartbeat_s = {c.heartbeat_s}
 worker_ttl_s = {c.worker_ttl_s}
-""")
+{extra}""")
     return path
 
 
@@ -119,8 +120,8 @@ class Workers:
         self.cfg, self.folder = cfg, folder
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> None:
-        config = worker_config_file(self.cfg, self.folder / f"{name}.toml", name)
+    def start(self, name: str, extra: str = "") -> None:
+        config = worker_config_file(self.cfg, self.folder / f"{name}.toml", name, extra)
         log = (self.folder / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "bot", "worker", "--config", str(config)], cwd=ROOT,

@@ -4,7 +4,11 @@
 
 ``generate`` has the shape of ``GpuWorker.generate`` (progress through ``on_step``, stopped by
 ``abort``, failed past ``deadline``) and returns the job's PNGs. Room is one job per live
-worker, so the engine hands a job out only when a worker can start it.
+worker that can run it (``Claims``): the engine starts a job only when such a worker is free,
+and the job is published to that worker's own subject. The bot already decides when a job
+starts, so it decides where too: exact room per capability and the best fit, where subjects per
+capability class would need overlapping consumers (a work-queue stream allows none) and leave
+the choice of worker to whichever pulls first. A job whose worker left mid-job goes to another.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.cluster.capability import refusal
+from engine.cluster.claims import Claims
 from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
-from engine.cluster.names import Names, connect, ensure_streams
+from engine.cluster.names import Names, connect, ensure_streams, read_workers
 from engine.config import ClusterSection
-from engine.errors import EngineError, JobTimedOut
+from engine.errors import EngineError, JobTimedOut, NoWorkerCanRun
 from engine.request import ImageRequest
 from engine.worker import Aborted, StopSignal
 
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often a waiting job looks at its stop signal
 RECHECK_S = 2.0  # and at the outcome stream (an outcome sent while this client reconnected)
 RETRY_S = 0.5
+KEPT_STOPPING = ("This image could not be made: the image workers kept stopping while making "
+                 "it.")
 
 
 @dataclass
@@ -41,7 +49,7 @@ class RemoteWorker:
         self.settings = settings
         self.names = Names(settings.name)
         self._waiting: dict[str, _Waiting] = {}
-        self._workers: dict[str, WorkerInfo] = {}
+        self._claims = Claims()  # which live worker runs which job
         self._wake: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
         self._nc: Any = None
@@ -68,14 +76,26 @@ class RemoteWorker:
         """Nothing runs in this process; jobs left on workers finish there."""
 
     def has_room(self, running: int) -> bool:
-        return running < len(self._workers)
+        return bool(self._claims.free())
+
+    def claim(self, job_id: str, request: ImageRequest, running: int) -> bool:
+        return self._claims.claim(job_id, request)
+
+    def release(self, job_id: str) -> None:
+        self._claims.release(job_id)
+
+    def check_runnable(self, request: ImageRequest) -> None:
+        """Refuse at submit a job no live worker can run; one whose workers are busy waits."""
+        reason = refusal(self._claims.live(), request)
+        if reason is not None:
+            raise NoWorkerCanRun(reason)
 
     def on_room(self, wake: Callable[[], None]) -> None:
         self._wake = wake
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers (``/status``, ``doctor``), by name."""
-        return sorted(self._workers.values(), key=lambda w: w.name)
+        return self._claims.live()
 
     async def generate(self, job_id: str, request: ImageRequest,
                        on_step: Callable[[int, int], None], abort: StopSignal,
@@ -87,30 +107,39 @@ class RemoteWorker:
         try:
             outcome = await self._stored_outcome(job_id)
             if outcome is None:
-                await self._hand_out(job_id, request, abort, deadline)
-                outcome = await self._wait(job_id, waiting, abort, deadline)
+                outcome = await self._wait(job_id, request, waiting, abort, deadline)
             return await self._images_of(outcome)
         finally:
             self._waiting.pop(job_id, None)
 
     # -- one job -------------------------------------------------------------------------------
-    async def _hand_out(self, job_id: str, request: ImageRequest, abort: StopSignal,
-                        deadline: float) -> None:
+    async def _hand_out(self, job_id: str, request: ImageRequest, worker: str,
+                        abort: StopSignal, deadline: float) -> None:
         item = WorkItem(job_id, request)
         if request.init_image:  # the worker may be on another host: the picture travels too
             data = await asyncio.to_thread(Path(request.init_image).read_bytes)
             name = self.names.input_image(job_id)
             await self._until(self._images.put, abort, deadline, name, data)
             item = WorkItem(job_id, request, input_object=name)
-        await self._until(self._js.publish, abort, deadline, self.names.jobs, item.to_bytes(),
-                          headers={"Nats-Msg-Id": job_id})
-        log.info("job %s handed out", job_id)
+        # the id per worker: the same job to the same worker again (a bot restart) is dropped
+        await self._until(self._js.publish, abort, deadline, self.names.jobs_for(worker),
+                          item.to_bytes(), headers={"Nats-Msg-Id": f"{job_id}.{worker}"})
+        log.info("job %s handed out to %s", job_id, worker)
 
-    async def _wait(self, job_id: str, waiting: _Waiting, abort: StopSignal,
-                    deadline: float) -> Outcome:
+    async def _wait(self, job_id: str, request: ImageRequest, waiting: _Waiting,
+                    abort: StopSignal, deadline: float) -> Outcome:
         next_check = time.monotonic() + RECHECK_S
+        sent_to = ""
         while True:
             self._check_stop(job_id, abort, deadline)
+            worker = self._claims.worker_of(job_id)
+            if worker and worker != sent_to:  # the first hand-out, or its worker left mid-job
+                if sent_to:
+                    outcome = await self._moved(job_id, sent_to, worker)
+                    if outcome is not None:
+                        return outcome
+                await self._hand_out(job_id, request, worker, abort, deadline)
+                sent_to = worker
             try:
                 return await asyncio.wait_for(asyncio.shield(waiting.future), POLL_S)
             except TimeoutError:
@@ -120,6 +149,24 @@ class RemoteWorker:
                 outcome = await self._stored_outcome(job_id)
                 if outcome is not None:
                     return outcome
+
+    async def _moved(self, job_id: str, left: str, worker: str) -> Outcome | None:
+        """Its worker left mid-job and the job goes to ``worker``: unless the outcome came
+        meanwhile, or it has gone to ``max_deliver`` workers already (it may be what kills
+        them). What waits on the departed worker's subject goes, so it never runs it later."""
+        outcome = await self._stored_outcome(job_id)
+        if outcome is not None:
+            return outcome
+        if self._claims.moves_of(job_id) >= self.settings.max_deliver:
+            log.error("job %s: its worker left %d times; giving up", job_id,
+                      self._claims.moves_of(job_id))
+            raise EngineError(KEPT_STOPPING)
+        log.warning("job %s: worker %s left; the job goes to %s", job_id, left, worker)
+        try:
+            await self._js.purge_stream(self.names.jobs_stream, subject=self.names.jobs_for(left))
+        except Exception as exc:  # the server away: a returning worker finds the outcome first
+            log.info("could not clear %s's jobs: %s", left, exc)
+        return None
 
     def _check_stop(self, job_id: str, abort: StopSignal, deadline: float) -> None:
         """A user's cancel reaches the worker (it stops between steps); a shutdown leaves the
@@ -196,29 +243,16 @@ class RemoteWorker:
 
     async def _read_workers(self) -> None:
         """The workers whose heartbeat has not expired (the bucket's TTL drops the others)."""
-        from nats.js.errors import NoKeysError
-
         try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            keys = []
-        except Exception as exc:
+            workers = await read_workers(self._kv)
+        except Exception as exc:  # the server away: the last ones known stay
             log.debug("could not read the workers: %s", exc)
             return
-        workers = {}
-        for key in keys:
-            try:
-                entry = await self._kv.get(key)
-            except Exception:  # expired between the two reads
-                continue
-            if entry.value:
-                workers[key] = WorkerInfo.from_bytes(entry.value)
-        grew = len(workers) > len(self._workers)
-        if set(workers) != set(self._workers):
+        if set(workers) != {w.name for w in self._claims.live()}:
             log.info("workers: %s", ", ".join(sorted(workers)) or "none")
-        self._workers = workers
-        if grew:
-            self._wake()
+        self._claims.update(workers)  # a job whose worker left gets another first
+        if self._claims.free():
+            self._wake()  # a worker joined or finished: a job may start
 
     async def _dead_letters(self) -> None:
         """A job tried ``max_deliver`` times fails: the server's advisory names its message;
@@ -248,8 +282,7 @@ class RemoteWorker:
         item = WorkItem.from_bytes(raw.data)
         log.error("job %s failed on %d workers; giving up", item.job_id,
                   self.settings.max_deliver)
-        outcome = Outcome(item.job_id, FAILED, error="This image could not be made: the image "
-                          "workers kept stopping while making it.")
+        outcome = Outcome(item.job_id, FAILED, error=KEPT_STOPPING)
         await self._js.publish(self.names.result(item.job_id), outcome.to_bytes(),
                                headers={"Nats-Msg-Id": item.job_id})
         await self._js.delete_msg(self.names.jobs_stream, seq)

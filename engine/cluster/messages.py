@@ -63,6 +63,7 @@ class WorkerInfo:
     model_name: str
     max_pixels: int
     max_count: int
+    styles: tuple[str, ...] = ()  # the [styles] it has (a job's --style must be one)
     jobs_done: int = 0
     running: str = ""  # the job it runs now, if any
     started_at: float = 0.0
@@ -73,4 +74,5 @@ class WorkerInfo:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WorkerInfo:
-        return cls(**json.loads(data))
+        raw = json.loads(data)
+        return cls(**{**raw, "styles": tuple(raw.get("styles", ()))})

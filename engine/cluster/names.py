@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.cluster.messages import WorkerInfo
 from engine.config import ClusterSection
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 # A job published again within this window (the bot restarted while a worker held it) is
 # dropped by the server as a duplicate of the first.
 DEDUP_WINDOW_S = 3600.0
-CONSUMER = "workers"  # the one durable pull consumer all workers share
+# A worker's consumer that nobody pulled from for this long (a worker gone for good, such as
+# a host-pid name) is deleted by the server; far longer than any one job.
+CONSUMER_IDLE_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,16 @@ class Names:
 
     @property
     def jobs(self) -> str:
-        return f"{self.prefix}.jobs"
+        """Every worker's jobs (the stream's subjects)."""
+        return f"{self.prefix}.jobs.*"
+
+    def jobs_for(self, worker: str) -> str:
+        """One worker's jobs: the bot names the worker when it hands a job out."""
+        return f"{self.prefix}.jobs.{worker}"
+
+    @staticmethod
+    def consumer(worker: str) -> str:
+        return f"worker-{worker}"
 
     def result(self, job_id: str) -> str:
         return f"{self.prefix}.results.{job_id}"
@@ -53,8 +65,8 @@ class Names:
 
     @property
     def dead_letters(self) -> str:
-        """The server's advisory for a job that reached ``max_deliver``."""
-        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.jobs_stream}.{CONSUMER}"
+        """The server's advisory for a job that reached ``max_deliver`` (any worker's)."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.jobs_stream}.*"
 
     @property
     def workers_bucket(self) -> str:
@@ -73,8 +85,10 @@ class Names:
         return f"{job_id}.input"
 
 
-async def connect(settings: ClusterSection, client_name: str) -> Client:
-    """A connection that reconnects for ever (a NATS restart is a pause, not an end)."""
+async def connect(settings: ClusterSection, client_name: str, *,
+                  once_within_s: float | None = None) -> Client:
+    """A connection that reconnects for ever (a NATS restart is a pause, not an end); with
+    ``once_within_s`` (``doctor``) one try of that long, and an error if the server is away."""
     import nats
 
     options: dict[str, Any] = {
@@ -83,6 +97,9 @@ async def connect(settings: ClusterSection, client_name: str) -> Client:
         "error_cb": _log_error, "disconnected_cb": _log_disconnected,
         "reconnected_cb": _log_reconnected,
     }
+    if once_within_s is not None:
+        options.update(allow_reconnect=False, max_reconnect_attempts=0,
+                       connect_timeout=once_within_s)
     if settings.credentials:
         options["user_credentials"] = settings.credentials
     if settings.tls_ca:
@@ -123,6 +140,25 @@ async def ensure_streams(js: JetStreamContext, names: Names, settings: ClusterSe
     images = await _bucket(js.create_object_store, js.object_store, bucket=names.images_bucket,
                            ttl=settings.result_ttl_s, storage=file)
     return kv, images
+
+
+async def read_workers(kv: KeyValue) -> dict[str, WorkerInfo]:
+    """The workers whose heartbeat has not expired (the bucket's TTL drops the others)."""
+    from nats.js.errors import NoKeysError
+
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return {}
+    workers = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except Exception:  # expired between the two reads
+            continue
+        if entry.value:
+            workers[key] = WorkerInfo.from_bytes(entry.value)
+    return workers
 
 
 async def _stream(js: JetStreamContext, config: Any) -> None:

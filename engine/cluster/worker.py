@@ -23,7 +23,7 @@ from typing import Any
 
 from engine.backends import create_backend
 from engine.cluster.messages import CANCELLED, FAILED, FINISHED, Outcome, WorkerInfo, WorkItem
-from engine.cluster.names import CONSUMER, Names, connect, ensure_streams
+from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams
 from engine.config import Config
 from engine.errors import EngineError
 from engine.png import encode_png
@@ -85,18 +85,22 @@ class ClusterWorker:
         limits = self.config.limits
         return WorkerInfo(name=self.name, gpu=gpu_name(self.config), max_pixels=limits.max_pixels,
                           model_name=self.backend.model_name, max_count=limits.images_max,
-                          jobs_done=self.jobs_done, running=self._running,
-                          started_at=self._started_at, seen_at=time.time())
+                          styles=tuple(sorted(self.config.styles)), jobs_done=self.jobs_done,
+                          running=self._running, started_at=self._started_at,
+                          seen_at=time.time())
 
     async def _subscribe(self) -> Any:
         from nats.js.api import AckPolicy, ConsumerConfig
 
-        consumer = ConsumerConfig(durable_name=CONSUMER, name=CONSUMER,
+        # Its own subject only: the bot picks the worker whose card and styles fit the job
+        name, subject = self.names.consumer(self.name), self.names.jobs_for(self.name)
+        consumer = ConsumerConfig(durable_name=name, name=name,
                                   ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s,
                                   max_deliver=self.settings.max_deliver,
-                                  filter_subject=self.names.jobs, max_ack_pending=-1)
+                                  filter_subject=subject, max_ack_pending=-1,
+                                  inactive_threshold=CONSUMER_IDLE_S)
         await self._js.add_consumer(self.names.jobs_stream, config=consumer)  # or update it
-        return await self._js.pull_subscribe(self.names.jobs, durable=CONSUMER,
+        return await self._js.pull_subscribe(subject, durable=name,
                                              stream=self.names.jobs_stream)
 
     async def _next(self, sub: Any) -> Any:
