@@ -42,6 +42,10 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # ty
             checks += [check_gpu(config), *check_plan(config), *check_models(config)]
         else:
             checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
+        if config.cluster.url:
+            from bot.doctor_cluster import check_cluster  # it uses this module's Check
+
+            checks += check_cluster(config)
     for check in checks:
         mark = "ok " if check.ok else "FAIL"
         print_fn(f"[{mark}] {check.name}: {check.detail}")

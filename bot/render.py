@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
+from engine.cluster.messages import WorkerInfo
 from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
 from engine.errors import EngineError
@@ -214,9 +216,10 @@ def queue_list(jobs: list[Job]) -> str:
     return "Your images:\n" + "\n".join(lines)
 
 
-def status(health: Health, *, private: bool = True) -> str:
+def status(health: Health, *, private: bool = True, now: float | None = None) -> str:
     """/status for an admin. Outside a private chat (a group where everyone reads along) it
-    names no user and no error text: those go to the log and to a private /status."""
+    names no user, no error text and no worker's name or job (host names): those go to the
+    log and to a private /status."""
     if health.running is None:
         running = "nothing"
     elif private:
@@ -236,7 +239,29 @@ def status(health: Health, *, private: bool = True) -> str:
     if health.memory:
         mem = ", ".join(f"{k} {v:.1f}" for k, v in sorted(health.memory.items()))
         lines.append(f"GPU memory: {mem}")
+    if health.workers:
+        lines.append(f"Workers: {len(health.workers)}")
+        lines += workers_list(list(health.workers), now=now, private=private)
     return "\n".join(lines)
+
+
+def workers_list(workers: list[WorkerInfo], *, now: float | None = None,
+                 private: bool = True) -> list[str]:
+    """One line per GPU worker of a cluster (``/status``, ``doctor``). ``seen`` is the worker's
+    own clock: a host whose clock is off shows a wrong age, never a negative one."""
+    now = time.time() if now is None else now
+    lines = []
+    for number, w in enumerate(workers, start=1):
+        name = safe_text(w.name, limit=64) if private else f"worker {number}"
+        side = math.isqrt(w.max_pixels)
+        largest = f"{side}×{side}" if side * side == w.max_pixels else f"{w.max_pixels:,} px"
+        styles_ = ", ".join(w.styles) if w.styles else "none"
+        doing = "idle" if not w.running else (f"running {w.running}" if private else "busy")
+        seen = max(0.0, now - w.seen_at)
+        lines.append(f"• {name} — {safe_text(w.gpu, limit=64)}: largest {largest}, "
+                     f"{w.max_count} at once, styles: {styles_}; {w.jobs_done} done, {doing}, "
+                     f"seen {seen:.0f} s ago")
+    return lines
 
 
 def usage(limits: LimitsSection) -> str:

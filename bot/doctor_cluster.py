@@ -1,0 +1,57 @@
+"""``doctor`` with ``[cluster] url``: is the NATS server there, with JetStream, and which GPU
+workers are online (their heartbeats), each as ``/status`` lists them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot import render
+from bot.doctor import Check
+from engine.config import Config
+
+CONNECT_TIMEOUT_S = 3.0  # a doctor answers in seconds, whatever the server does
+
+
+def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[Check]:
+    url = config.cluster.url
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return [Check("cluster", False, f"url {url} is set but nats-py is not installed",
+                      "pip install '.[cluster]'")]
+    try:
+        return asyncio.run(asyncio.wait_for(_look(config, timeout_s), timeout_s * 3))
+    except Exception as exc:  # refused, timed out, bad credentials, no TLS: say which
+        reason = str(exc) or type(exc).__name__
+        return [Check("cluster", False, f"NATS server {url} not reachable: {reason}",
+                      "start it (nats-server -js -sd /var/lib/nats -p 4222), or fix [cluster] "
+                      "url, credentials and tls_ca")]
+
+
+async def _look(config: Config, timeout_s: float) -> list[Check]:
+    from engine.cluster.names import Names, connect, read_workers
+
+    settings = config.cluster
+    nc = await connect(settings, "imagine-bot doctor", once_within_s=timeout_s)
+    try:
+        js = nc.jetstream(timeout=timeout_s)
+        try:
+            await js.account_info()
+        except Exception as exc:
+            return [Check("cluster", False, f"NATS server {settings.url} has no JetStream "
+                          f"({exc})", "start nats-server with -js (and -sd for its files)")]
+        checks = [Check("cluster", True, f"NATS server {settings.url} reachable, JetStream on")]
+        try:
+            kv = await js.key_value(Names(settings.name).workers_bucket)
+            workers = sorted((await read_workers(kv)).values(), key=lambda w: w.name)
+        except Exception:  # no bucket yet: nobody has started there
+            workers = []
+    finally:
+        await nc.close()
+    if not workers:
+        return [*checks, Check("workers", False, "no GPU worker online: every job is refused",
+                               "start one per GPU: python -m bot worker --config FILE")]
+    checks.append(Check("workers", True, f"{len(workers)} online"))
+    checks += [Check("worker", True, line.removeprefix("• "))
+               for line in render.workers_list(workers)]
+    return checks
