@@ -162,6 +162,17 @@ class DeliverySection:
 
 
 @dataclass
+class BotSection:
+    """How the bot talks: replies follow the chat's override (``/language``), else the user's
+    own language (Discord's locale, Telegram's language_code), else this default."""
+
+    default_language: str = "en"  # "en" or "zh" (Simplified Chinese)
+
+
+BOT_LANGUAGES = ("en", "zh")
+
+
+@dataclass
 class ConsoleSection:
     enabled: str = "auto"  # "auto": only when no chat token is set; "always"; "never"
 
@@ -223,6 +234,7 @@ class Config:
     telegram: TelegramSection = field(default_factory=TelegramSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    bot: BotSection = field(default_factory=BotSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     moderation: ModerationSection = field(default_factory=ModerationSection)
     styles: dict[str, StyleSection] = field(default_factory=dict)  # none by default
@@ -368,6 +380,8 @@ def _validated(config: Config) -> Config:
          "0 (keep everything) or at least the rate-limit window and delivery.give_up_after_s")
     need(config.console.enabled in ("auto", "always", "never"), "console.enabled",
          config.console.enabled, "auto, always or never")
+    need(config.bot.default_language in BOT_LANGUAGES, "bot.default_language",
+         config.bot.default_language, " or ".join(BOT_LANGUAGES))
     _validate_moderation(config.moderation, need)
     _validate_cluster(config.cluster, need)
     _validate_styles(config.styles, need)

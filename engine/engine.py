@@ -22,10 +22,12 @@ from pathlib import Path
 
 from engine import input_image, result_files, retention, styles
 from engine.backends import Backend, create_backend
+from engine.chat_languages import ChatLanguages
 from engine.cluster.messages import WorkerInfo
 from engine.config import Config
 from engine.durable import write_durably
 from engine.errors import (
+    N_,
     AccessDenied,
     EngineClosed,
     EngineError,
@@ -112,6 +114,7 @@ class Engine:
         self.store = Store(config.engine.database)
         self.pending = PendingInteractions(self.store)  # commands not yet answered
         self.pending_replies = PendingReplies(self.store)  # answers not yet posted
+        self.chat_languages = ChatLanguages(self.store)  # /language per chat
         self.rate_limiter = RateLimiter(self.store, config.rate_limit, config.access, clock,
                                         config.limits)
         # Where jobs run: this process's GPU, or GPU workers elsewhere (engine/cluster/)
@@ -232,7 +235,7 @@ class Engine:
         ``key``: the command's own id on its platform (a Telegram update id): a command sent
         again raises ``AlreadyAccepted`` instead of queueing a second job."""
         if not self._accepting:
-            raise EngineClosed("The bot is shutting down; please try again in a minute.")
+            raise EngineClosed(N_("The bot is shutting down; please try again in a minute."))
         self._check_banned(user, request)
         styles.check_style(request.style, self.config.styles)  # nothing queued for an unknown one
         self._worker.check_runnable(request)  # a cluster: some worker online can run it
@@ -259,14 +262,15 @@ class Engine:
                 raise AlreadyAccepted(f"{key} has its job already") from None
             except DuplicateJobId:
                 log.info("job id %s taken; drawing another", job.id)
-        raise EngineError("Sorry, the bot could not take this job; please try again.")
+        raise EngineError(N_("Sorry, the bot could not take this job; please try again."))
 
     def _check_banned(self, user: User, request: ImageRequest) -> None:
         lowered = request.prompt.casefold()
         for word in self.config.access.banned_words:
             if word and word.casefold() in lowered:
                 log.warning("refused prompt from %s: banned word %r", user.key, word)
-                raise AccessDenied("Sorry, this prompt contains a word this bot does not allow.")
+                raise AccessDenied(
+                    N_("Sorry, this prompt contains a word this bot does not allow."))
 
     def _check_capacity(self, user: User) -> None:
         """The queue caps count requests (a job of --n 4 is one: its images run together);
@@ -274,12 +278,14 @@ class Engine:
         mine = sum(1 for j in self._active_jobs() if j.user == user)
         cap = self.config.engine.max_queue_per_user
         if mine >= cap:
-            waiting = "request" if mine == 1 else "requests"
-            raise QueueFull(f"You already have {mine} {waiting} waiting (the most is {cap}); "
-                            "please wait for one to finish or cancel one.")
+            message = N_("You already have {mine} request waiting (the most is {cap}); please "
+                         "wait for one to finish or cancel one.") if mine == 1 else \
+                N_("You already have {mine} requests waiting (the most is {cap}); please wait "
+                   "for one to finish or cancel one.")
+            raise QueueFull(message, mine=mine, cap=cap)
         total = len(self._queue) + len(self._runs)
         if total >= self.config.engine.max_queue_total:
-            raise QueueFull("The queue is full right now; please try again in a few minutes.")
+            raise QueueFull(N_("The queue is full right now; please try again in a few minutes."))
 
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.id] = job
@@ -353,7 +359,7 @@ class Engine:
         (or its image is made and being saved)."""
         job = self._jobs.get(job_id)
         if job is None or (job.user != by and not self.is_admin(by)):
-            raise JobNotFound("I could not find that job among yours.")
+            raise JobNotFound(N_("I could not find that job among yours."))
         if job.status is JobStatus.QUEUED and self._queue.remove(job.user.key, job):
             await self._finish(job, Cancelled(by_owner=job.user == by), JobStatus.CANCELLED)
             await self.store.refund(job.id)  # it never ran

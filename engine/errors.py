@@ -13,14 +13,27 @@
         ├── OutOfMemory         the GPU ran out of memory (after the retry)
         └── JobTimedOut         the job ran past ``engine.job_timeout_s``
 
-Adapters catch ``EngineError`` once, log it, and show ``str(err)`` to the user.
+Adapters catch ``EngineError`` once, log it, and show it to the user in their language: the
+message is a gettext id (marked ``N_``) with ``{name}`` fields filled from ``params``
+(``bot/render.py`` translates ``msgid`` and fills it again); ``str(err)`` stays the English
+sentence for logs.
 """
 
 from __future__ import annotations
 
 
+def N_(message: str) -> str:
+    """Marks an English message id for the catalogues (``bot/i18n``); translated when shown."""
+    return message
+
+
 class EngineError(Exception):
     """Base class: the message is safe to show to the user who caused it."""
+
+    def __init__(self, message: str = "", /, **params: object) -> None:
+        super().__init__(message.format(**params) if params else message)
+        self.msgid = message
+        self.params = params
 
 
 class InvalidCommand(EngineError):
@@ -32,8 +45,8 @@ class AccessDenied(EngineError):
 
 
 class RateLimited(EngineError):
-    def __init__(self, message: str, retry_at: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_at: float, **params: object) -> None:
+        super().__init__(message, **params)
         self.retry_at = retry_at
 
 

@@ -31,7 +31,7 @@ from fractions import Fraction
 from typing import Any
 
 from engine.config import STRENGTH_MIN, STYLE_NAME, LimitsSection
-from engine.errors import InvalidCommand
+from engine.errors import N_, InvalidCommand
 from engine.request import ImageRequest
 
 MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
@@ -467,30 +467,44 @@ def _strength_of(command: ParsedCommand | ImageRequest) -> float | None:
     return command.strength if command.init_image else None
 
 
-def usage(limits: LimitsSection) -> str:
-    """A short /help text built from ``limits``."""
+def usage_lines(limits: LimitsSection) -> list[tuple[str, dict[str, object]]]:
+    """/help's lines as message ids and their fields: ``bot/render.py`` says them in the
+    reader's language."""
     try:
         wide = "{}x{}".format(*aspect_to_size("16:9", limits))
     except InvalidCommand:
-        wide = "the closest allowed size"
-    return "\n".join([
-        "/imagine <prompt> [options]",
-        f"  --seed N      {limits.seed_min}–{limits.seed_max} (random if left out)",
-        f"  --steps N     {limits.steps_min}–{limits.steps_max} (default {limits.steps_default})",
-        f"  --ar W:H      aspect ratio from 1:{MAX_ASPECT} to {MAX_ASPECT}:1 (16:9 gives {wide})",
-        f"  --size WxH    sides multiples of {limits.size_multiple}, at least {limits.min_side}, "
-        f"at most {limits.max_pixels:,} pixels (default "
-        f"{limits.width_default}x{limits.height_default})",
-        f"  --guidance X  {limits.guidance_min:g}–{limits.guidance_max:g} "
-        f"(default {limits.guidance_default:g})",
-        f"  --n N         images at once, 1–{limits.images_max} (default "
-        f"{limits.images_default}; their seeds follow on: 7, 8, 9, …)",
-        f"  --strength X  {STRENGTH_MIN:g}–1 with a picture sent along to start from (default "
-        f"{limits.strength_default:g}; lower keeps more of the picture)",
-        "  --style NAME  a style (LoRA) of this bot's; /styles lists them",
-        f"Prompts: at most {limits.max_prompt_chars:,} characters; quote them if they contain --.",
-        "Example: /imagine a red fox in the snow --seed 7 --ar 16:9",
-    ])
+        wide = "?"
+    return [
+        (N_("/imagine <prompt> [options]"), {}),
+        (N_("  --seed N      {low}–{high} (random if left out)"),
+         {"low": limits.seed_min, "high": limits.seed_max}),
+        (N_("  --steps N     {low}–{high} (default {default})"),
+         {"low": limits.steps_min, "high": limits.steps_max, "default": limits.steps_default}),
+        (N_("  --ar W:H      aspect ratio from 1:{most} to {most}:1 (16:9 gives {wide})"),
+         {"most": MAX_ASPECT, "wide": wide}),
+        (N_("  --size WxH    sides multiples of {multiple}, at least {low}, at most {pixels} "
+            "pixels (default {width}x{height})"),
+         {"multiple": limits.size_multiple, "low": limits.min_side,
+          "pixels": f"{limits.max_pixels:,}", "width": limits.width_default,
+          "height": limits.height_default}),
+        (N_("  --guidance X  {low}–{high} (default {default})"),
+         {"low": f"{limits.guidance_min:g}", "high": f"{limits.guidance_max:g}",
+          "default": f"{limits.guidance_default:g}"}),
+        (N_("  --n N         images at once, 1–{most} (default {default}; their seeds follow "
+            "on: 7, 8, 9, …)"), {"most": limits.images_max, "default": limits.images_default}),
+        (N_("  --strength X  {low}–1 with a picture sent along to start from (default "
+            "{default}; lower keeps more of the picture)"),
+         {"low": f"{STRENGTH_MIN:g}", "default": f"{limits.strength_default:g}"}),
+        (N_("  --style NAME  a style (LoRA) of this bot's; /styles lists them"), {}),
+        (N_("Prompts: at most {most} characters; quote them if they contain --."),
+         {"most": f"{limits.max_prompt_chars:,}"}),
+        (N_("Example: /imagine a red fox in the snow --seed 7 --ar 16:9"), {}),
+    ]
+
+
+def usage(limits: LimitsSection) -> str:
+    """A short /help text built from ``limits`` (English)."""
+    return "\n".join(line.format(**fields) for line, fields in usage_lines(limits))
 
 
 HELP_TEXT = usage(LimitsSection())

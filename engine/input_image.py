@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from engine.config import LimitsSection
 from engine.durable import write_durably
-from engine.errors import InvalidCommand
+from engine.errors import N_, InvalidCommand
 from engine.grammar import MAX_ASPECT, ParsedCommand
 from engine.request import ImageRequest
 
@@ -54,7 +54,7 @@ def check_announced(size: int | None, limits: LimitsSection) -> None:
 
 def unavailable() -> InvalidCommand:
     """The chat platform would not hand over the file."""
-    return InvalidCommand("I could not download that image; please send it again.")
+    return InvalidCommand(N_("I could not download that image; please send it again."))
 
 
 def request_for(parsed: ParsedCommand, data: bytes, limits: LimitsSection, folder: Path,
@@ -80,8 +80,8 @@ def decode(data: bytes, limits: LimitsSection) -> Image.Image:
         raise _too_big(len(data), limits)
     kind = _format_of(data)
     if kind is None:
-        raise InvalidCommand("That file is not a PNG, JPEG or WebP image; please send one of "
-                             "those.")
+        raise InvalidCommand(N_("That file is not a PNG, JPEG or WebP image; please send one "
+                                "of those."))
     most = Image.MAX_IMAGE_PIXELS  # read now: tests and admins may change it
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as image:
@@ -90,11 +90,12 @@ def decode(data: bytes, limits: LimitsSection) -> Image.Image:
             image.load()
             return _flattened(_upright(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidCommand(f"That image has too many pixels to open safely (at most "
-                             f"{most or 0:,}); please send a smaller one.") from None
+        raise InvalidCommand(N_("That image has too many pixels to open safely (at most "
+                                "{most}); please send a smaller one."),
+                             most=f"{most or 0:,}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError):  # Pillow's parse errors
-        raise InvalidCommand("That image could not be read (it may be damaged or cut short); "
-                             "please send it again or try another.") from None
+        raise InvalidCommand(N_("That image could not be read (it may be damaged or cut "
+                                "short); please send it again or try another.")) from None
 
 
 def job_size(width: int, height: int, limits: LimitsSection) -> tuple[int, int]:
@@ -103,8 +104,9 @@ def job_size(width: int, height: int, limits: LimitsSection) -> tuple[int, int]:
     ``size_multiple``."""
     if not 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
         raise InvalidCommand(
-            f"That image is {width}×{height} pixels, a narrower shape than 1:{MAX_ASPECT} or "
-            f"{MAX_ASPECT}:1 allows; please crop it, or give --ar or --size to use part of it.")
+            N_("That image is {width}×{height} pixels, a narrower shape than 1:{most} or "
+               "{most}:1 allows; please crop it, or give --ar or --size to use part of it."),
+            width=width, height=height, most=MAX_ASPECT)
     step = limits.size_multiple
     low = -(-limits.min_side // step) * step  # the smallest allowed side
     scale = min(1.0, math.sqrt(limits.max_pixels / (width * height)))
@@ -113,8 +115,8 @@ def job_size(width: int, height: int, limits: LimitsSection) -> tuple[int, int]:
     if size[0] * size[1] > limits.max_pixels:  # rounding up went over: round down instead
         size = [max(int(side * scale) // step * step, low) for side in (width, height)]
     if size[0] * size[1] > limits.max_pixels:
-        raise InvalidCommand(f"No allowed size has the shape of that {width}×{height} image; "
-                             "please give --ar or --size.")
+        raise InvalidCommand(N_("No allowed size has the shape of that {width}×{height} image; "
+                                "please give --ar or --size."), width=width, height=height)
     return size[0], size[1]
 
 
@@ -168,8 +170,8 @@ def _flattened(image: Image.Image) -> Image.Image:
 
 
 def _too_big(size: int, limits: LimitsSection) -> InvalidCommand:
-    return InvalidCommand(f"That image is {_megabytes(size)}; please send one of at most "
-                          f"{_megabytes(limits.input_max_bytes)}.")
+    return InvalidCommand(N_("That image is {size}; please send one of at most {most}."),
+                          size=_megabytes(size), most=_megabytes(limits.input_max_bytes))
 
 
 def _megabytes(size: int) -> str:

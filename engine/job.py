@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.errors import GenerationFailed, JobCancelled
+from engine.errors import N_, GenerationFailed, JobCancelled
 from engine.moderation import Policy
 from engine.request import ImageRequest, Origin, User
 
@@ -169,8 +169,8 @@ class Job:
         if self.status is JobStatus.FINISHED and self._result is not None:
             return self._result
         if self.status is JobStatus.CANCELLED:
-            raise JobCancelled("This job was cancelled.")
-        raise GenerationFailed(self.error or "This image could not be made.")
+            raise JobCancelled(N_("This job was cancelled."))
+        raise GenerationFailed(self.error or N_("This image could not be made."))
 
     @property
     def result_now(self) -> JobResult | None:

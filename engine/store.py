@@ -132,6 +132,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE pending_replies ADD COLUMN markup TEXT NOT NULL DEFAULT '';
     """,
+    # v10: the reply language an admin set for a chat (/language; engine/chat_languages.py).
+    """
+    CREATE TABLE chat_languages (
+        chat_key TEXT PRIMARY KEY,
+        language TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 UNLIMITED = -1  # a per-user override meaning "no limit"

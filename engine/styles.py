@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.config import ModelSection, StyleSection
-from engine.errors import InvalidCommand
+from engine.errors import N_, InvalidCommand
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ def check_style(name: str, styles: dict[str, StyleSection]) -> None:
     if not name or name in styles:
         return
     if not styles:
-        raise InvalidCommand(f"There is no style {_shown(name)}: this bot has no styles set up; "
-                             "please leave --style out.")
-    raise InvalidCommand(f"There is no style {_shown(name)}; the styles are: "
-                         f"{', '.join(sorted(styles))} (/styles describes them).")
+        raise InvalidCommand(N_("There is no style {name}: this bot has no styles set up; "
+                                "please leave --style out."), name=_shown(name))
+    raise InvalidCommand(N_("There is no style {name}; the styles are: {styles} (/styles "
+                            "describes them)."), name=_shown(name),
+                         styles=", ".join(sorted(styles)))
 
 
 def _shown(name: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine import result_files
 from engine.config import LimitsSection
-from engine.errors import InvalidCommand
+from engine.errors import N_, InvalidCommand
 from engine.grammar import ParsedCommand
 from engine.request import ImageRequest
 from engine.upscale import FACTOR, tile_side
@@ -40,16 +40,16 @@ def more_steps(request: ImageRequest, limits: LimitsSection,
     """The same seed with ``extra`` more steps, up to the most allowed."""
     steps = min(request.steps + extra, limits.steps_max)
     if steps <= request.steps:
-        raise InvalidCommand(
-            f"This image already uses the most steps allowed ({limits.steps_max}).")
+        raise InvalidCommand(N_("This image already uses the most steps allowed ({most})."),
+                             most=limits.steps_max)
     return _checked(request, limits, request.seed, steps)
 
 
 def _checked(request: ImageRequest, limits: LimitsSection, seed: int,
              steps: int) -> ImageRequest:
     if request.upscale_tile:  # larger than any request the grammar allows
-        raise InvalidCommand("An upscale is made from its original image; please use the "
-                             "buttons under that one.")
+        raise InvalidCommand(N_("An upscale is made from its original image; please use the "
+                                "buttons under that one."))
     parsed = ParsedCommand(prompt=request.prompt, seed=seed, steps=steps, width=request.width,
                            height=request.height, guidance=request.guidance,
                            count=min(request.count, limits.images_max))
@@ -65,13 +65,15 @@ VARIATIONS = ("subtle", "strong")
 def image_of(record_path: str | None, request: ImageRequest, index: int) -> str:
     """The file of image ``index`` (0-based) of a finished job, or ``InvalidCommand``."""
     if not 0 <= index < request.count:
-        raise InvalidCommand(f"That job has {request.count} image"
-                             f"{'' if request.count == 1 else 's'}; pick 1 to {request.count}.")
+        message = N_("That job has {count} image; pick 1 to {count}.") if request.count == 1 \
+            else N_("That job has {count} images; pick 1 to {count}.")
+        raise InvalidCommand(message, count=request.count)
     if not record_path:
-        raise InvalidCommand("That job has no image to start from.")
+        raise InvalidCommand(N_("That job has no image to start from."))
     path = result_files.paths(record_path, request)[index]
     if not Path(path).exists():
-        raise InvalidCommand("That image is no longer kept by the bot, so it cannot be varied.")
+        raise InvalidCommand(N_("That image is no longer kept by the bot, so it cannot be "
+                                "varied."))
     return str(path)
 
 
@@ -80,10 +82,10 @@ def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int
     """Image-to-image from image ``index`` of a finished job: same prompt and size, a new
     seed, one image, at the configured subtle or strong strength."""
     if kind not in VARIATIONS:
-        raise InvalidCommand("A variation is either subtle or strong.")
+        raise InvalidCommand(N_("A variation is either subtle or strong."))
     if request.upscale_tile:
-        raise InvalidCommand("Variations are made from the original image, not its upscale; "
-                             "please use the buttons under that one.")
+        raise InvalidCommand(N_("Variations are made from the original image, not its upscale; "
+                                "please use the buttons under that one."))
     start = image_of(record_path, request, index)
     strength = limits.vary_subtle_strength if kind == "subtle" else limits.vary_strong_strength
     single = request.one(index).with_changes(init_image="", strength=1.0, derived_from="")
@@ -105,7 +107,7 @@ def upscale(request: ImageRequest, job_id: str, record_path: str | None, index: 
     start = image_of(record_path, request, index)
     one = request.one(index)
     if one.upscale_tile:
-        raise InvalidCommand("This image is an upscale already.")
+        raise InvalidCommand(N_("This image is an upscale already."))
     return one.with_changes(
         init_image=start, strength=limits.upscale_strength, width=one.width * FACTOR,
         height=one.height * FACTOR, upscale_tile=tile_side(limits.max_pixels,

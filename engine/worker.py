@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from engine.backends.base import Backend, is_out_of_memory
-from engine.errors import JobTimedOut, OutOfMemory
+from engine.errors import N_, JobTimedOut, OutOfMemory
 from engine.request import ImageRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,7 +141,7 @@ class GpuWorker:
             if abort.is_set():
                 raise Aborted()
             if time.monotonic() > deadline:
-                raise JobTimedOut("This image took too long and was stopped.")
+                raise JobTimedOut(N_("This image took too long and was stopped."))
             on_step(i, n)
 
         result = self._attempt(request, step)
@@ -194,7 +194,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-_OOM_MESSAGE = (
+_OOM_MESSAGE = N_(
     "The GPU ran out of memory for this image; try a smaller --size, or ask again when the "
     "bot is less busy."
 )
