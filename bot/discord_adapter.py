@@ -28,9 +28,10 @@ import discord
 from discord import app_commands
 
 from bot import discord_image_alone as image_alone
-from bot import render
+from bot import language, render
 from bot.delivery import RetryPolicy
 from bot.discord_commands import build_commands
+from bot.discord_i18n import GettextTranslator
 from bot.discord_pending import answer_left_over, pending_of, request_key
 from bot.discord_reply import POST_TIMEOUT_S, Follower, Reply
 from bot.discord_views import JobButton
@@ -53,6 +54,7 @@ class NotHere(app_commands.CheckFailure):
 
 class ImagineTree(app_commands.CommandTree):
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        await self.client.adapter.use_language(interaction)  # type: ignore[attr-defined]
         if not self.client.adapter.allowed_here(interaction):  # type: ignore[attr-defined]
             raise NotHere(render.chat_not_allowed())
         return True
@@ -77,6 +79,7 @@ class ImagineClient(discord.Client):
         for command in build_commands(self.adapter.config.limits):
             self.tree.add_command(command)
         self.add_dynamic_items(JobButton)  # buttons keep working after a restart
+        await self.tree.set_translator(GettextTranslator())  # zh-CN/zh-TW descriptions
         await self.adapter.sync_commands()
 
 
@@ -202,6 +205,11 @@ class DiscordAdapter:
         # The account name, not the guild nickname (identity is the id; the name is for captions).
         return User("discord", str(interaction.user.id), interaction.user.name)
 
+    async def use_language(self, interaction: discord.Interaction) -> None:
+        """Replies to this interaction (and its job's) in the channel's or the user's language."""
+        await language.choose(self.engine, self.config, "discord", interaction.channel_id or 0,
+                              interaction.locale.value)
+
     def allowed_here(self, interaction: discord.Interaction) -> bool:
         """Guild and channel allow-lists (empty = everywhere); admins may use the bot anywhere."""
         access = self.config.access
@@ -311,6 +319,7 @@ class DiscordAdapter:
                              job_id: str) -> bool:
         """Only the job's owner may press its buttons (an admin may also cancel it)."""
         try:
+            await self.use_language(interaction)  # the press's task: kept for on_button
             if not self.allowed_here(interaction):
                 await self.say(interaction, render.chat_not_allowed())
                 return False

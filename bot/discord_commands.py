@@ -10,12 +10,15 @@ and the ``Range`` bounds are closure variables.)
 import discord
 from discord import app_commands
 
-from bot import render
+from bot import language, render
+from bot.discord_i18n import lstr
 from engine.config import STRENGTH_MIN, LimitsSection
 
-ASPECTS = [("1:1 square", "1:1"), ("3:2 landscape", "3:2"), ("2:3 portrait", "2:3"),
-           ("4:3 landscape", "4:3"), ("3:4 portrait", "3:4"), ("16:9 wide", "16:9"),
-           ("9:16 tall", "9:16")]
+ASPECTS = [(lstr("1:1 square"), "1:1"), (lstr("3:2 landscape"), "3:2"),
+           (lstr("2:3 portrait"), "2:3"), (lstr("4:3 landscape"), "4:3"),
+           (lstr("3:4 portrait"), "3:4"), (lstr("16:9 wide"), "16:9"), (lstr("9:16 tall"), "9:16")]
+LANGUAGES = [(lstr("Chinese (中文)"), "zh"), (lstr("English"), "en"),
+             (lstr("Each person's own language"), "auto")]
 
 
 class NotAdmin(app_commands.CheckFailure):
@@ -41,21 +44,22 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
     Count = app_commands.Range[int, 1, limits.images_max]
     Strength = app_commands.Range[float, STRENGTH_MIN, 1.0]
 
-    @app_commands.command(description="Make an image from a prompt (--seed, --steps, --ar work "
-                                      "inside the prompt too).")
-    @app_commands.describe(prompt="What to draw; may end with --seed N --steps N --ar W:H",
-                           seed="Same seed + same prompt = same image (random if left out)",
-                           steps=f"More steps: more detail, slower (default "
-                                 f"{limits.steps_default})",
-                           aspect="Shape of the image",
-                           guidance=f"How closely to follow the prompt (default "
-                                    f"{limits.guidance_default:g})",
-                           n="How many images at once",
-                           image="A picture to start from (PNG, JPEG or WebP); its shape is "
-                                 "kept unless aspect is given",
-                           strength=f"With an image: how far to move from it (default "
-                                    f"{limits.strength_default:g}; lower keeps more)",
-                           style="A style the admins set up (see /styles)")
+    @app_commands.command(description=lstr("Make an image from a prompt (--seed, --steps, --ar "
+                                           "work inside the prompt too)."))
+    @app_commands.describe(prompt=lstr("What to draw; may end with --seed N --steps N --ar W:H"),
+                           seed=lstr("Same seed + same prompt = same image (random if left out)"),
+                           steps=lstr("More steps: more detail, slower (default {default})",
+                                      default=limits.steps_default),
+                           aspect=lstr("Shape of the image"),
+                           guidance=lstr("How closely to follow the prompt (default {default})",
+                                         default=format(limits.guidance_default, "g")),
+                           n=lstr("How many images at once"),
+                           image=lstr("A picture to start from (PNG, JPEG or WebP); its shape is "
+                                      "kept unless aspect is given"),
+                           strength=lstr("With an image: how far to move from it (default "
+                                         "{default}; lower keeps more)",
+                                         default=format(limits.strength_default, "g")),
+                           style=lstr("A style the admins set up (see /styles)"))
     @app_commands.choices(aspect=[app_commands.Choice(name=n, value=v) for n, v in ASPECTS])
     async def imagine(interaction: discord.Interaction, prompt: Prompt,
                       seed: Seed | None = None, steps: Steps | None = None,
@@ -77,26 +81,29 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
         return [app_commands.Choice(name=name, value=name)
                 for name in names if name.startswith(typed)][:25]
 
-    @app_commands.command(name="styles", description="The styles you can add with --style.")
+    @app_commands.command(name="styles",
+                          description=lstr("The styles you can add with --style."))
     async def styles(interaction: discord.Interaction) -> None:
         adapter = _adapter(interaction)
         await adapter.say(interaction, render.styles_list(adapter.config.styles))
 
-    @app_commands.command(name="queue", description="Your images waiting or being drawn.")
+    @app_commands.command(name="queue", description=lstr("Your images waiting or being drawn."))
     async def queue(interaction: discord.Interaction) -> None:
         await _adapter(interaction).show_queue(interaction)
 
-    @app_commands.command(description="Cancel one of your images (your latest if no id is given).")
-    @app_commands.describe(job="The job id shown by /queue")
+    @app_commands.command(
+        description=lstr("Cancel one of your images (your latest if no id is given)."))
+    @app_commands.describe(job=lstr("The job id shown by /queue"))
     async def cancel(interaction: discord.Interaction, job: str | None = None) -> None:
         await _adapter(interaction).cancel(interaction, job)
 
     @app_commands.command(name="limits",
-                          description="How many images you have left, and when more free up.")
+                          description=lstr("How many images you have left, and when more free "
+                                           "up."))
     async def limits_(interaction: discord.Interaction) -> None:
         await _adapter(interaction).show_limits(interaction)
 
-    @app_commands.command(name="help", description="How to use /imagine.")
+    @app_commands.command(name="help", description=lstr("How to use /imagine."))
     async def help_(interaction: discord.Interaction) -> None:
         await _adapter(interaction).say(interaction, render.usage(limits))
 
@@ -104,37 +111,52 @@ def build_commands(limits: LimitsSection) -> list[app_commands.Command]:
 
 
 def _admin_commands() -> list[app_commands.Command]:
-    @app_commands.command(description="Admins: queue, running job, GPU memory, last error.")
+    @app_commands.command(description=lstr("Admins: queue, running job, GPU memory, last error."))
     @app_commands.check(_admin_only)
     async def status(interaction: discord.Interaction) -> None:
         adapter = _adapter(interaction)
         await adapter.say(interaction, render.status(adapter.engine.health()))
 
-    @app_commands.command(description="Admins: the last day's and week's images, GPU time, "
-                                      "failures, waits and top users.")
+    @app_commands.command(description=lstr("Admins: the last day's and week's images, GPU time, "
+                                           "failures, waits and top users."))
     @app_commands.check(_admin_only)
     async def stats(interaction: discord.Interaction) -> None:
         adapter = _adapter(interaction)  # answered privately: ids may be shown
         await adapter.say(interaction, render.stats(await adapter.engine.stats(), md=True))
 
-    @app_commands.command(description="Admins: stop starting new images (the queue keeps them).")
+    @app_commands.command(
+        description=lstr("Admins: stop starting new images (the queue keeps them)."))
     @app_commands.check(_admin_only)
     async def pause(interaction: discord.Interaction) -> None:
         _adapter(interaction).engine.pause()
         await _adapter(interaction).say(interaction, render.queue_paused())
 
-    @app_commands.command(description="Admins: start drawing queued images again.")
+    @app_commands.command(description=lstr("Admins: start drawing queued images again."))
     @app_commands.check(_admin_only)
     async def resume(interaction: discord.Interaction) -> None:
         _adapter(interaction).engine.resume()
         await _adapter(interaction).say(interaction, render.queue_resumed())
 
-    @app_commands.command(description="Admins: set a user's images per window (empty = default).")
-    @app_commands.describe(user="Whose limit to change", images="Images per window; leave "
-                                                               "empty for the default")
+    @app_commands.command(
+        description=lstr("Admins: set a user's images per window (empty = default)."))
+    @app_commands.describe(user=lstr("Whose limit to change"),
+                           images=lstr("Images per window; leave empty for the default"))
     @app_commands.check(_admin_only)
     async def limit(interaction: discord.Interaction, user: discord.User,
                     images: app_commands.Range[int, 0, 100_000] | None = None) -> None:
         await _adapter(interaction).set_limit(interaction, user, images)
 
-    return [status, stats, pause, resume, limit]
+    @app_commands.command(name="language",
+                          description=lstr("Admins: the language of the bot's replies in this "
+                                           "channel."))
+    @app_commands.describe(choice=lstr("Chinese, English, or each person's own language"))
+    @app_commands.choices(choice=[app_commands.Choice(name=n, value=v) for n, v in LANGUAGES])
+    @app_commands.check(_admin_only)
+    async def language_(interaction: discord.Interaction,
+                        choice: app_commands.Choice[str]) -> None:
+        adapter = _adapter(interaction)
+        text = await language.set_for_chat(adapter.engine, "discord", interaction.channel_id or 0,
+                                           choice.value)
+        await adapter.say(interaction, text)
+
+    return [status, stats, pause, resume, limit, language_]

@@ -12,12 +12,12 @@ import math
 import re
 import time
 
+from bot.i18n import _, ngettext
 from engine.cluster.messages import WorkerInfo
 from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
 from engine.errors import EngineError
-from engine.grammar import clean_prompt
-from engine.grammar import usage as grammar_usage
+from engine.grammar import clean_prompt, usage_lines
 from engine.job import Job, JobEvent, JobResult, Progress, Queued, Started
 from engine.quota_text import amount
 from engine.rate_limit import Quota
@@ -52,26 +52,28 @@ def duration(seconds: float) -> str:
     """Human time: '9 s', '3 min', '1 h 5 min'."""
     seconds = max(0.0, seconds)
     if seconds < 60:
-        return f"{max(1, math.ceil(seconds))} s"
+        return _("{n} s").format(n=max(1, math.ceil(seconds)))
     minutes = math.ceil(seconds / 60)
     if minutes < 60:
-        return f"{minutes} min"
+        return _("{n} min").format(n=minutes)
     hours, rest = divmod(minutes, 60)
-    return f"{hours} h {rest} min" if rest else f"{hours} h"
+    if rest:
+        return _("{hours} h {minutes} min").format(hours=hours, minutes=rest)
+    return _("{n} h").format(n=hours)
 
 
 def queued(position: int | None) -> str:
     if not position or position <= 1:
-        return "⏳ Queued: you are next."
-    return f"⏳ Queued: number {position} in line."
+        return _("⏳ Queued: you are next.")
+    return _("⏳ Queued: number {position} in line.").format(position=position)
 
 
 def steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"
+    return ngettext("{n} step", "{n} steps", n).format(n=n)
 
 
 def started(request: ImageRequest) -> str:
-    return f"🎨 Drawing… ({steps(request.steps)})"
+    return _("🎨 Drawing… ({steps})").format(steps=steps(request.steps))
 
 
 def progress(step: int, total: int, eta_s: float | None) -> str:
@@ -81,10 +83,10 @@ def progress(step: int, total: int, eta_s: float | None) -> str:
     if eta_s is None or step >= total:
         eta = ""
     elif eta_s < 1.5:
-        eta = ", nearly done"  # "about 1 s left" on a 0.3 s job read as a promise
+        eta = _(", nearly done")  # "about 1 s left" on a 0.3 s job read as a promise
     else:
-        eta = f", about {duration(eta_s)} left"
-    return f"🎨 {bar} step {step}/{total}{eta}"
+        eta = _(", about {time} left").format(time=duration(eta_s))
+    return _("🎨 {bar} step {step}/{total}{eta}").format(bar=bar, step=step, total=total, eta=eta)
 
 
 def job_status(event: JobEvent, request: ImageRequest) -> str | None:
@@ -103,73 +105,93 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     """Under the image: prompt, then seed · steps · size · time · who asked."""
     r = result.request
     prompt = safe_text(r.prompt, md=md, limit=CAPTION_PROMPT_CHARS)
-    seeds = f"seed {r.seed}" if r.count == 1 else f"{r.count} images, seeds {r.seed}–{r.seeds[-1]}"
+    seeds = _("seed {seed}").format(seed=r.seed) if r.count == 1 else \
+        _("{count} images, seeds {first}–{last}").format(count=r.count, first=r.seed,
+                                                          last=r.seeds[-1])
     facts = [seeds, steps(r.steps), f"{r.width}×{r.height}"]
     if r.derived_from:
         facts.insert(0, safe_text(r.derived_from, md=md, limit=64))
     if r.init_image:
-        facts.append(f"strength {r.strength:g}")
+        facts.append(_("strength {value}").format(value=f"{r.strength:g}"))
     if r.guidance != 3.5:
-        facts.append(f"guidance {r.guidance:g}")
+        facts.append(_("guidance {value}").format(value=f"{r.guidance:g}"))
     if result.seconds:
-        facts.append(f"{result.seconds:.1f} s")
+        facts.append(_("{n} s").format(n=f"{result.seconds:.1f}"))
     if requester:
-        facts.append(f"asked by {safe_text(requester, md=md, limit=64)}")
+        facts.append(_("asked by {name}").format(name=safe_text(requester, md=md, limit=64)))
     return f"{prompt}\n{' · '.join(facts)}"
 
 
 def vary_needs_a_finished_job() -> str:
-    return "⚠️ I could not find a finished job with that id to start from."
+    return _("⚠️ I could not find a finished job with that id to start from.")
+
+
+def translated(text: str) -> str:
+    """A sentence the engine stored or raised (a job's failure, an error without fields): its
+    words in the reader's language where the catalogue has it, else as it is."""
+    return _(text) if text else text  # gettext("") would be the catalogue's header
 
 
 def failed(reason: str) -> str:
-    return f"⚠️ {reason}"
+    return f"⚠️ {translated(reason)}"
 
 
 def cancelled(by_owner: bool = True) -> str:
-    return "🛑 Cancelled." if by_owner else "🛑 Cancelled by an admin."
+    return _("🛑 Cancelled.") if by_owner else _("🛑 Cancelled by an admin.")
+
+
+def error_text(exc: EngineError) -> str:
+    """An engine error in the reader's language: its message id translated, its fields filled."""
+    msgid, params = getattr(exc, "msgid", ""), getattr(exc, "params", {})
+    if msgid and params:
+        return _(msgid).format(**params)
+    return translated(str(exc))
 
 
 def error(exc: EngineError) -> str:
-    return f"⚠️ {exc}"
+    return f"⚠️ {error_text(exc)}"
 
 
 def conflicts_note(names: list[str]) -> str:
     if not names:
         return ""
     joined = ", ".join(names)
-    return f"(The --flags in your prompt were used instead of the {joined} option.)"
+    return _("(The --flags in your prompt were used instead of the {names} option.)").format(
+        names=joined)
 
 
 def not_your_job() -> str:
-    return "This is not your job: only the person who asked can use these buttons."
+    return _("This is not your job: only the person who asked can use these buttons.")
 
 
 def quota(q: Quota, now: float, limits: LimitsSection | None = None) -> str:
     """/limits: the window's balance, the last 24 hours' where capped; under gpu_seconds in
     images of the default size (``limits`` names that size)."""
     if q.limit is None:
-        text = "You have no image limit here." if q.day is None else \
-            "You have no limit per window here."
+        text = _("You have no image limit here.") if q.day is None else \
+            _("You have no limit per window here.")
     else:
-        text = f"You have {_balance(q)} left."
+        text = _("You have {balance} left.").format(balance=_balance(q))
         if q.resets_at is not None and q.remaining is not None and q.remaining < q.limit:
-            what = "An image's worth" if q.priced else "The next one"
-            text += f" {what} frees up in {duration(q.resets_at - now)}."
+            wait = duration(q.resets_at - now)
+            text += " " + (_("An image's worth frees up in {time}.") if q.priced
+                           else _("The next one frees up in {time}.")).format(time=wait)
     if q.day is not None:
-        text += f" Over the last 24 hours: {_balance(q.day)} left."
+        text += " " + _("Over the last 24 hours: {balance} left.").format(balance=_balance(q.day))
     if q.priced and limits is not None:
-        text += (f" (An image's worth is one {limits.width_default}×{limits.height_default} "
-                 f"image at {steps(limits.steps_default)}; bigger images and more steps cost "
-                 "more.)")
+        text += " " + _("(An image's worth is one {width}×{height} image at {steps}; bigger "
+                        "images and more steps cost more.)").format(
+            width=limits.width_default, height=limits.height_default,
+            steps=steps(limits.steps_default))
     return text
 
 
 def _balance(q: Quota) -> str:
     """'3 of 10 images', or priced '7.5 of 10 images' worth' (what is left rounded down)."""
     if q.priced:
-        return f"{amount(q.remaining or 0.0, up=False)} of {q.limit:g} images' worth"
-    return f"{q.remaining} of {q.limit} images"
+        return _("{left} of {limit} images' worth").format(
+            left=amount(q.remaining or 0.0, up=False), limit=f"{q.limit:g}")
+    return _("{left} of {limit} images").format(left=q.remaining, limit=q.limit)
 
 
 def stats(usage: UsageStats, *, private: bool = True, md: bool = False) -> str:
@@ -208,12 +230,13 @@ def _seconds(value: float | None) -> str:
 
 def queue_list(jobs: list[Job]) -> str:
     if not jobs:
-        return "You have no images waiting."
+        return _("You have no images waiting.")
     lines = []
     for job in jobs:
-        where = "drawing now" if job.position() is None else f"number {job.position()} in line"
+        where = _("drawing now") if job.position() is None else \
+            _("number {position} in line").format(position=job.position())
         lines.append(f"• {job.id}: {safe_text(job.request.prompt, limit=60)} — {where}")
-    return "Your images:\n" + "\n".join(lines)
+    return _("Your images:") + "\n" + "\n".join(lines)
 
 
 def status(health: Health, *, private: bool = True, now: float | None = None) -> str:
@@ -266,149 +289,165 @@ def workers_list(workers: list[WorkerInfo], *, now: float | None = None,
 
 def usage(limits: LimitsSection) -> str:
     """/help: the commands, then the grammar's own option summary."""
-    return (grammar_usage(limits) + "\nTo start from a picture: Discord's image option, or in "
-            "Telegram a photo with /imagine … as its caption (or /imagine … as a reply to one)."
-            "\nAlso: /queue (your images), /cancel [id], /limits (images left).")
+    lines = [_(line).format(**fields) for line, fields in usage_lines(limits)]
+    lines.append(_("To start from a picture: Discord's image option, or in Telegram a photo "
+                   "with /imagine … as its caption (or /imagine … as a reply to one)."))
+    lines.append(_("Also: /queue (your images), /cancel [id], /limits (images left), "
+                   "/language (admins: this chat's language)."))
+    return "\n".join(lines)
 
 
 # -- added for the chat adapters' commands and buttons (Telegram first) ---------------------------
 def admin_only() -> str:
-    return "Sorry, only the bot's admins can use this command."
+    return _("Sorry, only the bot's admins can use this command.")
 
 
 def chat_not_allowed() -> str:
-    return "Sorry, this bot is not enabled in this chat."
+    return _("Sorry, this bot is not enabled in this chat.")
 
 
 def internal_error() -> str:
-    return "⚠️ Something went wrong on my side; the bot's admin can find the details in the log."
+    return _("⚠️ Something went wrong on my side; the bot's admin can find the details in the "
+             "log.")
 
 
 def unknown_command(word: str, known: list[str]) -> str:
-    return (f"I do not know {safe_text(word, limit=40)}. Commands: /imagine <prompt>, "
-            + ", ".join(known) + ", /quit.")
+    return _("I do not know {word}. Commands: /imagine <prompt>, {commands}, /quit.").format(
+        word=safe_text(word, limit=40), commands=", ".join(known))
 
 
 def cancelling(job_id: str) -> str:
-    return f"Cancelling {job_id}."
+    return _("Cancelling {job}.").format(job=job_id)
 
 
 def already_over() -> str:
-    return "That job has already finished."
+    return _("That job has already finished.")
 
 
 def queue_paused() -> str:
-    return "⏸ The queue is paused: new images are accepted but none starts until /resume."
+    return _("⏸ The queue is paused: new images are accepted but none starts until /resume.")
 
 
 def queue_resumed() -> str:
-    return "▶️ The queue is running again."
+    return _("▶️ The queue is running again.")
 
 
 def limit_usage() -> str:
-    return "Usage: /limit <user id> <images per window | 0 (none) | unlimited | default>"
+    return _("Usage: /limit <user id> <images per window | 0 (none) | unlimited | default>")
 
 
 def limit_set(user_id: str, images: int | None) -> str:
     if images is None:
-        return f"User {user_id} is back to the default image limit."
+        return _("User {user} is back to the default image limit.").format(user=user_id)
     if images == 0:
-        return f"User {user_id} may not make images for now (limit 0; `default` lifts it)."
+        return _("User {user} may not make images for now (limit 0; `default` lifts it).").format(
+            user=user_id)
     if images < 0:
-        return f"User {user_id} may now make images without a limit."
-    return f"User {user_id} may now make {images} images per window."
+        return _("User {user} may now make images without a limit.").format(user=user_id)
+    return _("User {user} may now make {n} images per window.").format(user=user_id, n=images)
 
 
 def rerolling(seed: int) -> str:
-    return f"🎲 Re-rolling with seed {seed}."
+    return _("🎲 Re-rolling with seed {seed}.").format(seed=seed)
 
 
 # -- the image actions of issue 12 (Telegram's buttons) -------------------------------------------
+def _kind(kind: str) -> str:
+    return _("subtle") if kind == "subtle" else _("strong") if kind == "strong" else kind
+
+
 def vary_label(kind: str) -> str:
-    return f"Vary ({kind})"
+    return _("Vary ({kind})").format(kind=_kind(kind))
 
 
 def upscale_label() -> str:
-    return "⤢ Upscale 2×"
+    return _("⤢ Upscale 2×")
 
 
 def upscaling(number: int, width: int, height: int) -> str:
-    return f"⤢ Upscaling image {number} to {width}×{height}."
+    return _("⤢ Upscaling image {number} to {width}×{height}.").format(
+        number=number, width=width, height=height)
 
 
 def grid_actions(count: int) -> str:
     """The message under a grid that carries its buttons (an album cannot carry any)."""
-    return (f"U1–U{count}: post that image alone as a full-size PNG · "
-            f"V1–V{count}: a subtle variation of it.")
+    return _("U1–U{count}: post that image alone as a full-size PNG · "
+             "V1–V{count}: a subtle variation of it.").format(count=count)
 
 
 def posting_alone(number: int) -> str:
-    return f"📤 Posting image {number} as a full-size PNG."
+    return _("📤 Posting image {number} as a full-size PNG.").format(number=number)
 
 
 def varying(kind: str, number: int, seed: int) -> str:
-    return f"🔀 A {kind} variation of image {number}, seed {seed}."
+    return _("🔀 A {kind} variation of image {number}, seed {seed}.").format(
+        kind=_kind(kind), number=number, seed=seed)
 
 
 def more_steps_queued(steps_now: int) -> str:
-    return f"➕ The same seed again with {steps(steps_now)}."
+    return _("➕ The same seed again with {steps}.").format(steps=steps(steps_now))
 
 
 def blocked(count: int = 1) -> str:
     """A result the NSFW check held back entirely (``[moderation] policy = "block"``)."""
-    what = "Your image was" if count == 1 else f"All {count} of your images were"
-    return (f"🚫 {what} not posted: the bot's image check found it not suitable for this chat. "
-            "Please try a different prompt.")
+    if count == 1:
+        return _("🚫 Your image was not posted: the bot's image check found it not suitable "
+                 "for this chat. Please try a different prompt.")
+    return _("🚫 All {count} of your images were not posted: the bot's image check found them "
+             "not suitable for this chat. Please try a different prompt.").format(count=count)
 
 
 def partly_blocked(result: JobResult) -> str:
     """The line under a grid some of whose images the NSFW check held back."""
     numbers = [str(i) for i, image in enumerate(result.images, start=1) if image.blocked]
-    which = f"Image {numbers[0]} was" if len(numbers) == 1 \
-        else f"Images {', '.join(numbers)} were"
-    return f"🚫 {which} not posted (held back by the bot's image check)."
+    if len(numbers) == 1:
+        return _("🚫 Image {number} was not posted (held back by the bot's image check).").format(
+            number=numbers[0])
+    return _("🚫 Images {numbers} were not posted (held back by the bot's image check).").format(
+        numbers=", ".join(numbers))
 
 
 def blocked_alone(number: int) -> str:
     """U on an image the NSFW check holds back in this chat."""
-    return f"🚫 Image {number} is not posted here: the bot's image check held it back."
+    return _("🚫 Image {number} is not posted here: the bot's image check held it back.").format(
+        number=number)
 
 
 def image_gone() -> str:
-    return "That image is no longer kept by the bot, so this button cannot be used."
+    return _("That image is no longer kept by the bot, so this button cannot be used.")
 
 
 def job_unknown() -> str:
-    return "I no longer know that image, so this button cannot be used."
+    return _("I no longer know that image, so this button cannot be used.")
 
 
 def undelivered(give_up_after_s: float | None = None) -> str:
     """Said once the quick retries failed; the bot keeps trying in the background."""
     if give_up_after_s is None:
-        return "⚠️ Your image is ready but could not be uploaded; the bot will try again later."
-    return ("⚠️ Your image is ready but could not be uploaded yet; the bot keeps trying for up "
-            f"to {duration(give_up_after_s)} after you asked.")
+        return _("⚠️ Your image is ready but could not be uploaded; the bot will try again "
+                 "later.")
+    return _("⚠️ Your image is ready but could not be uploaded yet; the bot keeps trying for "
+             "up to {time} after you asked.").format(time=duration(give_up_after_s))
 
 
 def gave_up_delivery() -> str:
-    return "⚠️ Your image could not be uploaded, and the bot has stopped trying."
+    return _("⚠️ Your image could not be uploaded, and the bot has stopped trying.")
 
 
 def restarted_ask_again() -> str:
     """To a command that arrived just before a crash, so it was never queued."""
-    return "⚠️ The bot restarted before it could take this request; please ask again."
+    return _("⚠️ The bot restarted before it could take this request; please ask again.")
 
 
 # -- added for the Discord adapter ----------------------------------------------------------------
-_BUTTON_LABELS = {"reroll": "🎲 Re-roll", "more": "Same seed, more steps", "cancel": "Cancel"}
-
-
 def button_label(action: str, number: int | None = None) -> str:
     """The label of an image button: "reroll", "more" (same seed, more steps) or "cancel";
     "u" or "v" with the number of an image of a grid: "U3" (it alone), "V2" (a variation)."""
     if number is not None:
         return f"{action.upper()}{number}"
-    return _BUTTON_LABELS[action]
+    labels = {"reroll": _("🎲 Re-roll"), "more": _("Same seed, more steps"),
+              "cancel": _("Cancel")}
+    return labels[action]
 
 
 def addressed(mention: str, text: str) -> str:
@@ -419,9 +458,26 @@ def addressed(mention: str, text: str) -> str:
 def styles_list(styles: dict[str, StyleSection]) -> str:
     """/styles: every configured LoRA style with its one-line description."""
     if not styles:
-        return "This bot has no styles set up."
-    lines = ["Styles: add --style <name> to /imagine."]
+        return _("This bot has no styles set up.")
+    lines = [_("Styles: add --style <name> to /imagine.")]
     for name in sorted(styles):
         about = styles[name].description
         lines.append(f"  --style {name}" + (f" — {about}" if about else ""))
     return "\n".join(lines)
+
+
+# -- /language (issue 15) -------------------------------------------------------------------------
+LANGUAGE_NAMES = {"en": "English", "zh": "中文"}  # each in its own words
+
+
+def language_set(language: str | None) -> str:
+    if language is None:
+        return _("Replies in this chat now follow each person's own language.")
+    return _("Replies in this chat are now in {language}.").format(
+        language=LANGUAGE_NAMES[language])
+
+
+def language_usage(current: str | None) -> str:
+    now = LANGUAGE_NAMES[current] if current else _("each person's own language")
+    return _("Usage: /language zh|en|auto (admins): the language of the bot's replies in this "
+             "chat. Now: {language}.").format(language=now)

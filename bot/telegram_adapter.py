@@ -44,9 +44,10 @@ from telegram.ext import (
     filters,
 )
 
-from bot import render, telegram_input
+from bot import i18n, language, render, telegram_input
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
+from bot.i18n import N_
 from bot.secrets_filter import SecretFilter
 from bot.telegram_buttons import (
     ALONE,
@@ -76,21 +77,24 @@ from engine.store import JobRecord
 log = logging.getLogger(__name__)
 
 COMMANDS = [
-    BotCommand("imagine", "Draw an image: /imagine a red fox --seed 7"),
-    BotCommand("queue", "Your images waiting and their place in line"),
-    BotCommand("cancel", "Cancel your latest image, or /cancel <id>"),
-    BotCommand("limits", "How many images you have left"),
-    BotCommand("help", "How to use the options"),
-    BotCommand("styles", "The styles you can add with --style"),
+    BotCommand("imagine", N_("Draw an image: /imagine a red fox --seed 7")),
+    BotCommand("queue", N_("Your images waiting and their place in line")),
+    BotCommand("cancel", N_("Cancel your latest image, or /cancel <id>")),
+    BotCommand("limits", N_("How many images you have left")),
+    BotCommand("help", N_("How to use the options")),
+    BotCommand("styles", N_("The styles you can add with --style")),
 ]
 # The menu of an admin's private chat with the bot adds the admin commands.
 ADMIN_COMMANDS = [
     *COMMANDS,
-    BotCommand("status", "Admins: queue, running job, memory, last error"),
-    BotCommand("stats", "Admins: images, GPU time, waits and top users"),
-    BotCommand("pause", "Admins: start no new images"),
-    BotCommand("resume", "Admins: start images again"),
+    BotCommand("status", N_("Admins: queue, running job, memory, last error")),
+    BotCommand("stats", N_("Admins: images, GPU time, waits and top users")),
+    BotCommand("pause", N_("Admins: start no new images")),
+    BotCommand("resume", N_("Admins: start images again")),
+    BotCommand("language", N_("Admins: this chat's reply language (zh, en or auto)")),
 ]
+# Each menu again for Telegram apps set to Chinese ("zh" covers zh-hans, zh-cn, ...).
+MENU_LANGUAGES = ("zh",)
 CALLBACK_ANSWER_CHARS = 200  # Telegram's limit for a callback query answer
 RATE_LIMIT_RETRIES = 3  # the rate limiter waits out a 429's retry_after this many times
 # Telegram unreachable at start: the first retry after this many seconds, doubling up to the max.
@@ -168,10 +172,13 @@ class TelegramAdapter:
             (ADMIN_COMMANDS, BotCommandScopeChat(int(admin)))
             for admin in self.config.access.telegram_admins if _is_number(admin, 20)]
         for commands, scope in menus:
-            try:
-                await app.bot.set_my_commands(commands, scope=scope)
-            except TelegramError as exc:
-                log.warning("telegram: setMyCommands (%s) failed: %s", scope or "default", exc)
+            for code in (None, *MENU_LANGUAGES):
+                try:
+                    await app.bot.set_my_commands(_in_language(commands, code), scope=scope,
+                                                  language_code=code)
+                except TelegramError as exc:
+                    log.warning("telegram: setMyCommands (%s, %s) failed: %s",
+                                scope or "default", code or "any language", exc)
 
     async def _connect_later(self) -> None:
         delay = RECONNECT_FIRST_S
@@ -249,7 +256,7 @@ class TelegramAdapter:
         }
         admin_commands: dict[str, Handler] = {
             "status": self._status, "pause": self._pause, "resume": self._resume,
-            "limit": self._limit, "stats": self._stats,
+            "limit": self._limit, "stats": self._stats, "language": self._language,
         }
         for name, handler in user_commands.items():
             app.add_handler(CommandHandler(name, self._guarded(handler), filters=new_messages))
@@ -279,6 +286,8 @@ class TelegramAdapter:
             if message is None or tg_user is None:
                 return
             user = telegram_user(tg_user.id, tg_user.full_name)
+            await language.choose(self.engine, self.config, "telegram", message.chat_id,
+                                  tg_user.language_code)  # for this update and its job
             if not self._chat_allowed(message.chat_id, user):
                 log.info("telegram: %s refused in chat %s (not allowed)", user.key, message.chat_id)
                 if self.outbox.refusal_due(message.chat_id, "not allowed"):
@@ -378,6 +387,12 @@ class TelegramAdapter:
         log.info("telegram: %s set the limit of %s to %s", user.key, target.key, images)
         await self._reply(message, render.limit_set(target.user_id, images))
 
+    async def _language(self, message: Message, user: User, args: list[str]) -> None:
+        """/language zh|en|auto (admins): this chat's reply language."""
+        text = await language.set_for_chat(self.engine, "telegram", message.chat_id,
+                                           args[0] if args else "")
+        await self._reply(message, text)
+
     # -- buttons ---------------------------------------------------------------------------
     async def _button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Button presses: the requester's act, every press is answered."""
@@ -385,6 +400,9 @@ class TelegramAdapter:
         if query is None:
             return
         user = telegram_user(query.from_user.id, query.from_user.full_name)
+        chat_id = query.message.chat.id if query.message else query.from_user.id
+        await language.choose(self.engine, self.config, "telegram", chat_id,
+                              query.from_user.language_code)
         try:
             text, alert = await self._press(query, user)
         except EngineError as exc:
@@ -531,6 +549,9 @@ class TelegramAdapter:
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error first, then tell the user (PTB's errorhandlerbot.py order)."""
         error = context.error
+        if isinstance(update, Update) and update.effective_chat and update.effective_user:
+            await language.choose(self.engine, self.config, "telegram", update.effective_chat.id,
+                                  update.effective_user.language_code)
         if isinstance(error, EngineError):  # the user's mistake or a limit: not a bot fault
             log.info("telegram: refused: %s", error)
             text = render.error(error)
@@ -540,6 +561,13 @@ class TelegramAdapter:
         message = update.effective_message if isinstance(update, Update) else None
         if message is not None:
             await self._reply(message, text)  # the chat's outbox logs a reply it cannot post
+
+
+def _in_language(commands: list[BotCommand], language: str | None) -> list[BotCommand]:
+    if language is None:
+        return commands
+    words = i18n.translation(language)
+    return [BotCommand(c.command, words.gettext(c.description)) for c in commands]
 
 
 def telegram_user(user_id: int, name: str) -> User:

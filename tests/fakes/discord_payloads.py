@@ -25,6 +25,7 @@ ROLE_MENTION = re.compile(r"<@&(\d+)>")
 class FakeUser:
     id: str
     name: str
+    locale: str = "en-US"  # the user's Discord client language, sent with each interaction
 
     def payload(self, bot: bool = False) -> dict[str, Any]:
         return {"id": self.id, "username": self.name, "global_name": self.name,
@@ -90,7 +91,7 @@ def interaction(iid: str, token: str, app_id: str, kind: int, data: dict[str, An
     """An INTERACTION_CREATE payload (2 = command, 3 = button) in a guild, or a DM if no guild."""
     payload: dict[str, Any] = {
         "id": iid, "application_id": app_id, "type": kind, "data": data, "token": token,
-        "version": 1, "locale": "en-US", "entitlements": [], "app_permissions": PERMISSIONS,
+        "version": 1, "locale": user.locale, "entitlements": [], "app_permissions": PERMISSIONS,
         "context": 0 if guild_id else 1, "attachment_size_limit": size_limit,
         "authorizing_integration_owners": {"0": guild_id} if guild_id else {},
         "channel_id": channel_id,

@@ -147,7 +147,8 @@ class FakeTelegramServer:
     # -- what tests feed in ----------------------------------------------------------------
     def message(self, text: str, *, chat_id: int, user_id: int, chat_type: str | None = None,
                 first_name: str = "Ada", username: str | None = None,
-                reply_to: dict[str, Any] | None = None) -> dict[str, Any]:
+                reply_to: dict[str, Any] | None = None,
+                language_code: str | None = None) -> dict[str, Any]:
         """Queue a user's text message (a command gets its ``bot_command`` entity), optionally
         a reply to ``reply_to`` (a message dict)."""
         chat = self._chat(chat_id, chat_type)
@@ -157,6 +158,8 @@ class FakeTelegramServer:
                      "username": username or f"user{user_id}"},
             "text": text,
         }
+        if language_code:  # the user's Telegram app language
+            message["from"]["language_code"] = language_code
         if text.startswith("/"):
             command = text.split(maxsplit=1)[0]
             message["entities"] = [{"type": "bot_command", "offset": 0,
