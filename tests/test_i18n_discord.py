@@ -1,0 +1,53 @@
+"""Discord in Chinese: the command sync carries zh-CN descriptions, a zh-CN user's /imagine with
+full-width marks is answered in Chinese, and an admin's /language for the channel wins."""
+
+# ruff: noqa: F811  (the fixtures are imported from the adapter tests and used as arguments)
+from __future__ import annotations
+
+import re
+
+from engine.png import read_parameters
+from tests.fakes.discord_server import FakeUser
+from tests.test_discord_adapter import (  # noqa: F401  (fixtures)
+    ADMIN,
+    _text,
+    dconfig,
+    final_upload,
+    server,
+    start_bot,
+)
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+LI = FakeUser("444444444444444444", "li", locale="zh-CN")
+
+
+async def test_the_sync_payload_carries_chinese_descriptions(server, start_bot):
+    await start_bot()
+    commands = {c["name"]: c for c in server.commands["global"]}
+    imagine = commands["imagine"]
+    assert imagine["description"].startswith("Make an image")
+    assert CJK.search(imagine["description_localizations"]["zh-CN"])
+    assert "zh-TW" in imagine["description_localizations"]
+    prompt = next(o for o in imagine["options"] if o["name"] == "prompt")
+    assert CJK.search(prompt["description_localizations"]["zh-CN"])
+    assert "name_localizations" not in imagine or not imagine["name_localizations"]
+    assert "language" in commands  # the admins' /language
+
+
+async def test_a_chinese_imagine_is_answered_in_chinese(server, start_bot):
+    await start_bot()
+    sent = await server.slash("imagine", LI, prompt="雪中的红狐狸 ——seed 7")
+    upload = await final_upload(server, sent)
+    assert read_parameters(upload.files[0].data)["Seed"] == "7"
+    texts = [_text(c) for c in server.calls_for(sent) if _text(c)]
+    assert texts and all(CJK.search(t) for t in texts), texts
+    assert "种子 7" in _text(upload)
+
+
+async def test_an_admins_language_for_the_channel_wins(server, start_bot):
+    await start_bot()
+    answer = await server.slash("language", ADMIN, choice="en")
+    await server.wait_for(lambda c: c.token == answer.token)
+    sent = await server.slash("imagine", LI, prompt="雪中的红狐狸 ——seed 7")
+    upload = await final_upload(server, sent)
+    assert "seed 7" in _text(upload) and "种子" not in _text(upload)
