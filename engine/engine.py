@@ -545,10 +545,10 @@ class Engine:
                                  "admin can find the details in the log."))
             return
         self._counts["finished"] += 1
+        job._emit(Finished(result))  # the result goes out first; the timing is bookkeeping
+        self._retire(job)
         per_step = median_step_s(step_times)
         await self._record_timing(job, gpu_s, per_step)
-        job._emit(Finished(result))
-        self._retire(job)
         log.info("job %s finished in %.2f s (GPU %.2f s%s)", job.id, result.seconds, gpu_s,
                  f", {per_step:.3f} s/step" if per_step else "")
 
