@@ -118,6 +118,11 @@ def lora_targets(dit: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if hasattr(m, "in_features") and hasattr(m, "out_features")}
 
 
+def _lora_lists(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """diffsynth's managed layer's own LoRA lists (attributes torch's typing does not know)."""
+    return getattr(module, "lora_A_weights"), getattr(module, "lora_B_weights")  # noqa: B009
+
+
 def _hot_loadable(module: torch.nn.Module) -> bool:
     """diffsynth's VRAM-managed linear layer, which has the unfused branch built in."""
     return hasattr(module, "lora_A_weights") and hasattr(module, "lora_B_weights")
@@ -186,8 +191,9 @@ class LoraBranches:
             a_dev = (a.to(device=device, dtype=torch.float32) * alpha).to(dtype)
             b_dev = b.to(device=device, dtype=dtype)
             if _hot_loadable(module):  # diffsynth's own branch
-                module.lora_A_weights.append(a_dev)
-                module.lora_B_weights.append(b_dev)
+                a_list, b_list = _lora_lists(module)
+                a_list.append(a_dev)
+                b_list.append(b_dev)
             else:
                 self.slots[name].a, self.slots[name].b = a_dev, b_dev
             self.active_bytes += a_dev.nbytes + b_dev.nbytes
@@ -201,8 +207,8 @@ class LoraBranches:
             slot.a = slot.b = None
         for module in self.modules.values():
             if _hot_loadable(module):
-                module.lora_A_weights.clear()
-                module.lora_B_weights.clear()
+                for weights_list in _lora_lists(module):
+                    weights_list.clear()
         self.active_bytes = 0
 
     @contextlib.contextmanager
