@@ -23,6 +23,7 @@ WHEELS=(
   einops==0.8.2 imageio==2.38.1 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
   aiosqlite==0.22.1 pytest==9.2.0 pytest-asyncio==1.5.0 pluggy==1.7.0 iniconfig==2.3.1
   pygments==2.21.0 diffusers==0.42.1
+  babel==2.19.0  # the reply catalogues (bot/i18n) compile their .po with it
 )
 
 wheels() {
