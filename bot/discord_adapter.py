@@ -365,7 +365,7 @@ class DiscordAdapter:
     async def _vary(self, interaction: discord.Interaction, index: int, kind: str) -> None:
         """V: image-to-image from image ``index`` of the pressed job, as a new job."""
         record = interaction.extras["record"]
-        if image_alone.path_of(record, index) is None:
+        if variants.kept_image(record, index) is None:
             await self.say(interaction, render.image_gone())
             return
         request = variants.vary(record.request, record.job_id, record.result_path, index, kind,
@@ -375,7 +375,7 @@ class DiscordAdapter:
     async def _upscale(self, interaction: discord.Interaction, index: int) -> None:
         """Upscale: image ``index`` of the pressed job at twice its size, as a new job."""
         record = interaction.extras["record"]
-        if image_alone.path_of(record, index) is None:
+        if variants.kept_image(record, index) is None:
             await self.say(interaction, render.image_gone())
             return
         request = variants.upscale(record.request, record.job_id, record.result_path, index,
@@ -392,7 +392,7 @@ class DiscordAdapter:
         """U: image ``index`` of the pressed job alone, full size, as a new message. Journalled
         like a command, so a crash before the upload still answers the user after the restart."""
         record = interaction.extras["record"]
-        path = image_alone.path_of(record, index)
+        path = variants.kept_image(record, index)
         if path is None:
             await self.say(interaction, render.image_gone())
             return

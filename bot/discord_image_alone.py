@@ -17,41 +17,29 @@ from bot.discord_views import alone_view
 from bot.media import fit_under
 from engine import variants
 from engine.engine import Engine
-from engine.errors import InvalidCommand
 from engine.job import JobResult
 from engine.moderation import Policy
 from engine.request import Origin
 from engine.store import JobRecord
 
 
-def path_of(record: JobRecord, index: int) -> str | None:
-    """The file of image ``index`` (0-based) of a finished job; None if the bot no longer
-    keeps it (or the job never finished)."""
-    if record.status != "finished":
-        return None
-    try:
-        return variants.image_of(record.result_path, record.request, index)
-    except InvalidCommand:
-        return None
-
-
 async def policy(engine: Engine, interaction: discord.Interaction, record: JobRecord,
-                 path: str) -> Policy:
+                 path: Path) -> Policy:
     """The NSFW policy for this image in the chat the button was pressed in."""
     if not engine.moderator.enabled:
         return Policy.ALLOW
-    png = await asyncio.to_thread(Path(path).read_bytes)
+    png = await asyncio.to_thread(path.read_bytes)
     chat = Origin("discord", chat_id=str(interaction.channel_id),
                   extra={"guild_id": str(interaction.guild_id or "")})
     return await engine.policy_of(record.job_id, chat, png)
 
 
-def message(record: JobRecord, index: int, path: str, limit: int,
+def message(record: JobRecord, index: int, path: Path, limit: int,
             spoiler: bool = False) -> tuple[str, discord.File, discord.ui.View]:
     """The text, file and buttons of image ``index`` posted alone (blocking: reads the file)."""
     request = variants.alone(record.request, index)
-    png = Path(path).read_bytes()  # its parameters chunk already names its own seed
-    text = result_caption(JobResult.single(png, request, "", 0.0, path),
+    png = path.read_bytes()  # its parameters chunk already names its own seed
+    text = result_caption(JobResult.single(png, request, "", 0.0, str(path)),
                           record.user.display_name)
     data, ext = fit_under(png, limit)  # the PNG itself unless the guild's limit is smaller
     upload = discord.File(io.BytesIO(data), filename=f"{record.job_id}-{request.seed}.{ext}",

@@ -54,7 +54,6 @@ from bot.telegram_buttons import (
     CANCEL,
     Press,
     alone_keyboard,
-    image_file,
     new_request,
     parse_press,
     queued_answer,
@@ -460,7 +459,7 @@ class TelegramAdapter:
                           origin: Origin) -> tuple[str, bool]:
         """U<n>: image n as a full-size PNG document with its own parameters. Posted by the
         chat's outbox, so the press is answered at once (its answer expires in 15 s)."""
-        path = image_file(record, press.number)
+        path = variants.kept_image(record, press.number - 1)
         if path is None:
             return render.image_gone(), True
         png = await asyncio.to_thread(path.read_bytes)

@@ -14,12 +14,11 @@ press looks the job up in the journal (``engine.job_record``), so buttons work a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
 from bot import render
-from engine import result_files, variants
+from engine import variants
 from engine.config import LimitsSection
 from engine.request import ImageRequest
 from engine.store import JobRecord
@@ -118,12 +117,3 @@ def queued_answer(press: Press, request: ImageRequest) -> str:
     if press.action == UPSCALE:
         return render.upscaling(press.number, request.width, request.height)
     return render.varying(press.kind, press.number, request.seed)
-
-
-def image_file(record: JobRecord, number: int) -> Path | None:
-    """Image ``number`` (1-based) of a finished job on disk; None if it is gone (or never was)."""
-    if record.status != "finished" or not record.result_path \
-            or not 1 <= number <= record.request.count:
-        return None
-    path = result_files.paths(record.result_path, record.request)[number - 1]
-    return path if path.exists() else None

@@ -15,6 +15,7 @@ from engine.config import LimitsSection
 from engine.errors import N_, InvalidCommand
 from engine.grammar import ParsedCommand
 from engine.request import ImageRequest
+from engine.store import JobRecord
 from engine.upscale import FACTOR, tile_side
 
 MORE_STEPS = 10  # "Same seed, more steps" adds this many (up to limits.steps_max)
@@ -75,6 +76,17 @@ def image_of(record_path: str | None, request: ImageRequest, index: int) -> str:
         raise InvalidCommand(N_("That image is no longer kept by the bot, so it cannot be "
                                 "varied."))
     return str(path)
+
+
+def kept_image(record: JobRecord, index: int) -> Path | None:
+    """The file of image ``index`` (0-based) of a finished job; None if there is no such image
+    or the bot no longer keeps it (the buttons' "image gone" answer)."""
+    if record.status != "finished":
+        return None
+    try:
+        return Path(image_of(record.result_path, record.request, index))
+    except InvalidCommand:
+        return None
 
 
 def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int, kind: str,
