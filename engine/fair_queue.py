@@ -37,16 +37,8 @@ class FairQueue(Generic[T]):
         items.append(item)
 
     def pop(self) -> T | None:
-        if not self._by_owner:
-            return None
-        owner = min(self._by_owner, key=lambda o: (self._served[o], self._turn[o]))
-        items = self._by_owner[owner]
-        item = items.popleft()
-        self._served[owner] += self._weight(item)
-        self._turn[owner] = next(self._clock)  # to the back among equals
-        if not items:
-            self._drop(owner)
-        return item
+        """The next item in fair order (``ordered()``'s first)."""
+        return self.pop_first(lambda item: True)
 
     def pop_first(self, can_start: Callable[[T], bool]) -> T | None:
         """The first item in ``ordered()`` that ``can_start`` accepts, served as ``pop`` serves
@@ -57,7 +49,7 @@ class FairQueue(Generic[T]):
                 items = self._by_owner[owner]
                 del items[index]
                 self._served[owner] += self._weight(item)
-                self._turn[owner] = next(self._clock)
+                self._turn[owner] = next(self._clock)  # to the back among equals
                 if not items:
                     self._drop(owner)
                 return item
