@@ -433,15 +433,6 @@ class Store:
             "seq DESC LIMIT ?", (max(0, limit),),
         )
 
-    async def charged_times_since(self, user: User, since: float) -> list[float]:
-        """When each charged image was asked for, oldest first (a job of N images: N times)."""
-        async with self.db.execute(
-            f"SELECT created_at, images FROM jobs WHERE platform = ? AND user_id = ?"
-            f" AND created_at >= ? AND {_CHARGED} ORDER BY created_at",
-            (user.platform, user.user_id, since),
-        ) as cursor:
-            return [float(at) for at, images in await cursor.fetchall() for _ in range(images)]
-
     async def charges_since(self, since: float, *, user: User | None = None, group: str = "",
                             priced: bool = False) -> list[tuple[float, float]]:
         """(when asked for, amount) of each charged job of ``user`` (or, without one, of every

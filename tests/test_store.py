@@ -233,8 +233,8 @@ async def test_jobs_for_user_newest_first_and_platforms_apart(store: Store):
     assert [r.job_id for r in await store.jobs_for_user(ALICE, limit=2)] == ["a4", "a3"]
     assert await store.jobs_for_user(ALICE, limit=0) == []
     assert [r.job_id for r in await store.jobs_for_user(twin)] == ["t0"]
-    assert len(await store.charged_times_since(ALICE, 0.0)) == 5
-    assert len(await store.charged_times_since(twin, 0.0)) == 1
+    assert len(await charged_times(store, ALICE, 0.0)) == 5
+    assert len(await charged_times(store, twin, 0.0)) == 1
 
     await store.set_limit_override(ALICE, 3)
     assert await store.get_limit_override(ALICE) == 3
@@ -256,10 +256,10 @@ async def test_what_counts_against_the_limit(store: Store):
     await store.set_status("cancel_late", "cancelled", at=200.0)
 
     # created_at: queued 100, done 101, failed 102, cancel_late 105
-    assert len(await store.charged_times_since(ALICE, 0.0)) == 4
-    assert await store.charged_times_since(ALICE, 0.0) == [100.0, 101.0, 102.0, 105.0]
-    assert await store.charged_times_since(ALICE, 101.0) == [101.0, 102.0, 105.0]  # at/after
-    assert len(await store.charged_times_since(ALICE, 105.5)) == 0
+    assert len(await charged_times(store, ALICE, 0.0)) == 4
+    assert await charged_times(store, ALICE, 0.0) == [100.0, 101.0, 102.0, 105.0]
+    assert await charged_times(store, ALICE, 101.0) == [101.0, 102.0, 105.0]  # at/after
+    assert len(await charged_times(store, ALICE, 105.5)) == 0
 
 
 async def test_limit_override_set_replace_remove(store: Store):
@@ -306,7 +306,7 @@ async def test_migrates_a_v1_database(tmp_path: Path):
         assert record.request.prompt == "an old fox"
         assert (record.status, record.delivery_attempts, record.delivery_given_up) == (
             "running", 0, False)
-        assert len(await store.charged_times_since(ALICE, 0.0)) == 1  # old jobs are charged
+        assert len(await charged_times(store, ALICE, 0.0)) == 1  # old jobs are charged
         await store.set_limit_override(ALICE, 2)  # the v2 table exists
         assert [r.job_id for r in await store.unfinished_jobs()] == ["old"]
 
@@ -410,3 +410,8 @@ async def test_pending_interactions_left_over_are_those_without_a_job(store: Sto
     assert "secret-token" not in repr(lost)  # a token is never in a repr, so never in a log
     await pending.remove(lost.request_key)
     assert await pending.left_over() == []
+
+
+async def charged_times(store: Store, user: User, since: float) -> list[float]:
+    """When each of ``user``'s charged jobs was asked for (these tests' jobs are one image)."""
+    return [at for at, _ in await store.charges_since(since, user=user)]
