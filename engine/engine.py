@@ -49,7 +49,6 @@ from engine.job import (
 )
 from engine.moderation import Detector, Moderator, Policy
 from engine.pending import PendingInteractions, PendingReplies
-from engine.png import encode_png
 from engine.rate_limit import Charge, Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
 from engine.stats import UsageStats, usage_stats
@@ -580,22 +579,14 @@ class Engine:
     def _save(self, job: Job, images: object) -> tuple[ResultImage, ...]:
         """Encode the PNGs and write them to the output folder (a thread, beside the GPU),
         one file per image, named by the job and the image's seed (``result_files``)."""
-        if not isinstance(images, list) or len(images) != job.request.count:
-            made = len(images) if isinstance(images, list) else "no list of"
-            raise RuntimeError(f"the backend made {made} images for a job of "
-                               f"{job.request.count}")
+        pngs = result_files.encode(images, job.request, self.backend.model_name, self.config)
         folder = Path(self.config.engine.output_dir) / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         saved = []
-        for index, image in enumerate(images):
-            one = job.request.one(index)
-            # a cluster's worker sends its PNGs made already (the same encode_png)
-            tag = styles.lora_tag(one.style, self.config.styles, self.config.model.models_dir)
-            png = image if isinstance(image, bytes) else encode_png(image, one,
-                                                                    self.backend.model_name, tag)
-            path = result_files.path_of(folder, job.id, one.seed)
+        for seed, png in zip(job.request.seeds, pngs, strict=True):
+            path = result_files.path_of(folder, job.id, seed)
             write_durably(path, png)  # on disk before the journal says finished
-            saved.append(ResultImage(png, one.seed, str(path)))
+            saved.append(ResultImage(png, seed, str(path)))
         return tuple(saved)
 
     async def _fail_unexpectedly(self, job: Job, exc: BaseException) -> None:

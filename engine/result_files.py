@@ -8,12 +8,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine import styles
+from engine.config import Config
 from engine.job import ResultImage
+from engine.png import encode_png
 from engine.request import ImageRequest
 
 
 def path_of(folder: Path, job_id: str, seed: int) -> Path:
     return folder / f"{job_id}-{seed}.png"
+
+
+def encode(images: object, request: ImageRequest, model_name: str,
+           config: Config) -> list[bytes]:
+    """One PNG per image, each with its own seed's parameters and the style's LoRA tag; PNG
+    bytes made already (by a cluster's worker, with this same function) pass through."""
+    if not isinstance(images, list) or len(images) != request.count:
+        made = len(images) if isinstance(images, list) else "no list of"
+        raise RuntimeError(f"the backend made {made} images for a job of {request.count}")
+    pngs = []
+    for index, image in enumerate(images):
+        one = request.one(index)
+        if isinstance(image, bytes):
+            pngs.append(image)
+            continue
+        tag = styles.lora_tag(one.style, config.styles, config.model.models_dir)
+        pngs.append(encode_png(image, one, model_name, tag))
+    return pngs
 
 
 def paths(first: str, request: ImageRequest) -> list[Path]:

@@ -21,12 +21,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from engine import result_files
 from engine.backends import create_backend
 from engine.cluster.messages import CANCELLED, FAILED, FINISHED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams
 from engine.config import Config
 from engine.errors import EngineError
-from engine.png import encode_png
 from engine.request import ImageRequest
 from engine.worker import Aborted, GpuWorker, StopSignal
 
@@ -176,8 +176,8 @@ class ClusterWorker:
                 request = await self._with_input(item, Path(folder))
                 images = await self.gpu.generate(item.job_id, request, on_step, self._abort,
                                                  deadline)
-                pngs = await asyncio.to_thread(_encode, images, request,
-                                               self.backend.model_name)
+                pngs = await asyncio.to_thread(result_files.encode, images, request,
+                                               self.backend.model_name, self.config)
             except Aborted:
                 return ended
             except EngineError as exc:  # out of memory, too slow: the user may read it
@@ -233,13 +233,6 @@ class ClusterWorker:
         self._cancelled.append(job_id)
         if job_id == self._running:
             self._abort.set()  # the GPU thread stops at the next step
-
-
-def _encode(images: object, request: ImageRequest, model_name: str) -> list[bytes]:
-    if not isinstance(images, list) or len(images) != request.count:
-        raise RuntimeError(f"the backend made the wrong number of images for {request.count}")
-    return [encode_png(image, request.one(index), model_name)
-            for index, image in enumerate(images)]
 
 
 def worker_name(configured: str) -> str:
