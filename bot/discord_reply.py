@@ -30,7 +30,7 @@ import discord
 from bot import render
 from bot.delivery import RetryPolicy, deliver
 from bot.discord_views import TEMPLATE, job_view, result_view
-from bot.media import fit_under
+from bot.media import fit_all
 from engine.engine import Engine
 from engine.job import Cancelled, Failed, Finished, Job, JobResult, ResultImage
 from engine.moderation import delivered_blocked
@@ -276,13 +276,8 @@ def fitted(job_id: str, images: tuple[ResultImage, ...], limit: int) -> list[Upl
     """The job's images as files named ``<job id>-<seed>.<ext>`` (``SPOILER_`` first where the
     NSFW check asks for a spoiler), each under an equal share of ``limit``: Discord counts the
     whole message against it."""
-    share = limit // len(images)
-    uploads = []
-    for image in images:
-        data, ext = fit_under(image.png, share)
-        mark = SPOILER if image.spoiler else ""
-        uploads.append((data, f"{mark}{job_id}-{image.seed}.{ext}"))
-    return uploads
+    return [(data, f"{SPOILER if image.spoiler else ''}{name}")
+            for image, (data, name) in zip(images, fit_all(job_id, images, limit), strict=True)]
 
 
 def as_files(uploads: list[Upload]) -> list[discord.File]:

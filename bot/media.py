@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 from PIL import Image
+
+from engine.job import ResultImage
 
 
 def fit_under(png: bytes, limit_bytes: int) -> tuple[bytes, str]:
@@ -32,6 +35,18 @@ def fit_under(png: bytes, limit_bytes: int) -> tuple[bytes, str]:
         if len(data) <= limit_bytes or small.width <= 16:
             return data, "jpg"
         scale *= 0.7
+
+
+def fit_all(job_id: str, images: Sequence[ResultImage],
+            limit_bytes: int) -> list[tuple[bytes, str]]:
+    """A job's images for one upload whose whole size counts against ``limit_bytes``: each
+    under an equal share, named ``<job id>-<seed>.<ext>``."""
+    share = limit_bytes // len(images)
+    fitted = []
+    for image in images:
+        data, ext = fit_under(image.png, share)
+        fitted.append((data, f"{job_id}-{image.seed}.{ext}"))
+    return fitted
 
 
 def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:

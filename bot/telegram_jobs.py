@@ -34,7 +34,7 @@ from telegram.ext import ExtBot
 
 from bot import render
 from bot.delivery import RetryPolicy, deliver
-from bot.media import fit_under
+from bot.media import fit_all, fit_under
 from bot.telegram_buttons import cancel_keyboard, result_keyboard
 from bot.telegram_limiter import ACK
 from engine.config import Config
@@ -353,14 +353,10 @@ class JobFollower:
 
     def _documents(self, job: Job, result: JobResult,
                    caption: str | None = None) -> list[InputMediaDocument]:
-        shown = result.shown
-        share = self.document_limit // len(shown)  # the whole upload must fit the limit
-        items = []
-        for index, image in enumerate(shown):
-            data, ext = fit_under(image.png, share)
-            items.append(InputMediaDocument(data, caption=caption if index == 0 else None,
-                                            filename=f"{job.id}-{image.seed}.{ext}"))
-        return items
+        # the whole upload must fit the limit
+        fitted = fit_all(job.id, result.shown, self.document_limit)
+        return [InputMediaDocument(data, caption=caption if index == 0 else None, filename=name)
+                for index, (data, name) in enumerate(fitted)]
 
     async def _post_grid_buttons(self, job: Job, result: JobResult, target: Target) -> None:
         """The grid's buttons, in a message of their own. Not part of the delivery: a retry
