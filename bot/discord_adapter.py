@@ -348,38 +348,19 @@ class DiscordAdapter:
                 await self._cancel(interaction, job_id)
             elif action == "u":
                 await self._post_alone(interaction, index)
-            elif action == "v":
-                await self._vary(interaction, index, kind)
-            elif action == "up":
-                await self._upscale(interaction, index)
             else:
-                await self._resubmit(interaction, action)
+                await self._new_job(interaction, action, index, kind)
         except Exception as exc:  # discord.py would only log it; the user must hear back
             await self.report_error(interaction, exc)
 
-    async def _resubmit(self, interaction: discord.Interaction, action: str) -> None:
-        """Re-roll or More: a new job from the pressed one's request (see ``imagine``)."""
-        request = self._variant(interaction.extras["record"].request, action)
-        await self._defer_and_submit(interaction, request)
-
-    async def _vary(self, interaction: discord.Interaction, index: int, kind: str) -> None:
-        """V: image-to-image from image ``index`` of the pressed job, as a new job."""
+    async def _new_job(self, interaction: discord.Interaction, action: str, index: int,
+                       kind: str) -> None:
+        """Re-roll, More, V or Upscale: a new job from the pressed one (see ``imagine``)."""
         record = interaction.extras["record"]
-        if variants.kept_image(record, index) is None:
+        if action in ("v", "up") and variants.kept_image(record, index) is None:
             await self.say(interaction, render.image_gone())
             return
-        request = variants.vary(record.request, record.job_id, record.result_path, index, kind,
-                                self.config.limits, self.rng)
-        await self._defer_and_submit(interaction, request)
-
-    async def _upscale(self, interaction: discord.Interaction, index: int) -> None:
-        """Upscale: image ``index`` of the pressed job at twice its size, as a new job."""
-        record = interaction.extras["record"]
-        if variants.kept_image(record, index) is None:
-            await self.say(interaction, render.image_gone())
-            return
-        request = variants.upscale(record.request, record.job_id, record.result_path, index,
-                                   self.config.limits)
+        request = variants.from_button(action, record, index, kind, self.config.limits, self.rng)
         await self._defer_and_submit(interaction, request)
 
     async def _defer_and_submit(self, interaction: discord.Interaction,
@@ -407,12 +388,6 @@ class DiscordAdapter:
                 policy is Policy.SPOILER)
             await interaction.edit_original_response(content=text, attachments=[upload],
                                                      view=view)
-
-    def _variant(self, request: ImageRequest, action: str) -> ImageRequest:
-        """Re-roll: same request, new seed. More: same seed, more steps."""
-        if action == "reroll":
-            return variants.reroll(request, self.config.limits, self.rng)
-        return variants.more_steps(request, self.config.limits)
 
     # -- errors ------------------------------------------------------------------------------
     async def report_error(self, interaction: discord.Interaction, error: BaseException) -> None:

@@ -97,15 +97,7 @@ def alone_keyboard(job_id: str, number: int) -> InlineKeyboardMarkup:
 def new_request(press: Press, record: JobRecord, limits: LimitsSection) -> ImageRequest:
     """The request a Re-roll, More or V press makes from its job (``InvalidCommand`` when it
     cannot: the most steps already, the image no longer kept)."""
-    if press.action == REROLL:
-        return variants.reroll(record.request, limits)
-    if press.action == MORE:
-        return variants.more_steps(record.request, limits)
-    if press.action == UPSCALE:
-        return variants.upscale(record.request, record.job_id, record.result_path,
-                                press.number - 1, limits)
-    return variants.vary(record.request, record.job_id, record.result_path, press.number - 1,
-                         press.kind, limits)
+    return variants.from_button(press.action, record, press.number - 1, press.kind, limits)
 
 
 def queued_answer(press: Press, request: ImageRequest) -> str:

@@ -125,3 +125,19 @@ def upscale(request: ImageRequest, job_id: str, record_path: str | None, index: 
         height=one.height * FACTOR, upscale_tile=tile_side(limits.max_pixels,
                                                            limits.size_multiple),
         seed_was_random=False, derived_from=f"upscale {FACTOR}× of {job_id} #{index + 1}")
+
+
+def from_button(action: str, record: JobRecord, index: int, kind: str, limits: LimitsSection,
+                rng: random.Random | None = None) -> ImageRequest:
+    """The new job a button under a finished job asks for, the same on every platform:
+    "reroll", "more" (same seed, more steps), "v" (a ``kind`` variation of image ``index``,
+    0-based) or "up" (image ``index`` upscaled)."""
+    if action == "reroll":
+        return reroll(record.request, limits, rng)
+    if action == "more":
+        return more_steps(record.request, limits)
+    if action == "up":
+        return upscale(record.request, record.job_id, record.result_path, index, limits)
+    if action == "v":
+        return vary(record.request, record.job_id, record.result_path, index, kind, limits, rng)
+    raise ValueError(f"no new job for the button {action!r}")
