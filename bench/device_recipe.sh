@@ -4,7 +4,8 @@
 #
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
-#                                               # tests, bench, float8, cards, peer
+#                                               # tests, bench, float8, cards, actions,
+#                                               # peer
 #                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
@@ -12,7 +13,10 @@
 # rows (space-separated specs, see bench/bench_engine.py); BENCH_BUDGET_S bounds its wall time;
 # RANDOM_FLUX_DIR is where the checkpoint goes; FLOAT8_MODES: torch.compile modes for float8.
 # cards: the bot through `python -m bot run` on emulated cards (CARDS, SEED_CARDS: GiB free);
-# peer: diffusers' best offloading on emulated cards (PEER_CARDS).
+# actions: --n 4, a variation and an upscale through `python -m bot run` (ACTION_CARDS,
+# ACTION_BATCHES: model.batch_images values); peer: diffusers' best offloading on emulated
+# cards (PEER_CARDS). At most 8 files come back from the device: logs are appended to one
+# file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,10 +54,10 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
-    python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee "$OUT/checkpoint.log"
-    echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/checkpoint.log"
+    python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee -a "$OUT/device.txt"
+    echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/device.txt"
   fi
   for stage in "${stages[@]}"; do
     case "$stage" in
@@ -75,8 +79,13 @@ device() {
       cards)
         # shellcheck disable=SC2086
         python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${CARDS:-5.6 7.5 9.5 11.5 15.5 23} \
-          --seed-cards ${SEED_CARDS:-} --json "$OUT/cards.json" --md "$OUT/cards.md" 2>&1 \
+          --seed-cards ${SEED_CARDS:-} --json "$OUT/cards.json" 2>&1 \
           | tee "$OUT/cards.log" || echo "CARDS FAILED" ;;
+      actions)
+        # shellcheck disable=SC2086
+        python3 bench/bench_actions.py --ckpt "$RANDOM_FLUX_DIR" --cards ${ACTION_CARDS:-7.5} \
+          --batches ${ACTION_BATCHES:-2 1} --json "$OUT/actions.json" 2>&1 \
+          | tee "$OUT/actions.log" || echo "ACTIONS FAILED" ;;
       peer)
         # shellcheck disable=SC2086
         python3 bench/bench_peer_diffusers.py --cards ${PEER_CARDS:-5.6 7.5 11.5} \

@@ -123,6 +123,7 @@ class ModelSection:
     dit_streaming: bool = True
     float8_compute: bool = False
     expandable_segments: bool = True
+    batch_images: int = 2  # images of the largest size one DiT pass may hold (--n jobs)
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"
@@ -335,6 +336,7 @@ def _validated(config: Config) -> Config:
     need(e.backend in BACKENDS, "engine.backend", e.backend, " or ".join(BACKENDS))
     need(m.preset in PRESETS, "model.preset", m.preset, ", ".join(PRESETS))
     need(m.vram_limit_gib >= 0, "model.vram_limit_gib", m.vram_limit_gib, "0 (auto) or more GiB")
+    need(1 <= m.batch_images <= 8, "model.batch_images", m.batch_images, "1 to 8 images")
     need(e.max_queue_total >= 1, "engine.max_queue_total", e.max_queue_total, "at least 1")
     need(e.max_queue_per_user >= 1, "engine.max_queue_per_user", e.max_queue_per_user, "at least 1")
     need(e.job_timeout_s > 0, "engine.job_timeout_s", e.job_timeout_s, "more than 0 seconds")

@@ -79,7 +79,8 @@ def test_every_card_gets_a_plan_inside_its_budget_or_a_clear_refusal(free, max_p
     assert used <= plan.budget_gib * GIB  # and budget_gib is what the device budget left
     assert plan.budget_gib == plan.device_budget.allocator_gib < free
     side = reserve_side(max_pixels)
-    assert residency.reserve_bytes == dit_activation_bytes(side, side)
+    assert residency.reserve_bytes == dit_activation_bytes(side, side,
+                                                         batch=ModelSection().batch_images)
     assert f"{max_pixels:,} px" in plan.describe() and "vram_limit 7" not in plan.describe()
 
 
@@ -136,12 +137,11 @@ def test_with_less_records_the_calibration_and_stops_at_the_streamers_least():
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
 
-from PIL import Image  # noqa: E402
 
 from engine.flux import backend as flux_backend  # noqa: E402
 from engine.flux.backend import FluxBackend  # noqa: E402
 from engine.request import ImageRequest  # noqa: E402
-from tests.test_flux_builder import fill  # noqa: E402
+from tests.test_flux_builder import FakePipe, fill  # noqa: E402
 
 
 class FakeCard:
@@ -174,18 +174,16 @@ class FakeCard:
         self.peak = 0
 
 
-class CardPipe:
-    vram_management_enabled = False
+class CardPipe(FakePipe):
     fail_builds = 0
 
     def __init__(self, plan, card: FakeCard) -> None:
-        self.plan, self.card = plan, card
+        super().__init__(plan, None)
+        self.card = card
 
     def __call__(self, **kwargs):
         self.card.run(self.plan)
-        for _ in kwargs["progress_bar_cmd"](range(kwargs["num_inference_steps"])):
-            pass
-        return Image.new("RGB", (kwargs["width"], kwargs["height"]))
+        return super().__call__(**kwargs)
 
 
 def card_backend(tmp_path: Path, monkeypatch, card: FakeCard, **model):
@@ -322,3 +320,25 @@ def test_the_failed_pass_is_gone_before_the_replan(tmp_path, monkeypatch):
     worker = GpuWorker(Backend())  # type: ignore[arg-type]
     image = worker.generate_blocking(REQUEST, lambda i, n: None, threading.Event(), math.inf)
     assert image == "image" and seen == {"alive": False}
+
+
+@pytest.mark.parametrize(("batch_images", "side", "expected"), [
+    (1, 1024, 1), (1, 512, 3), (2, 1024, 2), (2, 768, 3), (2, 512, 4), (4, 1024, 4)])
+def test_a_pass_holds_what_the_activations_kept_for_the_batch_hold(batch_images, side,
+                                                                    expected) -> None:
+    """Text tokens count per image, so four 512² images are more than one 1024² one."""
+    plan = plan_memory(ModelSection(batch_images=batch_images), 7.5, 0.5)
+    assert plan.batch_for(side, side, 4) == expected
+    assert plan.batch_for(side, side, 1) == 1
+    assert dit_activation_bytes(side, side, batch=expected) <= plan.activation_bytes()
+
+
+def test_each_image_of_batch_kept_costs_dit_blocks_on_the_gpu() -> None:
+    resident = []
+    for batch_images in (1, 2, 4):
+        plan = plan_memory(ModelSection(batch_images=batch_images), 7.5, 0.5)
+        residency = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES,
+                                  OTHERS_RESIDENT_BYTES)
+        resident.append(sum(p != "streamed" for p in residency.placements))
+        assert f"{batch_images} images" in plan.describe() or batch_images == 1
+    assert resident[0] > resident[1] > resident[2]

@@ -18,6 +18,11 @@ from PIL import Image  # noqa: E402
 from engine.config import ModelSection  # noqa: E402
 from engine.flux import pipeline as fp  # noqa: E402
 from engine.flux.backend import FluxBackend  # noqa: E402
+from engine.flux.device_budget import (  # noqa: E402
+    FRAGMENTATION_FRACTION,
+    FRAGMENTATION_GIB,
+    RUNTIME_RESERVE_GIB,
+)
 from engine.flux.model_files import (  # noqa: E402
     ModelFilesMissing,
     ModelPaths,
@@ -133,7 +138,7 @@ def test_max_loads_everything_resident_without_vram_management() -> None:
 
 @pytest.mark.parametrize(("free", "expected"), [(5.5, "low"), (11.0, "low"), (18.0, "low"),
                                                 (20.0, "balanced"), (30.0, "balanced"),
-                                                (37.0, "balanced"), (40.0, "max"),
+                                                (36.5, "balanced"), (40.0, "max"),
                                                 (78.0, "max")])
 def test_auto_picks_from_the_free_memory(free: float, expected: str) -> None:
     """The thresholds apply to the allocator budget: the free memory less the context,
@@ -145,7 +150,9 @@ def test_vram_limit_gib_overrides_the_free_memory() -> None:
     plan, kwargs, _ = configs_for("auto", free=78.0, used=0.5, vram_limit_gib=8.0,
                                   dit_streaming=False)
     assert plan.preset == "low" and plan.device_budget.device_gib == 8.0
-    assert plan.budget_gib == pytest.approx(8.0 - 0.5 - 0.5 - (0.25 + 0.03 * 7.0))
+    runtime = RUNTIME_RESERVE_GIB
+    margin = FRAGMENTATION_GIB + FRAGMENTATION_FRACTION * (8.0 - 0.5 - runtime)
+    assert plan.budget_gib == pytest.approx(8.0 - 0.5 - runtime - margin)
     assert kwargs["vram_limit"] == pytest.approx(plan.budget_gib)
 
 
@@ -311,17 +318,47 @@ def test_a_local_t5_folder_with_an_index_needs_its_shards(tmp_path: Path) -> Non
 
 
 # -- the backend around a fake pipeline -----------------------------------------------------------
+class FakeDecoder(torch.nn.Module):
+    def forward(self, sample, *args, **kwargs):
+        return sample * 2
+
+
 class FakePipe:
+    """Speaks the part of diffsynth's FluxImagePipeline the backend relies on, batch semantics
+    included: noise of batch 1 from ``generate_noise``, the prompt's embedding of batch 1 that
+    the DiT (``model_fn``) must see at the latents' batch, the decode through ``vae_decoder``
+    and ``vae_output_to_image``, which like diffsynth's averages over the batch."""
+
     vram_management_enabled = False
 
     def __init__(self, plan, paths) -> None:
         self.plan, self.paths, self.calls = plan, paths, []
+        self.vae_decoder = FakeDecoder()
+        self.model_fn = self.dit_step
+        self.batches: list[int] = []
+
+    def generate_noise(self, shape, seed=None, rand_device="cpu", **kwargs):
+        return torch.randn(shape, generator=torch.Generator(rand_device).manual_seed(seed))
+
+    def dit_step(self, latents, prompt_emb, **kwargs):
+        assert prompt_emb.shape[0] == latents.shape[0]  # the DiT concatenates them
+        self.batches.append(latents.shape[0])
+        return latents * 0.1
+
+    def vae_output_to_image(self, output):
+        mean = output.mean(dim=0)  # "B C H W -> H W C", reduction="mean", as diffsynth does
+        shade = int(abs(float(mean.mean())) * 10_000) % 256
+        return Image.new("RGB", (mean.shape[-1] * 8, mean.shape[-2] * 8), (shade, 0, 0))
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)
+        height, width = kwargs["height"], kwargs["width"]
+        latents = self.generate_noise((1, 4, height // 8, width // 8), seed=kwargs["seed"],
+                                      rand_device=kwargs["rand_device"])
+        prompt = torch.zeros(1, 8)
         for _ in kwargs["progress_bar_cmd"](range(kwargs["num_inference_steps"])):
-            pass
-        return Image.new("RGB", (kwargs["width"], kwargs["height"]))
+            latents = latents - self.model_fn(latents=latents, prompt_emb=prompt)
+        return self.vae_output_to_image(self.vae_decoder(latents))
 
 
 def cpu_backend(tmp_path: Path, pipe_class: type[FakePipe] | None = None,
@@ -355,14 +392,51 @@ def test_backend_generates_with_the_requests_parameters(tmp_path: Path) -> None:
 
 
 def test_backend_makes_n_images_from_consecutive_seeds_with_one_progress(tmp_path: Path) -> None:
-    backend, built = cpu_backend(tmp_path)
+    """Three 512² images fit the activations kept for two 1024² ones: one pass, and each
+    image is exactly the one its seed makes alone."""
+    backend, built = cpu_backend(tmp_path, batch_images=2)
     backend.load()
     steps: list[tuple[int, int]] = []
     request = ImageRequest(prompt="fox", seed=5, steps=2, width=512, height=512, guidance=3.5,
                            count=3)
     images = backend.generate(request, lambda i, n: steps.append((i, n)))
-    assert len(images) == 3 and [c["seed"] for c in built[0].calls] == [5, 6, 7]
-    assert steps == [(i, 6) for i in range(1, 7)]
+    pipe = built[0]
+    assert len(pipe.calls) == 1 and pipe.batches == [3, 3]
+    assert steps == [(3, 6), (6, 6)]
+    alone = [backend.generate(request.one(i), lambda i, n: None)[0] for i in range(3)]
+    assert pipe.batches[2:] == [1] * 6
+    assert [im.getpixel((0, 0)) for im in images] == [im.getpixel((0, 0)) for im in alone]
+    assert len({im.getpixel((0, 0)) for im in images}) == 3  # three seeds, three images
+    # the pipeline is itself again: diffsynth's own noise, DiT call and decode
+    assert pipe.model_fn == pipe.dit_step and "forward" not in pipe.vae_decoder.__dict__
+    assert "vae_output_to_image" not in pipe.__dict__
+
+
+@pytest.mark.parametrize(("batch_images", "passes"), [(1, [1, 1, 1, 1]), (2, [2, 2]),
+                                                      (4, [4])])
+def test_a_job_larger_than_the_plans_batch_runs_in_passes(tmp_path: Path, batch_images,
+                                                          passes) -> None:
+    backend, built = cpu_backend(tmp_path, batch_images=batch_images)
+    backend.load()
+    steps: list[tuple[int, int]] = []
+    request = ImageRequest(prompt="fox", seed=1, steps=1, width=1024, height=1024, guidance=3.5,
+                           count=4)
+    images = backend.generate(request, lambda i, n: steps.append((i, n)))
+    assert len(images) == 4 and built[0].batches == passes
+    assert [c["seed"] for c in built[0].calls] == [1 + sum(passes[:i]) for i in range(len(passes))]
+    assert [i for i, _ in steps] == [sum(passes[:i + 1]) for i in range(len(passes))]
+    assert all(n == 4 for _, n in steps)
+
+
+def test_a_failed_batch_leaves_the_pipeline_as_it_was(tmp_path: Path) -> None:
+    from engine.flux.batch import batched
+
+    pipe = FakePipe(None, None)
+    with pytest.raises(RuntimeError, match="out of memory"), batched(pipe, [1, 2]):
+        assert pipe.generate_noise((1, 4, 2, 2), seed=9).shape[0] == 2
+        raise RuntimeError("CUDA out of memory")
+    assert pipe.model_fn == pipe.dit_step and pipe.generate_noise((1, 4, 2, 2), 9).shape[0] == 1
+    assert "forward" not in pipe.vae_decoder.__dict__ and "vae_output_to_image" not in pipe.__dict__
 
 
 def test_image_to_image_goes_through_diffsynths_input_image_and_strength(tmp_path: Path) -> None:
@@ -513,8 +587,15 @@ def test_compile_is_skipped_off_cuda(tmp_path: Path) -> None:
 class RecordingDecoder(torch.nn.Module):
     """Like diffsynth's decoder, its tiled path calls ``self.forward`` again for each tile."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded: list[bool] = []  # each whole decode of a latent: tiled or not
+
     def forward(self, sample, tiled=False, tile_size=128, tile_stride=64, **kwargs):
-        tiles = [self.forward(sample, tiled=False)["tiled"] for _ in range(2)] if tiled else []
+        tiles = [self.forward(None, tiled=False)["tiled"] for _ in range(2)] if tiled else []
+        if sample is not None:  # a real latent from the pipeline: decoded as itself
+            self.decoded.append(tiled)
+            return sample
         return {"tiled": tiled, "tile_size": tile_size, "tile_stride": tile_stride,
                 "tiles_tiled": tiles}
 
@@ -532,6 +613,7 @@ def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
     request = ImageRequest(prompt="fox", seed=1, steps=2, width=1024, height=1024, guidance=3.5)
     backend.generate(request, lambda i, n: None)
     assert pipe.calls[-1]["tiled"] is False  # the DiT is never tiled
+    assert pipe.vae_decoder.decoded == [True]  # the decode is
     # what diffsynth's decode call passes is overridden: the decoder tiles itself
     assert pipe.vae_decoder(None, tiled=False, tile_size=128, tile_stride=64) == {
         "tiled": True, "tile_size": TILE_SIZE, "tile_stride": TILE_STRIDE,
@@ -541,3 +623,19 @@ def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
     assert pipe.vae_decoder(None, tiled=False)["tiled"] is False
     tile_vae_decode(pipe, False)  # idempotent
     assert "forward" not in pipe.vae_decoder.__dict__
+
+
+def test_a_batch_decodes_one_latent_at_a_time_through_the_tiled_decoder(tmp_path: Path) -> None:
+    """The plan budgets the VAE for one image: a batch of two is two tiled decodes, and the
+    tiling wrapper is still in place afterwards."""
+    backend, built = cpu_backend(tmp_path, batch_images=2)
+    backend.load()
+    pipe = built[0]
+    pipe.vae_decoder = RecordingDecoder()
+    backend.plan = dataclasses.replace(backend.plan, vae_tiled=True)
+    request = ImageRequest(prompt="fox", seed=1, steps=1, width=1024, height=1024, guidance=3.5,
+                           count=2)
+    assert len(backend.generate(request, lambda i, n: None)) == 2
+    assert pipe.batches == [2] and pipe.vae_decoder.decoded == [True, True]
+    assert "forward" in pipe.vae_decoder.__dict__  # tile_vae_decode's, not the batch's
+    assert pipe.vae_decoder(None)["tiled"] is True

@@ -22,12 +22,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.backends.base import StepCallback, load_init_image, per_image
+from engine.backends.base import StepCallback, load_init_image
 from engine.config import ModelSection, StyleSection
 from engine.errors import GenerationFailed
+from engine.flux.batch import batch_sizes, batched, per_batch
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
@@ -124,7 +126,8 @@ class FluxBackend:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image]:
-        """Sample the request's images, one seed after another. Exceptions (``on_step``'s
+        """Sample the request's images, as many seeds per DiT pass as the plan's activations
+        hold (``MemoryPlan.batch_for``), the passes one after another. Exceptions (``on_step``'s
         abort, ``torch.cuda.OutOfMemoryError``) propagate to the engine.
 
         Image-to-image goes through diffsynth's own ``input_image``/``denoising_strength``
@@ -134,11 +137,22 @@ class FluxBackend:
                 return [upscale(request, lambda tile, part, step: self._one(part, step, tile),
                                 on_step)]
         init = load_init_image(request) if request.init_image else None
+        if self.plan is None:
+            raise RuntimeError("FluxBackend.generate called before load()")
+        size = self.plan.batch_for(request.width, request.height, request.count)
+        images: list[Image] = []
         with self._style(request) as request:
-            return [self._one(request.one(i), per_image(on_step, i, request.count), init)
-                    for i in range(request.count)]
+            for first, count in batch_sizes(request.count, size):
+                part = dataclasses.replace(request.one(first), count=count)
+                images += self._run(part, per_batch(on_step, first, count, request.count), init)
+        return images
 
     def _one(self, request: ImageRequest, on_step: StepCallback, init: Image | None) -> Image:
+        return self._run(request, on_step, init)[0]
+
+    def _run(self, request: ImageRequest, on_step: StepCallback,
+             init: Image | None) -> list[Image]:
+        """One pipeline call for the request's ``count`` seeds (engine/flux/batch.py)."""
         import torch
 
         from engine.flux.pipeline import step_reporter
@@ -153,21 +167,24 @@ class FluxBackend:
         tile_vae_decode(self._pipe, self.plan.vae_tiled)
         start = {} if init is None else {"input_image": init,
                                            "denoising_strength": request.strength}
-        return self._pipe(
-            prompt=request.prompt,
-            seed=request.seed,
-            num_inference_steps=request.steps_run,
-            **start,
-            height=request.height,
-            width=request.width,
-            embedded_guidance=request.guidance,
-            cfg_scale=1.0,  # FLUX.1-dev is guidance-distilled: no negative pass
-            rand_device="cpu",  # the same seed gives the same image on any GPU
-            # diffsynth's `tiled` also runs the DiT tile by tile (nine whole passes a step at
-            # 1024²); only the VAE decode is tiled, by tile_vae_decode
-            tiled=False,
-            progress_bar_cmd=step_reporter(on_step, sync),
-        )
+        several = batched(self._pipe, request.seeds) if request.count > 1 else nullcontext()
+        with several:
+            out = self._pipe(
+                prompt=request.prompt,
+                seed=request.seed,
+                num_inference_steps=request.steps_run,
+                **start,
+                height=request.height,
+                width=request.width,
+                embedded_guidance=request.guidance,
+                cfg_scale=1.0,  # FLUX.1-dev is guidance-distilled: no negative pass
+                rand_device="cpu",  # the same seed gives the same image on any GPU
+                # diffsynth's `tiled` also runs the DiT tile by tile (nine whole passes a step at
+                # 1024²); only the VAE decode is tiled, by tile_vae_decode
+                tiled=False,
+                progress_bar_cmd=step_reporter(on_step, sync),
+            )
+        return out if isinstance(out, list) else [out]
 
     # -- styles (LoRA) --------------------------------------------------------------------
     def _read_styles(self) -> float:
@@ -388,15 +405,17 @@ class FluxBackend:
         return oom
 
     def _warm_up(self) -> None:
-        """Two-step images at the largest size the limits allow (the memory peak), and with
-        compiled blocks also at 512² (torch's dynamic-shape graphs, which every other size
-        and aspect ratio then uses without compiling again)."""
+        """Two-step images at the largest size the limits allow, a batch of
+        ``model.batch_images`` (the memory peak), and with compiled blocks also one at 512²
+        (torch's dynamic-shape graphs, which every other size, aspect ratio and batch then
+        uses without compiling again)."""
         sides = [warm_up_side(self.max_pixels)]
         if self._compiled and sides[0] != 512 and 512 * 512 <= self.max_pixels:
             sides.append(512)
-        for side in sides:
+        assert self.plan is not None
+        for n, side in enumerate(sides):  # the largest size with a whole batch: the peak
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                guidance=3.5)
+                                guidance=3.5, count=1 if n else self.plan.batch_images)
             self.generate(warm, lambda i, n: None)
 
     def _calibrate(self) -> None:

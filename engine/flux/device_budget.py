@@ -35,11 +35,14 @@ GIB = 1024**3
 # loading; an H100 shows 0.5 GiB, consumer cards a little less). Only used when vram_limit_gib
 # is set: with auto, the free memory at start is measured after the context exists.
 CUDA_CONTEXT_GIB = 0.5
-# Kernels loaded as they are first used and workspaces outside PyTorch's allocator.
-RUNTIME_RESERVE_GIB = 0.5
+# Kernels loaded as they are first used and workspaces outside PyTorch's allocator. With the
+# fragmentation margin it was 0.94-1.06 GiB on emulated 6, 8 and 12 GB cards, where kernels,
+# workspaces and fragmentation took 0.05-0.1 GiB together (H100, expandable segments;
+# docs/benchmarks.md): measured use with room to spare, and the warm-up checks it per card.
+RUNTIME_RESERVE_GIB = 0.25
 # With expandable segments the allocator's unusable remainder is small but not nil.
-FRAGMENTATION_GIB = 0.25
-FRAGMENTATION_FRACTION = 0.03
+FRAGMENTATION_GIB = 0.1
+FRAGMENTATION_FRACTION = 0.01
 # The warm-up's measured peak must stay this far under the device budget, or the plan tightens.
 CALIBRATION_SAFETY_GIB = 0.25
 # Blocks' float8 pages are worth more on the GPU than an untiled VAE decode's speed when tiling

@@ -105,6 +105,7 @@ class MemoryPlan:
     stream_dit: bool = False  # block-stream the DiT in low/balanced (model.dit_streaming)
     device_budget: DeviceBudget | None = None  # budget_gib is its allocator_gib
     max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
+    batch_images: int = 1  # images of max_pixels one DiT pass holds (model.batch_images)
 
     @property
     def streaming(self) -> bool:
@@ -125,6 +126,27 @@ class MemoryPlan:
         """The square side whose activations cover every image the limits allow."""
         return reserve_side(self.max_pixels)
 
+    def activation_bytes(self) -> int:
+        """The DiT activations the plan keeps room for: ``batch_images`` of the largest size."""
+        from engine.flux.residency import dit_activation_bytes
+
+        side = self.reserve_side
+        return dit_activation_bytes(side, side, batch=self.batch_images)
+
+    def batch_for(self, width: int, height: int, count: int) -> int:
+        """How many of a job's ``count`` images one DiT pass samples together: as many as the
+        activations kept for ``batch_images`` of the largest size hold (smaller images pack
+        more; a job of more runs in several passes)."""
+        from engine.flux.residency import dit_activation_bytes
+
+        kept, size = self.activation_bytes(), max(1, count)
+        while size > 1 and dit_activation_bytes(width, height, batch=size) > kept:
+            size -= 1
+        return size
+
+    def _batch_text(self) -> str:
+        return "one image" if self.batch_images == 1 else f"{self.batch_images} images"
+
     def describe(self) -> str:
         """One line in plain numbers: the preset, the budget and where it goes."""
         parts = [f"preset {self.preset}"]
@@ -141,7 +163,8 @@ class MemoryPlan:
             budget = f"allocator budget {self.budget_gib:.2f} GiB"
         else:
             budget = "no GPU memory figure"
-        return (f"{head}: {budget}; activations kept for images up to {self.max_pixels:,} px; "
+        return (f"{head}: {budget}; activations kept for "
+                f"{self._batch_text()} up to {self.max_pixels:,} px; "
                 f"{self.reason}")
 
 
@@ -177,24 +200,25 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
     preset, why = choose_preset(config, allocator)
     return make_plan(preset, config.device, allocator, used_gib=used_gib, reason=why,
                      stream_dit=config.dit_streaming and config.device.startswith("cuda"),
-                     device_budget=budget, max_pixels=max_pixels)
+                     device_budget=budget, max_pixels=max_pixels,
+                     batch_images=config.batch_images)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
               device_budget: DeviceBudget | None = None,
-              max_pixels: int = 1024 * 1024) -> MemoryPlan:
+              max_pixels: int = 1024 * 1024, batch_images: int = 1) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
-                             "max_pixels": max_pixels}
+                             "max_pixels": max_pixels, "batch_images": batch_images}
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
                           stream_dit=stream_dit, **extra)
     limit = _vram_limit(dev, budget_gib, used_gib)
     if stream_dit and preset in ("low", "balanced"):
-        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels)
+        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels, batch_images)
         return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
@@ -206,7 +230,7 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
 
 
-def should_tile_vae(budget_gib: float | None, max_pixels: int) -> bool:
+def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are
@@ -224,7 +248,7 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int) -> bool:
     if budget_gib is None:
         return False
     side = reserve_side(max_pixels)
-    sizes, reserve = flux_dev_block_sizes(), dit_activation_bytes(side, side)
+    sizes, reserve = flux_dev_block_sizes(), dit_activation_bytes(side, side, batch=batch_images)
     untiled = vae_decode_bytes(side, side)
     tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
@@ -272,7 +296,8 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
         lower = "balanced" if plan.preset == "max" else "low"
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
                          plan.vae_tiled, stream_dit=plan.stream_dit,
-                         device_budget=plan.device_budget, max_pixels=plan.max_pixels)
+                         device_budget=plan.device_budget, max_pixels=plan.max_pixels,
+                         batch_images=plan.batch_images)
     if plan.streaming:
         return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
@@ -302,4 +327,5 @@ def with_less(plan: MemoryPlan, less_gib: float, why: str) -> MemoryPlan | None:
     device = None if plan.device_budget is None else plan.device_budget.tightened(less_gib)
     return make_plan(plan.preset, plan.device, budget, plan.used_at_start_gib, why,
                      vae_tiled=plan.vae_tiled, stream_dit=plan.stream_dit,
-                     device_budget=device, max_pixels=plan.max_pixels)
+                     device_budget=device, max_pixels=plan.max_pixels,
+                     batch_images=plan.batch_images)

@@ -338,7 +338,8 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
     """The DiT's residency under a memory plan: its allocator budget less ``others_bytes``
     (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
     for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
-    phases of their own (they run while the streamer's buffers are released)."""
+    phases of their own (they run while the streamer's buffers are released). A batch's
+    activations (``model.batch_images``) are kept too; its decode runs one image at a time."""
     if plan.budget_gib is None:
         raise ValueError("streaming needs a known GPU budget")
     side = plan.reserve_side
@@ -351,5 +352,5 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
             f"the VAE alone keep {others_bytes / GIB:.2f} GiB on the GPU; free GPU memory or "
             "use a smaller image size")
     return plan_residency(block_bytes, left,
-                          dit_activation_bytes(side, side), fixed_bytes=fixed_bytes,
+                          plan.activation_bytes(), fixed_bytes=fixed_bytes,
                           phase_reserve_bytes=phase)

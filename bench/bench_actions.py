@@ -1,0 +1,149 @@
+"""Image actions on an emulated card, through the user's path (``python -m bot run``, the
+console): one 1024² image, then the same prompt with ``--n 4``, a strong variation of the first
+image (image-to-image at strength 0.7) and its 2× upscale (2048², tiled).
+
+    python bench/bench_actions.py --ckpt DIR [--cards 7.5 ...] [--batches 1 2 4] [--json F]
+
+Per card and ``[model] batch_images``: each job's GPU seconds as the engine logs them, the
+wall time from sending the line to the reply, the ratio of the four-image job to the single
+image (issue 12: at most 2.8× on an 8 GB card), the variation's share of a full image's
+time, whether the 2048² upscale finished, and the process's device peak as the driver saw it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, write_config  # noqa: E402
+from bench.emulated_card import EmulatedCard  # noqa: E402
+
+STEPS = 20
+
+
+def actions(first_id: str | None) -> list[tuple[str, str]]:
+    """(name, console line) of each job; the later ones act on the first job's image."""
+    if first_id is None:
+        return [("one 1024²", f"/imagine {PROMPT} --seed 1 --steps {STEPS}")]
+    return [("--n 4 1024²", f"/imagine {PROMPT} --seed 5 --steps {STEPS} --n 4"),
+            ("vary strong (0.7)", f"/vary {first_id} 1 strong"),
+            ("upscale 2× (2048²)", f"/upscale {first_id} 1")]
+
+
+def run_row(free_gib: float, ckpt: Path, batch_images: int,
+            timeout: float = 400) -> dict[str, Any]:
+    extra = f"batch_images = {batch_images}"
+    row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
+    with tempfile.TemporaryDirectory() as tmp, EmulatedCard(free_gib) as card:
+        row["free_at_start_gib"] = card.held["free_at_hold_gib"]
+        bot = BotProcess(write_config(Path(tmp), ckpt, extra))
+        started = time.perf_counter()
+        try:
+            ready_at, _ = bot.wait_for(r"Type /imagine", timeout)
+            row["ready_s"] = ready_at - started
+            row["plan"] = next((t.split("FLUX memory plan: ", 1)[1] for _, t in bot.log
+                                if "FLUX memory plan: " in t), None)
+            first_id = _run_jobs(bot, actions(None), row["jobs"], timeout)
+            _run_jobs(bot, actions(first_id), row["jobs"], timeout)
+        except Exception as e:  # noqa: BLE001 - a failed row is a result too
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+        finally:
+            row["exit_code"] = bot.stop()
+            report = card.report()
+        row["device_peak_gib"] = report["peak_gib"]
+        row["within_card"] = report["peak_gib"] <= row["free_at_start_gib"] + 1e-3
+        row["oom"] = sum("out of" in t.lower() and "memory" in t.lower() for _, t in bot.log)
+        row["log_tail"] = [t for _, t in bot.log[-6:]]
+    jobs = row["jobs"]
+    for job in jobs.values():  # the engine logs a job's GPU time just after its reply
+        job["gpu_s"] = _gpu_seconds(bot.log, job["id"])
+    one = jobs.get("one 1024²", {}).get("gpu_s")
+    if one:
+        for name in ("--n 4 1024²", "vary strong (0.7)"):
+            if jobs.get(name, {}).get("gpu_s"):
+                jobs[name]["x_one"] = jobs[name]["gpu_s"] / one
+    return row
+
+
+def _run_jobs(bot: BotProcess, jobs: list[tuple[str, str]], out: dict[str, Any],
+              timeout: float) -> str:
+    """Each job alone (the next is sent once the last replied); the first job's id."""
+    ids = []
+    for name, line in jobs:
+        sent = bot.send(line)
+        at, reply = bot.wait_for(DONE, timeout)
+        match = DONE.search(reply)
+        assert match is not None
+        ids.append(match.group(1))
+        out[name] = {"id": ids[-1], "wall_s": at - sent, "ok": "✅" in reply}
+    return ids[0]
+
+
+def _gpu_seconds(log: list[tuple[float, str]], job_id: str) -> float | None:
+    for _, text in log:
+        match = FINISHED.search(text)
+        if match and match.group(1) == job_id:
+            return float(match.group(3))
+    return None
+
+
+def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
+    names = ["one 1024²", "--n 4 1024²", "vary strong (0.7)", "upscale 2× (2048²)"]
+    head = ("| card (free) | batch_images | " + " | ".join(f"{n} GPU s" for n in names)
+            + " | n4 ÷ one | vary ÷ one | device peak GiB | OOM | ok |\n"
+            + "|---" * (len(names) + 7) + "|\n")
+    lines = []
+    for r in rows:
+        jobs = r["jobs"]
+        cells = [_f(jobs.get(n, {}).get("gpu_s")) for n in names]
+        ok = (not r.get("error") and r["within_card"] and not r["oom"]
+              and all(jobs.get(n, {}).get("ok") for n in names))
+        lines.append(
+            f"| {r['card_free_gib']:.1f} GiB | {r['batch_images']} | " + " | ".join(cells)
+            + f" | {_f(jobs.get(names[1], {}).get('x_one'))} | "
+            f"{_f(jobs.get(names[2], {}).get('x_one'))} | {_f(r.get('device_peak_gib'))} | "
+            f"{r['oom']} | {'yes' if ok else 'NO'} |")
+    return f"Device: {device}. Command: `{command}`\n\n" + head + "\n".join(lines) + "\n"
+
+
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--cards", type=float, nargs="*", default=[7.5])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    args = parser.parse_args()
+    device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip().splitlines()[0]
+    rows = []
+    for free in args.cards:
+        for batch in args.batches:
+            print(f"card {free} GiB free, batch_images {batch}…", flush=True)
+            rows.append(run_row(free, args.ckpt, batch))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "log_tail"}), flush=True)
+            if rows[-1].get("error"):
+                print("\n".join(rows[-1]["log_tail"]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    table = markdown(rows, device, " ".join(sys.argv))
+    print(table)
+    if args.md:
+        args.md.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
