@@ -603,7 +603,7 @@ class RecordingDecoder(torch.nn.Module):
 def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
     """diffsynth's ``tiled`` flag would also run the DiT tile by tile (nine passes a step at
     1024²); the backend passes tiled=False and tiles the decoder alone when the plan says so."""
-    from engine.flux.vae_tiling import TILE_SIZE, TILE_STRIDE, tile_vae_decode
+    from engine.flux.vae_tiling import TILE_SIZE, TILE_STRIDE, tile_vae
 
     backend, built = cpu_backend(tmp_path)
     backend.load()
@@ -621,8 +621,24 @@ def test_only_the_vae_decode_is_tiled_never_the_dit(tmp_path: Path) -> None:
     backend.plan = dataclasses.replace(backend.plan, vae_tiled=False)
     backend.generate(request, lambda i, n: None)
     assert pipe.vae_decoder(None, tiled=False)["tiled"] is False
-    tile_vae_decode(pipe, False)  # idempotent
+    tile_vae(pipe, False)  # idempotent
     assert "forward" not in pipe.vae_decoder.__dict__
+
+
+def test_a_tiled_plan_tiles_the_image_to_image_encode_too(tmp_path: Path) -> None:
+    """The start image's encode is a phase budgeted like the tiled decode: with the plan's VAE
+    tiled, diffsynth's untiled encode call is tiled in 512-pixel tiles."""
+    from engine.flux.vae_tiling import ENCODE_TILE_SIZE, ENCODE_TILE_STRIDE, tile_vae
+
+    pipe = FakePipe(None, None)
+    pipe.vae_encoder = RecordingDecoder()
+    tile_vae(pipe, True)
+    assert pipe.vae_encoder(None, tiled=False, tile_size=128, tile_stride=64) == {
+        "tiled": True, "tile_size": ENCODE_TILE_SIZE, "tile_stride": ENCODE_TILE_STRIDE,
+        "tiles_tiled": [False, False]}
+    assert ENCODE_TILE_SIZE == 512
+    tile_vae(pipe, False)
+    assert "forward" not in pipe.vae_encoder.__dict__
 
 
 def test_a_batch_decodes_one_latent_at_a_time_through_the_tiled_decoder(tmp_path: Path) -> None:
@@ -637,5 +653,5 @@ def test_a_batch_decodes_one_latent_at_a_time_through_the_tiled_decoder(tmp_path
                            count=2)
     assert len(backend.generate(request, lambda i, n: None)) == 2
     assert pipe.batches == [2] and pipe.vae_decoder.decoded == [True, True]
-    assert "forward" in pipe.vae_decoder.__dict__  # tile_vae_decode's, not the batch's
+    assert "forward" in pipe.vae_decoder.__dict__  # tile_vae's, not the batch's
     assert pipe.vae_decoder(None)["tiled"] is True

@@ -33,7 +33,7 @@ from engine.flux.batch import batch_sizes, batched, per_batch
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
-from engine.flux.vae_tiling import tile_vae_decode
+from engine.flux.vae_tiling import tile_vae
 from engine.request import ImageRequest
 from engine.upscale import upscale
 
@@ -164,7 +164,7 @@ class FluxBackend:
             if self._pipe is None:
                 raise RuntimeError("the FLUX pipeline could not be loaded again; see the log")
         sync = torch.cuda.synchronize if self.plan.device.startswith("cuda") else None
-        tile_vae_decode(self._pipe, self.plan.vae_tiled)
+        tile_vae(self._pipe, self.plan.vae_tiled)
         start = {} if init is None else {"input_image": init,
                                            "denoising_strength": request.strength}
         several = batched(self._pipe, request.seeds) if request.count > 1 else nullcontext()
@@ -180,7 +180,7 @@ class FluxBackend:
                 cfg_scale=1.0,  # FLUX.1-dev is guidance-distilled: no negative pass
                 rand_device="cpu",  # the same seed gives the same image on any GPU
                 # diffsynth's `tiled` also runs the DiT tile by tile (nine whole passes a step at
-                # 1024²); only the VAE decode is tiled, by tile_vae_decode
+                # 1024²); only the VAE decode is tiled, by tile_vae
                 tiled=False,
                 progress_bar_cmd=step_reporter(on_step, sync),
             )

@@ -29,7 +29,7 @@ def batched(pipe: Any, seeds: Sequence[int]) -> Iterator[None]:
 
     plain_noise, plain_model_fn = pipe.generate_noise, pipe.model_fn
     decoder = pipe.vae_decoder
-    had_forward = "forward" in decoder.__dict__  # tile_vae_decode's wrapper, if set
+    had_forward = "forward" in decoder.__dict__  # tile_vae's wrapper, if set
     inner_decode = decoder.forward
     had_to_image = "vae_output_to_image" in pipe.__dict__
     to_image = pipe.vae_output_to_image
