@@ -26,14 +26,19 @@ MODELS_GB = 33  # the DiT, both text encoders and the VAE, as downloaded (engine
 
 
 def measured_rows() -> list[tuple[str, dict]]:
-    """(device, row) of every default-config run on an emulated card that stayed within it."""
-    rows = []
-    for path in sorted(RESULTS.glob("cards-*.json")):
+    """(device, row) of the latest default-config run on each emulated card that stayed
+    within it (an older run of the same card is superseded)."""
+    latest: dict[float, tuple[str, str, dict]] = {}
+    for path in RESULTS.glob("cards-*.json"):
         result = json.loads(path.read_text(encoding="utf-8"))
         for row in result["rows"]:
             if row.get("config") == "default" and row.get("within_card") and not row.get("oom"):
-                rows.append((f"{result['device']}, {result['date']}", row))
-    return sorted(rows, key=lambda item: item[1]["card_free_gib"])
+                key, seen = row["card_free_gib"], latest.get(row["card_free_gib"])
+                if seen is None or (result["date"], path.name) > seen[:2]:
+                    latest[key] = (result["date"], path.name,
+                                   {**row, "_device": f"{result['device']}, {result['date']}"})
+    return [(row.pop("_device"), row) for _, _, row in
+            sorted(latest.values(), key=lambda item: item[2]["card_free_gib"])]
 
 
 def table() -> str:
