@@ -269,10 +269,7 @@ class DiscordAdapter:
     async def _submit(self, interaction: discord.Interaction, request: ImageRequest,
                       note: str = "") -> None:
         assert self.follower is not None
-        origin = Origin("discord", chat_id=str(interaction.channel_id),
-                        message_id=str(interaction.id),
-                        extra={"guild_id": str(interaction.guild_id or ""),
-                               "filesize_limit": interaction.filesize_limit})
+        origin = origin_of(interaction)
         job = await self.engine.submit(self.user_of(interaction), request, origin,
                                        key=request_key(interaction))
         self.followers.spawn(self.follower.follow(job, Reply.for_interaction(interaction, note)),
@@ -287,7 +284,7 @@ class DiscordAdapter:
         await self.say(interaction, render.queue_list(jobs))
 
     async def show_limits(self, interaction: discord.Interaction) -> None:
-        quota = await self.engine.quota(self.user_of(interaction))
+        quota = await self.engine.quota(self.user_of(interaction), origin_of(interaction))
         await self.say(interaction, render.quota(quota, self.engine.clock(), self.config.limits))
 
     async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
@@ -419,3 +416,11 @@ class DiscordAdapter:
             await interaction.followup.send(text, ephemeral=True)
         except discord.HTTPException as exc:
             log.warning("could not tell %s about an error: %s", interaction.user.id, exc)
+
+
+def origin_of(interaction: discord.Interaction) -> Origin:
+    """Where an interaction came from: its channel, its server (the shared cap's key) and the
+    upload limit there."""
+    return Origin("discord", chat_id=str(interaction.channel_id), message_id=str(interaction.id),
+                  extra={"guild_id": str(interaction.guild_id or ""),
+                         "filesize_limit": interaction.filesize_limit})

@@ -178,6 +178,10 @@ def quota(q: Quota, now: float, limits: LimitsSection | None = None) -> str:
                            else _("The next one frees up in {time}.")).format(time=wait)
     if q.day is not None:
         text += " " + _("Over the last 24 hours: {balance} left.").format(balance=_balance(q.day))
+    if q.chat is not None:  # the server's or group's window, shared by everyone in it
+        shared = (_("This server has {balance} left for everyone in it.") if q.chat_word ==
+                  "server" else _("This group has {balance} left for everyone in it."))
+        text += " " + shared.format(balance=_balance(q.chat))
     if q.priced and limits is not None:
         text += " " + _("(An image's worth is one {width}×{height} image at {steps}; bigger "
                         "images and more steps cost more.)").format(

@@ -335,7 +335,7 @@ class TelegramAdapter:
 
     async def _limits(self, message: Message, user: User, args: list[str]) -> None:
         """/limits: images left in this window."""
-        quota = await self.engine.quota(user)
+        quota = await self.engine.quota(user, Origin("telegram", chat_id=str(message.chat_id)))
         await self._reply(message, render.quota(quota, self.engine.clock(), self.config.limits),
                           droppable=True)
 

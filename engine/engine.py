@@ -325,8 +325,9 @@ class Engine:
     def queued_count(self) -> int:
         return len(self._queue)
 
-    async def quota(self, user: User) -> Quota:
-        return await self.rate_limiter.quota(user)
+    async def quota(self, user: User, origin: Origin | None = None) -> Quota:
+        """The user's balance; with the chat's ``origin``, a capped server's or group's too."""
+        return await self.rate_limiter.quota(user, origin)
 
     async def job_record(self, job_id: str) -> JobRecord | None:
         """A job from the journal (also after a restart): buttons use this to re-roll."""

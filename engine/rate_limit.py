@@ -17,6 +17,7 @@ share at once. A job created at time ``t`` counts for the half-open interval
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class Quota:
     resets_at: float | None  # when the next one frees (the oldest counted job leaves the window)
     priced: bool = False  # amounts are images of the default size (mode "gpu_seconds")
     day: Quota | None = None  # the daily cap, where one applies
+    chat: Quota | None = None  # the server's or group's shared window, where one is capped
+    chat_word: str = ""  # what that chat is called: "server" or "group" (engine/caps.py)
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,18 @@ class RateLimiter:
         # The store counts "at or after"; a job exactly window_s old has just left the window.
         return Spent([(at, amount) for at, amount in charges if at > start], window_s)
 
-    async def quota(self, user: User) -> Quota:
-        """The user's own window (and daily cap), for ``/limits``."""
+    async def quota(self, user: User, origin: Origin | None = None) -> Quota:
+        """The user's own window (and daily cap), for ``/limits``; asked in a server or group
+        whose use is capped as a whole, that chat's window too (shared by everyone in it)."""
+        own = await self._own_quota(user)
+        group = group_key(origin) if origin is not None else ""
+        cap = self.config.per_chat_images_per_window
+        if not group or not cap:
+            return own
+        chat = (await self._spent(self.config.window_s, group=group)).quota(cap, self.priced)
+        return dataclasses.replace(own, chat=chat, chat_word=chat_word(group))
+
+    async def _own_quota(self, user: User) -> Quota:
         spent = await self._spent(self.config.window_s, user=user)
         if self.access.is_admin(user):
             used = spent.used if self.priced else round(spent.used)

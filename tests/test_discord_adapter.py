@@ -877,8 +877,12 @@ async def test_a_server_cap_counts_everyone_in_the_server(server, start_bot, dco
     assert _text(answer) == ("⚠️ This server has used its 1 image for this hour; you can ask "
                              "again in 1 hour.")
     assert await jobs_in_journal(adapter, BOB) == []
+    limits = _text(await private_answer(server, await server.slash("limits", BOB)))
+    assert limits.endswith("This server has 0 of 1 images left for everyone in it.")
     direct = await server.slash("imagine", BOB, guild=False, prompt="third --seed 3 --steps 1")
     await final_upload(server, direct)  # a direct message counts against no server
+    alone = await server.slash("limits", BOB, guild=False)
+    assert "server" not in _text(await private_answer(server, alone))
     await adapter.drain()
 
 

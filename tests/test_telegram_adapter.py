@@ -452,7 +452,7 @@ async def test_token_never_appears_in_logs_even_when_requests_fail(
     tg.message("/imagine a red fox --steps 1", chat_id=ALICE, user_id=ALICE)
     await tg.wait_for("sendPhoto", 3)
 
-    async def broken(_: User) -> None:
+    async def broken(*_: object) -> None:
         raise RuntimeError(f"boom while calling {tg.base_url}{TOKEN}/getMe")
 
     monkeypatch.setattr(engine, "quota", broken)
@@ -1243,8 +1243,16 @@ async def test_a_group_cap_refuses_the_next_user_in_that_group_only(
     assert refusal.params["text"] == ("⚠️ This group has used its 1 image for this hour; you "
                                       "can ask again in 1 hour.")
     assert await engine.store.jobs_for_user(user(BOB)) == []
+    tg.message("/limits", chat_id=GROUP, user_id=BOB, chat_type="supergroup")
+    limits = await tg.wait_for("sendMessage", where=lambda c: "everyone" in c.params["text"])
+    assert limits.params["text"] == ("You have 100 of 100 images left. This group has 0 of 1 "
+                                     "images left for everyone in it.")
     tg.message("/imagine third --steps 1", chat_id=BOB, user_id=BOB)  # a private chat: no cap
     await tg.wait_for("sendPhoto", 2)
+    tg.message("/limits", chat_id=BOB, user_id=BOB)  # no group there: the user's own alone
+    own = await tg.wait_for("sendMessage", where=lambda c: c.params["chat_id"] == str(BOB)
+                            and c.params["text"].startswith("You have"))
+    assert "group" not in own.params["text"]
 
 
 async def test_stats_names_users_only_in_a_group_and_is_in_the_admins_menu(
