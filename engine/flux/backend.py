@@ -413,9 +413,9 @@ class FluxBackend:
         if self._compiled and sides[0] != 512 and 512 * 512 <= self.max_pixels:
             sides.append(512)
         assert self.plan is not None
-        for n, side in enumerate(sides):  # the largest size with a whole batch: the peak
+        for index, side in enumerate(sides):  # the largest size with a whole batch: the peak
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                guidance=3.5, count=1 if n else self.plan.batch_images)
+                                guidance=3.5, count=self.plan.batch_images if index == 0 else 1)
             self.generate(warm, lambda i, n: None)
 
     def _calibrate(self) -> None:
