@@ -141,11 +141,12 @@ def cancelled(by_owner: bool = True) -> str:
 
 
 def error_text(exc: EngineError) -> str:
-    """An engine error in the reader's language: its message id translated, its fields filled."""
-    msgid, params = getattr(exc, "msgid", ""), getattr(exc, "params", {})
-    if msgid and params:
-        return _(msgid).format(**params)
-    return translated(str(exc))
+    """An engine error in the reader's language: its phrase said with the reader's catalogue
+    (its parts, such as 'the seed option' or '12 minutes', too; ``engine/errors.py``)."""
+    phrase = getattr(exc, "phrase", None)
+    if phrase is None:  # an error made without EngineError.__init__
+        return translated(str(exc))
+    return phrase.say(_, ngettext)
 
 
 def error(exc: EngineError) -> str:

@@ -15,7 +15,9 @@ the text or by an option; the first such closing quote ends it. Otherwise quotes
 
 Every option may be given once (``--ar`` and ``--aspect`` are one option); ``--ar`` and ``--size``
 exclude each other. ``--ar`` sizes: see ``aspect_to_size``. Every bad input raises
-``InvalidCommand`` with one sentence that says what is wrong and what is allowed.
+``InvalidCommand`` with one sentence that says what is wrong and what is allowed: a whole
+message id (``engine/errors.py``), whose option is named as typed ("--steps") or by a phrase
+translated with it ("the seed option").
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fractions import Fraction
 from typing import Any
 
 from engine.config import STRENGTH_MIN, STYLE_NAME, LimitsSection
-from engine.errors import N_, InvalidCommand
+from engine.errors import N_, InvalidCommand, Phrase
 from engine.request import ImageRequest
 
 MAX_ASPECT = 4  # --ar beyond 4:1 (or 1:4) gives slivers the model draws badly
@@ -42,6 +44,8 @@ _EXAMPLES = {"seed": "42", "steps": "20", "ar": "16:9", "size": "1024x768", "gui
              "n": "4", "strength": "0.6", "style": "watercolor"}
 _QUOTES = {'"': '"', "'": "'", "“": "”", "„": "“", "«": "»", "‘": "’"}  # opening -> closing
 _COMMAND = re.compile(r"/imagine(?:@[A-Za-z0-9_]+)?(?= |$)", re.IGNORECASE)
+# What an error calls an option: as the user typed it ("--steps"), or a phrase ("the seed option")
+Label = str | Phrase
 
 def _wide(word: str) -> str:
     return "".join(chr(ord(c) + 0xFEE0) for c in word)  # "seed" -> "ｓｅｅｄ"
@@ -132,7 +136,7 @@ class ParsedCommand:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options.items() if v is not None}
         if "aspect" in given and "size" in given:
-            raise _error("Please use either the aspect option or the size option, not both.")
+            raise _error(N_("Please use either the aspect option or the size option, not both."))
         current = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
                    "n": self.count, "strength": self.strength, "style": self.style,
                    "size": None if self.width is None else (self.width, self.height)}
@@ -140,7 +144,7 @@ class ParsedCommand:
         overridden = []
         for name, raw in given.items():
             field = {"aspect": "size"}.get(name, name)
-            value = _convert(name, raw, f"the {name} option", limits)
+            value = _convert(name, raw, Phrase(N_("the {name} option"), name=name), limits)
             if current[field] is None:
                 changes[field] = value
             elif current[field] != value:
@@ -156,11 +160,11 @@ class ParsedCommand:
         # Checked again: adapters may build a ParsedCommand by hand, or with other limits.
         prompt = _check_prompt(clean_prompt(self.prompt), limits)
         if self.strength is not None:  # engine/input_image.py takes it out when there is an image
-            raise _error("--strength only works with an image to start from; please send one "
-                         "with the command, or leave --strength out.")
+            raise _error(N_("--strength only works with an image to start from; please send "
+                            "one with the command, or leave --strength out."))
         size = (self.width or limits.width_default, self.height or limits.height_default)
         count = _whole(limits.images_default if self.count is None else self.count,
-                       "--n (images)", 1, limits.images_max)
+                       Phrase(N_("--n (images)")), 1, limits.images_max)
         top = limits.seed_max - (count - 1)  # the last image's seed is seed + count - 1
         seed = self.seed
         if seed is None:
@@ -168,15 +172,17 @@ class ParsedCommand:
                                                           max(limits.seed_min, top))
         steps = limits.steps_default if self.steps is None else self.steps
         guidance = limits.guidance_default if self.guidance is None else self.guidance
-        width, height = _size(f"{size[0]}x{size[1]}", "the size", limits)
+        width, height = _size(f"{size[0]}x{size[1]}", Phrase(N_("the size")), limits)
         return ImageRequest(
             prompt=prompt,
-            seed=_whole(seed, "the seed" if count == 1 else f"the seed (with --n {count})",
+            seed=_whole(seed, Phrase(N_("the seed")) if count == 1 else
+                        Phrase(N_("the seed (with --n {count})"), count=count),
                         limits.seed_min, top),
-            steps=_whole(steps, "the steps", limits.steps_min, limits.steps_max),
+            steps=_whole(steps, Phrase(N_("the steps")), limits.steps_min, limits.steps_max),
             width=width,
             height=height,
-            guidance=_number(guidance, "the guidance", limits.guidance_min, limits.guidance_max),
+            guidance=_number(guidance, Phrase(N_("the guidance")), limits.guidance_min,
+                             limits.guidance_max),
             seed_was_random=self.seed is None,
             count=count,
             style=self.style or "",
@@ -193,11 +199,11 @@ def parse_command(text: str, limits: LimitsSection) -> ParsedCommand:
     spelled: dict[str, str] = {}
     for name, spelling, raw in _read_options(options_text):
         if name in spelled:
-            raise _error(_repeated(spelled[name], spelling))
+            raise _repeated(spelled[name], spelling)
         spelled[name] = spelling
         values[name] = _convert(name, raw, spelling, limits)
     if "ar" in values and "size" in values:
-        raise _error(f"Please use either {spelled['ar']} or --size, not both.")
+        raise _error(N_("Please use either {option} or --size, not both."), option=spelled["ar"])
     width, height = values.get("ar") or values.get("size") or (None, None)
     return ParsedCommand(
         prompt=_check_prompt(prompt, limits),
@@ -242,13 +248,13 @@ def _read_options(text: str) -> list[tuple[str, str, str]]:
     while i < len(tokens):
         flag = _FLAG.fullmatch(tokens[i])
         if flag is None:
-            raise _error(
-                f"{_shown(tokens[i])} comes after the options, where only options such as "
-                "--seed 42 may stand; please write the whole prompt first (or put it in quotes).")
+            raise _error(N_("{text} comes after the options, where only options such as "
+                            "--seed 42 may stand; please write the whole prompt first (or put "
+                            "it in quotes)."), text=_shown(tokens[i]))
         spelling = "--" + flag.group(1).lower()
         name = _ALIASES.get(flag.group(1).lower())
         if name is None:
-            raise _error(_unknown(flag.group(1).lower()))
+            raise _unknown(flag.group(1).lower())
         if flag.group(2) is not None:
             value, i = flag.group(2), i + 1
         elif i + 1 < len(tokens) and not _FLAG.fullmatch(tokens[i + 1]):
@@ -256,37 +262,41 @@ def _read_options(text: str) -> list[tuple[str, str, str]]:
         else:
             value, i = "", i + 1
         if not value:
-            raise _error(f"{spelling} needs a value, e.g. {spelling} {_EXAMPLES[name]}.")
+            raise _error(N_("{option} needs a value, e.g. {option} {example}."),
+                         option=spelling, example=_EXAMPLES[name])
         found.append((name, spelling, value))
     return found
 
 
-def _unknown(name: str) -> str:
+def _unknown(name: str) -> InvalidCommand:
     shown = "--" + (name if len(name) <= 24 else name[:24] + "…")
     close = difflib.get_close_matches(name[:40], list(_ALIASES), n=1, cutoff=0.6)
     if close:
-        return f"Unknown option {shown}; did you mean --{close[0]}?"
-    return (f"Unknown option {shown}; the options are --seed, --steps, --ar, --size, "
-            "--guidance, --n, --strength and --style.")
+        return _error(N_("Unknown option {option}; did you mean {suggestion}?"), option=shown,
+                      suggestion=f"--{close[0]}")
+    return _error(N_("Unknown option {option}; the options are --seed, --steps, --ar, --size, "
+                     "--guidance, --n, --strength and --style."), option=shown)
 
 
-def _repeated(first: str, second: str) -> str:
+def _repeated(first: str, second: str) -> InvalidCommand:
     if first == second:
-        return f"{first} was given twice; please give it only once."
-    return f"{first} and {second} are the same option; please give it only once."
+        return _error(N_("{option} was given twice; please give it only once."), option=first)
+    return _error(N_("{first} and {second} are the same option; please give it only once."),
+                  first=first, second=second)
 
 
 def _check_prompt(prompt: str, limits: LimitsSection) -> str:
     if not prompt:
-        raise _error("The prompt is empty; please say what to draw, "
-                     "e.g. /imagine a red fox in the snow --seed 7.")
-    if len(prompt) > limits.max_prompt_chars:
-        raise _error(f"The prompt is {len(prompt):,} characters long; please keep it to "
-                     f"at most {limits.max_prompt_chars:,} characters.")
+        raise _error(N_("The prompt is empty; please say what to draw, e.g. /imagine a red fox "
+                        "in the snow --seed 7."))
+    if len(prompt) > limits.max_prompt_chars:  # both counts are large: no singular
+        raise _error(N_("The prompt is {length} characters long; please keep it to at most "
+                        "{most} characters."), length=f"{len(prompt):,}",
+                     most=f"{limits.max_prompt_chars:,}")
     return prompt
 
 
-def _convert(name: str, value: object, label: str, limits: LimitsSection) -> Any:
+def _convert(name: str, value: object, label: Label, limits: LimitsSection) -> Any:
     """One option's value (a typed value or text), checked against ``limits``."""
     if name == "seed":
         return _whole(value, label, limits.seed_min, limits.seed_max)
@@ -313,86 +323,103 @@ def _text(value: object) -> str:
     return text
 
 
-def _style(value: object, label: str) -> str:
+def _style(value: object, label: Label) -> str:
     """A style name as configured: lower case, letters, digits, - and _."""
     name = _text(value).lower()
     if not STYLE_NAME.fullmatch(name):
-        raise _error(f"{label} needs the name of a style, e.g. {label} watercolor; "
-                     "/styles lists them.")
+        raise _error(N_("{label} needs the name of a style, e.g. {label} watercolor; /styles "
+                        "lists them."), label=label)
     return name
 
 
-def _error(message: str) -> InvalidCommand:
+def _error(message: str, **params: object) -> InvalidCommand:
     """The error for ``message``, which may start with a lower-case label ("the seed option")."""
-    return InvalidCommand(message[:1].upper() + message[1:])
+    return InvalidCommand(Phrase(message, **params).as_sentence())
 
 
 def _shown(text: str) -> str:
     return "“" + (text if len(text) <= 24 else text[:24] + "…") + "”"
 
 
-def _whole(value: object, label: str, low: int, high: int) -> int:
-    wanted = f"a whole number from {low} to {high}"
+# A number's errors, for whole numbers and for any number: whole sentences (the range in each).
+_NOT_WHOLE = N_("{label} needs a whole number from {low} to {high}, not {shown}.")
+_WHOLE_OUT = N_("{label} must be a whole number from {low} to {high}; {shown} is out of range.")
+_HUGE_WHOLE = N_("{label} must be a whole number from {low} to {high}; that number is out of "
+                 "range.")
+_NOT_NUMBER = N_("{label} needs a number from {low} to {high}, not {shown}.")
+_NUMBER_OUT = N_("{label} must be a number from {low} to {high}; {shown} is out of range.")
+_HUGE_NUMBER = N_("{label} must be a number from {low} to {high}; that number is out of range.")
+
+
+def _whole(value: object, label: Label, low: int, high: int) -> int:
+    shown: str | None  # None: an integer too long to show ("that number")
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-        shown = str(value) if value.bit_length() < 64 else "that number"
+        shown = str(value) if value.bit_length() < 64 else None
     else:
         text = _text(value)
         if not _INT.fullmatch(text):
-            raise _error(f"{label} needs {wanted}, not {_shown(text)}.")
+            raise _error(_NOT_WHOLE, label=label, low=low, high=high, shown=_shown(text))
         sign, digits = ("-" if text[0] == "-" else ""), text.lstrip("+-").lstrip("0") or "0"
         shown = _shown(text)
         if len(digits) > len(str(high)) + 1:  # a guard before int(): thousands of digits are slow
-            raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+            raise _error(_WHOLE_OUT, label=label, low=low, high=high, shown=shown)
         number = int(sign + digits)
     if not low <= number <= high:
-        raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+        if shown is None:
+            raise _error(_HUGE_WHOLE, label=label, low=low, high=high)
+        raise _error(_WHOLE_OUT, label=label, low=low, high=high, shown=shown)
     return number
 
 
-def _number(value: object, label: str, low: float, high: float) -> float:
-    wanted = f"a number from {low:g} to {high:g}"
+def _number(value: object, label: Label, low: float, high: float) -> float:
+    bounds = {"label": label, "low": f"{low:g}", "high": f"{high:g}"}
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, int) and value.bit_length() > 64:  # float(10**400) would raise
-            raise _error(f"{label} must be {wanted}; that number is out of range.")
+            raise _error(_HUGE_NUMBER, **bounds)
         number, shown = float(value), f"{value:g}"
     else:
         text = _text(value)
         if len(text) > 40 or not _FLOAT.fullmatch(text):  # also refuses nan, inf and 1e5
-            raise _error(f"{label} needs {wanted}, not {_shown(text)}.")
+            raise _error(_NOT_NUMBER, shown=_shown(text), **bounds)
         number, shown = float(text.replace(",", ".")), _shown(text)
     if not math.isfinite(number):
-        raise _error(f"{label} needs {wanted}, not {shown}.")
+        raise _error(_NOT_NUMBER, shown=shown, **bounds)
     if not low <= number <= high:
-        raise _error(f"{label} must be {wanted}; {shown} is out of range.")
+        raise _error(_NUMBER_OUT, shown=shown, **bounds)
     return number
 
 
-def _size(text: str, label: str, limits: LimitsSection) -> tuple[int, int]:
+def _size(text: str, label: Label, limits: LimitsSection) -> tuple[int, int]:
     match = _SIZE.fullmatch(text)
     if match is None:
-        raise _error(f"{label} needs WIDTHxHEIGHT such as 1024x768, not {_shown(text)}.")
+        raise _error(N_("{label} needs WIDTHxHEIGHT such as 1024x768, not {shown}."),
+                     label=label, shown=_shown(text))
+    pixels = f"{limits.max_pixels:,}"
     if max(len(match.group(1)), len(match.group(2))) > 7:  # guard before int()
-        raise _error(f"{label} {_shown(text)} is far too large; at most "
-                     f"{limits.max_pixels:,} pixels are allowed.")
+        raise _error(N_("{label} {size} is far too large; at most {pixels} pixels are allowed."),
+                     label=label, size=_shown(text), pixels=pixels)
     width, height = int(match.group(1)), int(match.group(2))
     shown, step, low = f"{width}x{height}", limits.size_multiple, limits.min_side
     if width * height > limits.max_pixels:
-        raise _error(
-            f"{label} {shown} is {width * height:,} pixels, more than the {limits.max_pixels:,} "
-            f"allowed (e.g. {limits.width_default}x{limits.height_default}).")
+        raise _error(N_("{label} {size} is {area} pixels, more than the {pixels} allowed (e.g. "
+                        "{default})."), label=label, size=shown, area=f"{width * height:,}",
+                     pixels=pixels, default=f"{limits.width_default}x{limits.height_default}")
     if min(width, height) < low:
-        raise _error(f"{label} {shown} is too small; each side must be at least {low}.")
+        raise _error(N_("{label} {size} is too small; each side must be at least {low}."),
+                     label=label, size=shown, low=low)
     if width % step or height % step:
         near = [max((side + step // 2) // step * step, low) for side in (width, height)]
         if near[0] * near[1] > limits.max_pixels:
             near = [side // step * step for side in (width, height)]
-        raise _error(f"{label} {shown} does not fit: both sides must be multiples of "
-                     f"{step} (try {near[0]}x{near[1]}).")
+        raise _error(N_("{label} {size} does not fit: both sides must be multiples of {step} "
+                        "(try {near})."), label=label, size=shown, step=step,
+                     near=f"{near[0]}x{near[1]}")
     return width, height
 
 
-def aspect_to_size(aspect: str, limits: LimitsSection, *, label: str = "--ar") -> tuple[int, int]:
+def aspect_to_size(aspect: str, limits: LimitsSection, *,
+                   label: Label = "--ar") -> tuple[int, int]:
     """The size for an aspect ratio "W:H" (also "W/H"; decimals such as 2.39:1 allowed).
 
     Rule: take the "full" sizes, those whose sides are multiples of ``size_multiple``, at least
@@ -405,18 +432,23 @@ def aspect_to_size(aspect: str, limits: LimitsSection, *, label: str = "--ar") -
     text = _text(aspect)
     match = _RATIO.fullmatch(text)
     if match is None:
-        hint = f"; for pixels use --size {text}" if _SIZE.fullmatch(text) and len(text) < 16 else ""
-        raise _error(f"{label} needs a ratio such as 16:9, not {_shown(text)}{hint}.")
+        if _SIZE.fullmatch(text) and len(text) < 16:  # pixels where a ratio belongs
+            raise _error(N_("{label} needs a ratio such as 16:9, not {shown}; for pixels use "
+                            "--size {size}."), label=label, shown=_shown(text), size=text)
+        raise _error(N_("{label} needs a ratio such as 16:9, not {shown}."), label=label,
+                     shown=_shown(text))
     across, down = Fraction(match.group(1)), Fraction(match.group(2))
     if not across or not down:
-        raise _error(f"{label} {_shown(text)} has a zero side; use a ratio such as 16:9.")
+        raise _error(N_("{label} {shown} has a zero side; use a ratio such as 16:9."),
+                     label=label, shown=_shown(text))
     ratio = across / down
     if not Fraction(1, MAX_ASPECT) <= ratio <= MAX_ASPECT:
-        raise _error(f"The aspect ratio {text} is too extreme; {label} accepts ratios from "
-                     f"1:{MAX_ASPECT} to {MAX_ASPECT}:1.")
+        raise _error(N_("The aspect ratio {ratio} is too extreme; {label} accepts ratios from "
+                        "1:{most} to {most}:1."), ratio=text, label=label, most=MAX_ASPECT)
     best = _closest_full_size(ratio, limits)
     if best is None:
-        raise _error(f"No allowed size has the aspect ratio {text}; please try --size.")
+        raise _error(N_("No allowed size has the aspect ratio {ratio}; please try --size."),
+                     ratio=text)
     return best
 
 

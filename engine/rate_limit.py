@@ -26,7 +26,7 @@ from engine import quota_text as text
 from engine.caps import chat_word, group_key
 from engine.config import AccessSection, LimitsSection, RateLimitSection
 from engine.costs import CostModel
-from engine.errors import RateLimited
+from engine.errors import Phrase, RateLimited
 from engine.quota_text import describe_wait, describe_window, refusal_message
 from engine.request import ImageRequest, Origin, User
 from engine.store import UNLIMITED, Store
@@ -35,7 +35,6 @@ __all__ = ["Charge", "Quota", "RateLimiter", "describe_wait", "describe_window",
            "refusal_message"]
 
 DAY_S = 86400.0
-DAY_WORDS = "the last 24 hours"
 EPSILON = 1e-9  # costs are floats: 0.1 + 0.2 must fit under 0.3
 
 
@@ -98,7 +97,7 @@ class Spent:
 class Rule:
     who: text.Who
     limit: float
-    period: str  # "this hour", "the last 24 hours"
+    period: Phrase  # "this hour", "the last 24 hours"
 
 
 class RateLimiter:
@@ -191,16 +190,16 @@ class RateLimiter:
         window = self._window_limit(override)
         if window is not None:
             spent = await self._spent(self.config.window_s, user=user)
-            self._refuse_if_over(Rule(text.YOU, window, describe_window(self.config.window_s)),
+            self._refuse_if_over(Rule(text.YOU, window, text.window(self.config.window_s)),
                                  spent, amount)
         day = self._day_limit(override)
         if day is not None:
             spent = await self._spent(DAY_S, user=user)
-            self._refuse_if_over(Rule(text.YOU, day, DAY_WORDS), spent, amount)
+            self._refuse_if_over(Rule(text.YOU, day, text.last_24_hours()), spent, amount)
         if group and self.config.per_chat_images_per_window:
             spent = await self._spent(self.config.window_s, group=group)
             rule = Rule(text.Who.chat(chat_word(group)), self.config.per_chat_images_per_window,
-                        describe_window(self.config.window_s))
+                        text.window(self.config.window_s))
             self._refuse_if_over(rule, spent, amount)
 
     def _refuse_if_over(self, rule: Rule, spent: Spent, amount: float) -> None:
@@ -212,9 +211,8 @@ class RateLimiter:
             # Some left, not enough for this job: wait until enough old ones leave the window.
             ready_at = spent.fits_at(limit, amount) or now
             left = remaining if priced else round(remaining)
-            raise RateLimited(text.partial(rule.who, left, amount, rule.period,
-                                           describe_wait(ready_at - now), priced),
-                              retry_at=ready_at)
+            raise RateLimited(text.partial(rule.who, left, amount, rule.period, ready_at - now,
+                                           priced), retry_at=ready_at)
         if amount > limit > 0:
             raise RateLimited(text.too_big(rule.who, limit, amount, rule.period, priced),
                               retry_at=now)

@@ -10,9 +10,11 @@ from engine.png import read_parameters
 from tests.fakes.discord_server import FakeUser
 from tests.test_discord_adapter import (  # noqa: F401  (fixtures)
     ADMIN,
+    ALICE,
     _text,
     dconfig,
     final_upload,
+    private_answer,
     server,
     start_bot,
 )
@@ -51,3 +53,16 @@ async def test_an_admins_language_for_the_channel_wins(server, start_bot):
     sent = await server.slash("imagine", LI, prompt="雪中的红狐狸 ——seed 7")
     upload = await final_upload(server, sent)
     assert "seed 7" in _text(upload) and "种子" not in _text(upload)
+
+
+async def test_a_bad_option_and_a_server_cap_are_said_in_chinese(server, start_bot, dconfig):
+    """Issue 15's leftovers: the grammar's errors and the rate-limit refusals, with the wait."""
+    dconfig.rate_limit.per_chat_images_per_window = 1
+    await start_bot()
+    bad = await private_answer(server, await server.slash("imagine", LI,
+                                                          prompt="雪中的红狐狸 --size 10x10"))
+    assert _text(bad) == f"⚠️ --size 10x10 太小了；每条边至少要 {dconfig.limits.min_side}。"
+    await final_upload(server, await server.slash("imagine", ALICE, prompt="狐狸 --steps 1"))
+    refused = await server.slash("imagine", LI, prompt="雪中的红狐狸 --steps 1")
+    assert _text(await private_answer(server, refused)) == (
+        "⚠️ 本服务器在这一小时内的 1 张图已经用完了；1 小时后可以再试。")

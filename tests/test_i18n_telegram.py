@@ -8,6 +8,7 @@ import re
 
 from tests.test_telegram_adapter import (  # noqa: F401  (fixtures)
     ADMIN,
+    ALICE,
     GROUP,
     start_bot,
     tg,
@@ -54,3 +55,20 @@ async def test_a_chinese_refusal_and_an_admins_language_for_the_chat(tg, start_b
                chat_type="supergroup", language_code="zh")
     photo = await tg.wait_for("sendPhoto")
     assert "seed 7" in photo.params["caption"] and "种子" not in photo.params["caption"]
+
+
+async def test_a_bad_option_and_a_group_cap_are_said_in_chinese(tg, tg_config, start_bot):
+    """Issue 15's leftovers: the grammar's errors and the rate-limit refusals, with the wait."""
+    tg_config.rate_limit.per_chat_images_per_window = 1
+    await start_bot()
+    most = tg_config.limits.steps_max
+    tg.message("/imagine 雪中的红狐狸 --steps 999", chat_id=GROUP, user_id=LI,
+               chat_type="supergroup", language_code="zh")
+    bad = (await tg.wait_for("sendMessage")).params["text"]
+    assert bad == f"⚠️ --steps：必须是 1 到 {most} 之间的整数；“999” 超出了范围。"
+    tg.message("/imagine 狐狸 --steps 1", chat_id=GROUP, user_id=ALICE, chat_type="supergroup")
+    await tg.wait_for("sendPhoto")
+    tg.message("/imagine 雪中的红狐狸 --steps 1", chat_id=GROUP, user_id=LI,
+               chat_type="supergroup", language_code="zh")
+    refusal = await tg.wait_for("sendMessage", where=lambda c: "本群" in c.params["text"])
+    assert refusal.params["text"] == "⚠️ 本群在这一小时内的 1 张图已经用完了；1 小时后可以再试。"

@@ -1,7 +1,8 @@
 """The bot's words in the reader's language (English and Simplified Chinese).
 
 Texts are gettext message ids (English) marked with ``_()``/``ngettext()`` in ``bot/render.py``
-and ``N_()`` in the engine; ``locale/<lang>/LC_MESSAGES/bot.po`` holds each language's words
+and ``N_()``/``N_plural()`` in the engine, whose errors carry them as ``Phrase``s
+(``engine/errors.py``); ``locale/<lang>/LC_MESSAGES/bot.po`` holds each language's words
 (``catalog.py`` compiles them). The language of a reply is a context variable: an adapter sets it
 once per command or button press (``use``), and the tasks that follow the job inherit it.
 """

@@ -1,5 +1,5 @@
-"""The message ids the code uses (``_``, ``N_``, ``ngettext``, ``lstr`` in ``bot/`` and
-``engine/``), read with Babel's extractor: the catalogue test checks that each has its words in
+"""The message ids the code uses (``_``, ``N_``, ``ngettext``, ``N_plural``, ``lstr`` in ``bot/``
+and ``engine/``), read with Babel's extractor: the catalogue test checks that each has its words in
 every language, and a maintainer lists the new ones with ``python -m bot.i18n missing``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from babel.messages.extract import extract_from_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("bot", "engine")
-KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "lstr": None}
+KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "N_plural": (1, 2), "lstr": None}
 
 
 def used_catalog() -> Catalog:
