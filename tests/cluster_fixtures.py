@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -135,6 +136,17 @@ class Workers:
         process = self.processes.pop(name)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
+
+    def stop(self, name: str, timeout: float = 30.0) -> int:
+        """SIGTERM: the worker's own shutdown (the running job first); its exit code. Blocks:
+        call it through ``asyncio.to_thread`` while a bot runs in the test's event loop."""
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout)
+
+    def finished(self, name: str) -> list[str]:
+        """The job ids the worker's log says it finished, in order."""
+        return re.findall(r"job (\w+) finished", self.log(name))
 
     def stop_all(self) -> None:
         for process in self.processes.values():
