@@ -17,4 +17,7 @@
 - A worker stores the PNGs and the outcome before it acks the job, and the outcome stream keeps
   one message per job id: a bot that was away finds it on its return, and a job's outcome is
   taken once however often it arrives.
+- The bot deletes a job's PNGs (and an image-to-image job's picture) from the images bucket
+  once it has journalled the job (``leftovers.py``); outcomes are small and stay for
+  ``result_ttl_s``, which also ends whatever a killed bot never came back for.
 """

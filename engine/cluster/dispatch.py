@@ -23,6 +23,7 @@ from typing import Any
 
 from engine.cluster.capability import refusal
 from engine.cluster.claims import Claims
+from engine.cluster.leftovers import Leftover, Leftovers
 from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import Names, connect, ensure_streams, read_workers
 from engine.config import ClusterSection
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often a waiting job looks at its stop signal
 RECHECK_S = 2.0  # and at the outcome stream (an outcome sent while this client reconnected)
 RETRY_S = 0.5
+SWEEP_S = 1.0  # how often leftovers that fell due are deleted
+CLOSE_SWEEP_S = 10.0  # at a clean shutdown, the most spent deleting the rest (else: the TTL)
 KEPT_STOPPING = ("This image could not be made: the image workers kept stopping while making "
                  "it.")
 
@@ -50,6 +53,7 @@ class RemoteWorker:
         self.names = Names(settings.name)
         self._waiting: dict[str, _Waiting] = {}
         self._claims = Claims()  # which live worker runs which job
+        self._leftovers = Leftovers()  # objects of ended jobs, deleted once journalled
         self._wake: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
         self._nc: Any = None
@@ -63,13 +67,20 @@ class RemoteWorker:
         await self._nc.subscribe(self.names.result("*"), cb=self._on_outcome)
         await self._read_workers()
         self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
-                       asyncio.create_task(self._dead_letters(), name="cluster-dead-letters")]
+                       asyncio.create_task(self._dead_letters(), name="cluster-dead-letters"),
+                       asyncio.create_task(self._sweep(), name="cluster-leftovers")]
 
     async def close(self) -> None:
+        """The engine closes its runner after it journalled every job it took: their objects
+        go now, not with the bucket's TTL."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._nc is not None:
+            try:
+                await asyncio.wait_for(self._delete(self._leftovers.all()), CLOSE_SWEEP_S)
+            except TimeoutError:
+                log.info("left some finished jobs' images to the server's TTL")
             await self._nc.close()
 
     def abandon(self) -> None:
@@ -108,9 +119,17 @@ class RemoteWorker:
             outcome = await self._stored_outcome(job_id)
             if outcome is None:
                 outcome = await self._wait(job_id, request, waiting, abort, deadline)
-            return await self._images_of(outcome)
+        except (Aborted, EngineError):
+            if abort.reason != "shutdown":  # a shutdown leaves it to run on for the restart
+                self._leave(job_id, request, request.count)  # a worker may store it still
+            raise
         finally:
             self._waiting.pop(job_id, None)
+        self._leave(job_id, request, outcome.images)  # the engine journals it meanwhile
+        return await self._images_of(outcome)
+
+    def _leave(self, job_id: str, request: ImageRequest, images: int) -> None:
+        self._leftovers.note(job_id, images, bool(request.init_image), time.monotonic())
 
     # -- one job -------------------------------------------------------------------------------
     async def _hand_out(self, job_id: str, request: ImageRequest, worker: str,
@@ -187,13 +206,42 @@ class RemoteWorker:
             raise EngineError(outcome.error or "This image could not be made.")
         if outcome.status == CANCELLED:
             raise Aborted()
+        from nats.js.errors import ObjectNotFoundError
+
         pngs = []
         for index in range(outcome.images):
-            found = await self._images.get(self.names.image(outcome.job_id, index))
-            if found.data is None:
+            try:
+                found = await self._images.get(self.names.image(outcome.job_id, index))
+            except ObjectNotFoundError:  # expired (result_ttl_s) before the bot came back
+                found = None
+            if found is None or found.data is None:
                 raise EngineError(f"Image {index + 1} of this job was lost on its way back.")
             pngs.append(found.data)
         return pngs
+
+    # -- what the server keeps -----------------------------------------------------------------
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            await self._delete(self._leftovers.due(time.monotonic()))
+
+    async def _delete(self, leftovers: list[Leftover]) -> None:
+        """A job's PNGs and input picture off the images bucket. One that is not there (never
+        stored: a failed job) is fine; one the server could not delete now expires with the
+        bucket's TTL."""
+        from nats.js.errors import ObjectNotFoundError
+
+        for left in leftovers:
+            names = [self.names.image(left.job_id, index) for index in range(left.images)]
+            if left.input_image:
+                names.append(self.names.input_image(left.job_id))
+            for name in names:
+                try:
+                    await self._images.delete(name)
+                except ObjectNotFoundError:
+                    pass
+                except Exception as exc:
+                    log.info("could not delete %s from the images bucket: %s", name, exc)
 
     async def _stored_outcome(self, job_id: str) -> Outcome | None:
         from nats.js.errors import NotFoundError

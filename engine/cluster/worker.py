@@ -193,10 +193,17 @@ class ClusterWorker:
                                    gpu_s=time.monotonic() - started)
 
     async def _with_input(self, item: WorkItem, folder: Path) -> ImageRequest:
-        """An image-to-image job's picture, fetched from the images bucket to a local file."""
+        """An image-to-image job's picture, fetched from the images bucket to a local file.
+        Gone (the bot deleted it after it gave the job up, or it expired): the job fails."""
+        from nats.js.errors import ObjectNotFoundError
+
         if not item.input_object:
             return item.request
-        found = await self._retry(self._images.get, item.input_object)
+        try:
+            found = await self._retry(self._images.get, item.input_object)
+        except ObjectNotFoundError:
+            raise EngineError("The picture this image starts from is no longer there; please "
+                              "send it again.") from None
         path = folder / "input.png"
         path.write_bytes(found.data)
         return item.request.with_changes(init_image=str(path))
@@ -220,10 +227,15 @@ class ClusterWorker:
         return True
 
     async def _retry(self, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """Until it works: the server restarting must not lose a finished image."""
+        """Until it works: the server restarting must not lose a finished image. An object
+        that is not there is an answer, not an outage."""
+        from nats.js.errors import ObjectNotFoundError
+
         while True:
             try:
                 return await call(*args, **kwargs)
+            except ObjectNotFoundError:
+                raise
             except Exception as exc:
                 log.warning("%s failed (%s); trying again", getattr(call, "__name__", call), exc)
                 await asyncio.sleep(RETRY_S)
