@@ -1,7 +1,9 @@
 """The console adapter: type ``/imagine ...`` lines; images go to the output folder.
 
 It needs no token, so a new admin sees the bot work before creating a Discord or Telegram app.
-The person at the keyboard owns the machine, so the console user counts as an admin.
+The person at the keyboard owns the machine, so the console user counts as an admin. The console
+is one chat (``console:local``): ``/language zh|en|auto`` sets its replies' language, as an admin
+does in a Discord channel or a Telegram chat, so every reply can be read without a chat token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from bot import render
+from bot import i18n, language, render
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.throttle import Throttle
@@ -27,6 +29,7 @@ from engine.store import JobRecord
 
 log = logging.getLogger(__name__)
 CONSOLE_USER = User("console", "local", "console")
+CONSOLE_CHAT = "local"  # the console's one chat, for its language (``console:local``)
 PROMPT = "imagine> "
 
 
@@ -46,11 +49,10 @@ class ConsoleAdapter:
         self.closed_at_start = False  # stdin was at its end before the first line
 
     async def start(self) -> None:
-        self.say("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
-                 "/upscale, /queue, /cancel [id], /limits, /status, /stats, /pause, /resume, "
-                 "/limit, /styles, /help or /quit.")
+        with i18n.using(await self._language()):
+            self.say(render.console_greeting())
         for job in self.engine.recovered_jobs("console"):
-            self._watch(job)
+            self._watch(job, recovered=True)
         self._reader = asyncio.create_task(self._read_lines(), name="console-reader")
 
     async def finish_answers(self, timeout: float) -> int:
@@ -108,13 +110,14 @@ class ConsoleAdapter:
                 self.say(render.error(exc))
             except Exception:  # a console typo must never stop the bot
                 log.exception("console command failed")
-                self.say("⚠️ Something went wrong; see the log.")
+                self.say(render.console_internal_error())
 
     async def handle_line(self, line: str) -> bool | None:
         """Handle one line; returns False for /quit. Every command of the chat adapters works
         here (the person at the keyboard is an admin); a plain line is a prompt."""
         if not line:
             return None
+        i18n.use(await self._language())  # for this line's answers and its job's
         word = line.split(maxsplit=1)[0].lower()
         rest = line[len(word):].strip()
         if word in ("/quit", "/exit"):
@@ -132,7 +135,18 @@ class ConsoleAdapter:
         return {"/help": self._help, "/queue": self._queue, "/limits": self._limits,
                 "/status": self._status, "/stats": self._stats, "/cancel": self._cancel,
                 "/pause": self._pause, "/resume": self._resume, "/limit": self._limit,
-                "/vary": self._vary, "/upscale": self._upscale, "/styles": self._styles}
+                "/vary": self._vary, "/upscale": self._upscale, "/styles": self._styles,
+                "/language": self._set_language}
+
+    async def _language(self) -> str:
+        """The console's language: its own (``/language``), else ``[bot] default_language``."""
+        return await language.for_chat(self.engine, self.engine.config, "console",
+                                       CONSOLE_CHAT, None)
+
+    async def _set_language(self, rest: str) -> None:
+        """/language zh|en|auto: the console's replies (auto: the default language)."""
+        self.say(await language.set_for_chat(self.engine, "console", CONSOLE_CHAT,
+                                             rest.split()[0] if rest else ""))
 
     async def _help(self, rest: str) -> None:
         self.say(render.usage(self.engine.config.limits))
@@ -179,7 +193,7 @@ class ConsoleAdapter:
         platform, _, user_id = parts[0].partition(":") if parts else ("", "", "")
         ok, images = parse_limit_value(parts[1]) if len(parts) == 2 else (False, None)
         if not (ok and platform in ("discord", "telegram") and user_id.isdigit()):
-            self.say(render.limit_usage().replace("<user id>", "<discord|telegram>:<user id>"))
+            self.say(render.console_limit_usage())
             return
         await self.engine.set_limit_override(User(platform, user_id), images)
         self.say(render.limit_set(f"{platform}:{user_id}", images))
@@ -187,8 +201,7 @@ class ConsoleAdapter:
     async def _vary(self, rest: str) -> None:
         """/vary <job id> <image 1–N> [subtle|strong]: what the V buttons do in a chat."""
         parts = rest.split()
-        record = await self._finished(parts, "/vary <job id> <image number> [subtle|strong]",
-                                      (2, 3))
+        record = await self._finished(parts, render.console_vary_usage(), (2, 3))
         if record is not None:
             kind = parts[2].lower() if len(parts) == 3 else "subtle"
             await self._submit(variants.vary(record.request, record.job_id, record.result_path,
@@ -197,7 +210,7 @@ class ConsoleAdapter:
     async def _upscale(self, rest: str) -> None:
         """/upscale <job id> <image 1–N>: what the Upscale buttons do in a chat."""
         parts = rest.split()
-        record = await self._finished(parts, "/upscale <job id> <image number>", (2,))
+        record = await self._finished(parts, render.console_upscale_usage(), (2,))
         if record is not None:
             await self._submit(variants.upscale(record.request, record.job_id,
                                                 record.result_path, int(parts[1]) - 1,
@@ -207,7 +220,7 @@ class ConsoleAdapter:
                         lengths: tuple[int, ...]) -> JobRecord | None:
         """The finished job ``parts`` name (an id, then an image number), or None (said why)."""
         if len(parts) not in lengths or not parts[1].isdigit():
-            self.say(f"Usage: {usage}")
+            self.say(usage)
             return None
         record = await self.engine.job_record(parts[0][:32])
         if record is None or record.status != "finished":
@@ -220,18 +233,19 @@ class ConsoleAdapter:
         return await self._submit(parse_command(text, limits).to_request(limits))
 
     async def _submit(self, request: ImageRequest) -> Job:
-        job = await self.engine.submit(CONSOLE_USER, request, Origin("console"))
-        seeds = f"seed {request.seed}" if request.count == 1 else \
-            f"seeds {request.seed}–{request.seeds[-1]}"
-        self.say(f"Job {job.id}: {seeds}, {request.steps} steps, "
-                 f"{request.width}×{request.height}.")
+        job = await self.engine.submit(CONSOLE_USER, request,
+                                       Origin("console", extra=language.remembered({})))
+        self.say(render.console_accepted(job.id, request))
         self._watch(job)
         return job
 
-    def _watch(self, job: Job) -> None:
-        self.followers.spawn(self._follow(job), job, f"console-{job.id}")
+    def _watch(self, job: Job, *, recovered: bool = False) -> None:
+        """``recovered``: a job from before a restart, said in the console's language."""
+        self.followers.spawn(self._follow(job, recovered), job, f"console-{job.id}")
 
-    async def _follow(self, job: Job) -> None:
+    async def _follow(self, job: Job, recovered: bool = False) -> None:
+        if recovered:
+            await language.choose_for_job(self.engine, self.engine.config, job, CONSOLE_CHAT)
         throttle = Throttle(self.progress_interval_s)
         async for event in job.events():
             text = render.job_status(event, job.request)
@@ -240,7 +254,7 @@ class ConsoleAdapter:
                 if not isinstance(event, Progress) or throttle.ready(force=last_step):
                     self.say(f"[{job.id}] {text}")
             elif isinstance(event, Finished):
-                files = "\n".join(f"[{job.id}] saved to {image.path}"
+                files = "\n".join(render.console_saved(job.id, str(image.path))
                                   for image in event.result.images)
                 self.say(f"[{job.id}] ✅ {render.caption(event.result)}\n{files}")
                 # the saved file is what the console delivers: kept even without save_outputs

@@ -124,7 +124,8 @@ class DiscordAdapter:
             raise
         for job in self.engine.recovered_jobs("discord"):
             self.deliver_to_channel(job)
-        told = await answer_left_over(self.client, self.engine.pending, self.clock())
+        told = await answer_left_over(self.client, self.engine.pending, self.clock(),
+                                      language_of=self._channel_language)
         if told:
             log.info("told %d users whose command a restart lost to ask again", told)
 
@@ -141,7 +142,17 @@ class DiscordAdapter:
             log.error("job %s has no channel to deliver to: %r", job.id, job.origin)
             return
         log.info("delivering job %s to channel %s", job.id, reply.channel_id)
-        self.followers.spawn(self.follower.follow(job, reply), job, f"discord-channel-{job.id}")
+        self.followers.spawn(self._follow_in_its_language(job, reply), job,
+                             f"discord-channel-{job.id}")
+
+    async def _follow_in_its_language(self, job: Job, reply: Reply) -> None:
+        """No interaction set this task's language: its channel's, or the one it was asked in."""
+        assert self.follower is not None
+        await language.choose_for_job(self.engine, self.config, job)
+        await self.follower.follow(job, reply)
+
+    async def _channel_language(self, channel_id: str) -> str:
+        return await language.for_chat(self.engine, self.config, "discord", channel_id, None)
 
     async def _wait_ready(self) -> None:
         assert self.client is not None and self._gateway is not None
@@ -422,5 +433,5 @@ def origin_of(interaction: discord.Interaction) -> Origin:
     """Where an interaction came from: its channel, its server (the shared cap's key) and the
     upload limit there."""
     return Origin("discord", chat_id=str(interaction.channel_id), message_id=str(interaction.id),
-                  extra={"guild_id": str(interaction.guild_id or ""),
-                         "filesize_limit": interaction.filesize_limit})
+                  extra=language.remembered({"guild_id": str(interaction.guild_id or ""),
+                                             "filesize_limit": interaction.filesize_limit}))

@@ -12,10 +12,11 @@ has no original response to edit; Discord has told that user "The application di
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import discord
 
-from bot import render
+from bot import i18n, render
 from bot.discord_reply import TOKEN_LIFETIME_S
 from engine.pending import PendingInteraction, PendingInteractions
 
@@ -36,25 +37,31 @@ def pending_of(interaction: discord.Interaction) -> PendingInteraction:
 
 
 async def answer_left_over(client: discord.Client, pending: PendingInteractions,
-                           now: float) -> int:
+                           now: float, *,
+                           language_of: Callable[[str], Awaitable[str]] | None = None) -> int:
     """Tell the users of interactions a crash left unanswered to ask again; forget them all.
-    Returns how many were told."""
+    Returns how many were told. ``language_of``: a channel id's language (the user's own
+    locale is not kept), else the task's."""
     told = 0
     for row in await pending.left_over():
         if now < row.received_at + TOKEN_LIFETIME_S - ANSWER_MARGIN_S:
-            told += await _ask_again(client, row)
+            language = i18n.current() if language_of is None else \
+                await language_of(row.channel_id)
+            with i18n.using(language):
+                text = render.restarted_ask_again()
+            told += await _ask_again(client, row, text)
         else:
             log.info("interaction %s is too old to answer after the restart", row.request_key)
         await pending.remove(row.request_key)
     return told
 
 
-async def _ask_again(client: discord.Client, row: PendingInteraction) -> bool:
+async def _ask_again(client: discord.Client, row: PendingInteraction, text: str) -> bool:
     webhook = discord.Webhook.partial(int(row.application_id), row.token, client=client)
     try:
         # "@original" names the interaction's own response, the "thinking…" it deferred
         # (Discord's "Edit Original Interaction Response" is this webhook route).
-        await webhook.edit_message("@original", content=render.restarted_ask_again(),  # type: ignore[arg-type]
+        await webhook.edit_message("@original", content=text,  # type: ignore[arg-type]
                                    allowed_mentions=discord.AllowedMentions.none())
     except discord.NotFound:
         log.info("interaction %s was never acknowledged; nothing to answer", row.request_key)

@@ -12,7 +12,7 @@ import math
 import re
 import time
 
-from bot.i18n import _, ngettext
+from bot.i18n import N_, _, ngettext
 from engine.cluster.messages import WorkerInfo
 from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
@@ -110,7 +110,7 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
                                                           last=r.seeds[-1])
     facts = [seeds, steps(r.steps), f"{r.width}×{r.height}"]
     if r.derived_from:
-        facts.insert(0, safe_text(r.derived_from, md=md, limit=64))
+        facts.insert(0, safe_text(derived_from(r.derived_from), md=md, limit=64))
     if r.init_image:
         facts.append(_("strength {value}").format(value=f"{r.strength:g}"))
     if r.guidance != 3.5:
@@ -120,6 +120,24 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     if requester:
         facts.append(_("asked by {name}").format(name=safe_text(requester, md=md, limit=64)))
     return f"{prompt}\n{' · '.join(facts)}"
+
+
+_VARIATION_OF = re.compile(r"variation \((subtle|strong)\) of (\S+) #(\d+)")
+_UPSCALE_OF = re.compile(r"upscale (\d+)× of (\S+) #(\d+)")
+
+
+def derived_from(source: str) -> str:
+    """Which image a variation or an upscale came from (``engine/variants.py`` writes it in
+    English, as its PNG's parameters keep it), in the reader's language."""
+    if match := _VARIATION_OF.fullmatch(source):
+        kind, job, number = match.groups()
+        return _("variation ({kind}) of {job} #{number}").format(kind=_kind(kind), job=job,
+                                                                 number=number)
+    if match := _UPSCALE_OF.fullmatch(source):
+        factor, job, number = match.groups()
+        return _("upscale {factor}× of {job} #{number}").format(factor=factor, job=job,
+                                                                number=number)
+    return source
 
 
 def vary_needs_a_finished_job() -> str:
@@ -199,38 +217,48 @@ def _balance(q: Quota) -> str:
     return _("{left} of {limit} images").format(left=q.remaining, limit=q.limit)
 
 
+# the periods of engine/stats.py, each as the start of a /stats block
+_PERIOD_NAMES = {"the last day": N_("The last day"), "the last 7 days": N_("The last 7 days")}
+
+
 def stats(usage: UsageStats, *, private: bool = True, md: bool = False) -> str:
     """/stats for an admin. Outside a private answer it names users by display name only and
     shows no error text (as ``status``)."""
     blocks = []
     for p in usage.periods:
-        failed = f"{p.failures} failed" if p.failures else "none failed"
-        lines = [f"📊 {p.label.capitalize()}: {p.images} images made ({p.jobs} asked for), "
-                 f"GPU {_seconds(p.gpu_s)}, {failed}",
-                 f"Median wait in the queue {_seconds(p.wait_p50_s)} · median GPU time per "
-                 f"image {_seconds(p.per_image_p50_s)}"]
+        failed = _("{n} failed").format(n=p.failures) if p.failures else _("none failed")
+        named = _PERIOD_NAMES.get(p.label)
+        lines = [_("📊 {period}: {images} images made ({jobs} asked for), GPU {gpu}, "
+                   "{failed}").format(period=_(named) if named else p.label.capitalize(),
+                                      images=p.images, jobs=p.jobs, gpu=_seconds(p.gpu_s),
+                                      failed=failed),
+                 _("Median wait in the queue {wait} · median GPU time per image "
+                   "{per_image}").format(wait=_seconds(p.wait_p50_s),
+                                         per_image=_seconds(p.per_image_p50_s))]
         if p.top_users:
-            lines.append("Top users: " + ", ".join(
-                f"{_who(u.name, u.key, private, md)} {u.images} ({_seconds(u.gpu_s)})"
-                for u in p.top_users))
+            lines.append(_("Top users: {users}").format(users=", ".join(
+                _("{name} {images} ({gpu})").format(name=_who(u.name, u.key, private, md),
+                                                    images=u.images, gpu=_seconds(u.gpu_s))
+                for u in p.top_users)))
         if p.causes and private:
-            lines.append("Failures: " + "; ".join(
-                f"{safe_text(cause, md=md, limit=80)} ×{n}" for cause, n in p.causes))
+            lines.append(_("Failures: {causes}").format(causes="; ".join(
+                f"{safe_text(translated(cause), md=md, limit=80)} ×{n}"
+                for cause, n in p.causes)))
         elif p.causes:
-            lines.append("Failures: their causes are in a private /stats.")
+            lines.append(_("Failures: their causes are in a private /stats."))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
 def _who(name: str, key: str, private: bool, md: bool) -> str:
-    shown = safe_text(name, md=md, limit=32) or ("someone" if not private else "")
+    shown = safe_text(name, md=md, limit=32) or (_("someone") if not private else "")
     return f"{shown} ({key})".strip() if private else shown
 
 
 def _seconds(value: float | None) -> str:
     if value is None:
         return "–"
-    return f"{value:.1f} s" if value < 60 else duration(value)
+    return _("{n} s").format(n=f"{value:.1f}") if value < 60 else duration(value)
 
 
 def queue_list(jobs: list[Job]) -> str:
@@ -249,26 +277,31 @@ def status(health: Health, *, private: bool = True, now: float | None = None) ->
     names no user, no error text and no worker's name or job (host names): those go to the
     log and to a private /status."""
     if health.running is None:
-        running = "nothing"
+        running = _("Running: nothing")
     elif private:
-        running = f"{health.running.id} for {health.running.user.key}"
+        running = _("Running: {job} for {user}").format(job=health.running.id,
+                                                        user=health.running.user.key)
     else:
-        running = f"job {health.running.id}"
-    if private:
-        last_error = health.last_error or "none"
+        running = _("Running: job {job}").format(job=health.running.id)
+    if not health.last_error:
+        last_error = _("Last error: none")
+    elif private:
+        last_error = _("Last error: {error}").format(error=health.last_error)
     else:
-        last_error = "one (ask /status in a private chat)" if health.last_error else "none"
+        last_error = _("Last error: one (ask /status in a private chat)")
     lines = [
-        f"Queue: {health.queued} waiting{' (paused)' if health.paused else ''}",
-        f"Running: {running}",
-        f"Done: {health.finished} finished, {health.failed} failed",
-        f"Last error: {last_error}",
+        (_("Queue: {n} waiting (paused)") if health.paused
+         else _("Queue: {n} waiting")).format(n=health.queued),
+        running,
+        _("Done: {finished} finished, {failed} failed").format(finished=health.finished,
+                                                               failed=health.failed),
+        last_error,
     ]
     if health.memory:
         mem = ", ".join(f"{k} {v:.1f}" for k, v in sorted(health.memory.items()))
-        lines.append(f"GPU memory: {mem}")
+        lines.append(_("GPU memory: {memory}").format(memory=mem))
     if health.workers:
-        lines.append(f"Workers: {len(health.workers)}")
+        lines.append(_("Workers: {n}").format(n=len(health.workers)))
         lines += workers_list(list(health.workers), now=now, private=private)
     return "\n".join(lines)
 
@@ -280,15 +313,22 @@ def workers_list(workers: list[WorkerInfo], *, now: float | None = None,
     now = time.time() if now is None else now
     lines = []
     for number, w in enumerate(workers, start=1):
-        name = safe_text(w.name, limit=64) if private else f"worker {number}"
+        name = safe_text(w.name, limit=64) if private else \
+            _("worker {number}").format(number=number)
         side = math.isqrt(w.max_pixels)
-        largest = f"{side}×{side}" if side * side == w.max_pixels else f"{w.max_pixels:,} px"
-        styles_ = ", ".join(w.styles) if w.styles else "none"
-        doing = "idle" if not w.running else (f"running {w.running}" if private else "busy")
-        seen = max(0.0, now - w.seen_at)
-        lines.append(f"• {name} — {safe_text(w.gpu, limit=64)}: largest {largest}, "
-                     f"{w.max_count} at once, styles: {styles_}; {w.jobs_done} done, {doing}, "
-                     f"seen {seen:.0f} s ago")
+        largest = f"{side}×{side}" if side * side == w.max_pixels else \
+            _("{pixels} px").format(pixels=f"{w.max_pixels:,}")
+        if not w.running:
+            doing = _("idle")
+        elif private:
+            doing = _("running {job}").format(job=w.running)
+        else:
+            doing = _("busy")
+        lines.append(_("• {name} — {gpu}: largest {largest}, {count} at once, styles: {styles}; "
+                       "{done} done, {doing}, seen {seen} s ago").format(
+            name=name, gpu=safe_text(w.gpu, limit=64), largest=largest, count=w.max_count,
+            styles=", ".join(w.styles) if w.styles else _("none"), done=w.jobs_done,
+            doing=doing, seen=f"{max(0.0, now - w.seen_at):.0f}"))
     return lines
 
 
@@ -486,3 +526,42 @@ def language_usage(current: str | None) -> str:
     now = LANGUAGE_NAMES[current] if current else _("each person's own language")
     return _("Usage: /language zh|en|auto (admins): the language of the bot's replies in this "
              "chat. Now: {language}.").format(language=now)
+
+
+# -- the console (bot/console.py): what it says besides the chat platforms' replies ---------------
+def console_greeting() -> str:
+    return _("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
+             "/upscale, /queue, /cancel [id], /limits, /status, /stats, /pause, /resume, "
+             "/limit, /styles, /language, /help or /quit.")
+
+
+def console_internal_error() -> str:
+    return _("⚠️ Something went wrong; see the log.")
+
+
+def console_limit_usage() -> str:
+    return _("Usage: /limit <discord|telegram>:<user id> <images per window | 0 (none) | "
+             "unlimited | default>")
+
+
+def console_vary_usage() -> str:
+    return _("Usage: /vary <job id> <image number> [subtle|strong]")
+
+
+def console_upscale_usage() -> str:
+    return _("Usage: /upscale <job id> <image number>")
+
+
+def console_accepted(job_id: str, request: ImageRequest) -> str:
+    """A job the console queued: its id (for /cancel, /vary, /upscale) and what it will make."""
+    if request.count == 1:
+        return _("Job {job}: seed {seed}, {steps} steps, {width}×{height}.").format(
+            job=job_id, seed=request.seed, steps=request.steps, width=request.width,
+            height=request.height)
+    return _("Job {job}: seeds {first}–{last}, {steps} steps, {width}×{height}.").format(
+        job=job_id, first=request.seed, last=request.seeds[-1], steps=request.steps,
+        width=request.width, height=request.height)
+
+
+def console_saved(job_id: str, path: str) -> str:
+    return _("[{job}] saved to {path}").format(job=job_id, path=path)

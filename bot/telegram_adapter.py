@@ -160,7 +160,7 @@ class TelegramAdapter:
             raise
         await self._post_left_over_replies(app.bot)
         for job in self.engine.recovered_jobs("telegram"):
-            self._follow(job, announce=False)
+            self._follow(job, announce=False, recovered=True)
         log.info("telegram: connected as @%s", app.bot.username)
 
     async def _publish_commands(self, app: Application) -> None:  # type: ignore[type-arg]
@@ -313,7 +313,7 @@ class TelegramAdapter:
                                                         self.config)
         extra = {"thread_id": message.message_thread_id} if message.is_topic_message else {}
         origin = Origin("telegram", chat_id=str(message.chat_id),
-                        message_id=str(message.message_id), extra=extra)
+                        message_id=str(message.message_id), extra=language.remembered(extra))
         try:
             with input_image.discarded_if_refused(request.init_image):
                 job = await self.engine.submit(user, request, origin, key=current_update.get())
@@ -438,8 +438,8 @@ class TelegramAdapter:
         # a reply to the pressed message, in the parent's thread, never with its status message
         origin = Origin("telegram", chat_id=str(message.chat.id),
                         message_id=str(message.message_id),
-                        extra={k: v for k, v in record.origin.extra.items()
-                               if k != "status_message"})
+                        extra=language.remembered({k: v for k, v in record.origin.extra.items()
+                                                   if k != "status_message"}))
         if press.action == ALONE:
             return await self._post_alone(record, press, origin)
         return await self._submit_press(press, record, user, origin)
@@ -482,12 +482,16 @@ class TelegramAdapter:
         return render.posting_alone(press.number), False
 
     # -- helpers ---------------------------------------------------------------------------
-    def _follow(self, job: Job, *, announce: bool) -> None:
+    def _follow(self, job: Job, *, announce: bool, recovered: bool = False) -> None:
+        """``recovered``: a job from before a restart, whose language no live update set."""
         assert self.follower is not None
-        self.followers.spawn(self._follow_safely(job, announce), job, f"telegram-{job.id}")
+        self.followers.spawn(self._follow_safely(job, announce, recovered), job,
+                             f"telegram-{job.id}")
 
-    async def _follow_safely(self, job: Job, announce: bool) -> None:
+    async def _follow_safely(self, job: Job, announce: bool, recovered: bool = False) -> None:
         try:
+            if recovered:  # this task's own language: its chat's, or the one it was asked in
+                await language.choose_for_job(self.engine, self.config, job)
             await self.follower.follow(job, announce=announce)  # type: ignore[union-attr]
         except Exception:  # one job's chat trouble must never stop the bot
             log.exception("telegram: following job %s failed", job.id)

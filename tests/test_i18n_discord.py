@@ -1,9 +1,11 @@
 """Discord in Chinese: the command sync carries zh-CN descriptions, a zh-CN user's /imagine with
-full-width marks is answered in Chinese, and an admin's /language for the channel wins."""
+full-width marks is answered in Chinese, an admin's /language for the channel wins, and after a
+restart a recovered job and a lost command are answered in their channel's language."""
 
 # ruff: noqa: F811  (the fixtures are imported from the adapter tests and used as arguments)
 from __future__ import annotations
 
+import asyncio
 import re
 
 from engine.png import read_parameters
@@ -14,6 +16,7 @@ from tests.test_discord_adapter import (  # noqa: F401  (fixtures)
     _text,
     dconfig,
     final_upload,
+    jobs_in_journal,
     private_answer,
     server,
     start_bot,
@@ -66,3 +69,49 @@ async def test_a_bad_option_and_a_server_cap_are_said_in_chinese(server, start_b
     refused = await server.slash("imagine", LI, prompt="雪中的红狐狸 --steps 1")
     assert _text(await private_answer(server, refused)) == (
         "⚠️ 本服务器在这一小时内的 1 张图已经用完了；1 小时后可以再试。")
+
+
+async def test_a_zh_users_job_recovered_after_a_restart_is_posted_in_chinese(
+        server, start_bot, engine_factory, dconfig):
+    """Issue 15: a job from before a restart has no interaction to set its language; it keeps
+    the one it was asked in (the channel has none of its own, the default is English)."""
+    first = await start_bot()
+    first.engine.pause()  # the bot stops before the job runs
+    sent = await server.slash("imagine", LI, prompt="雪中的红狐狸 --seed 7 --steps 1")
+    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+
+    restarted = await start_bot(engine=await engine_factory(dconfig))
+    post = await server.wait_for(lambda c: c.name == "channel_message" and bool(c.files))
+    await restarted.drain()
+    assert read_parameters(post.files[0].data)["Seed"] == "7"
+    assert _text(post).startswith(f"<@{LI.id}> 雪中的红狐狸\n种子 7 · 1 步 · ")
+    assert not re.search(r"\b[A-Za-z]{3,}\b", _text(post).replace(LI.name, "")), _text(post)
+    record = (await jobs_in_journal(restarted, LI))[0]
+    assert record.delivered_to.startswith(f"discord:channel/{server.channel_id}/message/")
+
+
+async def test_a_command_a_crash_lost_is_told_to_ask_again_in_the_channels_language(
+        server, start_bot, engine_factory, dconfig):
+    first = await start_bot()
+    answer = await server.slash("language", ADMIN, choice="zh")
+    await server.wait_for(lambda c: c.token == answer.token)
+    handlers: list[asyncio.Task] = []
+
+    async def killed_before_journalling(*args, **kwargs):
+        handlers.append(asyncio.current_task())
+        await asyncio.Event().wait()
+
+    first.engine.submit = killed_before_journalling
+    lost = await server.slash("imagine", ALICE, prompt="a lost fox --steps 1")
+    await server.wait_for(lambda c: c.token == lost.token and c.name == "interaction_callback")
+    while not handlers:
+        await asyncio.sleep(0.01)
+    handlers[0].cancel()  # the "SIGKILL": the handler never gets further
+    await first.stop()
+    await first.engine.shutdown(grace_s=0)
+
+    await start_bot(engine=await engine_factory(dconfig))
+    told = [c for c in server.calls_for(lost) if c.name == "edit_original"]
+    assert [_text(c) for c in told] == ["⚠️ 机器人在接收这条请求前重启了；请重新发送。"]

@@ -49,3 +49,26 @@ async def test_finished_but_undelivered_result_is_offered_again(config, clock):
         assert [j.id for j in again] == [job.id]
         event = again[0].events_so_far[-1]
         assert isinstance(event, Finished) and event.result.png.startswith(b"\x89PNG")
+
+
+async def test_a_recovered_job_keeps_the_language_it_was_asked_in(config, clock):
+    """The adapters write the command's language into ``origin.extra`` (``bot.language``); the
+    journal keeps it, so a job's status and result after a restart are said in it."""
+    from bot import i18n, language
+    from engine.request import Origin
+
+    with i18n.using("zh"):
+        origin = Origin("telegram", chat_id="44", message_id="7",
+                        extra=language.remembered({"thread_id": 3}))
+    assert origin.extra == {"thread_id": 3, "language": "zh"}
+    async with Engine(config, RecordingBackend(), clock=clock) as engine:
+        engine.pause()
+        job = await engine.submit(discord_user("1"), make_request("狐狸"), origin)
+    async with Engine(config, RecordingBackend(), clock=clock) as restarted:
+        [again] = restarted.recovered_jobs("telegram")
+        assert again.id == job.id and again.origin.extra == {"thread_id": 3, "language": "zh"}
+        assert await language.choose_for_job(restarted, config, again) == "zh"
+        assert i18n.current() == "zh"  # set for this task: its follower says everything in it
+        await restarted.chat_languages.set("telegram:44", "en")  # the chat's own comes first
+        assert await language.choose_for_job(restarted, config, again) == "en"
+    i18n.use("en")

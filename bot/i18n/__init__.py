@@ -4,14 +4,18 @@ Texts are gettext message ids (English) marked with ``_()``/``ngettext()`` in ``
 and ``N_()``/``N_plural()`` in the engine, whose errors carry them as ``Phrase``s
 (``engine/errors.py``); ``locale/<lang>/LC_MESSAGES/bot.po`` holds each language's words
 (``catalog.py`` compiles them). The language of a reply is a context variable: an adapter sets it
-once per command or button press (``use``), and the tasks that follow the job inherit it.
+once per command or button press (``use``), and the tasks that follow the job inherit it; a job
+recovered after a restart has no command, so its follower sets its chat's
+(``bot.language.choose_for_job``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import gettext as _gettext
+from collections.abc import Iterator
 
 from bot.i18n.catalog import load
 
@@ -35,6 +39,17 @@ def language_of(code: str | None) -> str | None:
 def use(language: str) -> None:
     """The language of the replies the current task (and the tasks it starts) builds."""
     _current.set(language if language in LANGUAGES else DEFAULT)
+
+
+@contextlib.contextmanager
+def using(language: str) -> Iterator[None]:
+    """The language of what is built inside the block, the task's own afterwards (a reply for
+    another chat, such as a start-up notice, without changing the task's language)."""
+    token = _current.set(language if language in LANGUAGES else DEFAULT)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def current() -> str:
