@@ -193,7 +193,8 @@ def count(commands: list[Command], journal: list[JournalRow], uploads: list[Uplo
 DEPTH_BANDS = {"1-20 queued": (1, 20), "1000+ queued": (1000, 10**9)}
 
 
-def throughput_by_depth(journal: list[JournalRow]) -> dict[str, float]:
+def throughput_by_depth(journal: list[JournalRow],
+                        bands: dict[str, tuple[int, int]] = DEPTH_BANDS) -> dict[str, float]:
     """Jobs finished per second while the queue held a given number of waiting jobs.
 
     Each finish is credited with the time since the previous finish, in the band of the
@@ -203,7 +204,7 @@ def throughput_by_depth(journal: list[JournalRow]) -> dict[str, float]:
     created = sorted(r.created_at for r in journal)
     started = sorted(r.started_at if r.started_at is not None else math.inf for r in journal)
     result = {}
-    for name, (low, high) in DEPTH_BANDS.items():
+    for name, (low, high) in bands.items():
         n, seconds = 0, 0.0
         for before, at in zip(done, done[1:], strict=False):
             depth = bisect.bisect_right(created, at) - bisect.bisect_right(started, at)

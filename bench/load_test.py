@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.load_test                      # plain and restart, 1,000 commands each
     .venv/bin/python -m bench.load_test --scenario all       # every fault below, ~15 minutes
     .venv/bin/python -m bench.load_test --scenario outage --users 20 --commands 100
+    .venv/bin/python -m bench.load_test --scenario cluster worker-kill --cluster 1 4
 
 The bot runs as its own process (``bench.load_bot_launcher``: the real ``python -m bot run`` on the
 dry-run backend) against the fake Discord and Telegram servers of ``tests/fakes``, which run here
@@ -13,6 +14,11 @@ the bursts and starts it again on the same database before sending the rest; oth
 twice, during its recovery, 0.2 s after a burst, SIGTERM it with a full queue or uploads in
 flight, take the platforms' uploads down for 60 s, answer uploads after the client's timeout,
 flood one Telegram group, or fill a 2,000-job queue. ``bench.load_report`` counts the outcome.
+
+With ``Scenario.workers`` (``--cluster N``) the bot hands its jobs to N GPU worker processes
+(``python -m bot worker``, dry run, each step's GPU time simulated) through a real nats-server
+(``bench.load_cluster``); "worker-kill" SIGKILLs one of them halfway. Several counts
+(``--cluster 1 4``) run each scenario once per count and compare their throughput.
 
 Acknowledgement latency: Discord, from the INTERACTION_CREATE dispatch to the deferral callback;
 Telegram, from the update being served by getUpdates to the bot's first reply to that message
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -41,8 +48,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import load_cluster as cluster  # noqa: E402
 from bench import load_report as report  # noqa: E402
 from bench.load_bot_launcher import BotProcess  # noqa: E402
+from bench.load_cluster import ClusterCounts, LoadCluster  # noqa: E402
 from bench.load_report import Command, Counts  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord, FakeUser  # noqa: E402
 from tests.fakes.telegram_server import FakeTelegramServer  # noqa: E402
@@ -81,6 +90,9 @@ class Scenario:
     group_commands: int = 0
     group_users: int = 5
     delivery_max_delay_s: float = 5.0  # [delivery] max_delay_s: background retries' period
+    # 0: the bot runs the dry-run backend itself; N: N dry-run GPU workers through NATS, whose
+    # step_s is the simulated GPU time ("kill-worker" SIGKILLs one of them)
+    workers: int = 0
 
     def schedule(self, bursts: int) -> dict[int, list[str]]:
         """Burst number (1-based) -> actions to take right after sending it."""
@@ -135,9 +147,13 @@ class RunResult:
     rss: list[tuple[str, int]]  # (label, KiB)
     at_kill: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cluster: ClusterCounts | None = None
+    cpu_s: float = 0.0  # CPU time of every process of the run: the bot, the fakes, NATS, workers
 
 
-def write_config(s: Scenario, workdir: Path, tg: FakeTelegramServer) -> None:
+def write_config(s: Scenario, workdir: Path, tg: FakeTelegramServer,
+                 cluster_settings: dict[str, object] | None = None) -> None:
+
     settings = {
         "engine": {"backend": "dry-run", "database": str(workdir / "bot.sqlite3"),
                    "output_dir": str(workdir / "outputs"), "dry_run_step_s": s.step_s,
@@ -150,6 +166,8 @@ def write_config(s: Scenario, workdir: Path, tg: FakeTelegramServer) -> None:
         "delivery": {"attempts": 5, "first_delay_s": 0.5, "max_delay_s": s.delivery_max_delay_s},
         "console": {"enabled": "never"},
     }
+    if cluster_settings:
+        settings["cluster"] = cluster_settings
     lines = []
     for section, values in settings.items():
         lines.append(f"[{section}]")
@@ -170,14 +188,20 @@ class LoadRun:
         self.at_kill: Counter[str] = Counter()  # the journal at each SIGKILL/SIGTERM, summed
         self.twice_allowed = 0
         self.problems: list[str] = []
+        self.cluster = LoadCluster(workdir, scenario.workers, scenario.step_s) \
+            if scenario.workers else None
 
     async def run(self) -> RunResult:
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_seconds()
         await self.discord.start()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self.discord.close)
             await stack.enter_async_context(self.tg)
-            write_config(self.s, self.workdir, self.tg)
+            if self.cluster is not None:
+                stack.callback(self.cluster.stop)  # after the bot (the stack unwinds backwards)
+                await self.cluster.start()
+            write_config(self.s, self.workdir, self.tg,
+                         self.cluster.settings() if self.cluster else None)
             stack.push_async_callback(self._stop_bot)
             await self._start_life()
             self._flood_group()
@@ -197,8 +221,17 @@ class LoadRun:
                          (f"peak (life {len(self.lives)})", peak)]
             counts = self._count()
             self._dump()
-        return RunResult(self.s, counts, self.problems + report.problems(counts), self.rss, dict(self.at_kill),
-                         time.monotonic() - started)
+            workers = None
+            if self.cluster is not None:
+                journal = report.read_journal(str(self.workdir / "bot.sqlite3"))
+                workers = self.cluster.count_runs([b.log for b in self.lives], journal)
+                await self._stop_bot()  # its clean shutdown deletes what it took
+                workers.objects_left = await self.cluster.objects_left()
+                workers.bot_killed = any("SIGKILL" in key for key in self.at_kill)
+                self.problems += cluster.problems(workers)
+        return RunResult(self.s, counts, self.problems + report.problems(counts), self.rss,
+                         dict(self.at_kill), time.monotonic() - started, workers,
+                         cpu_seconds() - cpu_before)
 
     async def _start_life(self) -> None:
         life = len(self.lives) + 1
@@ -269,6 +302,11 @@ class LoadRun:
         """The next photos are taken by Telegram but answered after the client's timeout."""
         self.tg.slow_next("sendPhoto", self.s.slow_answer_s, times=self.s.slow_uploads)
 
+    async def _kill_worker(self) -> None:
+        """SIGKILL a GPU worker mid-job (its job moves to another once its heartbeat expires)."""
+        assert self.cluster is not None, "kill-worker needs a cluster (--cluster N)"
+        await self.cluster.kill_one()
+
     async def _cancel(self) -> None:
         """The first ``cancels`` Telegram users who have a job send /cancel (their latest)."""
         users = sorted({c.user for c in self.commands
@@ -280,7 +318,7 @@ class LoadRun:
     ACTIONS = {"kill": _kill, "kill-on-upload": _kill_on_upload, "kill-soon": _kill_soon,
                "kill-in-recovery": _kill_in_recovery, "term": _term,
                "term-on-upload": _term_on_upload, "outage": _outage, "slow": _slow,
-               "cancel": _cancel}
+               "cancel": _cancel, "kill-worker": _kill_worker}
     AT_ONCE = {"kill-soon", "cancel"}  # right after the burst, not after the gap
 
     async def _note_journal(self, how: str) -> None:
@@ -439,6 +477,14 @@ async def run_load(scenario: Scenario, workdir: Path | None = None) -> RunResult
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def cpu_seconds() -> float:
+    """User and system time of this process and of its children that ended (the bot, the
+    workers, the nats-server: each is waited for when it stops)."""
+    own, children = (resource.getrusage(who) for who in
+                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
@@ -453,7 +499,9 @@ def describe(result: RunResult, title: str) -> str:
              f"{s.burst_gap_s:g} s; images_per_window={s.images_per_window} "
              f"(window {s.window_s:g} s), max_queue_per_user={s.max_queue_per_user}, "
              f"max_queue_total={s.max_queue_total}; dry run {s.steps} steps × {s.step_s:g} s, "
-             f"{s.size}. Took {result.seconds:.0f} s.", ""]
+             f"{s.size}{_where(s)}. Took {result.seconds:.0f} s; {result.cpu_s:.0f} s of CPU "
+             f"in all processes, start-ups included ({result.cpu_s / result.seconds:.2f} of "
+             f"{os.cpu_count()} cores).", ""]
     if result.at_kill:
         state = ", ".join(f"{v} {k}" for k, v in sorted(result.at_kill.items()))
         lines += [f"Journal at the SIGKILL: {state}.", ""]
@@ -461,13 +509,46 @@ def describe(result: RunResult, title: str) -> str:
             lines += ["Uploaded but not yet marked delivered when the bot died: those are sent "
                       "again by the restarted bot (delivery is at least once).", ""]
     lines += [report.table(result.counts, result.rss, s.images_per_window), ""]
+    if result.cluster is not None:
+        lines += [cluster.table(result.cluster), ""]
     lines.append("Result: " + ("PASS" if not result.problems else
                                "FAIL: " + "; ".join(result.problems)))
     return "\n".join(lines)
 
 
+def _where(s: Scenario) -> str:
+    if not s.workers:
+        return ", on the bot's own (dry-run) GPU"
+    return (f", on {s.workers} dry-run GPU worker{'s' * (s.workers > 1)} through NATS "
+            f"({s.steps * s.step_s:g} s of simulated GPU time a job)")
+
+
+def comparison(results: list[tuple[str, RunResult]]) -> str:
+    """Each scenario's runs side by side, throughput against its run with the fewest workers."""
+    lines = ["| scenario | workers | accepted | lost | delivered twice | run twice on workers | "
+             "jobs moved | jobs/s, every worker busy | × fewest workers' |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(n for n, _ in results):
+        runs = sorted((r for n, r in results if n == name and r.cluster is not None),
+                      key=lambda r: r.scenario.workers)
+        base = runs[0].cluster.jobs_per_s_busy if runs and runs[0].cluster else None
+        for r in runs:
+            w, c = r.cluster, r.counts
+            assert w is not None
+            rate = w.jobs_per_s_busy
+            ratio = f"{rate / base:.2f}×" if rate and base else "?"
+            lines.append(f"| {name} | {w.workers} | {c.outcomes['accepted']} | {c.lost} | "
+                         f"{c.delivered_twice} | {w.ran_twice} | {w.moved} | "
+                         f"{'?' if rate is None else f'{rate:.2f}'} | {ratio} |")
+    return "\n".join(lines)
+
+
 # The named runs (``--scenario``). Sizes are chosen so that each takes a minute or two here.
 _KILLS = dict(users=100, commands=400, burst_size=40, burst_gap_s=1.0)
+# A cluster's simulated GPU time per step: 4 steps make a job of 0.5 s, far above what the bot,
+# the fakes, NATS and the workers spend per job on this machine's CPU (about 10 ms), so the
+# workers are what is measured. A real card takes seconds (README: 3.6 s at 1024² on an H100).
+CLUSTER_STEP_S = 0.125
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "plain": ("one bot life", Scenario()),
     "restart": ("SIGKILL halfway, restart", Scenario(restart=True)),
@@ -497,6 +578,11 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
                    Scenario(users=400, commands=2000, burst_size=250, burst_gap_s=0.2,
                             images_per_window=5, max_queue_per_user=5, max_queue_total=2000,
                             step_s=0.005, settle_timeout_s=600)),
+    "cluster": ("the 1,000 commands on GPU workers through NATS",
+                Scenario(workers=4, step_s=CLUSTER_STEP_S)),
+    "worker-kill": ("the 1,000 commands on GPU workers through NATS, one worker SIGKILLed "
+                    "halfway", Scenario(workers=4, step_s=CLUSTER_STEP_S,
+                                        events=((0.5, "kill-worker"),))),
 }
 
 
@@ -514,12 +600,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Sc
     p.add_argument("--max-queue-per-user", type=int)
     p.add_argument("--max-queue-total", type=int)
     p.add_argument("--step-s", type=float)
+    p.add_argument("--cluster", type=int, nargs="+", metavar="N",
+                   help="run each scenario on N dry-run GPU workers through a nats-server, once "
+                        "per N given (--cluster 1 4 compares them); default: the scenario's own "
+                        "(0, the bot's own GPU, but 4 for cluster and worker-kill)")
     p.add_argument("--workdir", type=Path, help="keep the database, outputs and bot logs here")
     a = p.parse_args(argv)
+    if a.cluster and min(a.cluster) < 1:
+        p.error("--cluster counts workers: 1 or more")
     names = list(SCENARIOS) if "all" in a.scenario else a.scenario
     overrides = {k: v for k, v in vars(a).items()
-                 if k not in ("scenario", "workdir") and v is not None}
+                 if k not in ("scenario", "workdir", "cluster") and v is not None}
     return a, {name: replace(SCENARIOS[name][1], **overrides) for name in names}
+
+
+def runs_of(name: str, scenario: Scenario, counts: list[int] | None, *, step_given: bool
+            ) -> list[tuple[str, Scenario]]:
+    """(title, scenario) once per worker count asked for (``--cluster``), else as named. A
+    single-GPU scenario put on a cluster gets the cluster's simulated GPU time, unless
+    ``--step-s`` said otherwise."""
+    if not counts:
+        return [(f"{name}: {SCENARIOS[name][0]}", scenario)]
+    step_s = scenario.step_s if scenario.workers or step_given else CLUSTER_STEP_S
+    return [(f"{name}: {SCENARIOS[name][0]} ({n} worker{'s' * (n > 1)})",
+             replace(scenario, workers=n, step_s=step_s)) for n in counts]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,12 +631,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python -m bench.load_test {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}\n")
     failed = False
-    for name, scenario in scenarios.items():
-        title = f"{name}: {SCENARIOS[name][0]}"
-        workdir = args.workdir / name if args.workdir else None
-        result = asyncio.run(run_load(scenario, workdir))
-        print(describe(result, title) + "\n", flush=True)
-        failed |= bool(result.problems)
+    results: list[tuple[str, RunResult]] = []
+    for name, named in scenarios.items():
+        for title, scenario in runs_of(name, named, args.cluster,
+                                       step_given=args.step_s is not None):
+            folder = f"{name}-{scenario.workers}w" if args.cluster else name
+            workdir = args.workdir / folder if args.workdir else None
+            result = asyncio.run(run_load(scenario, workdir))
+            print(describe(result, title) + "\n", flush=True)
+            failed |= bool(result.problems)
+            results.append((name, result))
+    if args.cluster and len(args.cluster) > 1:
+        print(comparison(results), flush=True)
     return 1 if failed else 0
 
 
