@@ -29,7 +29,7 @@ BESIDE_STREAMED_GIB = 8.0
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py.
 MEASURED_S_PER_IMAGE = {
-    "H100": ((5.6, 4.23), (7.5, 3.56), (11.5, 3.26)),
+    "H100": ((5.6, 4.31), (7.5, 3.56), (9.5, 3.36), (11.5, 3.32), (15.5, 3.00), (23.0, 2.86)),
 }
 
 
