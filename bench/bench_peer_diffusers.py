@@ -41,18 +41,27 @@ def build() -> Any:
     from diffusers import FluxTransformer2DModel
     from diffusers.hooks import apply_layerwise_casting
 
+    started = time.perf_counter()
+
+    def phase(name: str) -> None:  # the run that timed out said nothing of where time went
+        print(f"peer set-up: {name} at {time.perf_counter() - started:.1f} s", flush=True)
+
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_DEV)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
+    phase("allocated on the CPU")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.eval().requires_grad_(False)
+    phase(f"random weights ({torch.get_num_threads()} threads)")
     apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn,
                             compute_dtype=torch.bfloat16, skip_modules_pattern=KEEP_BF16,
                             non_blocking=True)
+    phase("float8 storage")
     model.enable_group_offload(onload_device=torch.device("cuda"), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=True, record_stream=True)
+    phase("group offload")
     return model
 
 
@@ -79,12 +88,13 @@ def time_steps(model: Any, steps: int) -> list[float]:
     x = inputs()
     times = []
     with torch.no_grad():
-        for _ in range(steps + 2):
+        for step in range(steps + 2):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(**x)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            print(f"peer step {step + 1}: {times[-1]:.3f} s", flush=True)
     return times[2:]
 
 
