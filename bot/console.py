@@ -261,7 +261,7 @@ class ConsoleAdapter:
                 await self.engine.mark_delivered(job, f"console:{event.result.path}",
                                                  keep_file=True)
             elif isinstance(event, Failed):
-                self.say(f"[{job.id}] {render.failed(event.reason)}")
+                self.say(f"[{job.id}] {render.failed(event)}")
                 await self.engine.mark_delivered(job, "console")
             elif isinstance(event, Cancelled):
                 self.say(f"[{job.id}] {render.cancelled(event.by_owner)}")

@@ -176,7 +176,7 @@ class Follower:
             await deliver(self.engine, job, lambda: self._send_result(job, reply, event.result),
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Failed):
-            text = reply.with_note(render.failed(event.reason))
+            text = reply.with_note(render.failed(event))
             await deliver(self.engine, job, lambda: self._post(job.id, reply, text, [], None),
                           policy=self.policy, is_permanent=is_permanent)
         elif isinstance(event, Cancelled) and reply.token_alive(self.clock()):

@@ -18,7 +18,7 @@ from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
 from engine.errors import EngineError
 from engine.grammar import clean_prompt, usage_lines
-from engine.job import Job, JobEvent, JobResult, Progress, Queued, Started
+from engine.job import Failed, Job, JobEvent, JobResult, Progress, Queued, Started
 from engine.quota_text import amount
 from engine.rate_limit import Quota
 from engine.request import ImageRequest
@@ -150,8 +150,11 @@ def translated(text: str) -> str:
     return _(text) if text else text  # gettext("") would be the catalogue's header
 
 
-def failed(reason: str) -> str:
-    return f"⚠️ {translated(reason)}"
+def failed(event: Failed) -> str:
+    """A failed job: its phrase in the reader's language where the engine gave one (a job
+    failed in this process), else its journalled sentence looked up in the catalogue."""
+    text = event.phrase.say(_, ngettext) if event.phrase else translated(event.reason)
+    return f"⚠️ {text}"
 
 
 def cancelled(by_owner: bool = True) -> str:

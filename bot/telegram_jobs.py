@@ -207,7 +207,7 @@ class JobFollower:
                 if isinstance(event, Finished):
                     await self._deliver_image(job, event.result, target, status)
                 elif isinstance(event, Failed):
-                    await self._deliver_text(job, render.failed(event.reason), target, status)
+                    await self._deliver_text(job, render.failed(event), target, status)
                 elif isinstance(event, Cancelled):
                     if status is not None:
                         await status.finish(render.cancelled(event.by_owner))

@@ -32,6 +32,7 @@ from engine.errors import (
     EngineClosed,
     EngineError,
     JobNotFound,
+    Phrase,
     QueueFull,
 )
 from engine.fair_queue import FairQueue
@@ -502,7 +503,7 @@ class Engine:
             await self._finish(job, Cancelled(by_owner=signal.by_owner), JobStatus.CANCELLED)
             return
         except EngineError as exc:
-            await self._fail(job, str(exc), refund=True)
+            await self._fail(job, exc.phrase, refund=True)
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
@@ -541,8 +542,8 @@ class Engine:
                 await self._fail_unexpectedly(job, exc)
             except Exception:
                 log.exception("job %s: could not journal the failure", job.id)
-                job._emit(Failed("Something went wrong while saving this image; the bot's "
-                                 "admin can find the details in the log."))
+                job._emit(Failed(N_("Something went wrong while saving this image; the bot's "
+                                    "admin can find the details in the log.")))
             return
         self._counts["finished"] += 1
         job._emit(Finished(result))  # the result goes out first; the timing is bookkeeping
@@ -591,15 +592,17 @@ class Engine:
         return tuple(saved)
 
     async def _fail_unexpectedly(self, job: Job, exc: BaseException) -> None:
-        await self._fail(job, f"Something went wrong while making this image ({job.id}); "
-                              "the bot's admin can find the details in the log.", refund=True,
-                         detail=repr(exc))
+        await self._fail(job, Phrase(N_("Something went wrong while making this image ({job}); "
+                                        "the bot's admin can find the details in the log."),
+                                     job=job.id), refund=True, detail=repr(exc))
 
-    async def _fail(self, job: Job, reason: str, *, refund: bool, detail: str = "") -> None:
+    async def _fail(self, job: Job, why: Phrase, *, refund: bool, detail: str = "") -> None:
+        """``why``: the user's sentence (journalled in English, shown in their language)."""
+        reason = str(why)
         self._counts["failed"] += 1
         self._last_error = f"{job.id}: {detail or reason}"
         log.warning("job %s failed: %s", job.id, detail or reason)
-        await self._finish(job, Failed(reason), JobStatus.FAILED, error=reason)
+        await self._finish(job, Failed(reason, why), JobStatus.FAILED, error=reason)
         if refund:
             await self.store.refund(job.id)
 
@@ -669,7 +672,7 @@ def _job_from_finished_record(record: JobRecord, engine: Engine,
     if images:
         job._emit(Finished(JobResult(images, record.request, model_name="", seconds=0.0)))
     elif record.status == "failed":
-        job._emit(Failed(record.error or "This image could not be made."))
+        job._emit(Failed(record.error or N_("This image could not be made.")))
     else:
         return None
     engine._jobs[job.id] = job

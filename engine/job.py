@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.errors import N_, GenerationFailed, JobCancelled
+from engine.errors import N_, GenerationFailed, JobCancelled, Phrase
 from engine.moderation import Policy
 from engine.request import ImageRequest, Origin, User
 
@@ -106,7 +106,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    reason: str  # a sentence the user can read
+    reason: str  # a sentence the user can read (English; journalled)
+    phrase: Phrase | None = field(default=None, compare=False)  # the same, in any language
 
 
 @dataclass(frozen=True)

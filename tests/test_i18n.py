@@ -15,7 +15,7 @@ from bot.i18n import catalog
 from bot.i18n.extract import used_catalog
 from engine.config import LimitsSection
 from engine.errors import InvalidCommand, QueueFull
-from engine.job import JobResult
+from engine.job import Failed, JobResult
 from engine.rate_limit import Quota
 from tests.conftest import make_request
 
@@ -63,9 +63,9 @@ def _replies() -> list[str]:
         render.queued(1), render.queued(3), render.started(request),
         render.progress(2, 4, 30.0), render.progress(3, 4, 0.5),
         render.caption(JobResult.single(b"png", request, "", 1.5), "狐狸爱好者"),
-        render.cancelled(), render.cancelled(by_owner=False), render.failed(
+        render.cancelled(), render.cancelled(by_owner=False), render.failed(Failed(
             "The GPU ran out of memory for this image; try a smaller --size, or ask again "
-            "when the bot is less busy."),
+            "when the bot is less busy.")),
         render.error(QueueFull(
             "You already have {mine} requests waiting (the most is {cap}); please wait for "
             "one to finish or cancel one.", mine=3, cap=3)),

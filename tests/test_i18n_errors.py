@@ -12,9 +12,12 @@ import pytest
 
 from bot import i18n, render
 from engine import quota_text
+from engine.cluster import capability
+from engine.cluster.messages import WorkerInfo
 from engine.config import LimitsSection
-from engine.errors import InvalidCommand, Phrase, RateLimited
+from engine.errors import N_, EngineError, InvalidCommand, NoWorkerCanRun, Phrase, RateLimited
 from engine.grammar import ParsedCommand, parse_imagine
+from engine.job import Failed
 from engine.rate_limit import RateLimiter
 from engine.request import ImageRequest, User
 from engine.store import Store
@@ -181,3 +184,37 @@ def test_a_wait_in_chinese(seconds: float, chinese: str) -> None:
 def test_a_window_in_chinese(seconds: float, chinese: str) -> None:
     i18n.use("zh")
     assert quota_text.window(seconds).say(i18n.gettext, i18n.ngettext) == chinese
+
+
+# -- the cluster's refusals and a job's failure --------------------------------------------------
+SMALL = WorkerInfo("w1", "RTX 3060", "flux", max_pixels=512 * 512, max_count=2,
+                   styles=("ink",))
+
+
+@pytest.mark.parametrize("ask_for", [
+    dict(width=1024, height=1024), dict(width=512, height=512, count=4),
+    dict(width=512, height=512, style="watercolor")])
+def test_a_job_no_worker_can_run_is_refused_in_the_readers_language(ask_for) -> None:
+    wanted = dataclasses.replace(request(), **ask_for)
+    error = NoWorkerCanRun(capability.refusal([SMALL], wanted))
+    chinese = said(error, "zh")
+    names = {"ink", "watercolor"}  # style names are the admin's words, shown as they are
+    assert CJK.search(chinese) and not english_words(chinese) - names, chinese
+    assert said(error, "en") == f"⚠️ {error}" and "None of the image workers online" in str(error)
+    nobody = NoWorkerCanRun(capability.refusal([], wanted))
+    assert str(nobody).startswith("No image worker is connected right now")
+    assert not english_words(said(nobody, "zh"))
+
+
+def test_a_failed_job_is_told_in_the_readers_language_with_its_fields() -> None:
+    """The engine keeps the failure's phrase on the event (the journal keeps its English)."""
+    lost = EngineError(N_("Image {number} of this job was lost on its way back."), number=3)
+    event = Failed(str(lost), lost.phrase)
+    i18n.use("zh")
+    assert render.failed(event) == "⚠️ 这个任务的第 3 张图在传回途中丢失了。"
+    i18n.use("en")
+    assert render.failed(event) == "⚠️ Image 3 of this job was lost on its way back."
+    i18n.use("zh")  # recovered from the journal: the English sentence, looked up as it is
+    journalled = Failed("The picture this image starts from is no longer there; please send it "
+                        "again.")
+    assert render.failed(journalled) == "⚠️ 这张图所依据的图片已经不在了；请重新发送。"

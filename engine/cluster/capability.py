@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 
 from engine.cluster.messages import WorkerInfo
+from engine.errors import N_, Phrase
 from engine.request import ImageRequest
 
 
@@ -31,27 +32,33 @@ def best_fit(workers: Iterable[WorkerInfo], request: ImageRequest) -> WorkerInfo
     return min(fitting, key=lambda w: (w.max_pixels, w.max_count, len(w.styles), w.name))
 
 
-def refusal(workers: list[WorkerInfo], request: ImageRequest) -> str | None:
+def refusal(workers: list[WorkerInfo], request: ImageRequest) -> Phrase | None:
     """Why no worker online can run the job (a sentence for its user), or None if one can."""
     if any(can_run(w, request) for w in workers):
         return None
     if not workers:
-        return ("No image worker is connected right now, so this image cannot be made; please "
-                "try again in a few minutes.")
-    start = "None of the image workers online can make"
+        return Phrase(N_("No image worker is connected right now, so this image cannot be "
+                         "made; please try again in a few minutes."))
     pixels = max(w.max_pixels for w in workers)
     if job_pixels(request) > pixels:
         side = math.isqrt(pixels)
-        return (f"{start} a {request.width}×{request.height} image: the largest they make is "
-                f"{pixels:,} pixels (about {side}×{side}). Please ask for a smaller --size.")
+        return Phrase(N_("None of the image workers online can make a {width}×{height} image: "
+                         "the largest they make is {pixels} pixels (about {side}×{side}). "
+                         "Please ask for a smaller --size."), width=request.width,
+                      height=request.height, pixels=f"{pixels:,}", side=side)
     most = max(w.max_count for w in workers)
     if request.count > most:
-        return (f"{start} {request.count} images at once: the most is {most}. Please ask for "
-                "fewer with --n.")
+        return Phrase(N_("None of the image workers online can make {count} images at once: "
+                         "the most is {most}. Please ask for fewer with --n."),
+                      count=request.count, most=most)
     styles = sorted({s for w in workers for s in w.styles})
     if request.style and request.style not in styles:
-        there = ", ".join(styles) if styles else "none"
-        return (f"{start} the style {request.style!r} (their styles: {there}). Please pick "
-                "another or leave --style out.")
-    return (f"{start} this size, number of images and style together. Please ask for a "
-            "smaller --size or fewer images.")
+        if not styles:
+            return Phrase(N_("None of the image workers online can make the style '{style}' "
+                             "(they have no styles). Please leave --style out."),
+                          style=request.style)
+        return Phrase(N_("None of the image workers online can make the style '{style}' "
+                         "(their styles: {styles}). Please pick another or leave --style out."),
+                      style=request.style, styles=", ".join(styles))
+    return Phrase(N_("None of the image workers online can make this size, number of images "
+                     "and style together. Please ask for a smaller --size or fewer images."))

@@ -27,7 +27,7 @@ from engine.cluster.leftovers import Leftover, Leftovers
 from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import Names, connect, ensure_streams, read_workers
 from engine.config import ClusterSection
-from engine.errors import EngineError, JobTimedOut, NoWorkerCanRun
+from engine.errors import N_, EngineError, JobTimedOut, NoWorkerCanRun
 from engine.request import ImageRequest
 from engine.worker import Aborted, StopSignal
 
@@ -215,7 +215,8 @@ class RemoteWorker:
             except ObjectNotFoundError:  # expired (result_ttl_s) before the bot came back
                 found = None
             if found is None or found.data is None:
-                raise EngineError(f"Image {index + 1} of this job was lost on its way back.")
+                raise EngineError(N_("Image {number} of this job was lost on its way back."),
+                                  number=index + 1)
             pngs.append(found.data)
         return pngs
 

@@ -26,7 +26,7 @@ from engine.backends import create_backend
 from engine.cluster.messages import CANCELLED, FAILED, FINISHED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams
 from engine.config import Config
-from engine.errors import EngineError
+from engine.errors import N_, EngineError
 from engine.request import ImageRequest
 from engine.worker import Aborted, GpuWorker, StopSignal
 
@@ -202,8 +202,8 @@ class ClusterWorker:
         try:
             found = await self._retry(self._images.get, item.input_object)
         except ObjectNotFoundError:
-            raise EngineError("The picture this image starts from is no longer there; please "
-                              "send it again.") from None
+            raise EngineError(N_("The picture this image starts from is no longer there; "
+                                 "please send it again.")) from None
         path = folder / "input.png"
         path.write_bytes(found.data)
         return item.request.with_changes(init_image=str(path))

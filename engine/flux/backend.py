@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.backends.base import StepCallback, load_init_image
 from engine.config import ModelSection, StyleSection
-from engine.errors import GenerationFailed
+from engine.errors import N_, GenerationFailed
 from engine.flux.batch import batch_sizes, batched, per_batch
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
@@ -230,8 +230,8 @@ class FluxBackend:
             self._reload()
         style, weights = self.styles.get(request.style), self._loras.get(request.style)
         if style is None or weights is None or self._branches is None:
-            raise GenerationFailed(f"The style {request.style!r} is no longer set up on this "
-                                   "bot; /styles lists the styles there are.")
+            raise GenerationFailed(N_("The style '{style}' is no longer set up on this bot; "
+                                      "/styles lists the styles there are."), style=request.style)
         assert self.plan is not None
         with self._branches.active(weights, style.alpha, self.plan.device):
             log.info("style %s on %d layers (%.1f ms to switch)", request.style,
