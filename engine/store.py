@@ -22,7 +22,7 @@ from typing import Any
 import aiosqlite
 
 from engine import lifecycle
-from engine.errors import JobNotFound
+from engine.errors import N_, JobNotFound
 from engine.request import ImageRequest, Origin, User
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
@@ -335,7 +335,7 @@ class Store:
         if changed == 0:
             record = await self.get_job(job_id)
             if record is None:
-                raise JobNotFound(f"There is no job {job_id}.")
+                raise JobNotFound(N_("There is no job {job_id}."), job_id=job_id)
             lifecycle.check(job_id, record.status, status)  # raises InvalidTransition
 
     async def update_origin(self, job_id: str, origin: Origin) -> None:
@@ -386,7 +386,7 @@ class Store:
         ) as cursor:
             changed = cursor.rowcount
         if changed == 0:
-            raise JobNotFound(f"There is no job {job_id}.")
+            raise JobNotFound(N_("There is no job {job_id}."), job_id=job_id)
 
     async def prune(self, before: float) -> list[str | None]:
         """Delete the rows of jobs accepted before ``before`` that are over and answered (or

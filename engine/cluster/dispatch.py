@@ -37,8 +37,8 @@ RECHECK_S = 2.0  # and at the outcome stream (an outcome sent while this client 
 RETRY_S = 0.5
 SWEEP_S = 1.0  # how often leftovers that fell due are deleted
 CLOSE_SWEEP_S = 10.0  # at a clean shutdown, the most spent deleting the rest (else: the TTL)
-KEPT_STOPPING = ("This image could not be made: the image workers kept stopping while making "
-                 "it.")
+KEPT_STOPPING = N_("This image could not be made: the image workers kept stopping while making "
+                   "it.")
 
 
 @dataclass
