@@ -16,15 +16,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, write_config  # noqa: E402
-from bench.emulated_card import EmulatedCard  # noqa: E402
+from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, bot_on_card  # noqa: E402
 
 STEPS = 20
 
@@ -40,36 +37,20 @@ def actions(first_id: str | None) -> list[tuple[str, str]]:
 
 def run_row(free_gib: float, ckpt: Path, batch_images: int,
             timeout: float = 400) -> dict[str, Any]:
-    extra = f"batch_images = {batch_images}"
     row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
-    with tempfile.TemporaryDirectory() as tmp, EmulatedCard(free_gib) as card:
-        row["free_at_start_gib"] = card.held["free_at_hold_gib"]
-        bot = BotProcess(write_config(Path(tmp), ckpt, extra))
-        started = time.perf_counter()
-        try:
-            ready_at, _ = bot.wait_for(r"Type /imagine", timeout)
-            row["ready_s"] = ready_at - started
-            row["plan"] = next((t.split("FLUX memory plan: ", 1)[1] for _, t in bot.log
-                                if "FLUX memory plan: " in t), None)
-            first_id = _run_jobs(bot, actions(None), row["jobs"], timeout)
-            _run_jobs(bot, actions(first_id), row["jobs"], timeout)
-        except Exception as e:  # noqa: BLE001 - a failed row is a result too
-            row["error"] = f"{type(e).__name__}: {e}"[:500]
-        finally:
-            row["exit_code"] = bot.stop()
-            report = card.report()
-        row["device_peak_gib"] = report["peak_gib"]
-        row["within_card"] = report["peak_gib"] <= row["free_at_start_gib"] + 1e-3
-        row["oom"] = sum("out of" in t.lower() and "memory" in t.lower() for _, t in bot.log)
-        row["log_tail"] = [t for _, t in bot.log[-6:]]
+    with bot_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout) as bot:
+        first_id = _run_jobs(bot, actions(None), row["jobs"], timeout)
+        _run_jobs(bot, actions(first_id), row["jobs"], timeout)
+    log = row.pop("log", [])
     jobs = row["jobs"]
     for job in jobs.values():  # the engine logs a job's GPU time just after its reply
-        job["gpu_s"] = _gpu_seconds(bot.log, job["id"])
+        job["gpu_s"] = _gpu_seconds(log, job["id"])
     one = jobs.get("one 1024²", {}).get("gpu_s")
     if one:
         for name in ("--n 4 1024²", "vary strong (0.7)"):
             if jobs.get(name, {}).get("gpu_s"):
                 jobs[name]["x_one"] = jobs[name]["gpu_s"] / one
+    row["oom"] = row.get("oom", 0) + row.pop("startup_oom", 0)  # every one counts here
     return row
 
 

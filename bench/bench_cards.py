@@ -16,6 +16,7 @@ the device memory stayed within what was free at start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +126,14 @@ class BotProcess:
             return -9
 
 
-def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | None = None,
-             timeout: float = 300) -> dict[str, Any]:
-    jobs = jobs or JOBS
-    row: dict[str, Any] = {"card_free_gib": free_gib, "config": extra.strip() or "default"}
+@contextlib.contextmanager
+def bot_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any],
+                timeout: float) -> Iterator[BotProcess]:
+    """``python -m bot run`` on an emulated card of ``free_gib``, ready for console lines. The
+    ``row`` gets what every benchmark of the bot reports: ready time, plan, warm-up
+    calibration, then (on leaving, also after a failure, which the row records as its error)
+    the exit code, the device peak as the driver saw it, out-of-memory errors before and after
+    ready, and the log's tail."""
     with tempfile.TemporaryDirectory() as tmp, EmulatedCard(free_gib) as card:
         row["free_at_start_gib"] = card.held["free_at_hold_gib"]
         bot = BotProcess(write_config(Path(tmp), ckpt, extra))
@@ -136,18 +142,9 @@ def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | Non
             ready_at, _ = bot.wait_for(r"Type /imagine", timeout)
             row["ready_s"] = ready_at - started
             row["plan"] = _first(bot.log, "FLUX memory plan: ")
-            row["streaming"] = _first(bot.log, "block streaming: ")
             row["calibration"] = [t.split(": ", 1)[-1] for _, t in bot.log
                                   if "warm-up" in t and ("peak" in t or "ran out" in t)]
-            sent = bot.send(jobs[0])
-            for job in jobs[1:]:
-                bot.send(job)
-            ends = [bot.wait_for(DONE, timeout) for _ in jobs]
-            done = [at for at, _ in ends]
-            row["failed_jobs"] = [line for _, line in ends if "⚠️" in line]
-            row["smi_gib"] = nvidia_smi_used_gib(bot.proc.pid)
-            row["host_peak_rss_gib"] = bot.peak_rss_gib()
-            row.update(_timings(bot.log, sent, done))
+            yield bot
         except Exception as e:  # noqa: BLE001 - a failed row is a result too
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         finally:
@@ -156,13 +153,33 @@ def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | Non
         row["device_peak_gib"] = report["peak_gib"]
         ready = next((i for i, (_, t) in enumerate(bot.log) if "Type /imagine" in t),
                      len(bot.log))
-        row["startup_oom"] = sum("out of" in t.lower() and "memory" in t.lower()
-                                 for _, t in bot.log[:ready])
-        row["oom"] = sum("out of" in t.lower() and "memory" in t.lower()
-                         for _, t in bot.log[ready:])
+        row["startup_oom"] = sum(_oom(t) for _, t in bot.log[:ready])
+        row["oom"] = sum(_oom(t) for _, t in bot.log[ready:])
         row["within_card"] = report["peak_gib"] <= row["free_at_start_gib"] + 1e-3
         row["log_tail"] = [t for _, t in bot.log[-6:]]
+        row["log"] = bot.log  # for the caller's own figures; not written out
+
+
+def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | None = None,
+             timeout: float = 300) -> dict[str, Any]:
+    jobs = jobs or JOBS
+    row: dict[str, Any] = {"card_free_gib": free_gib, "config": extra.strip() or "default"}
+    with bot_on_card(free_gib, ckpt, extra, row, timeout) as bot:
+        sent = bot.send(jobs[0])
+        for job in jobs[1:]:
+            bot.send(job)
+        ends = [bot.wait_for(DONE, timeout) for _ in jobs]
+        done = [at for at, _ in ends]
+        row["failed_jobs"] = [line for _, line in ends if "⚠️" in line]
+        row["smi_gib"] = nvidia_smi_used_gib(bot.proc.pid)
+        row["host_peak_rss_gib"] = bot.peak_rss_gib()
+        row.update(_timings(bot.log, sent, done))
+    row.pop("log", None)
     return row
+
+
+def _oom(line: str) -> bool:
+    return "out of" in line.lower() and "memory" in line.lower()
 
 
 def _first(log: list[tuple[float, str]], marker: str) -> str | None:

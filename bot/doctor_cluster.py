@@ -4,6 +4,7 @@ workers are online (their heartbeats), each as ``/status`` lists them."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from bot import render
 from bot.doctor import Check
@@ -13,7 +14,9 @@ CONNECT_TIMEOUT_S = 3.0  # a doctor answers in seconds, whatever the server does
 
 
 def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[Check]:
-    url = config.cluster.url
+    from engine.cluster.names import explain, public_url
+
+    url = public_url(config.cluster.url)
     try:
         import nats  # noqa: F401
     except ImportError:
@@ -21,26 +24,31 @@ def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[
                       "pip install '.[cluster]'")]
     try:
         return asyncio.run(asyncio.wait_for(_look(config, timeout_s), timeout_s * 3))
+    except ssl.SSLCertVerificationError as exc:  # it answers, but cannot be trusted
+        return [Check("cluster", False, f"NATS server {url}: {explain(exc)}",
+                      "set [cluster] tls_ca to the CA file that signed the server's "
+                      "certificate (and check the url's host is the one the certificate names)")]
     except Exception as exc:  # refused, timed out, bad credentials, no TLS: say which
-        reason = str(exc) or type(exc).__name__
+        reason = explain(exc)
         return [Check("cluster", False, f"NATS server {url} not reachable: {reason}",
                       "start it (nats-server -js -sd /var/lib/nats -p 4222), or fix [cluster] "
                       "url, credentials and tls_ca")]
 
 
 async def _look(config: Config, timeout_s: float) -> list[Check]:
-    from engine.cluster.names import Names, connect, read_workers
+    from engine.cluster.names import Names, connect, public_url, read_workers
 
     settings = config.cluster
+    url = public_url(settings.url)
     nc = await connect(settings, "imagine-bot doctor", once_within_s=timeout_s)
     try:
         js = nc.jetstream(timeout=timeout_s)
         try:
             await js.account_info()
         except Exception as exc:
-            return [Check("cluster", False, f"NATS server {settings.url} has no JetStream "
+            return [Check("cluster", False, f"NATS server {url} has no JetStream "
                           f"({exc})", "start nats-server with -js (and -sd for its files)")]
-        checks = [Check("cluster", True, f"NATS server {settings.url} reachable, JetStream on")]
+        checks = [Check("cluster", True, f"NATS server {url} reachable, JetStream on")]
         try:
             kv = await js.key_value(Names(settings.name).workers_bucket)
             workers = sorted((await read_workers(kv)).values(), key=lambda w: w.name)

@@ -107,8 +107,26 @@ async def connect(settings: ClusterSection, client_name: str, *,
     return await nats.connect(**options)
 
 
+def explain(exc: BaseException) -> str:
+    """What went wrong connecting, for an admin: an untrusted server certificate says so and
+    names ``tls_ca`` (not only OpenSSL's words); anything else as nats-py says it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's TLS certificate was not trusted ({exc.verify_message}): set "
+                "[cluster] tls_ca to the CA file that signed it")
+    return str(exc) or type(exc).__name__
+
+
+def public_url(url: str) -> str:
+    """``url`` to show or log: a password in it (``tls://user:password@host``) as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 async def _log_error(exc: Exception) -> None:
-    log.warning("NATS: %s", exc or type(exc).__name__)
+    log.warning("NATS: %s", explain(exc))
 
 
 async def _log_disconnected() -> None:
