@@ -598,6 +598,24 @@ async def pending_rows(adapter: DiscordAdapter) -> int:
         return (await c.fetchone())[0]
 
 
+async def a_command_cut_short(server, adapter, user, prompt: str):
+    """/imagine acknowledged by the bot, its handler then stuck before the engine journals it:
+    (the interaction, the handler's task). Cancelling the task is the "SIGKILL" between
+    Discord's acknowledgement and the journal."""
+    handlers: list[asyncio.Task] = []
+
+    async def killed_before_journalling(*args, **kwargs):
+        handlers.append(asyncio.current_task())
+        await asyncio.Event().wait()
+
+    adapter.engine.submit = killed_before_journalling
+    lost = await server.slash("imagine", user, prompt=prompt)
+    await server.wait_for(lambda c: c.token == lost.token and c.name == "interaction_callback")
+    while not handlers:
+        await asyncio.sleep(0.01)
+    return lost, handlers[0]
+
+
 async def test_an_interaction_a_crash_left_unanswered_is_told_to_ask_again(
         server, start_bot, engine_factory, dconfig, caplog):
     """Row 15: killed after the deferral and before the job was journalled, the user's
@@ -610,21 +628,11 @@ async def test_an_interaction_a_crash_left_unanswered_is_told_to_ask_again(
     await first.drain()
     assert await pending_rows(first) == 0  # answered commands leave nothing behind
 
-    handlers: list[asyncio.Task] = []
-
-    async def killed_before_journalling(*args, **kwargs):
-        handlers.append(asyncio.current_task())
-        await asyncio.Event().wait()
-
-    first.engine.submit = killed_before_journalling
-    lost = await server.slash("imagine", ALICE, prompt="a lost fox --steps 1")
-    await server.wait_for(lambda c: c.token == lost.token and c.name == "interaction_callback")
-    while not handlers:
-        await asyncio.sleep(0.01)
+    lost, handler = await a_command_cut_short(server, first, ALICE, "a lost fox --steps 1")
     expired = PendingInteraction("discord:interaction:1", server.app_id, "expired-token",
                                  server.channel_id, time.time() - 15 * 60)
     await first.engine.pending.add(expired)
-    handlers[0].cancel()  # the "SIGKILL": the handler never gets further
+    handler.cancel()  # the "SIGKILL": the handler never gets further
     await first.stop()
     await first.engine.shutdown(grace_s=0)
 

@@ -5,7 +5,6 @@ restart a recovered job and a lost command are answered in their channel's langu
 # ruff: noqa: F811  (the fixtures are imported from the adapter tests and used as arguments)
 from __future__ import annotations
 
-import asyncio
 import re
 
 from engine.png import read_parameters
@@ -14,6 +13,7 @@ from tests.test_discord_adapter import (  # noqa: F401  (fixtures)
     ADMIN,
     ALICE,
     _text,
+    a_command_cut_short,
     dconfig,
     final_upload,
     jobs_in_journal,
@@ -97,18 +97,8 @@ async def test_a_command_a_crash_lost_is_told_to_ask_again_in_the_channels_langu
     first = await start_bot()
     answer = await server.slash("language", ADMIN, choice="zh")
     await server.wait_for(lambda c: c.token == answer.token)
-    handlers: list[asyncio.Task] = []
-
-    async def killed_before_journalling(*args, **kwargs):
-        handlers.append(asyncio.current_task())
-        await asyncio.Event().wait()
-
-    first.engine.submit = killed_before_journalling
-    lost = await server.slash("imagine", ALICE, prompt="a lost fox --steps 1")
-    await server.wait_for(lambda c: c.token == lost.token and c.name == "interaction_callback")
-    while not handlers:
-        await asyncio.sleep(0.01)
-    handlers[0].cancel()  # the "SIGKILL": the handler never gets further
+    lost, handler = await a_command_cut_short(server, first, ALICE, "a lost fox --steps 1")
+    handler.cancel()  # the "SIGKILL": the handler never gets further
     await first.stop()
     await first.engine.shutdown(grace_s=0)
 
