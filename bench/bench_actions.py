@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, bot_on_card  # noqa: E402
+from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, bot_on_card, device_name  # noqa: E402
 
 STEPS = 20
 
@@ -107,8 +106,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args()
-    device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip().splitlines()[0]
+    device = device_name()
     rows = []
     for free in args.cards:
         for batch in args.batches:

@@ -246,6 +246,12 @@ def _f(value: float | None, fmt: str = ".2f") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def device_name() -> str:
+    """The GPU's name from nvidia-smi: a CUDA context here would sit outside the emulated card."""
+    return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines()[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True)
@@ -256,9 +262,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args()
-    # the device's name from nvidia-smi: a CUDA context here would sit outside the emulated card
-    device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip().splitlines()[0]
+    device = device_name()
     rows = []
     for free in args.cards:
         print(f"card {free} GiB free…", flush=True)

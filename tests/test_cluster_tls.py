@@ -36,7 +36,7 @@ def _certificates(folder: Path, name: str) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
 
     def cert(subject: str, key, issuer, issuer_key, *, ca: bool):  # noqa: ANN001, ANN202
@@ -202,6 +202,17 @@ def test_user_and_password_in_the_url(tmp_path, tls_server_with_user) -> None:
     code, shown = _doctor(tmp_path, _settings(server.url(f"{USER}:{PASSWORD}@"), server.ca))
     assert f"[ok ] cluster: NATS server {server.url(f'{USER}:***@')} reachable" in shown, shown
     assert PASSWORD not in shown, shown
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("tls://127.0.0.1:4222", "tls://127.0.0.1:4222"),
+    ("tls://worker:pa:ss@w@nats.example.org:4222", "tls://worker:***@nats.example.org:4222"),
+    ("nats://s3cr3t-token@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+])
+def test_public_url_hides_the_password_or_token(url, shown) -> None:
+    from engine.cluster.names import public_url
+
+    assert public_url(url) == shown
 
 
 def test_no_user_on_a_server_that_wants_one_is_refused(tmp_path, tls_server_with_user) -> None:

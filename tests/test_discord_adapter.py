@@ -356,11 +356,13 @@ async def test_owner_cancels_with_the_button_while_queued(server, start_bot):
     assert (await jobs_in_journal(adapter, ALICE))[0].status == "cancelled"
 
 
-async def test_recovered_job_is_posted_to_the_channel_mentioning_its_user(
-        server, start_bot, engine_factory, dconfig):
+async def posted_after_a_restart(server, start_bot, engine_factory, dconfig, user,
+                                 **options):
+    """/imagine queued while the engine is paused, the bot stopped before it runs, then
+    started again: (the restarted adapter, the channel post of the recovered job)."""
     first = await start_bot()
     first.engine.pause()  # the bot stops before the job runs
-    sent = await server.slash("imagine", ALICE, prompt="a red fox --seed 7 --steps 1")
+    sent = await server.slash("imagine", user, **options)
     await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
     await first.stop()
     await first.engine.shutdown(grace_s=0)
@@ -368,6 +370,13 @@ async def test_recovered_job_is_posted_to_the_channel_mentioning_its_user(
     restarted = await start_bot(engine=await engine_factory(dconfig))
     post = await server.wait_for(lambda c: c.name == "channel_message" and bool(c.files))
     await restarted.drain()
+    return restarted, post
+
+
+async def test_recovered_job_is_posted_to_the_channel_mentioning_its_user(
+        server, start_bot, engine_factory, dconfig):
+    restarted, post = await posted_after_a_restart(server, start_bot, engine_factory, dconfig,
+                                                   ALICE, prompt="a red fox --seed 7 --steps 1")
     assert post.path == f"/channels/{server.channel_id}/messages"
     assert _text(post).startswith(f"<@{ALICE.id}> a red fox")
     assert post.pings == frozenset({f"user:{ALICE.id}"})  # Alice, and nobody else

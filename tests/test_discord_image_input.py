@@ -120,17 +120,9 @@ async def test_a_refused_job_leaves_no_picture_behind(server, start_bot, dconfig
 
 async def test_a_restart_before_it_runs_still_runs_it_from_the_kept_picture(
         server, start_bot, engine_factory, dconfig):
-    first = await start_bot()
-    first.engine.pause()  # the bot stops before the job runs
-    sent = await server.slash("imagine", ALICE, prompt="a fox --seed 3 --steps 2",
-                              image=server.attachment(picture((900, 1600))))
-    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
-    await first.stop()
-    await first.engine.shutdown(grace_s=0)
-
-    restarted = await start_bot(engine=await engine_factory(dconfig))
-    post = await server.wait_for(lambda c: c.name == "channel_message" and bool(c.files))
-    await restarted.drain()
+    restarted, post = await adapter_tests.posted_after_a_restart(
+        server, start_bot, engine_factory, dconfig, ALICE, prompt="a fox --seed 3 --steps 2",
+        image=server.attachment(picture((900, 1600))))
     record = (await jobs_in_journal(restarted, ALICE))[0]
     assert record.status == "finished" and Path(record.request.init_image).exists()
     params = read_parameters(post.files[0].data)

@@ -17,6 +17,7 @@ from tests.test_discord_adapter import (  # noqa: F401  (fixtures)
     dconfig,
     final_upload,
     jobs_in_journal,
+    posted_after_a_restart,
     private_answer,
     server,
     start_bot,
@@ -75,16 +76,8 @@ async def test_a_zh_users_job_recovered_after_a_restart_is_posted_in_chinese(
         server, start_bot, engine_factory, dconfig):
     """Issue 15: a job from before a restart has no interaction to set its language; it keeps
     the one it was asked in (the channel has none of its own, the default is English)."""
-    first = await start_bot()
-    first.engine.pause()  # the bot stops before the job runs
-    sent = await server.slash("imagine", LI, prompt="雪中的红狐狸 --seed 7 --steps 1")
-    await server.wait_for(lambda c: c.token == sent.token and c.name == "edit_original")
-    await first.stop()
-    await first.engine.shutdown(grace_s=0)
-
-    restarted = await start_bot(engine=await engine_factory(dconfig))
-    post = await server.wait_for(lambda c: c.name == "channel_message" and bool(c.files))
-    await restarted.drain()
+    restarted, post = await posted_after_a_restart(server, start_bot, engine_factory, dconfig,
+                                                   LI, prompt="雪中的红狐狸 --seed 7 --steps 1")
     assert read_parameters(post.files[0].data)["Seed"] == "7"
     assert _text(post).startswith(f"<@{LI.id}> 雪中的红狐狸\n种子 7 · 1 步 · ")
     assert not re.search(r"\b[A-Za-z]{3,}\b", _text(post).replace(LI.name, "")), _text(post)

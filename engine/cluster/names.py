@@ -117,12 +117,14 @@ def explain(exc: BaseException) -> str:
 
 
 def public_url(url: str) -> str:
-    """``url`` to show or log: a password in it (``tls://user:password@host``) as ``***``."""
+    """``url`` to show or log: its secret as ``***``, the password of ``tls://user:password@host``
+    or the token of ``tls://token@host`` (nats-py reads a name alone as a token)."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep or not at:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    user, colon, _secret = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
 async def _log_error(exc: Exception) -> None:
