@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, load_config, url_secret
 from engine.errors import EngineError
 
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.backend:
         config.engine.backend = args.backend
-    install_secret_filter([config.discord_token, config.telegram_token])
+    install_secret_filter([config.discord_token, config.telegram_token,
+                           url_secret(config.cluster.url)])
     if args.command == "doctor":
         from bot.doctor import run_doctor
 

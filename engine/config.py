@@ -409,8 +409,25 @@ def _validate_styles(styles: dict[str, StyleSection],
              style.description, f"one line of at most {STYLE_DESCRIPTION_MAX} characters")
 
 
+def public_url(url: str) -> str:
+    """``url`` to show or log: its secret as ``***``, the password of ``tls://user:password@host``
+    or the token of ``tls://token@host`` (nats-py reads a name alone as a token)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _secret = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+
+
+def url_secret(url: str) -> str:
+    """The password or token a cluster URL carries ("" if none), for the log filter."""
+    shown = public_url(url)
+    return "" if shown == url else url.partition("://")[2].rpartition("@")[0].rpartition(":")[2]
+
+
 def _validate_cluster(c: ClusterSection, need: Callable[[bool, str, Any, str], None]) -> None:
-    need(not c.url or c.url.startswith(CLUSTER_URL_SCHEMES), "cluster.url", c.url,
+    need(not c.url or c.url.startswith(CLUSTER_URL_SCHEMES), "cluster.url", public_url(c.url),
          "empty (no cluster) or a URL starting with " + ", ".join(CLUSTER_URL_SCHEMES))
     need(0 < len(c.name) <= 32 and all(ch.isascii() and (ch.isalnum() or ch in "-_")
                                        for ch in c.name), "cluster.name", c.name,

@@ -219,3 +219,17 @@ def test_no_user_on_a_server_that_wants_one_is_refused(tmp_path, tls_server_with
     server = tls_server_with_user
     code, shown = _doctor(tmp_path, _settings(server.url(), server.ca))
     assert code == 1 and "Authorization Violation" in shown, shown
+
+
+def test_a_bad_cluster_url_is_refused_without_its_password(tmp_path) -> None:
+    from engine.config import ConfigError, load_config, url_secret
+
+    path = tmp_path / "config.toml"
+    path.write_text('[cluster]\nurl = "http://worker:s3cret-passw0rd@nats.example:4222"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "s3cret-passw0rd" not in str(caught.value)
+    assert "http://worker:***@nats.example:4222" in str(caught.value)
+    assert url_secret("tls://worker:s3cret-passw0rd@h:4222") == "s3cret-passw0rd"
+    assert url_secret("tls://t0ken-only-secret@h:4222") == "t0ken-only-secret"
+    assert url_secret("tls://h:4222") == ""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.cluster.messages import WorkerInfo
-from engine.config import ClusterSection
+from engine.config import ClusterSection, public_url  # noqa: F401  (public_url: here too)
 
 if TYPE_CHECKING:  # pragma: no cover
     from nats.aio.client import Client
@@ -114,17 +114,6 @@ def explain(exc: BaseException) -> str:
         return (f"the server's TLS certificate was not trusted ({exc.verify_message}): set "
                 "[cluster] tls_ca to the CA file that signed it")
     return str(exc) or type(exc).__name__
-
-
-def public_url(url: str) -> str:
-    """``url`` to show or log: its secret as ``***``, the password of ``tls://user:password@host``
-    or the token of ``tls://token@host`` (nats-py reads a name alone as a token)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user, colon, _secret = userinfo.partition(":")
-    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
 async def _log_error(exc: Exception) -> None:
