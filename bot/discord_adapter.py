@@ -336,8 +336,7 @@ class DiscordAdapter:
                 await self.say(interaction, render.job_unknown())
                 return False
             user = self.user_of(interaction)
-            if record.user.user_id == user.user_id or (
-                    action == "cancel" and self.engine.is_admin(user)):
+            if self.engine.may_press(record, user, action):
                 interaction.extras["record"] = record
                 return True
             log.info("%s pressed %s on job %s of %s: refused", user.key, action, job_id,

@@ -427,7 +427,7 @@ class TelegramAdapter:
         record = await self.engine.job_record(press.job_id)
         if record is None:
             return render.job_unknown(), True
-        if record.user.platform != "telegram" or record.user.user_id != user.user_id:
+        if not self.engine.may_press(record, user, press.action):
             return render.not_your_job(), True
         if press.action == CANCEL:
             try:

@@ -301,6 +301,13 @@ class Engine:
     def is_admin(self, user: User) -> bool:
         return self.config.access.is_admin(user)
 
+    def may_press(self, record: JobRecord, user: User, action: str) -> bool:
+        """A button under a job's message: its owner presses any; an admin may also cancel
+        it (to stop a job), but makes no images from another's job on its quota."""
+        if (record.user.platform, record.user.user_id) == (user.platform, user.user_id):
+            return True
+        return action == "cancel" and self.is_admin(user)
+
     def position_of(self, job: Job) -> int | None:
         for index, queued in enumerate(self._queue.ordered(), start=1):
             if queued is job:

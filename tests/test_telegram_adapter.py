@@ -360,6 +360,27 @@ async def test_reroll_queues_a_new_job_with_a_new_seed(
     assert read_parameters(second_photo.upload("photo").data)["Seed"] == str(second.request.seed)
 
 
+async def test_an_admin_may_cancel_anothers_job_but_not_make_images_from_it(
+        tg: FakeTelegramServer, start_bot: Starter) -> None:
+    """The rule both platforms share (Engine.may_press), as on Discord."""
+    engine, _ = await start_bot()
+    engine.pause()
+    tg.message("/imagine a red fox --steps 1", chat_id=GROUP, user_id=ALICE)
+    await tg.wait_for("sendMessage")
+    job = engine.jobs_of(user(ALICE))[0]
+    status_message = tg.sent("sendMessage")[0]
+    tg.press(status_message, f"reroll:{job.id}", user_id=ADMIN)
+    refused = await tg.wait_for("answerCallbackQuery")
+    assert refused.params["text"] == render.not_your_job() and len(engine._jobs) == 1
+    tg.press(status_message, f"cancel:{job.id}", user_id=ADMIN)
+    answer = await tg.wait_for("answerCallbackQuery", 2)
+    assert answer.params["text"] == render.cancelling(job.id)
+    await job.wait()
+    assert job.status is JobStatus.CANCELLED
+    final = await tg.wait_for("editMessageText")
+    assert final.params["text"] == render.cancelled(False)
+
+
 async def test_strangers_press_is_refused_and_answered(
         tg: FakeTelegramServer, start_bot: Starter) -> None:
     engine, _ = await start_bot()
