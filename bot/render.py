@@ -231,10 +231,13 @@ def stats(usage: UsageStats, *, private: bool = True, md: bool = False) -> str:
     for p in usage.periods:
         failed = _("{n} failed").format(n=p.failures) if p.failures else _("none failed")
         named = _PERIOD_NAMES.get(p.label)
-        lines = [_("📊 {period}: {images} images made ({jobs} asked for), GPU {gpu}, "
-                   "{failed}").format(period=_(named) if named else p.label.capitalize(),
-                                      images=p.images, jobs=p.jobs, gpu=_seconds(p.gpu_s),
-                                      failed=failed),
+        made = ngettext("📊 {period}: {images} image made ({jobs} asked for), GPU {gpu}, "
+                        "{failed}",
+                        "📊 {period}: {images} images made ({jobs} asked for), GPU {gpu}, "
+                        "{failed}", p.images)
+        lines = [made.format(period=_(named) if named else p.label.capitalize(),
+                             images=p.images, jobs=p.jobs, gpu=_seconds(p.gpu_s),
+                             failed=failed),
                  _("Median wait in the queue {wait} · median GPU time per image "
                    "{per_image}").format(wait=_seconds(p.wait_p50_s),
                                          per_image=_seconds(p.per_image_p50_s))]

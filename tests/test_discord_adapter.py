@@ -913,7 +913,7 @@ async def test_stats_is_for_admins_and_answered_privately(server, start_bot):
     asked = await server.slash("stats", ADMIN)
     text = _text(await private_answer(server, asked))
     assert text == render.stats(await adapter.engine.stats(), md=True)
-    assert "1 images made" in text and f"alice (discord:{ALICE.id})" in text
+    assert "1 image made" in text and f"alice (discord:{ALICE.id})" in text
 
 
 async def test_styles_are_listed_and_the_style_option_reaches_the_job(server, start_bot, dconfig):

@@ -68,5 +68,5 @@ async def test_the_console_answers_stats(engine_factory):
     console = ConsoleAdapter(engine, stdin=io.StringIO(""), stdout=out)
     await (await console.imagine("a fox --steps 1")).wait()
     await console.handle_line("/stats")
-    assert "📊 The last day: 1 images made (1 asked for)" in out.getvalue()
+    assert "📊 The last day: 1 image made (1 asked for)" in out.getvalue()
     assert "console:local" in out.getvalue()  # the console is private

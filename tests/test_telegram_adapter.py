@@ -1291,7 +1291,7 @@ async def test_stats_names_users_only_in_a_group_and_is_in_the_admins_menu(
     assert (await tg.wait_for("sendMessage", 2)).params["text"] == render.admin_only()
     tg.message("/stats", chat_id=GROUP, user_id=ADMIN, chat_type="supergroup")
     in_group = (await tg.wait_for("sendMessage", 3)).params["text"]
-    assert "The last day: 1 images made" in in_group and "Top users: Alice 1" in in_group
+    assert "The last day: 1 image made" in in_group and "Top users: Alice 1" in in_group
     assert str(ALICE) not in in_group and "telegram:" not in in_group
     tg.message("/stats", chat_id=ADMIN, user_id=ADMIN)
     private = (await tg.wait_for("sendMessage", 4)).params["text"]
