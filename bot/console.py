@@ -170,14 +170,8 @@ class ConsoleAdapter:
     async def _cancel(self, rest: str) -> None:
         """/cancel [id]: the latest of the console's jobs when no id is given (as Telegram)."""
         job_id = rest.split()[0][:32] if rest else ""
-        if not job_id:
-            mine = self.engine.jobs_of(CONSOLE_USER)
-            if not mine:
-                self.say(render.queue_list([]))
-                return
-            job_id = mine[-1].id
-        done = await self.engine.cancel(job_id, CONSOLE_USER)
-        self.say(render.cancelling(job_id) if done else render.already_over())
+        self.say(render.cancel_answer(*await self.engine.cancel_named_or_latest(job_id,
+                                                                                CONSOLE_USER)))
 
     async def _pause(self, rest: str) -> None:
         self.engine.pause()

@@ -299,19 +299,10 @@ class DiscordAdapter:
         await self.say(interaction, render.quota(quota, self.engine.clock(), self.config.limits))
 
     async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
-        user = self.user_of(interaction)
-        if not job_id:
-            mine = self.engine.jobs_of(user)
-            if not mine:
-                await self.say(interaction, render.queue_list([]))
-                return
-            job_id = mine[-1].id
-        await self._cancel(interaction, job_id.strip())
-
-    async def _cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         # JobNotFound for someone else's job (unless an admin asks)
-        done = await self.engine.cancel(job_id, self.user_of(interaction))
-        await self.say(interaction, render.cancelling(job_id) if done else render.already_over())
+        found = await self.engine.cancel_named_or_latest((job_id or "").strip(),
+                                                         self.user_of(interaction))
+        await self.say(interaction, render.cancel_answer(*found))
 
     async def set_limit(self, interaction: discord.Interaction, member: discord.User,
                         images: int | None) -> None:
@@ -352,7 +343,7 @@ class DiscordAdapter:
         """``index`` (0-based) and ``kind`` ("subtle" or "strong"): the image of a U or V."""
         try:
             if action == "cancel":
-                await self._cancel(interaction, job_id)
+                await self.cancel(interaction, job_id)
             elif action == "u":
                 await self._post_alone(interaction, index)
             else:

@@ -367,6 +367,13 @@ def unknown_command(word: str, known: list[str]) -> str:
         word=safe_text(word, limit=40), commands=", ".join(known))
 
 
+def cancel_answer(job_id: str | None, done: bool) -> str:
+    """/cancel's answer: nothing of theirs to cancel, cancelling, or already over."""
+    if job_id is None:
+        return queue_list([])
+    return cancelling(job_id) if done else already_over()
+
+
 def cancelling(job_id: str) -> str:
     return _("Cancelling {job}.").format(job=job_id)
 

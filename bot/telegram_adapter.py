@@ -341,16 +341,9 @@ class TelegramAdapter:
 
     async def _cancel(self, message: Message, user: User, args: list[str]) -> None:
         """/cancel [id]: the user's latest job, or one by id (admins: anyone's)."""
-        if args:
-            job_id = args[0][:32]
-        else:
-            mine = self.engine.jobs_of(user)
-            if not mine:
-                await self._reply(message, render.queue_list([]))
-                return
-            job_id = mine[-1].id
-        done = await self.engine.cancel(job_id, user)
-        await self._reply(message, render.cancelling(job_id) if done else render.already_over())
+        job_id = args[0][:32] if args else ""
+        answer = render.cancel_answer(*await self.engine.cancel_named_or_latest(job_id, user))
+        await self._reply(message, answer)
 
     async def _status(self, message: Message, user: User, args: list[str]) -> None:
         """/status (admins): queue, running job, memory, last error (details in private)."""

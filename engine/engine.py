@@ -366,6 +366,17 @@ class Engine:
     async def set_limit_override(self, user: User, images_per_window: int | None) -> None:
         await self.store.set_limit_override(user, images_per_window)
 
+    async def cancel_named_or_latest(self, job_id: str, by: User) -> tuple[str | None, bool]:
+        """/cancel [id] on every platform: the job named, or with no id the user's latest
+        waiting or running one. (Its id, or None when they have none; whether it was
+        stopped.) ``JobNotFound`` for another's job unless ``by`` is an admin."""
+        if not job_id:
+            mine = self.jobs_of(by)
+            if not mine:
+                return None, False
+            job_id = mine[-1].id
+        return job_id, await self.cancel(job_id, by)
+
     async def cancel(self, job_id: str, by: User) -> bool:
         """Cancel a queued or running job; its owner or an admin may. False if already over
         (or its image is made and being saved)."""

@@ -342,6 +342,23 @@ async def test_admin_may_cancel_anyones_job_and_others_may_not(server, start_bot
     assert adapter.engine.get_job(job_id).status is JobStatus.CANCELLED
 
 
+async def test_cancel_without_an_id_stops_the_users_latest_job(server, start_bot):
+    """As on Telegram and the console (Engine.cancel_named_or_latest)."""
+    adapter = await start_bot()
+    adapter.engine.pause()
+    for prompt in ("first --steps 1", "second --steps 1"):
+        sent = await server.slash("imagine", ALICE, prompt=prompt)
+        await server.wait_for(lambda c, token=sent.token: c.token == token
+                              and c.name == "edit_original")
+    ids = {r.request.prompt: r.job_id for r in await jobs_in_journal(adapter, ALICE)}
+    first, second = ids["first"], ids["second"]
+    answer = await server.slash("cancel", ALICE)
+    assert _text(await private_answer(server, answer)) == render.cancelling(second)
+    assert adapter.engine.get_job(first).status is JobStatus.QUEUED
+    nothing = await server.slash("cancel", BOB)  # Bob has nothing waiting
+    assert _text(await private_answer(server, nothing)) == render.queue_list([])
+
+
 async def test_owner_cancels_with_the_button_while_queued(server, start_bot):
     adapter = await start_bot()
     adapter.engine.pause()
