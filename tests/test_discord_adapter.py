@@ -951,3 +951,22 @@ async def test_styles_are_listed_and_the_style_option_reaches_the_job(server, st
     assert "watercolor" in _text(await private_answer(server, refused))
     await adapter.drain()
     assert len(await jobs_in_journal(adapter, ALICE)) == 1
+
+
+async def test_the_style_option_autocompletes_the_configured_styles(server, start_bot, dconfig):
+    """Issue 13: what Discord shows while a user types --style's option: the configured styles
+    that start with what was typed, through discord.py's autocomplete round trip."""
+    from engine.config import StyleSection
+
+    dconfig.styles = {name: StyleSection(file=f"{name}.safetensors")
+                      for name in ("watercolor", "woodcut", "ink")}
+    await start_bot(dconfig)
+    typed = await server.autocomplete("imagine", ALICE, focused="style", prompt="a fox",
+                                      style="W")
+    await server.wait_for(lambda c: c.token == typed.token and c.name == "interaction_callback")
+    assert server.choices(typed) == [{"name": "watercolor", "value": "watercolor"},
+                                     {"name": "woodcut", "value": "woodcut"}]
+    empty = await server.autocomplete("imagine", ALICE, focused="style", prompt="a fox",
+                                      style="")
+    await server.wait_for(lambda c: c.token == empty.token and c.name == "interaction_callback")
+    assert [c["value"] for c in server.choices(empty)] == ["ink", "watercolor", "woodcut"]

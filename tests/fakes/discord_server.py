@@ -203,6 +203,24 @@ class FakeDiscord:
         return await self._interact(2, data, user, self.guild_id if guild else None,
                                     channel_id or self.channel_id)
 
+    async def autocomplete(self, name: str, user: FakeUser, /, *, focused: str,
+                           **options: Any) -> SentInteraction:
+        """What Discord sends while a user types an option with autocomplete: interaction
+        type 4 (APPLICATION_COMMAND_AUTOCOMPLETE) with the typed options so far, ``focused``
+        the one being typed. The bot answers with callback type 8 and its choices."""
+        data = payloads.command_data(self._snowflake(), name, options)
+        for option in data["options"]:
+            if option["name"] == focused:
+                option["focused"] = True
+        return await self._interact(4, data, user, self.guild_id, self.channel_id)
+
+    def choices(self, sent: SentInteraction) -> list[dict[str, Any]]:
+        """The choices the bot answered an ``autocomplete`` with (its type 8 callback)."""
+        for call in self.calls_for(sent):
+            if call.name == "interaction_callback" and call.json["type"] == 8:
+                return call.json["data"]["choices"]
+        raise AssertionError("the bot sent no autocomplete result for this interaction")
+
     def attachment(self, data: bytes, filename: str = "picture.png", *,
                    content_type: str = "image/png", size: int | None = None) -> FakeAttachment:
         """A file a user attaches: pass it as an option of ``slash`` (e.g. ``image=``)."""
