@@ -192,11 +192,6 @@ def zero_limit() -> Phrase:
                      "for now."))
 
 
-def refusal_message(limit: int, window_s: float, wait_s: float) -> str:
-    """E.g. 'You have used your 10 images for this hour; you can ask again in 12 minutes.'"""
-    return str(used_up(YOU, limit, window(window_s), wait_s, priced=False))
-
-
 def window(window_s: float) -> Phrase:
     """'this hour', 'the last 6 hours', 'the last 90 minutes' (the largest unit that fits
     evenly)."""
@@ -228,11 +223,3 @@ def wait(wait_s: float) -> Phrase:
         return said
     return Phrase(N_("{hours} and {minutes}"), hours=said,
                   minutes=Phrase(_MINUTES, minutes, n=minutes))
-
-
-def describe_window(window_s: float) -> str:
-    return str(window(window_s))
-
-
-def describe_wait(wait_s: float) -> str:
-    return str(wait(wait_s))

@@ -27,12 +27,10 @@ from engine.caps import chat_word, group_key
 from engine.config import AccessSection, LimitsSection, RateLimitSection
 from engine.costs import CostModel
 from engine.errors import Phrase, RateLimited
-from engine.quota_text import describe_wait, describe_window, refusal_message
 from engine.request import ImageRequest, Origin, User
 from engine.store import UNLIMITED, Store
 
-__all__ = ["Charge", "Quota", "RateLimiter", "describe_wait", "describe_window",
-           "refusal_message"]
+__all__ = ["Charge", "Quota", "RateLimiter"]
 
 DAY_S = 86400.0
 EPSILON = 1e-9  # costs are floats: 0.1 + 0.2 must fit under 0.3

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from engine import quota_text
 from engine.config import AccessSection, RateLimitSection
 from engine.errors import RateLimited
-from engine.rate_limit import Quota, RateLimiter, describe_wait, describe_window, refusal_message
+from engine.rate_limit import Quota, RateLimiter
 from engine.request import ImageRequest, Origin, User
 from engine.store import Store
 from tests.conftest import FakeClock
@@ -193,7 +194,7 @@ async def test_short_window_in_seconds(store: Store, clock: FakeClock):
     (7200, "2 hours"), (90000, "25 hours"),
 ])
 def test_describe_wait_rounds_up(seconds: float, words: str):
-    assert describe_wait(seconds) == words
+    assert str(quota_text.wait(seconds)) == words
 
 
 @pytest.mark.parametrize(("seconds", "words"), [
@@ -202,9 +203,11 @@ def test_describe_wait_rounds_up(seconds: float, words: str):
     (45, "the last 45 seconds"), (1, "this second"),
 ])
 def test_describe_window(seconds: float, words: str):
-    assert describe_window(seconds) == words
+    assert str(quota_text.window(seconds)) == words
 
 
 def test_refusal_message_reads_like_the_example():
-    assert refusal_message(10, 3600.0, 12 * 60 - 5) == (
+    said = quota_text.used_up(quota_text.YOU, 10, quota_text.window(3600.0), 12 * 60 - 5,
+                              priced=False)
+    assert str(said) == (
         "You have used your 10 images for this hour; you can ask again in 12 minutes.")

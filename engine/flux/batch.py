@@ -83,4 +83,3 @@ def batch_sizes(count: int, size: int) -> list[tuple[int, int]]:
     pass: 4 by 2 is two passes of two, 3 by 2 is two then one."""
     size = max(1, size)
     return [(first, min(size, count - first)) for first in range(0, count, size)]
-
