@@ -14,7 +14,8 @@ CONNECT_TIMEOUT_S = 3.0  # a doctor answers in seconds, whatever the server does
 
 
 def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[Check]:
-    from engine.cluster.names import explain, public_url
+    from engine.cluster.names import explain
+    from engine.config import public_url
 
     url = public_url(config.cluster.url)
     try:
@@ -36,7 +37,8 @@ def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[
 
 
 async def _look(config: Config, timeout_s: float) -> list[Check]:
-    from engine.cluster.names import Names, connect, public_url, read_workers
+    from engine.cluster.names import Names, connect, read_workers
+    from engine.config import public_url
 
     settings = config.cluster
     url = public_url(settings.url)

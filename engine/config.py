@@ -409,21 +409,31 @@ def _validate_styles(styles: dict[str, StyleSection],
              style.description, f"one line of at most {STYLE_DESCRIPTION_MAX} characters")
 
 
-def public_url(url: str) -> str:
-    """``url`` to show or log: its secret as ``***``, the password of ``tls://user:password@host``
-    or the token of ``tls://token@host`` (nats-py reads a name alone as a token)."""
+def _url_parts(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme, what shows of the user: "user:" or "", secret, host) of a URL that carries a
+    secret: the password of ``tls://user:password@host`` or the token of ``tls://token@host``
+    (nats-py reads a name alone as a token). None when it carries none."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not sep or not at:
+        return None
+    user, colon, secret = userinfo.partition(":")
+    return (scheme, user + colon, secret, host) if colon else (scheme, "", userinfo, host)
+
+
+def public_url(url: str) -> str:
+    """``url`` to show or log, its secret as ``***``."""
+    parts = _url_parts(url)
+    if parts is None:
         return url
-    user, colon, _secret = userinfo.partition(":")
-    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+    scheme, user, _secret, host = parts
+    return f"{scheme}://{user}***@{host}"
 
 
 def url_secret(url: str) -> str:
     """The password or token a cluster URL carries ("" if none), for the log filter."""
-    shown = public_url(url)
-    return "" if shown == url else url.partition("://")[2].rpartition("@")[0].rpartition(":")[2]
+    parts = _url_parts(url)
+    return "" if parts is None else parts[2]
 
 
 def _validate_cluster(c: ClusterSection, need: Callable[[bool, str, Any, str], None]) -> None:

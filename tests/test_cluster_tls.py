@@ -210,7 +210,7 @@ def test_user_and_password_in_the_url(tmp_path, tls_server_with_user) -> None:
     ("nats://s3cr3t-token@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
 ])
 def test_public_url_hides_the_password_or_token(url, shown) -> None:
-    from engine.cluster.names import public_url
+    from engine.config import public_url
 
     assert public_url(url) == shown
 

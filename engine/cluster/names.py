@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.cluster.messages import WorkerInfo
-from engine.config import ClusterSection, public_url  # noqa: F401  (public_url: here too)
+from engine.config import ClusterSection
 
 if TYPE_CHECKING:  # pragma: no cover
     from nats.aio.client import Client
