@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, bot_on_card, device_name  # noqa: E402
+from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, device_name, fmt, run_on_card  # noqa: E402
 
 STEPS = 20
 
@@ -37,10 +37,12 @@ def actions(first_id: str | None) -> list[tuple[str, str]]:
 def run_row(free_gib: float, ckpt: Path, batch_images: int,
             timeout: float = 400) -> dict[str, Any]:
     row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
-    with bot_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout) as bot:
+
+    def act(bot: BotProcess) -> None:
         first_id = _run_jobs(bot, actions(None), row["jobs"], timeout)
         _run_jobs(bot, actions(first_id), row["jobs"], timeout)
-    log = row.pop("log", [])
+
+    log = run_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout, act)
     jobs = row["jobs"]
     for job in jobs.values():  # the engine logs a job's GPU time just after its reply
         job["gpu_s"] = _gpu_seconds(log, job["id"])
@@ -49,7 +51,7 @@ def run_row(free_gib: float, ckpt: Path, batch_images: int,
         for name in ("--n 4 1024²", "vary strong (0.7)"):
             if jobs.get(name, {}).get("gpu_s"):
                 jobs[name]["x_one"] = jobs[name]["gpu_s"] / one
-    row["oom"] = row.get("oom", 0) + row.pop("startup_oom", 0)  # every one counts here
+    row["oom"] += row.pop("startup_oom")  # every one counts here
     return row
 
 
@@ -83,19 +85,16 @@ def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
     lines = []
     for r in rows:
         jobs = r["jobs"]
-        cells = [_f(jobs.get(n, {}).get("gpu_s")) for n in names]
+        cells = [fmt(jobs.get(n, {}).get("gpu_s")) for n in names]
         ok = (not r.get("error") and r["within_card"] and not r["oom"]
               and all(jobs.get(n, {}).get("ok") for n in names))
         lines.append(
             f"| {r['card_free_gib']:.1f} GiB | {r['batch_images']} | " + " | ".join(cells)
-            + f" | {_f(jobs.get(names[1], {}).get('x_one'))} | "
-            f"{_f(jobs.get(names[2], {}).get('x_one'))} | {_f(r.get('device_peak_gib'))} | "
+            + f" | {fmt(jobs.get(names[1], {}).get('x_one'))} | "
+            f"{fmt(jobs.get(names[2], {}).get('x_one'))} | {fmt(r.get('device_peak_gib'))} | "
             f"{r['oom']} | {'yes' if ok else 'NO'} |")
     return f"Device: {device}. Command: `{command}`\n\n" + head + "\n".join(lines) + "\n"
 
-
-def _f(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ the device memory stayed within what was free at start.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import queue
@@ -27,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +125,14 @@ class BotProcess:
             return -9
 
 
-@contextlib.contextmanager
-def bot_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any],
-                timeout: float) -> Iterator[BotProcess]:
-    """``python -m bot run`` on an emulated card of ``free_gib``, ready for console lines. The
-    ``row`` gets what every benchmark of the bot reports: ready time, plan, warm-up
-    calibration, then (on leaving, also after a failure, which the row records as its error)
-    the exit code, the device peak as the driver saw it, out-of-memory errors before and after
-    ready, and the log's tail."""
+def run_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any], timeout: float,
+                drive: Callable[[BotProcess], None]) -> list[tuple[float, str]]:
+    """``python -m bot run`` on an emulated card of ``free_gib``; once it is ready, ``drive``
+    sends it console lines. The ``row`` gets what every benchmark of the bot reports: ready
+    time, plan, warm-up calibration, the exit code, the device peak as the driver saw it,
+    out-of-memory errors before and after ready, the log's tail, and the error of a bot that
+    did not start or of a ``drive`` that failed (a failed row is a result too). Returns the
+    bot's timestamped log."""
     with tempfile.TemporaryDirectory() as tmp, EmulatedCard(free_gib) as card:
         row["free_at_start_gib"] = card.held["free_at_hold_gib"]
         bot = BotProcess(write_config(Path(tmp), ckpt, extra))
@@ -144,7 +143,7 @@ def bot_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any],
             row["plan"] = _first(bot.log, "FLUX memory plan: ")
             row["calibration"] = [t.split(": ", 1)[-1] for _, t in bot.log
                                   if "warm-up" in t and ("peak" in t or "ran out" in t)]
-            yield bot
+            drive(bot)
         except Exception as e:  # noqa: BLE001 - a failed row is a result too
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         finally:
@@ -157,14 +156,15 @@ def bot_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any],
         row["oom"] = sum(_oom(t) for _, t in bot.log[ready:])
         row["within_card"] = report["peak_gib"] <= row["free_at_start_gib"] + 1e-3
         row["log_tail"] = [t for _, t in bot.log[-6:]]
-        row["log"] = bot.log  # for the caller's own figures; not written out
+    return bot.log
 
 
 def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | None = None,
              timeout: float = 300) -> dict[str, Any]:
     jobs = jobs or JOBS
     row: dict[str, Any] = {"card_free_gib": free_gib, "config": extra.strip() or "default"}
-    with bot_on_card(free_gib, ckpt, extra, row, timeout) as bot:
+
+    def queue_and_time(bot: BotProcess) -> None:
         sent = bot.send(jobs[0])
         for job in jobs[1:]:
             bot.send(job)
@@ -174,7 +174,8 @@ def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | Non
         row["smi_gib"] = nvidia_smi_used_gib(bot.proc.pid)
         row["host_peak_rss_gib"] = bot.peak_rss_gib()
         row.update(_timings(bot.log, sent, done))
-    row.pop("log", None)
+
+    run_on_card(free_gib, ckpt, extra, row, timeout, queue_and_time)
     return row
 
 
@@ -234,16 +235,17 @@ def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
     for r in rows:
         ok = row_ok(r)
         lines.append(
-            f"| {r['card_free_gib']:.1f} GiB ({r['config']}) | {_f(r.get('ready_s'), '.0f')} | "
-            f"{_f(r.get('s_image_1024'))} | {_f(r.get('s_step_1024'), '.3f')} | "
-            f"{_f(r.get('s_image_512'))} | {_f(r.get('gap_s'), '.3f')} | "
-            f"{_f(r.get('device_peak_gib'))} | {_f(r.get('smi_gib'))} | "
-            f"{_f(r.get('host_peak_rss_gib'))} | {r['oom']} | {'yes' if ok else 'NO'} |")
+            f"| {r['card_free_gib']:.1f} GiB ({r['config']}) | {fmt(r.get('ready_s'), '.0f')} | "
+            f"{fmt(r.get('s_image_1024'))} | {fmt(r.get('s_step_1024'), '.3f')} | "
+            f"{fmt(r.get('s_image_512'))} | {fmt(r.get('gap_s'), '.3f')} | "
+            f"{fmt(r.get('device_peak_gib'))} | {fmt(r.get('smi_gib'))} | "
+            f"{fmt(r.get('host_peak_rss_gib'))} | {r['oom']} | {'yes' if ok else 'NO'} |")
     return (f"Device: {device}. Command: `{command}`\n\n" + head + "\n".join(lines) + "\n")
 
 
-def _f(value: float | None, fmt: str = ".2f") -> str:
-    return "–" if value is None else format(value, fmt)
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    """A figure for a table, "–" where it was not measured."""
+    return "–" if value is None else format(value, spec)
 
 
 def device_name() -> str:

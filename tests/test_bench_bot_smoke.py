@@ -59,3 +59,12 @@ def test_the_actions_benchmark_runs_every_action_on_the_first_image(dry_run_card
     # the dry run sleeps per step: four images take about four times one
     assert 3 < jobs["--n 4 1024²"]["x_one"] < 5
     assert "| 7.5 GiB | 2 |" in bench_actions.markdown([row], "cpu", "test")
+
+
+def test_a_bot_that_does_not_start_is_a_failed_row_not_a_crash(dry_run_card, tmp_path) -> None:
+    """What issue 10 was about: a card the bot cannot start on is a result, recorded with its
+    error and the log's tail, and the benchmark goes on to its next card."""
+    row = bench_cards.run_card(7.5, tmp_path, extra='preset = "nonsense"', timeout=60)
+    assert "the bot exited" in row["error"] and row["exit_code"] != 0
+    assert not bench_cards.row_ok(row) and any("preset" in t for t in row["log_tail"])
+    assert "| NO |" in bench_cards.markdown([row], "cpu", "test")
