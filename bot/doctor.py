@@ -186,7 +186,7 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
     if not gpu.available:
         return []
     report = plan_report(config.model, config.limits.max_pixels, gpu.name, gpu.free_gib,
-                         gpu.total_gib - gpu.free_gib)
+                         gpu.total_gib - gpu.free_gib, config.limits.images_max)
     lines = report.lines()
     checks = [Check("memory plan", not report.problem, lines[0],
                     "free GPU memory or lower limits.max_pixels")]

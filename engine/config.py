@@ -123,7 +123,7 @@ class ModelSection:
     dit_streaming: bool = True
     float8_compute: bool = False
     expandable_segments: bool = True
-    batch_images: int = 2  # images of the largest size one DiT pass may hold (--n jobs)
+    batch_images: int = 1  # images of the largest size a DiT block computes at once (--n jobs)
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"

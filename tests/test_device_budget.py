@@ -342,3 +342,18 @@ def test_each_image_of_batch_kept_costs_dit_blocks_on_the_gpu() -> None:
         resident.append(sum(p != "streamed" for p in residency.placements))
         assert f"{batch_images} images" in plan.describe() or batch_images == 1
     assert resident[0] > resident[1] > resident[2]
+
+
+def test_a_pass_of_four_images_costs_the_card_little_more_than_one() -> None:
+    """A job's images wait in each block while one is computed (engine/flux/batch.py): four
+    1024² images keep far less room than two computed at once, so more of the DiT stays on the
+    card than with ``batch_images = 2``."""
+    one, four = (plan_memory(ModelSection(), 7.5, 0.5, max_images=n) for n in (1, 4))
+    extra = four.activation_bytes() - one.activation_bytes()
+    assert 0 < extra < dit_activation_bytes(1024, 1024) / 3  # three waiting: a third of one
+    assert "one image at a time in passes of up to 4" in four.describe()
+    both = plan_memory(ModelSection(batch_images=2), 7.5, 0.5, max_images=4)
+    resident = [sum(p != "streamed" for p in dit_residency(
+        plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, OTHERS_RESIDENT_BYTES).placements)
+        for plan in (four, both)]
+    assert resident[0] > resident[1]

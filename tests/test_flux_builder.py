@@ -361,7 +361,7 @@ class FakePipe:
         return self.vae_output_to_image(self.vae_decoder(latents))
 
 
-def cpu_backend(tmp_path: Path, pipe_class: type[FakePipe] | None = None,
+def cpu_backend(tmp_path: Path, pipe_class: type[FakePipe] | None = None, max_images: int = 4,
                 **model) -> tuple[FluxBackend, list[FakePipe]]:
     config = ModelSection(models_dir=str(tmp_path), device="cpu", **model)
     fill(tmp_path, config)
@@ -371,7 +371,7 @@ def cpu_backend(tmp_path: Path, pipe_class: type[FakePipe] | None = None,
         built.append((pipe_class or FakePipe)(plan, paths))
         return built[-1]
 
-    return FluxBackend(config, pipeline_factory=factory), built
+    return FluxBackend(config, pipeline_factory=factory, max_images=max_images), built
 
 
 def test_backend_generates_with_the_requests_parameters(tmp_path: Path) -> None:
@@ -392,9 +392,8 @@ def test_backend_generates_with_the_requests_parameters(tmp_path: Path) -> None:
 
 
 def test_backend_makes_n_images_from_consecutive_seeds_with_one_progress(tmp_path: Path) -> None:
-    """Three 512² images fit the activations kept for two 1024² ones: one pass, and each
-    image is exactly the one its seed makes alone."""
-    backend, built = cpu_backend(tmp_path, batch_images=2)
+    """Three images: one pass, and each image is exactly the one its seed makes alone."""
+    backend, built = cpu_backend(tmp_path)
     backend.load()
     steps: list[tuple[int, int]] = []
     request = ImageRequest(prompt="fox", seed=5, steps=2, width=512, height=512, guidance=3.5,
@@ -412,11 +411,14 @@ def test_backend_makes_n_images_from_consecutive_seeds_with_one_progress(tmp_pat
     assert "vae_output_to_image" not in pipe.__dict__
 
 
-@pytest.mark.parametrize(("batch_images", "passes"), [(1, [1, 1, 1, 1]), (2, [2, 2]),
-                                                      (4, [4])])
-def test_a_job_larger_than_the_plans_batch_runs_in_passes(tmp_path: Path, batch_images,
-                                                          passes) -> None:
-    backend, built = cpu_backend(tmp_path, batch_images=batch_images)
+@pytest.mark.parametrize(("max_images", "passes"), [(1, [1, 1, 1, 1]), (2, [2, 2]), (3, [3, 1]),
+                                                    (4, [4])])
+def test_a_job_larger_than_the_plans_pass_runs_in_passes(tmp_path: Path, max_images,
+                                                         passes) -> None:
+    """A pass holds ``limits.images_max`` images (the plan keeps room for that many waiting
+    in each block); a job of more, which only a smaller limit than the job's makes, runs in
+    several."""
+    backend, built = cpu_backend(tmp_path, max_images=max_images)
     backend.load()
     steps: list[tuple[int, int]] = []
     request = ImageRequest(prompt="fox", seed=1, steps=1, width=1024, height=1024, guidance=3.5,
@@ -542,15 +544,20 @@ def compiling_backend(tmp_path: Path, monkeypatch, fail_with=None):
     return backend, built[0]
 
 
-def test_compile_binds_one_compiled_forward_per_block_type_and_warms_up_two_sizes(
+def test_compile_binds_one_compiled_forward_per_block_type_and_warms_up_sizes_and_passes(
         tmp_path: Path, monkeypatch) -> None:
+    """The warm-up: a whole pass at the largest size (the memory peak), then 512², alone and a
+    whole pass, whose images a block computes several at once: every graph the blocks need
+    later (sizes, one image or a chunk of several) is compiled at start-up."""
     backend, pipe = compiling_backend(tmp_path, monkeypatch)
     backend._compile()
     assert backend._try_warm_up() is False  # the start-up warm-up runs the compiler
     first, second = pipe.dit.blocks
     assert "forward" in first.__dict__ and "forward" in pipe.dit.single_blocks[0].__dict__
     assert first.forward.__func__ is second.forward.__func__  # one graph per block type
-    assert [(c["width"], c["height"]) for c in pipe.calls] == [(1024, 1024), (512, 512)]
+    assert [(c["width"], c["height"]) for c in pipe.calls] == [(1024, 1024), (512, 512),
+                                                               (512, 512)]
+    assert pipe.batches == [4, 4, 1, 1, 4, 4]  # two steps each
     assert backend.compile_seconds is not None
 
 
@@ -644,7 +651,7 @@ def test_a_tiled_plan_tiles_the_image_to_image_encode_too(tmp_path: Path) -> Non
 def test_a_batch_decodes_one_latent_at_a_time_through_the_tiled_decoder(tmp_path: Path) -> None:
     """The plan budgets the VAE for one image: a batch of two is two tiled decodes, and the
     tiling wrapper is still in place afterwards."""
-    backend, built = cpu_backend(tmp_path, batch_images=2)
+    backend, built = cpu_backend(tmp_path)
     backend.load()
     pipe = built[0]
     pipe.vae_decoder = RecordingDecoder()

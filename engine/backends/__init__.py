@@ -14,7 +14,8 @@ def create_backend(config: Config) -> Backend:
         return DryRunBackend(step_seconds=config.engine.dry_run_step_s)
     from engine.flux.backend import FluxBackend
 
-    return FluxBackend(config.model, max_pixels=config.limits.max_pixels, styles=config.styles)
+    return FluxBackend(config.model, max_pixels=config.limits.max_pixels,
+                       max_images=config.limits.images_max, styles=config.styles)
 
 
 __all__ = ["Backend", "StepCallback", "create_backend"]

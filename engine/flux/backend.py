@@ -47,13 +47,14 @@ PipelineFactory = Any  # (plan, paths) -> pipeline; replaceable in tests
 class FluxBackend:
     def __init__(self, config: ModelSection, *, downloader: Downloader | None = None,
                  pipeline_factory: PipelineFactory | None = None,
-                 max_pixels: int = 1024 * 1024,
+                 max_pixels: int = 1024 * 1024, max_images: int = 1,
                  styles: dict[str, StyleSection] | None = None) -> None:
         self.config = config
         self.styles = dict(styles or {})  # [styles]: LoRAs applied per job (engine/flux/lora.py)
         self._loras: dict[str, Any] = {}  # style -> LoraWeights, host memory, read at load()
         self._branches: Any = None  # LoraBranches on the DiT while a pipeline is loaded
         self.max_pixels = max_pixels  # limits.max_pixels: activations are kept for it
+        self.max_images = max_images  # limits.images_max: a job's images share one DiT pass
         self.model_name = f"{_dit_name(config)} (FLUX.1-dev)"
         self.plan: MemoryPlan | None = None
         self.paths: ModelPaths | None = None
@@ -80,7 +81,8 @@ class FluxBackend:
         lora_gib = self._read_styles()
         free, used = _device_memory(torch, self.config.device)
         self._at_plan = _allocator_snapshot(torch, self.config.device)
-        self.plan = plan_memory(self.config, free, used, self.max_pixels, lora_gib)
+        self.plan = plan_memory(self.config, free, used, self.max_pixels, lora_gib,
+                                self.max_images)
         log.info("FLUX memory plan: %s", self.plan.describe())
         self._build()
         self._finish_setup()
@@ -126,9 +128,10 @@ class FluxBackend:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, request: ImageRequest, on_step: StepCallback) -> list[Image]:
-        """Sample the request's images, as many seeds per DiT pass as the plan's activations
-        hold (``MemoryPlan.batch_for``), the passes one after another. Exceptions (``on_step``'s
-        abort, ``torch.cuda.OutOfMemoryError``) propagate to the engine.
+        """Sample the request's images, up to ``MemoryPlan.pass_images`` seeds per DiT pass
+        (each block computing as many at once as ``MemoryPlan.batch_for`` allows), the passes
+        one after another. Exceptions (``on_step``'s abort, ``torch.cuda.OutOfMemoryError``)
+        propagate to the engine.
 
         Image-to-image goes through diffsynth's own ``input_image``/``denoising_strength``
         and runs ``steps_run`` steps (the last ``strength`` of the schedule)."""
@@ -139,10 +142,9 @@ class FluxBackend:
         init = load_init_image(request) if request.init_image else None
         if self.plan is None:
             raise RuntimeError("FluxBackend.generate called before load()")
-        size = self.plan.batch_for(request.width, request.height, request.count)
         images: list[Image] = []
         with self._style(request) as request:
-            for first, count in batch_sizes(request.count, size):
+            for first, count in batch_sizes(request.count, self.plan.pass_images):
                 part = dataclasses.replace(request.one(first), count=count)
                 images += self._run(part, per_batch(on_step, first, count, request.count), init)
         return images
@@ -167,7 +169,9 @@ class FluxBackend:
         tile_vae(self._pipe, self.plan.vae_tiled)
         start = {} if init is None else {"input_image": init,
                                            "denoising_strength": request.strength}
-        several = batched(self._pipe, request.seeds) if request.count > 1 else nullcontext()
+        chunk = self.plan.batch_for(request.width, request.height, request.count)
+        several = (batched(self._pipe, request.seeds, chunk) if request.count > 1
+                   else nullcontext())
         with several:
             out = self._pipe(
                 prompt=request.prompt,
@@ -405,17 +409,19 @@ class FluxBackend:
         return oom
 
     def _warm_up(self) -> None:
-        """Two-step images at the largest size the limits allow, a batch of
-        ``model.batch_images`` (the memory peak), and with compiled blocks also one at 512²
-        (torch's dynamic-shape graphs, which every other size, aspect ratio and batch then
-        uses without compiling again)."""
-        sides = [warm_up_side(self.max_pixels)]
-        if self._compiled and sides[0] != 512 and 512 * 512 <= self.max_pixels:
-            sides.append(512)
+        """Two-step images: a whole pass (``MemoryPlan.pass_images``) at the largest size the
+        limits allow, the memory peak; with compiled blocks also one image at 512² and a pass
+        of them, which several fit in a block's chunk at once (torch's dynamic-shape graphs for
+        sizes and chunks, which every later size, aspect ratio and batch then uses without
+        compiling again)."""
         assert self.plan is not None
-        for index, side in enumerate(sides):  # the largest size with a whole batch: the peak
+        largest, most = warm_up_side(self.max_pixels), self.plan.pass_images
+        passes = [(largest, most)]
+        if self._compiled and largest != 512 and 512 * 512 <= self.max_pixels:
+            passes += [(512, 1)] + ([(512, most)] if most > 1 else [])
+        for side, count in passes:
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                guidance=3.5, count=self.plan.batch_images if index == 0 else 1)
+                                guidance=3.5, count=count)
             self.generate(warm, lambda i, n: None)
 
     def _calibrate(self) -> None:

@@ -64,8 +64,8 @@ class PlanReport:
 
 
 def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: float,
-                used_gib: float = 0.0) -> PlanReport:
-    plan = plan_memory(model, free_gib, used_gib, max_pixels)
+                used_gib: float = 0.0, max_images: int = 1) -> PlanReport:
+    plan = plan_memory(model, free_gib, used_gib, max_pixels, max_images=max_images)
     sizes = flux_dev_block_sizes()
     resident: int | None = None
     streamed = 0

@@ -105,7 +105,8 @@ class MemoryPlan:
     stream_dit: bool = False  # block-stream the DiT in low/balanced (model.dit_streaming)
     device_budget: DeviceBudget | None = None  # budget_gib is its allocator_gib
     max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
-    batch_images: int = 1  # images of max_pixels one DiT pass holds (model.batch_images)
+    batch_images: int = 1  # images of max_pixels a DiT block computes at once (model.batch_images)
+    pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
 
     @property
     def streaming(self) -> bool:
@@ -127,25 +128,31 @@ class MemoryPlan:
         return reserve_side(self.max_pixels)
 
     def activation_bytes(self) -> int:
-        """The DiT activations the plan keeps room for: ``batch_images`` of the largest size."""
+        """The DiT activations the plan keeps room for: a pass of ``pass_images`` of the
+        largest size, ``batch_images`` of them computed at once (engine/flux/batch.py)."""
+        from engine.flux.residency import dit_pass_bytes
+
+        side = self.reserve_side
+        return dit_pass_bytes(side, side, chunk=self.batch_images,
+                              images=max(self.pass_images, self.batch_images))
+
+    def batch_for(self, width: int, height: int, count: int) -> int:
+        """How many of a pass's ``count`` images of this size each DiT block computes at once:
+        as many as the activations kept for ``batch_images`` of the largest size hold (smaller
+        images pack more)."""
         from engine.flux.residency import dit_activation_bytes
 
         side = self.reserve_side
-        return dit_activation_bytes(side, side, batch=self.batch_images)
-
-    def batch_for(self, width: int, height: int, count: int) -> int:
-        """How many of a job's ``count`` images one DiT pass samples together: as many as the
-        activations kept for ``batch_images`` of the largest size hold (smaller images pack
-        more; a job of more runs in several passes)."""
-        from engine.flux.residency import dit_activation_bytes
-
-        kept, size = self.activation_bytes(), max(1, count)
+        kept, size = dit_activation_bytes(side, side, batch=self.batch_images), max(1, count)
         while size > 1 and dit_activation_bytes(width, height, batch=size) > kept:
             size -= 1
         return size
 
     def _batch_text(self) -> str:
-        return "one image" if self.batch_images == 1 else f"{self.batch_images} images"
+        at_once = "one image" if self.batch_images == 1 else f"{self.batch_images} images"
+        if self.pass_images <= 1:
+            return at_once
+        return f"{at_once} at a time in passes of up to {self.pass_images}"
 
     def describe(self) -> str:
         """One line in plain numbers: the preset, the budget and where it goes."""
@@ -190,35 +197,39 @@ def choose_preset(config: ModelSection, budget_gib: float | None) -> tuple[str, 
 
 def plan_memory(config: ModelSection, free_gib: float | None = None,
                 used_gib: float = 0.0, max_pixels: int = 1024 * 1024,
-                lora_gib: float = 0.0) -> MemoryPlan:
+                lora_gib: float = 0.0, max_images: int = 1) -> MemoryPlan:
     """The plan for this machine. ``free_gib``: what this process may still allocate on the
     device at start-up (None without CUDA); ``used_gib``: what the whole device holds already;
     ``max_pixels``: the largest image the limits allow; ``lora_gib``: the largest style's LoRA,
-    on the GPU while a job uses it."""
+    on the GPU while a job uses it; ``max_images``: the most images a job may ask for
+    (``limits.images_max``), which go through the DiT in one pass."""
     budget = resolve_budget(config, free_gib, lora_gib)
     allocator = None if budget is None else budget.allocator_gib
     preset, why = choose_preset(config, allocator)
     return make_plan(preset, config.device, allocator, used_gib=used_gib, reason=why,
                      stream_dit=config.dit_streaming and config.device.startswith("cuda"),
                      device_budget=budget, max_pixels=max_pixels,
-                     batch_images=config.batch_images)
+                     batch_images=config.batch_images, pass_images=max_images)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
               device_budget: DeviceBudget | None = None,
-              max_pixels: int = 1024 * 1024, batch_images: int = 1) -> MemoryPlan:
+              max_pixels: int = 1024 * 1024, batch_images: int = 1,
+              pass_images: int = 1) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
-                             "max_pixels": max_pixels, "batch_images": batch_images}
+                             "max_pixels": max_pixels, "batch_images": batch_images,
+                             "pass_images": pass_images}
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
                           stream_dit=stream_dit, **extra)
     limit = _vram_limit(dev, budget_gib, used_gib)
     if stream_dit and preset in ("low", "balanced"):
-        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels, batch_images)
+        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels, batch_images,
+                                                          pass_images)
         return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
@@ -230,7 +241,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     raise ValueError(f"unknown memory preset {preset!r}; use low, balanced, max or auto")
 
 
-def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1) -> bool:
+def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1,
+                    pass_images: int = 1) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are
@@ -238,7 +250,7 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
         FLUX_FIXED_BYTES,
-        dit_activation_bytes,
+        dit_pass_bytes,
         flux_dev_block_sizes,
         minimum_budget_bytes,
         t5_phase_bytes,
@@ -248,7 +260,8 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     if budget_gib is None:
         return False
     side = reserve_side(max_pixels)
-    sizes, reserve = flux_dev_block_sizes(), dit_activation_bytes(side, side, batch=batch_images)
+    reserve = dit_pass_bytes(side, side, chunk=batch_images, images=max(pass_images, batch_images))
+    sizes = flux_dev_block_sizes()
     untiled = vae_decode_bytes(side, side)
     tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
@@ -297,7 +310,7 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
                          plan.vae_tiled, stream_dit=plan.stream_dit,
                          device_budget=plan.device_budget, max_pixels=plan.max_pixels,
-                         batch_images=plan.batch_images)
+                         batch_images=plan.batch_images, pass_images=plan.pass_images)
     if plan.streaming:
         return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
@@ -328,4 +341,4 @@ def with_less(plan: MemoryPlan, less_gib: float, why: str) -> MemoryPlan | None:
     return make_plan(plan.preset, plan.device, budget, plan.used_at_start_gib, why,
                      vae_tiled=plan.vae_tiled, stream_dit=plan.stream_dit,
                      device_budget=device, max_pixels=plan.max_pixels,
-                     batch_images=plan.batch_images)
+                     batch_images=plan.batch_images, pass_images=plan.pass_images)

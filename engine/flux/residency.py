@@ -66,6 +66,9 @@ MAX_ENUMERATED_PLANS = 200_000  # beyond this many count combinations, fill gree
 # token x hidden channel; 0.43 GiB with compiled blocks); the VAE decode 2.48 GiB at 1024²
 # untiled (2544 B/px), 0.53 GiB at 512², 0.55 GiB at 1024² with 64-latent tiles.
 DIT_BYTES_PER_TOKEN_CHANNEL = 48
+# An image of a pass waiting while a block computes another chunk (engine/flux/batch.py): its
+# rows of the block's input and of the block's output, bf16.
+DIT_WAITING_BYTES_PER_TOKEN_CHANNEL = 4
 VAE_BYTES_PER_PIXEL = 2600  # untiled
 VAE_TILED_BYTES = 640 * MIB  # tile_size=64, tile_stride=32 (latent units): size-independent
 ALLOCATOR_SLACK = 0.10  # fragmentation of the caching allocator
@@ -98,6 +101,18 @@ def dit_activation_bytes(width: int, height: int, *, text_tokens: int = 512,
     _check_size(width, height, batch)
     tokens = (math.ceil(width / 16) * math.ceil(height / 16) + text_tokens) * batch
     return _with_slack(tokens * hidden * DIT_BYTES_PER_TOKEN_CHANNEL)
+
+
+def dit_pass_bytes(width: int, height: int, *, chunk: int = 1, images: int = 1,
+                   text_tokens: int = 512, hidden: int = FLUX_HIDDEN) -> int:
+    """Peak GPU bytes of a DiT pass over ``images`` images that each block computes ``chunk`` at
+    a time (engine/flux/batch.py): one chunk's activations plus the rows of the others."""
+    _check_size(width, height, images)
+    chunk = max(1, min(chunk, images))
+    tokens = (math.ceil(width / 16) * math.ceil(height / 16) + text_tokens) * (images - chunk)
+    waiting = tokens * hidden * DIT_WAITING_BYTES_PER_TOKEN_CHANNEL * (1 + ALLOCATOR_SLACK)
+    return dit_activation_bytes(width, height, text_tokens=text_tokens, hidden=hidden,
+                                batch=chunk) + int(waiting)
 
 
 def vae_decode_bytes(width: int, height: int, *, batch: int = 1, tiled: bool = False) -> int:
@@ -338,8 +353,8 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
     """The DiT's residency under a memory plan: its allocator budget less ``others_bytes``
     (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
     for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
-    phases of their own (they run while the streamer's buffers are released). A batch's
-    activations (``model.batch_images``) are kept too; its decode runs one image at a time."""
+    phases of their own (they run while the streamer's buffers are released). A pass of several
+    images is kept too (``MemoryPlan.activation_bytes``); its decode runs one image at a time."""
     if plan.budget_gib is None:
         raise ValueError("streaming needs a known GPU budget")
     side = plan.reserve_side

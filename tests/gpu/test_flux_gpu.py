@@ -94,27 +94,38 @@ def test_preset_makes_an_image_on_an_emulated_card(random_flux, emulated_card, p
 
 
 def test_a_batch_equals_the_same_seeds_made_one_at_a_time(random_flux, emulated_card) -> None:
-    """Three 512² images in one DiT pass (engine/flux/batch.py) on an emulated 8 GB card:
-    each is the image its seed makes alone, up to bf16 rounding, and the seeds differ."""
+    """One DiT pass (engine/flux/batch.py) on an emulated 8 GB card, default config (compiled
+    blocks): three 512² images, which each block computes at once, and two 1024² ones, which
+    each block computes one after the other (``chunked_blocks``). Each image is the one its seed
+    makes alone, up to bf16 rounding, and the seeds differ."""
     with emulated_card(7.5) as held:
-        backend = FluxBackend(model_section(random_flux, "auto", None))
+        backend = FluxBackend(model_section(random_flux, "auto", None, compile=True),
+                              max_images=4)
         try:
             backend.load()
-            many = dataclasses.replace(request(seed=3), count=3)
+            small = dataclasses.replace(request(seed=3), count=3)
+            large = dataclasses.replace(request(seed=8, size=1024), count=2)
             assert backend.plan.batch_for(512, 512, 3) == 3
+            assert backend.plan.batch_for(1024, 1024, 2) == 1
             steps: list[tuple[int, int]] = []
-            batch = backend.generate(many, lambda i, n: steps.append((i, n)))
-            alone = [backend.generate(many.one(i), lambda i, n: None)[0] for i in range(3)]
+            made = {}
+            for job in (small, large):
+                made[job.width] = (
+                    backend.generate(job, lambda i, n: steps.append((i, n))),
+                    [backend.generate(job.one(i), lambda i, n: None)[0]
+                     for i in range(job.count)])
             report = held.report()
         finally:
             backend.close()
-    assert steps == [(3, 12), (6, 12), (9, 12), (12, 12)]
-    singles = [np.asarray(im, np.int16) for im in alone]
-    for i, image in enumerate(batch):
-        assert_real_image(image, 512)
-        gaps = [np.abs(np.asarray(image, np.int16) - s).mean() for s in singles]
-        # its own seed's image, to bf16 rounding; the other seeds' are far
-        assert gaps[i] < 0.05 + 0.2 * min(g for j, g in enumerate(gaps) if j != i), gaps
+    assert steps[:4] == [(3, 12), (6, 12), (9, 12), (12, 12)]
+    assert steps[4:] == [(2, 8), (4, 8), (6, 8), (8, 8)]
+    for size, (batch, alone) in made.items():
+        singles = [np.asarray(im, np.int16) for im in alone]
+        for i, image in enumerate(batch):
+            assert_real_image(image, size)
+            gaps = [np.abs(np.asarray(image, np.int16) - s).mean() for s in singles]
+            # its own seed's image, to bf16 rounding; the other seeds' are far
+            assert gaps[i] < 0.05 + 0.2 * min(g for j, g in enumerate(gaps) if j != i), gaps
     assert report["peak_gib"] <= report["free_at_hold_gib"]
 
 
