@@ -39,13 +39,13 @@ def run_row(free_gib: float, ckpt: Path, batch_images: int,
     row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
 
     def act(bot: BotProcess) -> None:
-        first_id = _run_jobs(bot, actions(None), row["jobs"], timeout)
-        _run_jobs(bot, actions(first_id), row["jobs"], timeout)
+        first_id = run_jobs(bot, actions(None), row["jobs"], timeout)
+        run_jobs(bot, actions(first_id), row["jobs"], timeout)
 
     log = run_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout, act)
     jobs = row["jobs"]
     for job in jobs.values():  # the engine logs a job's GPU time just after its reply
-        job["gpu_s"] = _gpu_seconds(log, job["id"])
+        job.update(job_times(log, job["id"]))
     one = jobs.get("one 1024²", {}).get("gpu_s")
     if one:
         for name in ("--n 4 1024²", "vary strong (0.7)"):
@@ -55,8 +55,8 @@ def run_row(free_gib: float, ckpt: Path, batch_images: int,
     return row
 
 
-def _run_jobs(bot: BotProcess, jobs: list[tuple[str, str]], out: dict[str, Any],
-              timeout: float) -> str:
+def run_jobs(bot: BotProcess, jobs: list[tuple[str, str]], out: dict[str, Any],
+             timeout: float) -> str:
     """Each job alone (the next is sent once the last replied); the first job's id."""
     ids = []
     for name, line in jobs:
@@ -69,12 +69,15 @@ def _run_jobs(bot: BotProcess, jobs: list[tuple[str, str]], out: dict[str, Any],
     return ids[0]
 
 
-def _gpu_seconds(log: list[tuple[float, str]], job_id: str) -> float | None:
+def job_times(log: list[tuple[float, str]], job_id: str) -> dict[str, float | None]:
+    """The job's GPU seconds and s/step (the median step, the first left out) as the engine
+    logged them; None where it did not."""
     for _, text in log:
         match = FINISHED.search(text)
         if match and match.group(1) == job_id:
-            return float(match.group(3))
-    return None
+            step = match.group(4)
+            return {"gpu_s": float(match.group(3)), "s_step": float(step) if step else None}
+    return {"gpu_s": None, "s_step": None}
 
 
 def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:

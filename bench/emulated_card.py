@@ -16,6 +16,8 @@ as the driver sees it. ``nvidia_smi_used_gib`` adds nvidia-smi's per-process fig
 machine shows them.
 
     python bench/emulated_card.py --free-gib 7.5   # the holder itself (stdin: reset, report)
+
+``free_gib`` 0 (or less) holds nothing: the whole card, uncapped, with its peak still sampled.
 """
 
 from __future__ import annotations
@@ -101,9 +103,9 @@ def hold(free_gib: float, device: int) -> None:
     import torch
 
     torch.cuda.set_device(device)
-    target = int(free_gib * GIB)
     chunks = []
     free, total = torch.cuda.mem_get_info()
+    target = int(free_gib * GIB) if free_gib > 0 else free  # 0: the whole card
     step = 1024 * MIB
     while free > target:
         size = min(step, free - target)

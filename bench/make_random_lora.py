@@ -1,11 +1,12 @@
 """Random-weight FLUX LoRA files in the key layouts real ones use, for tests and benchmarks.
 
-    python bench/make_random_lora.py out.safetensors --rank 16 --format kohya
+    python bench/make_random_lora.py out.safetensors --rank 16 --format kohya [--std 0]
 
 ``diffusers``: ``transformer.transformer_blocks.N.attn.to_q.lora_A.weight`` (q, k, v separate,
 as diffusers/PEFT trainers write them); ``kohya``: ``lora_unet_double_blocks_N_img_attn_qkv
 .lora_down.weight`` with an ``.alpha`` per layer (kohya sd-scripts, ai-toolkit's ComfyUI export).
 Every linear layer of every block is targeted (FLUX.1-dev: dim 3072, 19 + 38 blocks).
+``std`` 0 gives a LoRA of zeros: applied, it must leave the image exactly as it was.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
+    parser.add_argument("--std", type=float, default=0.02, help="of A and B; 0: all zeros")
     args = parser.parse_args(argv)
-    write_lora(args.out, args.rank, args.format)
+    write_lora(args.out, args.rank, args.format, std=args.std)
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.0f} MiB)")
     return 0
 
