@@ -1,4 +1,5 @@
-"""The GPU benchmarks that drive the bot (bench/bench_cards.py, bench/bench_actions.py) run here
+"""The GPU benchmarks that drive the bot (bench/bench_cards.py, bench/bench_actions.py,
+bench/bench_lora.py) run here
 on the dry-run backend, with the emulated card replaced (no GPU): every console line they send
 is one the bot understands, and their rows and tables come out filled. A GPU session's minutes
 are too few to find such slips there."""
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_actions, bench_cards
+from bench import bench_actions, bench_cards, bench_lora
 
 
 class NoCard:
@@ -68,3 +69,44 @@ def test_a_bot_that_does_not_start_is_a_failed_row_not_a_crash(dry_run_card, tmp
     assert "the bot exited" in row["error"] and row["exit_code"] != 0
     assert not bench_cards.row_ok(row) and any("preset" in t for t in row["log_tail"])
     assert "| NO |" in bench_cards.markdown([row], "cpu", "test")
+
+
+def test_the_lora_benchmark_runs_plain_and_styled_jobs_in_order(dry_run_card, tmp_path) -> None:
+    """Its ``[styles]`` tables load, every ``--style`` line is accepted, and each job's GPU time
+    and s/step are read back (the dry run switches no LoRA: no switch line to read)."""
+    styles = bench_lora.write_styles(tmp_path, "diffusers", [4, 8], dim=16, double=1, single=1)
+    row = bench_lora.run_card(7.5, tmp_path, styles, timeout=60)
+    jobs = row["jobs"]
+    assert not row.get("error") and row["exit_code"] == 0
+    assert list(jobs) == ["plain", "rank4", "rank4 again", "rank8", "plain again"]
+    assert [job["style"] for job in jobs.values()] == ["", "rank4", "rank4", "rank8", ""]
+    assert all(job["ok"] and job["gpu_s"] > 0 and job["s_step"] > 0 for job in jobs.values())
+    assert all(abs(job["vs_plain"]) < 0.5 for job in jobs.values())  # the dry run: same steps
+    assert all(job["switch_ms"] is None for job in jobs.values())
+    table = bench_lora.markdown([row], "cpu", "test")
+    assert bench_lora.row_ok(row) and "| 7.5 GiB | rank4 again |" in table
+    assert "not measured" in table  # no switch line: said, not taken for a met target
+
+
+def test_the_lora_benchmark_reads_the_switch_line_the_backend_logs(tmp_path, monkeypatch,
+                                                                    caplog) -> None:
+    """The FLUX backend's own style line (on the CPU test's fake pipeline), in a log shaped as
+    the bot's, gives each job its switch time; a plain job between gets none."""
+    pytest.importorskip("diffsynth.models.flux_dit")
+    from engine.request import ImageRequest
+    from tests.test_lora_styles import style_backend
+
+    backend, _ = style_backend(tmp_path, monkeypatch)
+    backend.load()
+    request = ImageRequest(prompt="a fox", seed=1, steps=2, width=256, height=256, guidance=3.5)
+    with caplog.at_level("INFO", logger="engine.flux.backend"):
+        backend.generate(request.with_changes(style="ink"), lambda i, n: None)
+    backend.close()
+    [line] = [r.getMessage() for r in caplog.records if "to switch" in r.getMessage()]
+    log = [(0.0, "job a1 queued for console:1 (position 1)"), (0.1, "INFO " + line),
+           (0.2, "job a1 finished in 1.00 s (GPU 1.00 s, 0.050 s/step)"),
+           (0.3, "job b2 queued for console:1 (position 1)"),
+           (0.4, "job b2 finished in 1.00 s (GPU 1.00 s, 0.050 s/step)")]
+    got = bench_lora.switch_of(log, "a1")
+    assert got["layers"] == 10 * 3 + 3 * 4 and got["switch_ms"] >= 0  # TinyDiT's layers
+    assert bench_lora.switch_of(log, "b2") == {"switch_ms": None, "layers": None}
