@@ -5,7 +5,7 @@
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
 #                                               # tests, bench, float8, cards, actions,
-#                                               # peer
+#                                               # peer, lora
 #                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
@@ -15,7 +15,8 @@
 # cards: the bot through `python -m bot run` on emulated cards (CARDS, SEED_CARDS: GiB free);
 # actions: --n 4, a variation and an upscale through `python -m bot run` (ACTION_CARDS,
 # ACTION_BATCHES: model.batch_images values); peer: diffusers' best offloading on emulated
-# cards (PEER_CARDS). At most 8 files come back from the device: logs are appended to one
+# cards (PEER_CARDS); lora: styles of rank 16 and 64 through `python -m bot run` (LORA_CARDS;
+# 0 = the whole card). At most 8 files come back from the device: logs are appended to one
 # file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
     python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee -a "$OUT/device.txt"
     echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/device.txt"
@@ -90,6 +91,10 @@ device() {
         # shellcheck disable=SC2086
         python3 bench/bench_peer_diffusers.py --cards ${PEER_CARDS:-5.6 7.5 11.5} \
           --json "$OUT/peer.json" 2>&1 | tee "$OUT/peer.log" || echo "PEER FAILED" ;;
+      lora)
+        # shellcheck disable=SC2086
+        python3 bench/bench_lora.py --ckpt "$RANDOM_FLUX_DIR" --cards ${LORA_CARDS:-7.5 0} \
+          --json "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log" || echo "LORA FAILED" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done
