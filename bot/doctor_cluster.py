@@ -14,7 +14,7 @@ CONNECT_TIMEOUT_S = 3.0  # a doctor answers in seconds, whatever the server does
 
 
 def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[Check]:
-    from engine.cluster.names import explain
+    from engine.cluster.names import CredentialsError, explain, refused
     from engine.config import public_url
 
     url = public_url(config.cluster.url)
@@ -29,7 +29,16 @@ def check_cluster(config: Config, timeout_s: float = CONNECT_TIMEOUT_S) -> list[
         return [Check("cluster", False, f"NATS server {url}: {explain(exc)}",
                       "set [cluster] tls_ca to the CA file that signed the server's "
                       "certificate (and check the url's host is the one the certificate names)")]
-    except Exception as exc:  # refused, timed out, bad credentials, no TLS: say which
+    except CredentialsError as exc:  # the .creds file itself: no server asked
+        return [Check("cluster", False, str(exc),
+                      "point [cluster] credentials at the user's .creds file (nsc generate "
+                      "creds), readable by this user")]
+    except Exception as exc:  # refused, timed out, no TLS: say which
+        if refused(exc):  # it answers, but will not have this client
+            return [Check("cluster", False, f"NATS server {url}: {explain(exc)}",
+                          "NATS does not tell a client why: an account the server does not "
+                          "know, another operator's user, an expired JWT or a bad password; "
+                          "`nsc generate creds` writes a new .creds file")]
         reason = explain(exc)
         return [Check("cluster", False, f"NATS server {url} not reachable: {reason}",
                       "start it (nats-server -js -sd /var/lib/nats -p 4222), or fix [cluster] "

@@ -196,8 +196,9 @@ def test_user_and_password_in_the_url(tmp_path, tls_server_with_user) -> None:
     assert asyncio.run(_use_jetstream(good)) == b"alive"
     code, shown = _doctor(tmp_path, _settings(server.url(f"{USER}:wrong@"), server.ca))
     assert code == 1
-    assert (f"[FAIL] cluster: NATS server {server.url(f'{USER}:***@')} not reachable: "
-            "nats: 'Authorization Violation'") in shown, shown
+    assert (f"[FAIL] cluster: NATS server {server.url(f'{USER}:***@')}: the server refused "
+            "this client (Authorization Violation)") in shown, shown
+    assert "fix the user and password in the url" in shown, shown
     assert "wrong" not in shown, shown
     code, shown = _doctor(tmp_path, _settings(server.url(f"{USER}:{PASSWORD}@"), server.ca))
     assert f"[ok ] cluster: NATS server {server.url(f'{USER}:***@')} reachable" in shown, shown

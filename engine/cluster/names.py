@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
+import json
 import logging
 import ssl
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cluster.messages import WorkerInfo
@@ -88,40 +94,123 @@ class Names:
 async def connect(settings: ClusterSection, client_name: str, *,
                   once_within_s: float | None = None) -> Client:
     """A connection that reconnects for ever (a NATS restart is a pause, not an end); with
-    ``once_within_s`` (``doctor``) one try of that long, and an error if the server is away."""
-    import nats
+    ``once_within_s`` (``doctor``) one try of that long, and an error if the server is away.
+    The server can still close it for good (the credentials expired while connected: nats-py
+    does not reconnect then); the log says why, and ``is_closed`` tells the caller."""
+    from nats.aio.client import Client
+
+    client = Client()
+
+    async def disconnected() -> None:
+        if not client.is_closed:  # closed for good: closed() says why
+            log.warning("NATS: disconnected; reconnecting")
+
+    async def closed() -> None:
+        if client.last_error is not None:  # the server ended it, not a close asked for here
+            log.error("NATS: the connection is closed for good: %s", explain(client.last_error))
 
     options: dict[str, Any] = {
         "servers": [settings.url], "name": client_name, "allow_reconnect": True,
         "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "connect_timeout": 5,
-        "error_cb": _log_error, "disconnected_cb": _log_disconnected,
+        "error_cb": _log_error, "disconnected_cb": disconnected, "closed_cb": closed,
         "reconnected_cb": _log_reconnected,
     }
     if once_within_s is not None:
         options.update(allow_reconnect=False, max_reconnect_attempts=0,
                        connect_timeout=once_within_s)
     if settings.credentials:
+        check_credentials(settings.credentials)
         options["user_credentials"] = settings.credentials
     if settings.tls_ca:
         options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
-    return await nats.connect(**options)
+    await client.connect(**options)
+    return client
+
+
+class CredentialsError(Exception):
+    """``[cluster] credentials`` cannot be used as it is: said without the file's JWT or seed.
+    Retrying does not help (the bot and the worker stop with this sentence)."""
+
+
+def check_credentials(path: str) -> None:
+    """The ``.creds`` file is there, is one (a user JWT, then its NKey seed, as ``nsc`` writes
+    them), its JWT has not expired, and nats-py can sign with it (the ``nkeys`` package).
+    nats-py reads the file at each (re)connection and, given a file without its JWT, loops for
+    ever; the server only answers 'Authorization Violation', whatever the reason."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise CredentialsError(f"[cluster] credentials {path} cannot be read ({reason})"
+                               ) from None
+
+    def after(marker: str) -> str:
+        found = [n for n, line in enumerate(lines) if marker in line]
+        return lines[found[0] + 1].strip() if found and found[0] + 1 < len(lines) else ""
+
+    token, seed = after("BEGIN NATS USER JWT"), after("BEGIN USER NKEY SEED")
+    expires = _expiry(token)
+    if expires is None or not seed.startswith("SU"):
+        raise CredentialsError(
+            f"[cluster] credentials {path} is not a NATS .creds file (a user JWT and its "
+            "NKey seed, as `nsc generate creds` writes them)")
+    if expires and expires <= time.time():
+        when = datetime.datetime.fromtimestamp(expires, datetime.UTC)
+        raise CredentialsError(
+            f"[cluster] credentials {path}: its user JWT expired on "
+            f"{when:%Y-%m-%d %H:%M} UTC; ask the NATS server's admin for a new .creds file")
+    try:
+        import nkeys  # noqa: F401  (nats-py signs the server's nonce with it)
+    except ImportError:
+        raise CredentialsError("[cluster] credentials needs the nkeys package: "
+                               "pip install '.[cluster]'") from None
+
+
+def _expiry(token: str) -> int | None:
+    """A NATS JWT's ``exp`` (0: never expires); None if ``token`` is not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(claims, dict) or not isinstance(claims.get("exp", 0), int):
+        return None
+    return int(claims.get("exp", 0))
 
 
 def explain(exc: BaseException) -> str:
     """What went wrong connecting, for an admin: an untrusted server certificate says so and
-    names ``tls_ca`` (not only OpenSSL's words); anything else as nats-py says it."""
+    names ``tls_ca`` (not only OpenSSL's words), refused credentials name ``credentials`` and
+    the url's user; anything else as nats-py says it."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"the server's TLS certificate was not trusted ({exc.verify_message}): set "
                 "[cluster] tls_ca to the CA file that signed it")
+    if refused(exc) == "expired":
+        return ("the server ended this client's session: its credentials expired; put a new "
+                ".creds file at [cluster] credentials")
+    if refused(exc):
+        return ("the server refused this client (Authorization Violation): set [cluster] "
+                "credentials to a .creds file of a user the server trusts, or fix the user and "
+                "password in the url")
     return str(exc) or type(exc).__name__
+
+
+def refused(exc: BaseException) -> str:
+    """Whether the server would not have this client: ``expired`` (its JWT ran out while it
+    was connected), ``refused`` (no, wrong or expired credentials: NATS tells a client no more
+    than that), or "" for anything else."""
+    said = str(exc).lower()
+    if "authentication expired" in said:
+        return "expired"
+    if type(exc).__name__ == "AuthorizationError" or "authorization violation" in said:
+        return "refused"
+    return ""
 
 
 async def _log_error(exc: Exception) -> None:
     log.warning("NATS: %s", explain(exc))
-
-
-async def _log_disconnected() -> None:
-    log.warning("NATS: disconnected; reconnecting")
 
 
 async def _log_reconnected() -> None:

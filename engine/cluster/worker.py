@@ -24,7 +24,7 @@ from typing import Any
 from engine import result_files
 from engine.backends import create_backend
 from engine.cluster.messages import CANCELLED, FAILED, FINISHED, Outcome, WorkerInfo, WorkItem
-from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams
+from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams, explain
 from engine.config import Config
 from engine.errors import N_, EngineError
 from engine.request import ImageRequest
@@ -73,13 +73,16 @@ class ClusterWorker:
         beat = asyncio.create_task(self._beat(), name="worker-heartbeat")
         log.info("worker %s ready (%s)", self.name, self.info().gpu)
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._nc.is_closed:
                 msg = await self._next(sub)
                 if msg is not None:
                     await self._handle(msg)
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+        if self._nc.is_closed and not stop.is_set():  # the server ended it: not coming back
+            raise ConnectionError("the NATS server closed this worker's connection for good: "
+                                  + explain(self._nc.last_error or ConnectionError("closed")))
 
     def info(self) -> WorkerInfo:
         limits = self.config.limits
