@@ -22,11 +22,12 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODELSCOPE_CACHE=/srv/bot/models TORCHINDUCTOR_CACHE_DIR=/srv/bot/data/torch-compile-cache
 
 WORKDIR /srv/bot
-# The dependencies (about 6 GB) in a layer of their own: a change to the code reuses it.
+# The dependencies (about 6 GB) in a layer of their own: a change to the code reuses it. The
+# cluster extra (nats-py, nkeys: a few MB) lets the same image run `python -m bot worker`.
 COPY pyproject.toml README.md ./
 RUN mkdir -p engine bot \
     && touch engine/__init__.py bot/__init__.py \
-    && pip install . \
+    && pip install ".[cluster]" \
     && pip uninstall -y imagine-bot
 COPY engine ./engine
 COPY bot ./bot
