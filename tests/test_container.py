@@ -35,7 +35,7 @@ def test_compose_gives_the_gpu_volumes_restarts_and_time_to_finish_an_image():
 def test_the_dockerfile_caches_dependencies_checks_health_and_can_compile():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"apt-get install .*gcc", text)  # Triton needs a C compiler
-    deps = text.index("pip install .")
+    deps = text.index('pip install ".[cluster]"')  # a worker runs from the same image
     assert deps < text.index("COPY engine") < text.index("pip install --no-deps .")
     assert 'CMD ["python", "-m", "bot", "doctor", "--quick"]' in text
     assert "USER 10001" in text and "--stop-timeout" in text
