@@ -342,3 +342,28 @@ def test_a_file_that_is_not_a_creds_file_is_named(tmp_path, cfg, content, why) -
     code, shown = _doctor(cfg, path)
     assert code == 1 and time.monotonic() - started < 5
     assert f"[FAIL] cluster: [cluster] credentials {path} {why}" in shown, shown
+
+
+async def test_a_reason_repeated_twice_a_second_is_logged_once_a_minute(caplog, monkeypatch
+                                                                        ) -> None:
+    """A refusing (or absent) server is retried twice a second: the log says so once a minute,
+    with the count of repeats it left out, and a new reason at once."""
+    from engine.cluster import names
+
+    clock = [1000.0]
+    monkeypatch.setattr(names.time, "monotonic", lambda: clock[0])
+    errors = names.QuietErrors(every_s=60).log
+    refused = Exception("nats: 'Authorization Violation'")
+    with caplog.at_level("WARNING", logger=names.log.name):
+        for _ in range(120):  # a minute of retries
+            await errors(refused)
+            clock[0] += 0.5
+        await errors(ConnectionRefusedError("Connect call failed"))  # a new reason: at once
+        await errors(refused)  # a minute after the first: logged, with the count
+        await errors(refused)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "refused this client" in lines[0] and "more times" not in lines[0]
+    assert "Connect call failed" in lines[1]
+    assert "refused this client" in lines[2]
+    assert "also 119 more times in the last 60 s" in lines[2]

@@ -7,6 +7,7 @@ import binascii
 import datetime
 import json
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ async def connect(settings: ClusterSection, client_name: str, *,
     options: dict[str, Any] = {
         "servers": [settings.url], "name": client_name, "allow_reconnect": True,
         "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "connect_timeout": 5,
-        "error_cb": _log_error, "disconnected_cb": disconnected, "closed_cb": closed,
+        "error_cb": QuietErrors().log, "disconnected_cb": disconnected, "closed_cb": closed,
         "reconnected_cb": _log_reconnected,
     }
     if once_within_s is not None:
@@ -209,8 +210,24 @@ def refused(exc: BaseException) -> str:
     return ""
 
 
-async def _log_error(exc: Exception) -> None:
-    log.warning("NATS: %s", explain(exc))
+class QuietErrors:
+    """nats-py's error callback: each reason logged once a minute at most. A server that is
+    away or refuses this client is retried twice a second, and the log would say so each time;
+    the next line says how many repeats it left out."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.said: dict[str, tuple[float, int]] = {}  # reason -> (when logged, repeats since)
+
+    async def log(self, exc: Exception) -> None:  # a coroutine function, as nats-py requires
+        reason, now = explain(exc), time.monotonic()
+        when, repeats = self.said.get(reason, (-math.inf, 0))
+        if now - when < self.every_s:
+            self.said[reason] = (when, repeats + 1)
+            return
+        more = f" (also {repeats} more times in the last {now - when:.0f} s)" if repeats else ""
+        log.warning("NATS: %s%s", reason, more)
+        self.said[reason] = (now, 0)
 
 
 async def _log_reconnected() -> None:
