@@ -21,7 +21,7 @@ from engine.grammar import clean_prompt, usage_lines
 from engine.job import Failed, Job, JobEvent, JobResult, Progress, Queued, Started
 from engine.quota_text import amount
 from engine.rate_limit import Quota
-from engine.request import ImageRequest
+from engine.request import ImageRequest, Source
 from engine.stats import UsageStats
 
 CAPTION_PROMPT_CHARS = 300
@@ -122,22 +122,13 @@ def caption(result: JobResult, requester: str = "", *, md: bool = False) -> str:
     return f"{prompt}\n{' · '.join(facts)}"
 
 
-_VARIATION_OF = re.compile(r"variation \((subtle|strong)\) of (\S+) #(\d+)")
-_UPSCALE_OF = re.compile(r"upscale (\d+)× of (\S+) #(\d+)")
-
-
-def derived_from(source: str) -> str:
-    """Which image a variation or an upscale came from (``engine/variants.py`` writes it in
-    English, as its PNG's parameters keep it), in the reader's language."""
-    if match := _VARIATION_OF.fullmatch(source):
-        kind, job, number = match.groups()
-        return _("variation ({kind}) of {job} #{number}").format(kind=_kind(kind), job=job,
-                                                                 number=number)
-    if match := _UPSCALE_OF.fullmatch(source):
-        factor, job, number = match.groups()
-        return _("upscale {factor}× of {job} #{number}").format(factor=factor, job=job,
-                                                                number=number)
-    return source
+def derived_from(source: Source) -> str:
+    """Which image a variation or an upscale came from, in the reader's language."""
+    if source.action == "variation":
+        return _("variation ({kind}) of {job} #{number}").format(
+            kind=_kind(source.detail), job=source.job_id, number=source.number)
+    return _("upscale {factor}× of {job} #{number}").format(
+        factor=source.detail, job=source.job_id, number=source.number)
 
 
 def vary_needs_a_finished_job() -> str:

@@ -31,7 +31,7 @@ def parameters_text(request: ImageRequest, model_name: str, lora: LoraTag | None
     if request.upscale_tile:
         pairs.append(("Upscale", "2"))
     if request.derived_from:  # e.g. "upscale 2× of 1a2b3c4d #2": which image it came from
-        pairs.append(("Source", request.derived_from.replace(",", " ")))
+        pairs.append(("Source", request.derived_from.english().replace(",", " ")))
     prompt = request.prompt.replace("\n", " ")
     if lora is not None:  # as AUTOMATIC1111 writes a LoRA: in the prompt, and its file's hash
         prompt += " " + lora.prompt_tag

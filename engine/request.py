@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,38 @@ class User:
 
 
 @dataclass(frozen=True)
+class Source:
+    """The image a variation or an upscale was made from: kept as data, so each chat can say
+    it in its reader's language and the PNG's parameters in English."""
+
+    action: str  # "variation" | "upscale"
+    job_id: str
+    number: int  # the image's number in its job, from 1
+    detail: str = ""  # a variation's "subtle" | "strong"; an upscale's factor, "2"
+
+    def english(self) -> str:
+        """As the PNG's ``Source`` parameter says it."""
+        if self.action == "variation":
+            return f"variation ({self.detail}) of {self.job_id} #{self.number}"
+        return f"upscale {self.detail}× of {self.job_id} #{self.number}"
+
+    @classmethod
+    def stored(cls, value: Any) -> Source | None:
+        """From a journalled request: a dict; a sentence from before sources were data (its
+        English, parsed once here); nothing."""
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, str) and (match := _OLD_SOURCE.fullmatch(value)):
+            variation, kind, factor, job_id, number = match.groups()
+            return cls("variation" if variation else "upscale", job_id, int(number),
+                       kind or factor)
+        return None
+
+
+_OLD_SOURCE = re.compile(r"(?:(variation) \((subtle|strong)\)|upscale (\d+)×) of (\S+) #(\d+)")
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     """A fully validated generation request (the grammar's output, the backend's input)."""
 
@@ -39,7 +72,7 @@ class ImageRequest:
     # (1.0 = text-to-image; a variation's 0.35 keeps most of the picture).
     init_image: str = ""
     strength: float = 1.0
-    derived_from: str = ""  # e.g. "variation (subtle) of 1a2b3c4d #2", for the parameters
+    derived_from: Source | None = None  # the image a variation or an upscale was made from
     # An upscale: ``init_image`` enlarged to width × height and refined in tiles of this side
     # (``engine/upscale.py``); 0 for every other request.
     upscale_tile: int = 0
@@ -70,7 +103,9 @@ class ImageRequest:
 
     @classmethod
     def from_json(cls, text: str) -> ImageRequest:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["derived_from"] = Source.stored(fields.get("derived_from"))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

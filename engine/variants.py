@@ -14,7 +14,7 @@ from engine import result_files
 from engine.config import LimitsSection
 from engine.errors import N_, InvalidCommand
 from engine.grammar import ParsedCommand
-from engine.request import ImageRequest
+from engine.request import ImageRequest, Source
 from engine.store import JobRecord
 from engine.upscale import FACTOR, tile_side
 
@@ -100,10 +100,10 @@ def vary(request: ImageRequest, job_id: str, record_path: str | None, index: int
                                 "please use the buttons under that one."))
     start = image_of(record_path, request, index)
     strength = limits.vary_subtle_strength if kind == "subtle" else limits.vary_strong_strength
-    single = request.one(index).with_changes(init_image="", strength=1.0, derived_from="")
+    single = request.one(index).with_changes(init_image="", strength=1.0, derived_from=None)
     return reroll(single, limits, rng).with_changes(
-        init_image=start, strength=strength, derived_from=f"variation ({kind}) of "
-                                                         f"{job_id} #{index + 1}")
+        init_image=start, strength=strength,
+        derived_from=Source("variation", job_id, index + 1, kind))
 
 
 def alone(request: ImageRequest, index: int) -> ImageRequest:
@@ -124,7 +124,7 @@ def upscale(request: ImageRequest, job_id: str, record_path: str | None, index: 
         init_image=start, strength=limits.upscale_strength, width=one.width * FACTOR,
         height=one.height * FACTOR, upscale_tile=tile_side(limits.max_pixels,
                                                            limits.size_multiple),
-        seed_was_random=False, derived_from=f"upscale {FACTOR}× of {job_id} #{index + 1}")
+        seed_was_random=False, derived_from=Source("upscale", job_id, index + 1, str(FACTOR)))
 
 
 def from_button(action: str, record: JobRecord, index: int, kind: str, limits: LimitsSection,

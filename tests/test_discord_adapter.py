@@ -24,7 +24,7 @@ from engine.grammar import clean_prompt
 from engine.job import JobResult, JobStatus
 from engine.pending import PendingInteraction
 from engine.png import read_parameters
-from engine.request import ImageRequest, User
+from engine.request import ImageRequest, Source, User
 from tests.fakes.discord_server import Call, FakeDiscord, FakeUser, SentInteraction
 from tests.fakes.discord_server import pings_of as fake_pings
 
@@ -780,7 +780,7 @@ async def test_v2_queues_a_subtle_variation_of_image_two_and_posts_it(server, st
     assert request.init_image.endswith(f"{job}-6.png")
     assert open(request.init_image, "rb").read() == grid.files[1].data  # image 2's file
     assert (request.strength, request.count, request.prompt) == (0.35, 1, "a fox")
-    assert request.derived_from == f"variation (subtle) of {job} #2"
+    assert request.derived_from == Source("variation", job, 2, "subtle")
     assert read_parameters(upload.files[0].data)["Seed"] == str(request.seed)
     assert upload.files[0].filename == f"{variation.job_id}-{request.seed}.png"
     assert "strength 0.35" in _text(upload)

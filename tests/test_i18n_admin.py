@@ -12,6 +12,7 @@ from bot import i18n, render
 from engine.cluster.messages import WorkerInfo
 from engine.engine import Health
 from engine.job import JobResult
+from engine.request import Source
 from engine.stats import PeriodStats, UsageStats, UserUse
 from tests.conftest import make_request
 
@@ -134,11 +135,11 @@ def test_status_and_workers_in_chinese() -> None:
 
 
 @pytest.mark.parametrize(("source", "english", "chinese"), [
-    ("variation (strong) of ab12cd34 #2", "variation (strong) of ab12cd34 #2",
+    (Source("variation", "ab12cd34", 2, "strong"), "variation (strong) of ab12cd34 #2",
      "ab12cd34 第 2 张图的强烈变化"),
-    ("upscale 2× of ab12cd34 #3", "upscale 2× of ab12cd34 #3", "ab12cd34 第 3 张图放大 2 倍"),
-    ("something else", "something else", "something else")])
-def test_a_variations_or_upscales_caption_says_where_it_came_from(source: str, english: str,
+    (Source("upscale", "ab12cd34", 3, "2"), "upscale 2× of ab12cd34 #3",
+     "ab12cd34 第 3 张图放大 2 倍")])
+def test_a_variations_or_upscales_caption_says_where_it_came_from(source: Source, english: str,
                                                                     chinese: str) -> None:
     result = JobResult.single(b"png", make_request("狐狸", seed=7).with_changes(
         derived_from=source), "", 1.0)

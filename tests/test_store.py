@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine import store as store_module
 from engine.errors import JobNotFound
-from engine.request import ImageRequest, Origin, User
+from engine.request import ImageRequest, Origin, Source, User
 from engine.store import SCHEMA_VERSION, JobRecord, Store, StoreError
 
 ALICE = User("discord", "1001", "Alice")
@@ -415,3 +415,22 @@ async def test_pending_interactions_left_over_are_those_without_a_job(store: Sto
 async def charged_times(store: Store, user: User, since: float) -> list[float]:
     """When each of ``user``'s charged jobs was asked for (these tests' jobs are one image)."""
     return [at for at, _ in await store.charges_since(since, user=user)]
+
+
+@pytest.mark.parametrize(("stored", "source"), [
+    ({"action": "upscale", "job_id": "ab12cd34", "number": 3, "detail": "2"},
+     Source("upscale", "ab12cd34", 3, "2")),
+    # journals written before the source was data kept its English sentence
+    ("variation (strong) of ab12cd34 #2", Source("variation", "ab12cd34", 2, "strong")),
+    ("upscale 2× of ab12cd34 #3", Source("upscale", "ab12cd34", 3, "2")),
+    ("", None), (None, None)])
+def test_a_journalled_requests_source_reads_back_as_data(stored, source) -> None:
+    import json
+
+    request = ImageRequest("fox", 1, 4, 512, 512, 3.5, derived_from=source)
+    fields = json.loads(request.to_json())
+    fields["derived_from"] = stored
+    assert ImageRequest.from_json(json.dumps(fields)) == request
+    if source is not None:
+        assert ImageRequest.from_json(request.to_json()).derived_from.english() in (
+            "upscale 2× of ab12cd34 #3", "variation (strong) of ab12cd34 #2")

@@ -27,7 +27,7 @@ from engine.errors import InvalidCommand
 from engine.grammar import parse_command
 from engine.job import Job, JobStatus
 from engine.png import read_parameters
-from engine.request import Origin, User
+from engine.request import Origin, Source, User
 from engine.store import JobRecord
 from tests.conftest import RecordingBackend
 from tests.fakes.telegram_server import BOT_USERNAME, Call, FakeTelegramServer
@@ -1076,7 +1076,7 @@ async def test_v2_queues_a_subtle_variation_of_image_2_and_posts_it(
     image_2 = result_files.paths(record.result_path, record.request)[1]
     assert variation.request.init_image == str(image_2) and image_2.exists()
     assert variation.request.strength == 0.35 and variation.request.count == 1
-    assert variation.request.derived_from == f"variation (subtle) of {job.id} #2"
+    assert variation.request.derived_from == Source("variation", job.id, 2, "subtle")
     answer = tg.calls_to("answerCallbackQuery")[0]
     assert answer.params["text"] == render.varying("subtle", 2, variation.request.seed)
     assert reply_to(photo) == keys["message_id"]
