@@ -41,6 +41,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_listening(port: int, process: subprocess.Popen[bytes],
+                         log: Path | None = None) -> None:
+    """Until the server answers on ``port``; an error with its log if it exits or is slow."""
+    said = (lambda: log.read_text()) if log is not None else (lambda: "")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {said()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nats-server did not start: {said()}")
+
+
+def start_configured_server(folder: Path, port: int, settings: str
+                            ) -> tuple[subprocess.Popen[bytes], Path]:
+    """``nats-server -c server.conf`` on loopback ``port`` with JetStream in ``folder`` and the
+    config's other ``settings`` (TLS, authorization, an operator); the process and its log."""
+    config = folder / "server.conf"
+    config.write_text(f'listen: "127.0.0.1:{port}"\n'
+                      f'jetstream {{ store_dir: "{folder / "js"}" }}\n{settings}\n')
+    log = folder / "nats.log"
+    process = subprocess.Popen([nats_server_binary(), "-c", str(config)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_until_listening(port, process, log)
+    return process, log
+
+
 class NatsServer:
     """``nats-server -js`` on loopback with file storage; ``restart`` keeps port and files."""
 
@@ -56,14 +86,7 @@ class NatsServer:
         self.process = subprocess.Popen(
             [self.binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p",
              str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        wait_until_listening(self.port, self.process)
 
     def kill(self) -> None:
         if self.process is not None:

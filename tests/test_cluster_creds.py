@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from tests.cluster_fixtures import (  # noqa: E402
     cluster_config,
     eventually,
     free_port,
-    nats_server_binary,
+    start_configured_server,
     worker_config_file,
 )
 from tests.conftest import make_request  # noqa: E402
@@ -137,10 +136,7 @@ class JwtServer:
         (folder / "operator.jwt").write_text(operator.jwt)
         preload = "\n".join(f'  {account}: "{token}"'
                             for account, token in operator.accounts.items())
-        config = folder / "server.conf"
-        config.write_text(f"""
-listen: "127.0.0.1:{self.port}"
-jetstream {{ store_dir: "{folder / 'js'}" }}
+        self.process, self.log = start_configured_server(folder, self.port, f"""
 operator: "{folder / 'operator.jwt'}"
 system_account: "{operator.public(operator.system)}"
 resolver: MEMORY
@@ -148,19 +144,6 @@ resolver_preload: {{
 {preload}
 }}
 """)
-        self.log = folder / "nats.log"
-        self.process = subprocess.Popen([nats_server_binary(), "-c", str(config)],
-                                        stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nats-server did not start: {self.log.read_text()}")
 
     @property
     def url(self) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ pytest.importorskip("nats", reason="the cluster extra (nats-py) is not installed
 from bot.doctor import run_doctor  # noqa: E402
 from engine.cluster.names import Names, connect, ensure_streams  # noqa: E402
 from engine.config import ClusterSection  # noqa: E402
-from tests.cluster_fixtures import cluster_config, free_port, nats_server_binary  # noqa: E402
+from tests.cluster_fixtures import cluster_config, free_port, start_configured_server  # noqa: E402
 
 USER, PASSWORD = "worker", "s3cret-pass-word"
 
@@ -80,26 +78,10 @@ class TlsServer:
         self.port = free_port()
         users = (f'authorization {{ user: "{USER}", password: "{PASSWORD}" }}'
                  if authorization else "")
-        config = folder / "server.conf"
-        config.write_text(f"""
-listen: "127.0.0.1:{self.port}"
-jetstream {{ store_dir: "{folder / 'js'}" }}
+        self.process, self.log = start_configured_server(folder, self.port, f"""
 tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 2 }}
 {users}
 """)
-        self.log = folder / "nats.log"
-        self.process = subprocess.Popen([nats_server_binary(), "-c", str(config)],
-                                        stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nats-server did not start: {self.log.read_text()}")
 
     def url(self, auth: str = "") -> str:
         return f"tls://{auth}127.0.0.1:{self.port}"
