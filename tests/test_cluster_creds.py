@@ -3,7 +3,8 @@ on loopback in decentralised JWT mode (an operator, a system account and an acco
 JetStream, preloaded into a memory resolver), the keys and JWTs made here with ``nkeys``:
 ``[cluster] credentials`` lets the bot and a worker process in and a job goes through end to
 end; with no credentials, another operator's ``.creds`` or an expired one, the server refuses
-them and doctor and the worker say so in a sentence that shows neither the JWT nor the seed."""
+them and doctor and the worker say so in a sentence that shows neither the JWT nor the seed.
+When the bot's JWT expires while connected, it connects again once a new file is in place."""
 
 from __future__ import annotations
 
@@ -350,3 +351,59 @@ async def test_a_reason_repeated_twice_a_second_is_logged_once_a_minute(caplog, 
     assert "Connect call failed" in lines[1]
     assert "refused this client" in lines[2]
     assert "also 119 more times in the last 60 s" in lines[2]
+
+
+async def _closed_for_good(caplog) -> None:  # noqa: ANN001
+    await eventually(lambda: "the connection is closed for good" in caplog.text, timeout=10,
+                     what="the server closing the bot's connection")
+
+
+async def test_the_bot_connects_again_when_a_new_creds_file_replaces_an_expired_one(
+        tmp_path, cfg, creds, operator, workers, bots, caplog) -> None:
+    """The server ends the bot's session when its JWT expires and nats-py does not reconnect:
+    the bot keeps serving its chats and tries again every few seconds, reading the file again,
+    so the admin's new file is taken without a restart. A job sent while it was away waits and
+    goes through, and so does one sent after."""
+    from engine.cluster import dispatch
+
+    workers.start("w1", f'credentials = "{creds.path}"')  # its file does not expire
+    await eventually(lambda: "worker w1 ready" in workers.log("w1"), what="the worker")
+    path = tmp_path / "bot.creds"
+    soon = operator.user(path, expires=int(time.time()) + 3)
+    cfg.cluster.credentials = str(path)
+    caplog.set_level("INFO")
+    engine = await open_bot(cfg, bots, workers=1)
+    await _closed_for_good(caplog)
+    away = await engine.submit(user(1), make_request("a fox", seed=3), ORIGIN)
+    await eventually(lambda: f"credentials {path}: its user JWT expired on" in caplog.text,
+                     timeout=2 * dispatch.RECONNECT_S + 1, what="a try with the same file")
+    fresh = operator.user(path)  # the admin's new file, in the same place
+    await eventually(lambda: "NATS: connected again" in caplog.text,
+                     timeout=2 * dispatch.RECONNECT_S + 1, what="the bot connecting again")
+    after = await engine.submit(user(2), make_request("a cat", seed=4), ORIGIN)
+    for job in (away, after):
+        assert await asyncio.wait_for(job.wait(), 10) is JobStatus.FINISHED, job.error
+        assert (await job.result()).png == local_png(job.request)
+    assert ("NATS: the connection is closed for good: the server ended this client's session: "
+            "its credentials expired") in caplog.text
+    assert "Traceback" not in caplog.text, caplog.text
+    _no_secret(caplog.text + workers.log("w1"), soon, fresh, creds)
+
+
+async def test_the_bot_closes_while_it_connects_again(tmp_path, cfg, operator, bots,
+                                                      caplog) -> None:
+    """A shutdown while the bot tries again, here with a file the server refuses (nats-py
+    retries inside ``connect``): it stops at once, its tasks and the connection with it."""
+    path = tmp_path / "bot.creds"
+    operator.user(path, expires=int(time.time()) + 2)
+    cfg.cluster.credentials = str(path)
+    engine = await open_bot(cfg, bots, workers=0)
+    await _closed_for_good(caplog)
+    Operator().user(path)  # not expired, but another operator's: refused, retried for ever
+    await eventually(lambda: "refused this client" in caplog.text, timeout=5,
+                     what="a refused try")
+    started = time.monotonic()
+    await asyncio.wait_for(engine.shutdown(grace_s=1), 5)
+    assert time.monotonic() - started < 3
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("cluster-")]
+    assert left == [], left

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,18 @@ from engine.cluster.capability import refusal
 from engine.cluster.claims import Claims
 from engine.cluster.leftovers import Leftover, Leftovers
 from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
-from engine.cluster.names import Names, connect, ensure_streams, read_workers
+from engine.cluster.names import Names, QuietErrors, connect, ensure_streams, read_workers
 from engine.config import ClusterSection
 from engine.errors import N_, EngineError, JobTimedOut, NoWorkerCanRun
 from engine.request import ImageRequest
 from engine.worker import Aborted, StopSignal
 
 log = logging.getLogger(__name__)
+CLIENT_NAME = "imagine-bot"
 POLL_S = 0.1  # how often a waiting job looks at its stop signal
 RECHECK_S = 2.0  # and at the outcome stream (an outcome sent while this client reconnected)
 RETRY_S = 0.5
+RECONNECT_S = 2.0  # how often a connection the server closed for good is tried again
 SWEEP_S = 1.0  # how often leftovers that fell due are deleted
 CLOSE_SWEEP_S = 10.0  # at a clean shutdown, the most spent deleting the rest (else: the TTL)
 KEPT_STOPPING = N_("This image could not be made: the image workers kept stopping while making "
@@ -55,28 +57,23 @@ class RemoteWorker:
         self._claims = Claims()  # which live worker runs which job
         self._leftovers = Leftovers()  # objects of ended jobs, deleted once journalled
         self._wake: Callable[[], None] = lambda: None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # this connection's
+        self._keeper: asyncio.Task[None] | None = None
         self._nc: Any = None
 
     # -- the Runner protocol -----------------------------------------------------------------
     async def load(self) -> None:
-        self._nc = await connect(self.settings, "imagine-bot")
-        self._js = self._nc.jetstream()
-        self._kv, self._images = await ensure_streams(self._js, self.names, self.settings)
-        await self._nc.subscribe(self.names.progress("*"), cb=self._on_progress)
-        await self._nc.subscribe(self.names.result("*"), cb=self._on_outcome)
-        await self._read_workers()
-        self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
-                       asyncio.create_task(self._dead_letters(), name="cluster-dead-letters"),
-                       asyncio.create_task(self._sweep(), name="cluster-leftovers")]
+        await self._start_session(await connect(self.settings, CLIENT_NAME))
+        self._keeper = asyncio.create_task(self._stay_connected(), name="cluster-connection")
 
     async def close(self) -> None:
         """The engine closes its runner after it journalled every job it took: their objects
         go now, not with the bucket's TTL."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._nc is not None:
+        while self._keeper is not None and not self._keeper.done():  # first: it could start
+            self._keeper.cancel()  # another session; again if a cancel was lost in nats-py's
+            await asyncio.wait([self._keeper], timeout=1.0)  # connect (3.11's wait_for race)
+        await self._end_session()
+        if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._delete(self._leftovers.all()), CLOSE_SWEEP_S)
             except TimeoutError:
@@ -131,6 +128,49 @@ class RemoteWorker:
     def _leave(self, job_id: str, request: ImageRequest, images: int) -> None:
         self._leftovers.note(job_id, images, bool(request.init_image), time.monotonic())
 
+    # -- the connection ------------------------------------------------------------------------
+    async def _start_session(self, nc: Any) -> None:
+        """What a connection brings: the streams and buckets, the workers' progress and
+        outcomes, and the tasks that watch the workers, the dead letters and the leftovers."""
+        self._nc = nc  # first: close() closes it, even if it stops this start half way
+        self._js = nc.jetstream()
+        self._kv, self._images = await ensure_streams(self._js, self.names, self.settings)
+        await nc.subscribe(self.names.progress("*"), cb=self._on_progress)
+        await nc.subscribe(self.names.result("*"), cb=self._on_outcome)
+        await self._read_workers()
+        self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
+                       asyncio.create_task(self._dead_letters(), name="cluster-dead-letters"),
+                       asyncio.create_task(self._sweep(), name="cluster-leftovers")]
+
+    async def _end_session(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _stay_connected(self) -> None:
+        """The server may close the connection for good (the user JWT in the .creds file
+        expired while connected; nats-py does not reconnect then): a new one every few
+        seconds, the .creds file read again each time, so a new file in its place is taken
+        without a restart. The jobs waiting wait on; an outcome stored meanwhile is read back
+        from its stream, as after a bot restart."""
+        errors = QuietErrors()  # a file that stays expired: its sentence once a minute
+        while True:
+            await asyncio.sleep(RECONNECT_S)
+            if not self._nc.is_closed:
+                continue
+            if self._tasks:  # the first try since the server closed it
+                await self._end_session()
+                log.warning("NATS: connecting again every %.0f s, reading [cluster] "
+                            "credentials again each time", RECONNECT_S)
+            try:
+                await self._start_session(await connect(self.settings, CLIENT_NAME))
+            except Exception as exc:  # CredentialsError (still expired, unreadable) and such
+                await errors.log(exc)
+                await self._nc.close()  # a session started half way: the next try anew
+                continue
+            log.info("NATS: connected again; %d jobs waiting go on", len(self._waiting))
+
     # -- one job -------------------------------------------------------------------------------
     async def _hand_out(self, job_id: str, request: ImageRequest, worker: str,
                         abort: StopSignal, deadline: float) -> None:
@@ -138,11 +178,13 @@ class RemoteWorker:
         if request.init_image:  # the worker may be on another host: the picture travels too
             data = await asyncio.to_thread(Path(request.init_image).read_bytes)
             name = self.names.input_image(job_id)
-            await self._until(self._images.put, abort, deadline, name, data)
+            await self._until("storing its input picture", lambda: self._images.put(name, data),
+                              abort, deadline)
             item = WorkItem(job_id, request, input_object=name)
         # the id per worker: the same job to the same worker again (a bot restart) is dropped
-        await self._until(self._js.publish, abort, deadline, self.names.jobs_for(worker),
-                          item.to_bytes(), headers={"Nats-Msg-Id": f"{job_id}.{worker}"})
+        await self._until("publishing it", lambda: self._js.publish(
+            self.names.jobs_for(worker), item.to_bytes(),
+            headers={"Nats-Msg-Id": f"{job_id}.{worker}"}), abort, deadline)
         log.info("job %s handed out to %s", job_id, worker)
 
     async def _wait(self, job_id: str, request: ImageRequest, waiting: _Waiting,
@@ -199,7 +241,8 @@ class RemoteWorker:
             raise JobTimedOut("This image took too long and was stopped.")
 
     def _send_cancel(self, job_id: str) -> None:
-        asyncio.ensure_future(self._nc.publish(self.names.cancel(job_id), b""))
+        if not self._nc.is_closed:  # closed for good: the worker finishes it, unheard
+            asyncio.ensure_future(self._nc.publish(self.names.cancel(job_id), b""))
 
     async def _images_of(self, outcome: Outcome) -> list[bytes]:
         if outcome.status == FAILED:
@@ -257,14 +300,16 @@ class RemoteWorker:
             return None
         return Outcome.from_bytes(raw.data)
 
-    async def _until(self, call: Any, abort: StopSignal, deadline: float, *args: Any,
-                     **kwargs: Any) -> Any:
-        """Try ``call`` until it works (the server restarting), the job is stopped or late."""
+    async def _until(self, what: str, call: Callable[[], Awaitable[Any]], abort: StopSignal,
+                     deadline: float) -> Any:
+        """Try ``call`` until it works (the server restarting, or a new connection made by
+        ``_stay_connected``: each try uses the one there is), the job is stopped or late."""
         while True:
             try:
-                return await call(*args, **kwargs)
+                return await call()
             except Exception as exc:
-                log.warning("%s failed (%s); trying again", getattr(call, "__name__", call), exc)
+                if not self._nc.is_closed:  # closed for good: _stay_connected says it
+                    log.warning("%s failed (%s); trying again", what, exc)
             if abort.is_set() or time.monotonic() > deadline:
                 raise Aborted() if abort.is_set() else JobTimedOut(
                     "The image workers could not be reached in time.")
@@ -306,9 +351,9 @@ class RemoteWorker:
     async def _dead_letters(self) -> None:
         """A job tried ``max_deliver`` times fails: the server's advisory names its message;
         the failure goes to the outcome stream like any other (once, by job id)."""
-        sub = await self._until(self._js.pull_subscribe, StopSignal(), float("inf"),
-                                self.names.dead_letters, durable="bot",
-                                stream=self.names.dead_stream)
+        sub = await self._until("following the dead letters", lambda: self._js.pull_subscribe(
+            self.names.dead_letters, durable="bot", stream=self.names.dead_stream),
+            StopSignal(), float("inf"))
         while True:
             try:
                 msgs = await sub.fetch(10, timeout=1.0)

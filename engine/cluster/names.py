@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
@@ -101,13 +102,14 @@ async def connect(settings: ClusterSection, client_name: str, *,
     from nats.aio.client import Client
 
     client = Client()
+    stopped = False  # the caller stopped connecting: closing that client is no news
 
     async def disconnected() -> None:
         if not client.is_closed:  # closed for good: closed() says why
             log.warning("NATS: disconnected; reconnecting")
 
     async def closed() -> None:
-        if client.last_error is not None:  # the server ended it, not a close asked for here
+        if client.last_error is not None and not stopped:  # the server ended it
             log.error("NATS: the connection is closed for good: %s", explain(client.last_error))
 
     options: dict[str, Any] = {
@@ -124,7 +126,12 @@ async def connect(settings: ClusterSection, client_name: str, *,
         options["user_credentials"] = settings.credentials
     if settings.tls_ca:
         options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
-    await client.connect(**options)
+    try:
+        await client.connect(**options)
+    except asyncio.CancelledError:  # (the bot closing while it connects again) no socket left
+        stopped = True
+        await client.close()
+        raise
     return client
 
 
