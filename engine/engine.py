@@ -304,7 +304,7 @@ class Engine:
     def may_press(self, record: JobRecord, user: User, action: str) -> bool:
         """A button under a job's message: its owner presses any; an admin may also cancel
         it (to stop a job), but makes no images from another's job on its quota."""
-        if (record.user.platform, record.user.user_id) == (user.platform, user.user_id):
+        if record.user == user:  # a User is its (platform, user_id): names may differ
             return True
         return action == "cancel" and self.is_admin(user)
 

@@ -128,13 +128,8 @@ class MemoryPlan:
         return reserve_side(self.max_pixels)
 
     def activation_bytes(self) -> int:
-        """The DiT activations the plan keeps room for: a pass of ``pass_images`` of the
-        largest size, ``batch_images`` of them computed at once (engine/flux/batch.py)."""
-        from engine.flux.residency import dit_pass_bytes
-
-        side = self.reserve_side
-        return dit_pass_bytes(side, side, chunk=self.batch_images,
-                              images=max(self.pass_images, self.batch_images))
+        """The DiT activations the plan keeps room for (``activation_reserve``)."""
+        return activation_reserve(self.max_pixels, self.batch_images, self.pass_images)
 
     def batch_for(self, width: int, height: int, count: int) -> int:
         """How many of a pass's ``count`` images of this size each DiT block computes at once:
@@ -173,6 +168,16 @@ class MemoryPlan:
         return (f"{head}: {budget}; activations kept for "
                 f"{self._batch_text()} up to {self.max_pixels:,} px; "
                 f"{self.reason}")
+
+
+def activation_reserve(max_pixels: int, batch_images: int, pass_images: int) -> int:
+    """GPU bytes of DiT activations to keep free: a pass of ``pass_images`` of the largest
+    size, ``batch_images`` of them computed at once (engine/flux/batch.py)."""
+    from engine.flux.residency import dit_pass_bytes
+
+    side = reserve_side(max_pixels)
+    return dit_pass_bytes(side, side, chunk=batch_images,
+                          images=max(pass_images, batch_images))
 
 
 def resolve_budget(config: ModelSection, free_gib: float | None,
@@ -250,7 +255,6 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
         FLUX_FIXED_BYTES,
-        dit_pass_bytes,
         flux_dev_block_sizes,
         minimum_budget_bytes,
         t5_phase_bytes,
@@ -260,8 +264,8 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     if budget_gib is None:
         return False
     side = reserve_side(max_pixels)
-    reserve = dit_pass_bytes(side, side, chunk=batch_images, images=max(pass_images, batch_images))
     sizes = flux_dev_block_sizes()
+    reserve = activation_reserve(max_pixels, batch_images, pass_images)
     untiled = vae_decode_bytes(side, side)
     tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
