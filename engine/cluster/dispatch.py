@@ -26,6 +26,7 @@ from engine.cluster.claims import Claims
 from engine.cluster.leftovers import Leftover, Leftovers
 from engine.cluster.messages import CANCELLED, FAILED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import Names, QuietErrors, connect, ensure_streams, read_workers
+from engine.cluster.tasks import cancel_until_done
 from engine.config import ClusterSection
 from engine.errors import N_, EngineError, JobTimedOut, NoWorkerCanRun
 from engine.request import ImageRequest
@@ -69,9 +70,8 @@ class RemoteWorker:
     async def close(self) -> None:
         """The engine closes its runner after it journalled every job it took: their objects
         go now, not with the bucket's TTL."""
-        while self._keeper is not None and not self._keeper.done():  # first: it could start
-            self._keeper.cancel()  # another session; again if a cancel was lost in nats-py's
-            await asyncio.wait([self._keeper], timeout=1.0)  # connect (3.11's wait_for race)
+        if self._keeper is not None:  # first: it could start another session
+            await cancel_until_done([self._keeper])
         await self._end_session()
         if self._nc is not None and not self._nc.is_closed:
             try:
@@ -143,9 +143,7 @@ class RemoteWorker:
                        asyncio.create_task(self._sweep(), name="cluster-leftovers")]
 
     async def _end_session(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_until_done(self._tasks)
         self._tasks = []
 
     async def _stay_connected(self) -> None:

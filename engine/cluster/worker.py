@@ -25,6 +25,7 @@ from engine import result_files
 from engine.backends import create_backend
 from engine.cluster.messages import CANCELLED, FAILED, FINISHED, Outcome, WorkerInfo, WorkItem
 from engine.cluster.names import CONSUMER_IDLE_S, Names, connect, ensure_streams, explain
+from engine.cluster.tasks import cancel_until_done
 from engine.config import Config
 from engine.errors import N_, EngineError
 from engine.request import ImageRequest
@@ -78,8 +79,7 @@ class ClusterWorker:
                 if msg is not None:
                     await self._handle(msg)
         finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            await cancel_until_done([beat])
         if self._nc.is_closed and not stop.is_set():  # the server ended it: not coming back
             raise ConnectionError("the NATS server closed this worker's connection for good: "
                                   + explain(self._nc.last_error or ConnectionError("closed")))
