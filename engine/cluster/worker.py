@@ -146,8 +146,7 @@ class ClusterWorker:
             outcome = await self._run(item)
             await self._store(outcome)
         finally:
-            lease.cancel()
-            await asyncio.gather(lease, return_exceptions=True)
+            await cancel_until_done([lease])
             self._running = ""
         await msg.ack()
         self.jobs_done += 1
