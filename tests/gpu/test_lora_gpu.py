@@ -38,7 +38,7 @@ class Styled:
     images: dict[str, Image.Image]
 
 
-def request(style: str = "") -> ImageRequest:
+def styled_request(style: str = "") -> ImageRequest:
     return ImageRequest(prompt="a red fox in snow", seed=7, steps=4, width=SIZE, height=SIZE,
                         guidance=3.5, style=style)
 
@@ -80,7 +80,7 @@ def styled(request: pytest.FixtureRequest, random_flux: Path,
         images = {}
         for name, style in [("plain", ""), ("noisy", "noisy"), ("zeros", "zeros"),
                             ("noisy again", "noisy"), ("plain again", "")]:
-            [images[name]] = backend.generate(request(style), lambda i, n: None)
+            [images[name]] = backend.generate(styled_request(style), lambda i, n: None)
         yield Styled(backend, images)
     finally:
         backend.close()
