@@ -7,6 +7,7 @@ engine's refusal of an unknown style, the PNG parameters and the console on the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 from pathlib import Path
 
@@ -235,6 +236,47 @@ def test_the_backend_applies_the_style_for_its_job_only(tmp_path, monkeypatch):
         backend.generate(request.with_changes(style="gone"), lambda i, n: None)
     backend.close()
     assert not any(m._forward_hooks for m in pipe.dit.modules())  # hooks gone with the pipeline
+
+
+def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_path, monkeypatch):
+    """A block with a LoRA branch is a graph of its own: the warm-up compiles it (the highest
+    rank at the largest pass, another rank next so the rank becomes dynamic), not the first
+    user who picks a style. The style is cleared after each pass."""
+    from tests.test_flux_builder import FakePipe, cpu_backend
+
+    class PipeSeeingStyles(FakePipe):
+        def __init__(self, plan, paths) -> None:
+            super().__init__(plan, paths)
+            _, self.dit = make_models()
+            self.ranks: list[int] = []  # the rank of the LoRA branch on each call (0: none)
+
+        def __call__(self, **kwargs):
+            layer = self.dit.blocks[0].attn.a_to_qkv
+            branch = next(iter(layer._forward_hooks.values())).__self__
+            self.ranks.append(0 if branch.a is None else branch.a.shape[0])
+            return super().__call__(**kwargs)
+
+    for name, rank in (("ink", 4), ("wash", 8), ("wash2", 8)):
+        write_lora(tmp_path / f"{name}.safetensors", rank, "kohya", dim=DIM, double=N_DOUBLE,
+                   single=N_SINGLE, std=0.2)
+    backend, built = cpu_backend(tmp_path, PipeSeeingStyles, preset="max")
+    backend.styles = {name: StyleSection(file=str(tmp_path / f"{name}.safetensors"),
+                                         trigger=name) for name in ("ink", "wash", "wash2")}
+    backend.load()  # on the CPU: not compiled, so the warm-up (if any) ran without styles
+    pipe = built[0]
+    assert all(rank == 0 for rank in pipe.ranks)
+    backend.plan = dataclasses.replace(backend.plan, device="cuda")  # as compiling_backend does
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    apply = backend._branches.apply  # the LoRA's copies stay on the CPU, the only device here
+    monkeypatch.setattr(backend._branches, "apply", lambda w, alpha, device: apply(w, alpha, "cpu"))
+    backend._compile()
+    pipe.calls.clear(), pipe.ranks.clear()
+    assert backend._try_warm_up() is False
+    sizes = [(c["width"], c["prompt"]) for c in pipe.calls]
+    assert sizes == [(1024, "warm-up"), (512, "warm-up"), (512, "warm-up"),
+                     (1024, "wash, warm-up"), (512, "ink, warm-up"), (512, "wash, warm-up")]
+    assert pipe.ranks == [0, 0, 0, 8, 4, 8]
+    assert backend._branches.active_bytes == 0  # no style left on after the warm-up
 
 
 def test_the_memory_plan_sets_the_largest_style_aside():

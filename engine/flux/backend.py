@@ -413,16 +413,33 @@ class FluxBackend:
         limits allow, the memory peak; with compiled blocks also one image at 512² and a pass
         of them, which several fit in a block's chunk at once (torch's dynamic-shape graphs for
         sizes and chunks, which every later size, aspect ratio and batch then uses without
-        compiling again)."""
+        compiling again). With compiled blocks and styles, the same passes again with a style
+        on: a block with a LoRA branch is a graph of its own, and compiling it at a user's first
+        styled job cost that job 10-16 s on an H100 (docs/benchmarks.md, LoRA styles)."""
         assert self.plan is not None
         largest, most = warm_up_side(self.max_pixels), self.plan.pass_images
         passes = [(largest, most)]
         if self._compiled and largest != 512 and 512 * 512 <= self.max_pixels:
             passes += [(512, 1)] + ([(512, most)] if most > 1 else [])
-        for side, count in passes:
+        runs = [(side, count, "") for side, count in passes]
+        if self._compiled and self._branches is not None:
+            styles = self._warm_up_styles()
+            runs += [(side, count, styles[i % len(styles)])
+                     for i, (side, count) in enumerate(passes)]
+        for side, count, style in runs:
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
-                                guidance=3.5, count=count)
+                                guidance=3.5, count=count, style=style)
             self.generate(warm, lambda i, n: None)
+
+    def _warm_up_styles(self) -> list[str]:
+        """The styles the warm-up runs: the one of the highest rank first (the LoRA the plan
+        sets aside memory for), then one of another rank if there is one, so that the compiled
+        graphs take the rank as dynamic and no later style compiles again."""
+        by_rank = sorted(self._loras, key=lambda name: -self._loras[name].rank)
+        first = by_rank[0]
+        other = next((n for n in by_rank if self._loras[n].rank != self._loras[first].rank),
+                     None)
+        return [first] if other is None else [first, other]
 
     def _calibrate(self) -> None:
         """Warm up, measure the process's real peak on the device (the driver's free memory,
