@@ -270,7 +270,8 @@ def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_p
     apply = backend._branches.apply  # the LoRA's copies stay on the CPU, the only device here
     monkeypatch.setattr(backend._branches, "apply", lambda w, alpha, device: apply(w, alpha, "cpu"))
     backend._compile()
-    pipe.calls.clear(), pipe.ranks.clear()
+    pipe.calls.clear()
+    pipe.ranks.clear()
     assert backend._try_warm_up() is False
     sizes = [(c["width"], c["prompt"]) for c in pipe.calls]
     assert sizes == [(1024, "warm-up"), (512, "warm-up"), (512, "warm-up"),
