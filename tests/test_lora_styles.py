@@ -238,13 +238,12 @@ def test_the_backend_applies_the_style_for_its_job_only(tmp_path, monkeypatch):
     assert not any(m._forward_hooks for m in pipe.dit.modules())  # hooks gone with the pipeline
 
 
-def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_path, monkeypatch):
-    """A block with a LoRA branch is a graph of its own: the warm-up compiles it (the highest
-    rank at the largest pass, another rank next so the rank becomes dynamic), not the first
-    user who picks a style. The style is cleared after each pass."""
+def warmed_with_styles(tmp_path: Path, monkeypatch, max_pixels: int = 1024 * 1024):
+    """A max backend with styles of ranks 4, 8 and 8, compiled as on CUDA (the fake pipe never
+    runs the blocks; the LoRA copies stay on the CPU) and warmed up once; (backend, pipe)."""
     from tests.test_flux_builder import FakePipe, cpu_backend
 
-    class PipeSeeingStyles(FakePipe):
+    class Pipe(FakePipe):
         def __init__(self, plan, paths) -> None:
             super().__init__(plan, paths)
             _, self.dit = make_models()
@@ -259,7 +258,8 @@ def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_p
     for name, rank in (("ink", 4), ("wash", 8), ("wash2", 8)):
         write_lora(tmp_path / f"{name}.safetensors", rank, "kohya", dim=DIM, double=N_DOUBLE,
                    single=N_SINGLE, std=0.2)
-    backend, built = cpu_backend(tmp_path, PipeSeeingStyles, preset="max")
+    backend, built = cpu_backend(tmp_path, Pipe, preset="max")
+    backend.max_pixels = max_pixels
     backend.styles = {name: StyleSection(file=str(tmp_path / f"{name}.safetensors"),
                                          trigger=name) for name in ("ink", "wash", "wash2")}
     backend.load()  # on the CPU: not compiled, so the warm-up (if any) ran without styles
@@ -267,17 +267,32 @@ def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_p
     assert all(rank == 0 for rank in pipe.ranks)
     backend.plan = dataclasses.replace(backend.plan, device="cuda")  # as compiling_backend does
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    apply = backend._branches.apply  # the LoRA's copies stay on the CPU, the only device here
+    apply = backend._branches.apply
     monkeypatch.setattr(backend._branches, "apply", lambda w, alpha, device: apply(w, alpha, "cpu"))
     backend._compile()
     pipe.calls.clear()
     pipe.ranks.clear()
     assert backend._try_warm_up() is False
+    assert backend._branches.active_bytes == 0  # no style left on after the warm-up
+    return backend, pipe
+
+
+def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_path, monkeypatch):
+    """A block with a LoRA branch is a graph of its own: the warm-up compiles it (the highest
+    rank at the largest pass, another rank next so the rank becomes dynamic), not the first
+    user who picks a style."""
+    backend, pipe = warmed_with_styles(tmp_path, monkeypatch)
     sizes = [(c["width"], c["prompt"]) for c in pipe.calls]
     assert sizes == [(1024, "warm-up"), (512, "warm-up"), (512, "warm-up"),
                      (1024, "wash, warm-up"), (512, "ink, warm-up"), (512, "wash, warm-up")]
     assert pipe.ranks == [0, 0, 0, 8, 4, 8]
-    assert backend._branches.active_bytes == 0  # no style left on after the warm-up
+
+
+def test_a_warm_up_of_one_pass_still_runs_a_style_of_each_rank(tmp_path, monkeypatch):
+    """limits.max_pixels = 512²: one pass only, but both ranks still get their graphs."""
+    backend, pipe = warmed_with_styles(tmp_path, monkeypatch, max_pixels=512 * 512)
+    assert [c["prompt"] for c in pipe.calls] == ["warm-up", "wash, warm-up", "ink, warm-up"]
+    assert pipe.ranks == [0, 8, 4]
 
 
 def test_the_memory_plan_sets_the_largest_style_aside():

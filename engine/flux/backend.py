@@ -424,8 +424,8 @@ class FluxBackend:
         runs = [(side, count, "") for side, count in passes]
         if self._compiled and self._branches is not None:
             styles = self._warm_up_styles()
-            runs += [(side, count, styles[i % len(styles)])
-                     for i, (side, count) in enumerate(passes)]
+            runs += [(*passes[i % len(passes)], styles[i % len(styles)])
+                     for i in range(max(len(passes), len(styles)))]
         for side, count, style in runs:
             warm = ImageRequest(prompt="warm-up", seed=0, steps=2, width=side, height=side,
                                 guidance=3.5, count=count, style=style)
