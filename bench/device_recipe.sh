@@ -5,7 +5,7 @@
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
 #                                               # tests, bench, float8, cards, actions,
-#                                               # peer, lora
+#                                               # peer, lora, tiling
 #                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
@@ -16,7 +16,8 @@
 # actions: --n 4, a variation and an upscale through `python -m bot run` (ACTION_CARDS,
 # ACTION_BATCHES: model.batch_images values); peer: diffusers' best offloading on emulated
 # cards (PEER_CARDS); lora: styles of rank 16 and 64 through `python -m bot run` (LORA_CARDS;
-# 0 = the whole card). At most 8 files come back from the device: logs are appended to one
+# 0 = the whole card); tiling: TILING_CARDS planned as by default and with the VAE decode kept
+# untiled (a copy with TILE_VAE_GAIN_GIB raised). At most 8 files come back from the device: logs are appended to one
 # file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora "|" tiling " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
     python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee -a "$OUT/device.txt"
     echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/device.txt"
@@ -95,6 +96,20 @@ device() {
         # shellcheck disable=SC2086
         python3 bench/bench_lora.py --ckpt "$RANDOM_FLUX_DIR" --cards ${LORA_CARDS:-7.5 0} \
           --json "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log" || echo "LORA FAILED" ;;
+      tiling)
+        # The VAE-tiling trade-off (docs/benchmarks.md, 2026-12-06 later): TILING_CARDS as the
+        # default plans them, then again from a copy whose tiling threshold keeps the decode
+        # untiled at 1024² (the same machine, so the two differ by that alone)
+        # shellcheck disable=SC2086
+        python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${TILING_CARDS:-7.5 11.5} \
+          --json "$OUT/tiling-default.json" 2>&1 | tee "$OUT/tiling.log" || echo "TILING FAILED"
+        rm -rf /tmp/untiled && cp -r . /tmp/untiled
+        sed -i 's/^TILE_VAE_GAIN_GIB = .*/TILE_VAE_GAIN_GIB = 1.0/' \
+          /tmp/untiled/engine/flux/device_budget.py
+        # shellcheck disable=SC2086
+        (cd /tmp/untiled && python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" \
+          --cards ${TILING_CARDS:-7.5 11.5} --json "$OUT/tiling-untiled.json") 2>&1 \
+          | tee -a "$OUT/tiling.log" || echo "TILING FAILED" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done
