@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from bot import i18n, language, render
 from bot.admin_args import parse_limit_value
 from bot.followers import Followers
 from bot.throttle import Throttle
-from engine import variants
+from engine import input_image, variants
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.grammar import parse_command
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 CONSOLE_USER = User("console", "local", "console")
 CONSOLE_CHAT = "local"  # the console's one chat, for its language (``console:local``)
 PROMPT = "imagine> "
+# The console's attachment: ``--image FILE`` or ``--image "FILE WITH SPACES"`` (not grammar: in a
+# chat the picture comes with the message, not in its text)
+IMAGE_OPTION = re.compile(r'\s--image\s+(?:"([^"]+)"|(\S+))', re.IGNORECASE)
 
 
 class ConsoleAdapter:
@@ -223,8 +227,18 @@ class ConsoleAdapter:
         return record
 
     async def imagine(self, text: str) -> Job:
+        """``/imagine …``; ``--image FILE`` (the console's attachment, anywhere after the prompt,
+        the path in double quotes if it has spaces) starts from that picture."""
         limits = self.engine.config.limits
-        return await self._submit(parse_command(text, limits).to_request(limits))
+        text, picture = _without_image_option(text)
+        parsed = parse_command(text, limits)
+        if picture is None:
+            return await self._submit(parsed.to_request(limits))
+        data = await asyncio.to_thread(input_image.read_file, picture, limits)
+        folder = input_image.inputs_folder(self.engine.config.engine.output_dir)
+        request = await asyncio.to_thread(input_image.request_for, parsed, data, limits, folder)
+        with input_image.discarded_if_refused(request.init_image):
+            return await self._submit(request)
 
     async def _submit(self, request: ImageRequest) -> Job:
         job = await self.engine.submit(CONSOLE_USER, request,
@@ -263,3 +277,11 @@ class ConsoleAdapter:
     async def _drain(self) -> None:
         """At end of input (a pipe), wait for the jobs already asked for."""
         await self.followers.wait_all()
+
+
+def _without_image_option(text: str) -> tuple[str, str | None]:
+    """``text`` without its ``--image FILE``, and the FILE (None without one)."""
+    match = IMAGE_OPTION.search(text)
+    if match is None:
+        return text, None
+    return text[:match.start()] + text[match.end():], match.group(1) or match.group(2)

@@ -534,9 +534,9 @@ def language_usage(current: str | None) -> str:
 
 # -- the console (bot/console.py): what it says besides the chat platforms' replies ---------------
 def console_greeting() -> str:
-    return _("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N], /vary, "
-             "/upscale, /queue, /cancel [id], /limits, /status, /stats, /pause, /resume, "
-             "/limit, /styles, /language, /help or /quit.")
+    return _("Type /imagine <prompt> [--seed N] [--steps N] [--ar W:H] [--n N] [--image FILE "
+             "[--strength X]], /vary, /upscale, /queue, /cancel [id], /limits, /status, /stats, "
+             "/pause, /resume, /limit, /styles, /language, /help or /quit.")
 
 
 def console_internal_error() -> str:

@@ -2,6 +2,7 @@
 
     check_announced(attachment_size, limits)       # before the download, where the platform
                                                    # says how big the file is
+    data = read_file(path, limits)                 # or a local file (the console), blocking
     request = request_for(parsed, data, limits, folder, rng)   # blocking (Pillow): a thread
     with discarded_if_refused(request.init_image):
         job = await engine.submit(user, request, origin)
@@ -44,6 +45,18 @@ _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
 
 def inputs_folder(output_dir: str | Path) -> Path:
     return Path(output_dir) / INPUTS_FOLDER
+
+
+def read_file(path: str, limits: LimitsSection) -> bytes:
+    """A picture from a file on this machine (the console's ``--image FILE``), its size checked
+    before it is read; blocking (a thread)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidCommand(N_("There is no file at {path}; please give the path of a PNG, "
+                                "JPEG or WebP image."), path=path)
+    check_announced(file.stat().st_size, limits)
+    with file.open("rb") as f:
+        return f.read(limits.input_max_bytes + 1)  # decode() refuses a file that grew since
 
 
 def check_announced(size: int | None, limits: LimitsSection) -> None:

@@ -5,6 +5,7 @@ latest job."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,44 @@ async def test_vary_starts_from_the_chosen_image_with_a_new_seed(engine_factory,
         await adapter.handle_line(f"/vary {grid.id} 3")
     await adapter.handle_line("/vary nosuchjob 1")
     assert render.vary_needs_a_finished_job() in out.getvalue()
+
+
+async def test_image_option_starts_from_a_local_picture(engine_factory, backend, tmp_path):
+    """``--image FILE`` is the console's attachment: the same checks and image-to-image
+    request as a picture sent in a chat, so every action can be tried without a chat token."""
+    from PIL import Image
+
+    from engine.png import read_parameters
+
+    photo = tmp_path / "my photo.jpg"
+    Image.new("RGB", (1200, 800), (30, 120, 200)).save(photo, "JPEG")
+    engine, adapter, out = await console(engine_factory)
+    job = await adapter.imagine(f'/imagine a fox --seed 3 --steps 10 --image "{photo}" '
+                                "--strength 0.5")
+    await adapter.followers.wait_all()
+    [record] = await engine.store.jobs_for_user(CONSOLE_USER)
+    request = record.request
+    assert record.job_id == job.id and record.status == "finished"
+    assert request.prompt == "a fox" and request.strength == 0.5 and request.steps == 10
+    assert request.width / request.height == pytest.approx(1.5, rel=0.05)  # the picture's shape
+    saved = Image.open(request.init_image)
+    assert saved.size == (request.width, request.height) and saved.getpixel((5, 5))[2] > 150
+    assert read_parameters(open(record.result_path, "rb").read())["Seed"] == "3"
+
+
+async def test_a_missing_or_unfit_local_picture_is_refused_in_a_sentence(engine_factory, tmp_path):
+    engine, adapter, out = await console(engine_factory)
+    with pytest.raises(InvalidCommand, match="no file at"):
+        await adapter.imagine(f"/imagine a fox --image {tmp_path / 'nope.png'}")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(InvalidCommand, match="not a PNG, JPEG or WebP"):
+        await adapter.imagine(f"/imagine a fox --image {tmp_path / 'notes.txt'}")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(engine.config.limits.input_max_bytes))
+    with pytest.raises(InvalidCommand, match="please send one of at most"):
+        await adapter.imagine(f"/imagine a fox --image {big}")
+    with pytest.raises(InvalidCommand, match="--strength only works with an image"):
+        await adapter.imagine("/imagine a fox --strength 0.5")
+    assert engine.queued_count() == 0 and not await engine.store.jobs_for_user(CONSOLE_USER)
+    # nothing was kept for the refused pictures
+    assert not list(Path(engine.config.engine.output_dir, "inputs").glob("*"))
