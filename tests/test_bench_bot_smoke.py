@@ -55,10 +55,13 @@ def test_the_actions_benchmark_runs_every_action_on_the_first_image(dry_run_card
     row = bench_actions.run_row(7.5, tmp_path, batch_images=2, timeout=60)
     jobs = row["jobs"]
     assert not row.get("error") and set(jobs) == {"one 1024²", "--n 4 1024²",
-                                                  "vary strong (0.7)", "upscale 2× (2048²)"}
+                                                  "vary strong (0.7)", "image-to-image (0.6)",
+                                                  "upscale 2× (2048²)"}
     assert all(job["ok"] and job["gpu_s"] > 0 for job in jobs.values())
-    # the dry run sleeps per step: four images take about four times one
+    # the dry run sleeps per step: four images take about four times one, and image-to-image
+    # at 0.6 runs 12 of the 20 steps
     assert 3 < jobs["--n 4 1024²"]["x_one"] < 5
+    assert 0.4 < jobs["image-to-image (0.6)"]["x_one"] < 0.8
     assert "| 7.5 GiB | 2 |" in bench_actions.markdown([row], "cpu", "test")
 
 
