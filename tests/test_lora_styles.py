@@ -20,7 +20,13 @@ from bench.make_random_lora import lora_state_dict, write_lora  # noqa: E402
 from engine.config import ConfigError, StyleSection, config_from_dict  # noqa: E402
 from engine.errors import GenerationFailed, InvalidCommand  # noqa: E402
 from engine.flux.device_budget import device_budget  # noqa: E402
-from engine.flux.lora import LoraBranches, convert_lora, lora_targets, read_lora  # noqa: E402
+from engine.flux.lora import (  # noqa: E402
+    LoraBranches,
+    LoraWeights,
+    convert_lora,
+    lora_targets,
+    read_lora,
+)
 from engine.flux.residency import FP8, STREAMED  # noqa: E402
 from engine.flux.streaming import dit_blocks, enable_block_streaming  # noqa: E402
 from engine.grammar import parse_command, parse_imagine  # noqa: E402
@@ -81,8 +87,6 @@ def test_the_branch_adds_alpha_b_a_x_and_is_gone_after_the_job():
     a, b = torch.randn(8, 32).bfloat16(), torch.randn(48, 8).bfloat16()
     x = torch.randn(5, 32).bfloat16()
     branches = LoraBranches.attach(layer, {"0"})
-    from engine.flux.lora import LoraWeights
-
     with torch.no_grad():
         before = layer(x)
         with branches.active(LoraWeights({"0": (a, b)}), 0.7, "cpu"):
@@ -98,8 +102,6 @@ def test_the_branch_adds_alpha_b_a_x_and_is_gone_after_the_job():
 def test_an_error_in_the_job_still_clears_the_branch():
     layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
     branches = LoraBranches.attach(layer)
-    from engine.flux.lora import LoraWeights
-
     x = torch.randn(2, 8)
     before = layer(x)
     with pytest.raises(RuntimeError), branches.active(
@@ -152,8 +154,6 @@ def test_switching_styles_gives_the_second_style_alone():
     model, _ = make_models()
     enable_block_streaming(model, plan_for(model, [STREAMED] * 4 + [FP8] * 3), "cpu")
     targets = lora_targets(model)
-    from engine.flux.lora import LoraWeights
-
     one = LoraWeights(convert_lora(tiny_lora(8, "kohya", seed=1)))
     two = LoraWeights(convert_lora(tiny_lora(16, "diffusers", seed=2)))
     assert set(one.pairs) <= set(targets)
@@ -174,8 +174,6 @@ def test_compiled_blocks_follow_the_style_without_recompiling_per_switch():
     (``backend="eager"``: dynamo's guards without a C compiler)."""
     model, _ = make_models()
     enable_block_streaming(model, plan_for(model, MIXED), "cpu")
-    from engine.flux.lora import LoraWeights
-
     styles = [LoraWeights(convert_lora(tiny_lora(r, "kohya", seed=r))) for r in (4, 8, 16)]
     branches = LoraBranches.attach(model)
     inputs = make_inputs(5)
@@ -239,32 +237,37 @@ def test_the_backend_applies_the_style_for_its_job_only(tmp_path, monkeypatch):
 
 
 def warmed_with_styles(tmp_path: Path, monkeypatch, max_pixels: int = 1024 * 1024):
-    """A max backend with styles of ranks 4, 8 and 8, compiled as on CUDA (the fake pipe never
-    runs the blocks; the LoRA copies stay on the CPU) and warmed up once; (backend, pipe)."""
+    """A max backend with three styles: ranks 4 and 8 on every layer, and rank 4 on the
+    attention layers only ("attn"); compiled as on CUDA (the fake pipe never runs the blocks;
+    the LoRA copies stay on the CPU) and warmed up once; (backend, pipe)."""
+    from safetensors.torch import save_file
+
     from tests.test_flux_builder import FakePipe, cpu_backend
 
     class Pipe(FakePipe):
         def __init__(self, plan, paths) -> None:
             super().__init__(plan, paths)
             _, self.dit = make_models()
-            self.ranks: list[int] = []  # the rank of the LoRA branch on each call (0: none)
+            self.ranks: list[tuple[int, int]] = []  # (attention, feed-forward) branch ranks
 
         def __call__(self, **kwargs):
-            layer = self.dit.blocks[0].attn.a_to_qkv
-            branch = next(iter(layer._forward_hooks.values())).__self__
-            self.ranks.append(0 if branch.a is None else branch.a.shape[0])
+            block = self.dit.blocks[0]
+            self.ranks.append(tuple(_branch_rank(layer) for layer in (block.attn.a_to_qkv,
+                                                                          block.ff_a[0])))
             return super().__call__(**kwargs)
 
-    for name, rank in (("ink", 4), ("wash", 8), ("wash2", 8)):
+    for name, rank in (("ink", 4), ("wash", 8)):
         write_lora(tmp_path / f"{name}.safetensors", rank, "kohya", dim=DIM, double=N_DOUBLE,
                    single=N_SINGLE, std=0.2)
+    every = tiny_lora(4, "kohya", seed=3)
+    save_file({k: v for k, v in every.items() if "attn" in k}, str(tmp_path / "attn.safetensors"))
     backend, built = cpu_backend(tmp_path, Pipe, preset="max")
     backend.max_pixels = max_pixels
     backend.styles = {name: StyleSection(file=str(tmp_path / f"{name}.safetensors"),
-                                         trigger=name) for name in ("ink", "wash", "wash2")}
+                                         trigger=name) for name in ("ink", "wash", "attn")}
     backend.load()  # on the CPU: not compiled, so the warm-up (if any) ran without styles
     pipe = built[0]
-    assert all(rank == 0 for rank in pipe.ranks)
+    assert all(ranks == (0, 0) for ranks in pipe.ranks)
     backend.plan = dataclasses.replace(backend.plan, device="cuda")  # as compiling_backend does
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     apply = backend._branches.apply
@@ -277,22 +280,68 @@ def warmed_with_styles(tmp_path: Path, monkeypatch, max_pixels: int = 1024 * 102
     return backend, pipe
 
 
-def test_a_compiled_warm_up_runs_its_passes_again_with_styles_of_two_ranks(tmp_path, monkeypatch):
-    """A block with a LoRA branch is a graph of its own: the warm-up compiles it (the highest
-    rank at the largest pass, another rank next so the rank becomes dynamic), not the first
-    user who picks a style."""
+def _branch_rank(layer: torch.nn.Module) -> int:
+    """The rank of the LoRA branch the layer's hook adds now (0: none)."""
+    slot = next(iter(layer._forward_hooks.values())).__self__
+    return 0 if slot.a is None else slot.a.shape[0]
+
+
+def test_a_compiled_warm_up_runs_its_passes_again_with_a_style_of_each_set_of_layers(
+        tmp_path, monkeypatch):
+    """A block with a LoRA branch is a graph of its own (dynamo specialises on the branch's
+    shapes): every style is padded to the largest rank, so the warm-up needs one style per set
+    of layers reached (all: "ink" and "wash"; attention only: "attn"), not one per rank, and
+    no user's first styled job compiles."""
     backend, pipe = warmed_with_styles(tmp_path, monkeypatch)
     sizes = [(c["width"], c["prompt"]) for c in pipe.calls]
     assert sizes == [(1024, "warm-up"), (512, "warm-up"), (512, "warm-up"),
-                     (1024, "wash, warm-up"), (512, "ink, warm-up"), (512, "wash, warm-up")]
-    assert pipe.ranks == [0, 0, 0, 8, 4, 8]
+                     (1024, "ink, warm-up"), (512, "attn, warm-up"), (512, "ink, warm-up")]
+    assert pipe.ranks == [(0, 0)] * 3 + [(8, 8), (8, 0), (8, 8)]  # padded to wash's 8
 
 
-def test_a_warm_up_of_one_pass_still_runs_a_style_of_each_rank(tmp_path, monkeypatch):
-    """limits.max_pixels = 512²: one pass only, but both ranks still get their graphs."""
+def test_a_warm_up_of_one_pass_still_runs_a_style_of_each_set_of_layers(tmp_path, monkeypatch):
+    """limits.max_pixels = 512²: one pass only, but both sets of layers still get their graphs."""
     backend, pipe = warmed_with_styles(tmp_path, monkeypatch, max_pixels=512 * 512)
-    assert [c["prompt"] for c in pipe.calls] == ["warm-up", "wash, warm-up", "ink, warm-up"]
-    assert pipe.ranks == [0, 8, 4]
+    assert [c["prompt"] for c in pipe.calls] == ["warm-up", "ink, warm-up", "attn, warm-up"]
+
+
+def test_a_style_padded_to_a_higher_rank_adds_the_same_branch():
+    _, model = make_models()  # the bf16 modules
+    weights = LoraWeights(convert_lora(tiny_lora(4, "kohya", seed=2)))
+    assert weights.nbytes_at(16) == 4 * weights.nbytes and weights.nbytes_at(2) == weights.nbytes
+    branches = LoraBranches.attach(model, set(weights.pairs))
+    inputs = make_inputs(5)
+    with torch.no_grad():
+        with branches.active(weights, 0.7, "cpu"):
+            plain = model(*inputs)
+        branches.pad_rank = 16
+        with branches.active(weights, 0.7, "cpu"):
+            assert {slot.a.shape[0] for slot in branches.slots.values()} == {16}
+            padded = model(*inputs)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=0)
+
+
+def test_a_style_that_fails_half_way_on_is_taken_off_entirely(monkeypatch):
+    """Running out of GPU memory while a style's matrices are copied leaves no layer styled."""
+    import engine.flux.lora as lora
+
+    _, model = make_models()
+    weights = LoraWeights(convert_lora(tiny_lora(4, "kohya", seed=2)))
+    branches = LoraBranches.attach(model)
+    copies = []
+
+    def copy_or_fail(*args, **kwargs):
+        if len(copies) == 2:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        copies.append(1)
+        return real(*args, **kwargs)
+
+    real = lora._padded
+    monkeypatch.setattr(lora, "_padded", copy_or_fail)
+    with pytest.raises(torch.cuda.OutOfMemoryError), branches.active(weights, 1.0, "cpu"):
+        pass
+    assert branches.active_bytes == 0
+    assert all(slot.a is None and slot.b is None for slot in branches.slots.values())
 
 
 def test_the_memory_plan_sets_the_largest_style_aside():

@@ -204,22 +204,31 @@ class FluxBackend:
         for name, weights in self._loras.items():
             log.info("style %s: LoRA of rank %d on %d layers, %.2f GiB in host memory", name,
                      weights.rank, len(weights.pairs), weights.nbytes / GIB)
-        return max(w.nbytes for w in self._loras.values()) / GIB
+        rank = self._lora_rank()
+        return max(w.nbytes_at(rank) for w in self._loras.values()) / GIB
+
+    def _lora_rank(self) -> int:
+        """The rank every style is padded to on the GPU (LoraBranches.pad_rank): the largest."""
+        return max((w.rank for w in self._loras.values()), default=0)
 
     def _attach_styles(self) -> None:
         """Hook the DiT layers any style targets (once per pipeline; engine/flux/lora.py)."""
-        from engine.flux.lora import LoraBranches
+        from engine.flux.lora import LoraBranches, lora_targets
 
         dit = getattr(self._pipe, "dit", None)
         if not self._loras or dit is None:
             return
+        targets = lora_targets(dit)
+        for style, weights in list(self._loras.items()):
+            fitting = weights.fitting(targets)
+            missed = len(weights.pairs) - len(fitting.pairs)
+            if missed:
+                log.warning("style %s: %d of its %d layers are not in this DiT or not of their "
+                            "shapes; ignored", style, missed, len(weights.pairs))
+            self._loras[style] = fitting
         names = {name for weights in self._loras.values() for name in weights.pairs}
         self._branches = LoraBranches.attach(dit, names)
-        for style, weights in self._loras.items():
-            missed = sum(1 for name in weights.pairs if name not in self._branches.modules)
-            if missed:
-                log.warning("style %s: %d of its %d layers are not in this DiT; ignored", style,
-                            missed, len(weights.pairs))
+        self._branches.pad_rank = self._lora_rank()
 
     @contextlib.contextmanager
     def _style(self, request: ImageRequest) -> Iterator[ImageRequest]:
@@ -415,7 +424,8 @@ class FluxBackend:
         sizes and chunks, which every later size, aspect ratio and batch then uses without
         compiling again). With compiled blocks and styles, the same passes again with a style
         on: a block with a LoRA branch is a graph of its own, and compiling it at a user's first
-        styled job cost that job 10-16 s on an H100 (docs/benchmarks.md, LoRA styles)."""
+        styled job cost that job 10-16 s on an H100 (docs/benchmarks.md, LoRA styles). All
+        styles are padded to one rank, so one style per set of layers reached covers them."""
         assert self.plan is not None
         largest, most = warm_up_side(self.max_pixels), self.plan.pass_images
         passes = [(largest, most)]
@@ -432,14 +442,15 @@ class FluxBackend:
             self.generate(warm, lambda i, n: None)
 
     def _warm_up_styles(self) -> list[str]:
-        """The styles the warm-up runs: the one of the highest rank first (the LoRA the plan
-        sets aside memory for), then one of another rank if there is one, so that the compiled
-        graphs take the rank as dynamic and no later style compiles again."""
-        by_rank = sorted(self._loras, key=lambda name: -self._loras[name].rank)
-        first = by_rank[0]
-        other = next((n for n in by_rank if self._loras[n].rank != self._loras[first].rank),
-                     None)
-        return [first] if other is None else [first, other]
+        """The styles the warm-up runs: every style is padded to one rank, so the compiled
+        graphs differ only by which layers a style reaches; one style for each such set of
+        layers (usually one for all), the one the plan sets memory aside for first."""
+        rank = self._lora_rank()
+        largest_first = sorted(self._loras, key=lambda n: (-self._loras[n].nbytes_at(rank), n))
+        chosen: dict[frozenset[str], str] = {}
+        for name in largest_first:
+            chosen.setdefault(frozenset(self._loras[name].pairs), name)
+        return list(chosen.values())
 
     def _calibrate(self) -> None:
         """Warm up, measure the process's real peak on the device (the driver's free memory,

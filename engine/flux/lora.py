@@ -15,8 +15,10 @@ resident blocks, ``Float8Linear``, plain bf16 layers) a forward hook adds the sa
 
 The hooks are installed once and stay: a style is a change of the tensors they read, not of the
 hooks, so ``torch.compile``'s graphs stay valid (dynamo does not guard on hooks added after
-compiling, so a hook added per job would be silently skipped by a compiled block). Two graphs
-per block type result: without a style and with one (any rank, dynamic after the second).
+compiling, so a hook added per job would be silently skipped by a compiled block). The graphs
+do specialise on the shapes the hooks read, so every style is padded with zeros to one rank on
+the device (``LoraBranches.pad_rank``, the largest style's): one set of graphs with a style,
+which the backend's warm-up makes, and none at a user's first styled job.
 
 File formats: diffsynth's ``FluxLoRALoader.convert_state_dict`` reads kohya's
 ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` (with ``.alpha``), diffusers'
@@ -30,8 +32,9 @@ Memory: a style's A and B are kept in host memory in bf16 (``LoraWeights.nbytes`
 of every FLUX.1-dev layer about 9.6 MB per rank from a kohya file (rank 16: 0.15 GiB, rank 64:
 0.6 GiB), up to 17 MB per rank from a diffusers file, because diffsynth's conversion fuses its
 separate q/k/v(/mlp) pairs into block-diagonal B matrices of the fused layers (which also costs
-a little compute). While a job uses the style they are copied to the GPU (the same bytes again,
-kept free by the memory plan: ``DeviceBudget.lora_gib``) and dropped after it.
+a little compute). While a job uses the style they are copied to the GPU, padded to the largest
+style's rank (``LoraWeights.nbytes_at``, kept free by the memory plan: ``DeviceBudget.lora_gib``),
+and dropped after it.
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ class LoraWeights:
     def rank(self) -> int:
         return max((a.shape[0] for a, _ in self.pairs.values()), default=0)
 
+    def nbytes_at(self, rank: int) -> int:
+        """Its bytes on the device when padded to ``rank`` (``LoraBranches.pad_rank``)."""
+        return sum((a.shape[1] + b.shape[0]) * max(rank, a.shape[0]) * a.element_size()
+                   for a, b in self.pairs.values())
+
+    def fitting(self, targets: Mapping[str, torch.nn.Module]) -> LoraWeights:
+        """Only the pairs whose layer is in ``targets`` with the shapes they need."""
+        kept = {name: ab for name, ab in self.pairs.items() if _fits(targets.get(name), ab)}
+        return LoraWeights(kept, ignored=self.ignored + len(self.pairs) - len(kept))
+
 
 def convert_lora(state_dict: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.bfloat16) -> dict[str, Pair]:
@@ -96,11 +109,8 @@ def read_lora(path: str, targets: Mapping[str, torch.nn.Module] | None = None,
     layer is missing or whose shapes do not fit are dropped and counted as ignored."""
     from diffsynth.core.loader.file import load_state_dict
 
-    pairs = convert_lora(load_state_dict(path, device="cpu"), dtype)
-    if targets is None:
-        return LoraWeights(pairs)
-    kept = {name: ab for name, ab in pairs.items() if _fits(targets.get(name), ab)}
-    return LoraWeights(kept, ignored=len(pairs) - len(kept))
+    weights = LoraWeights(convert_lora(load_state_dict(path, device="cpu"), dtype))
+    return weights if targets is None else weights.fitting(targets)
 
 
 def _fits(module: torch.nn.Module | None, pair: Pair) -> bool:
@@ -148,6 +158,10 @@ class LoraBranches:
     """The hooks on one DiT and the style active in them."""
 
     modules: dict[str, torch.nn.Module]
+    # Every style's A and B are padded with zeros to this rank on the device (the branch adds
+    # exactly the same): compiled blocks specialise on the rank (dynamo keeps the shapes of what
+    # the hooks read static), so one rank means one set of graphs, made in the warm-up.
+    pad_rank: int = 0
     slots: dict[str, _Slot] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     active_bytes: int = 0  # on the device while a style is active
@@ -188,8 +202,7 @@ class LoraBranches:
             module = self.modules.get(name)
             if module is None:
                 continue
-            a_dev = (a.to(device=device, dtype=torch.float32) * alpha).to(dtype)
-            b_dev = b.to(device=device, dtype=dtype)
+            a_dev, b_dev = _padded(a, b, self.pad_rank, alpha, device, dtype)
             if _hot_loadable(module):  # diffsynth's own branch
                 a_list, b_list = _lora_lists(module)
                 a_list.append(a_dev)
@@ -218,8 +231,19 @@ class LoraBranches:
         if weights is None:
             yield
             return
-        self.apply(weights, alpha, device)
         try:
+            self.apply(weights, alpha, device)  # a failure half-way leaves nothing on either
             yield
         finally:
             self.clear()
+
+
+def _padded(a: torch.Tensor, b: torch.Tensor, rank: int, alpha: float,
+            device: str | torch.device, dtype: torch.dtype) -> Pair:
+    """``alpha``·A and B on ``device``, padded with zeros to ``rank`` (rows of A, columns of B)."""
+    r = a.shape[0]
+    a_dev = torch.zeros(max(rank, r), a.shape[1], device=device, dtype=dtype)
+    b_dev = torch.zeros(b.shape[0], max(rank, r), device=device, dtype=dtype)
+    a_dev[:r] = (a.to(device=device, dtype=torch.float32) * alpha).to(dtype)
+    b_dev[:, :r] = b.to(device=device, dtype=dtype)
+    return a_dev, b_dev

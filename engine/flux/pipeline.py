@@ -265,6 +265,10 @@ def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:
 
     from engine.flux.streaming import dit_blocks
 
+    # one block type's forward serves every block of it: its graphs (sizes, passes, with and
+    # without a style) share dynamo's per-function limit, whose default of 8 a few styles'
+    # sets of layers could reach, after which the rest would run eager without a word
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     compiled = {}
     blocks = dit_blocks(dit)
     for block in blocks:
