@@ -22,7 +22,7 @@ from bot.followers import Followers
 from bot.throttle import Throttle
 from engine import input_image, variants
 from engine.engine import Engine
-from engine.errors import EngineError
+from engine.errors import N_, EngineError, InvalidCommand
 from engine.grammar import parse_command
 from engine.job import Cancelled, Failed, Finished, Job, Progress
 from engine.request import ImageRequest, Origin, User
@@ -34,7 +34,8 @@ CONSOLE_CHAT = "local"  # the console's one chat, for its language (``console:lo
 PROMPT = "imagine> "
 # The console's attachment: ``--image FILE`` or ``--image "FILE WITH SPACES"`` (not grammar: in a
 # chat the picture comes with the message, not in its text)
-IMAGE_OPTION = re.compile(r'\s--image\s+(?:"([^"]+)"|(\S+))', re.IGNORECASE)
+IMAGE_OPTION = re.compile(r'(?:^|\s)--image(?:\s+|=)(?:"([^"]+)"|(?!--)(\S+))', re.IGNORECASE)
+IMAGE_MENTION = re.compile(r"(?:^|\s)--image\b", re.IGNORECASE)
 
 
 class ConsoleAdapter:
@@ -237,12 +238,14 @@ class ConsoleAdapter:
         data = await asyncio.to_thread(input_image.read_file, picture, limits)
         folder = input_image.inputs_folder(self.engine.config.engine.output_dir)
         request = await asyncio.to_thread(input_image.request_for, parsed, data, limits, folder)
-        with input_image.discarded_if_refused(request.init_image):
-            return await self._submit(request)
+        return await self._submit(request, own_picture=True)
 
-    async def _submit(self, request: ImageRequest) -> Job:
-        job = await self.engine.submit(CONSOLE_USER, request,
-                                       Origin("console", extra=language.remembered({})))
+    async def _submit(self, request: ImageRequest, *, own_picture: bool = False) -> Job:
+        """``own_picture``: the request's start picture was saved for it (``--image``) and goes
+        if the engine refuses the job (a variation's start is an earlier job's image: kept)."""
+        with input_image.discarded_if_refused(request.init_image if own_picture else ""):
+            job = await self.engine.submit(CONSOLE_USER, request,
+                                           Origin("console", extra=language.remembered({})))
         self.say(render.console_accepted(job.id, request))
         self._watch(job)
         return job
@@ -280,8 +283,11 @@ class ConsoleAdapter:
 
 
 def _without_image_option(text: str) -> tuple[str, str | None]:
-    """``text`` without its ``--image FILE``, and the FILE (None without one)."""
+    """``text`` without its ``--image FILE`` (or ``--image=FILE``), and the FILE (None without
+    one); ``--image`` given twice or without a file is refused in a sentence."""
     match = IMAGE_OPTION.search(text)
-    if match is None:
-        return text, None
-    return text[:match.start()] + text[match.end():], match.group(1) or match.group(2)
+    rest = text if match is None else text[:match.start()] + " " + text[match.end():]
+    if IMAGE_MENTION.search(rest):
+        raise InvalidCommand(N_("Please give --image once, followed by the picture's path (in "
+                                "double quotes if it has spaces)."))
+    return (text, None) if match is None else (rest.strip(), match.group(1) or match.group(2))

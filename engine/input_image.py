@@ -50,13 +50,17 @@ def inputs_folder(output_dir: str | Path) -> Path:
 def read_file(path: str, limits: LimitsSection) -> bytes:
     """A picture from a file on this machine (the console's ``--image FILE``), its size checked
     before it is read; blocking (a thread)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InvalidCommand(N_("There is no file at {path}; please give the path of a PNG, "
-                                "JPEG or WebP image."), path=path)
-    check_announced(file.stat().st_size, limits)
-    with file.open("rb") as f:
-        return f.read(limits.input_max_bytes + 1)  # decode() refuses a file that grew since
+    try:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise InvalidCommand(N_("There is no file at {path}; please give the path of a PNG, "
+                                    "JPEG or WebP image."), path=path)
+        check_announced(file.stat().st_size, limits)
+        with file.open("rb") as f:
+            return f.read(limits.input_max_bytes + 1)  # decode() refuses a file grown since
+    except (OSError, RuntimeError) as e:  # no permission, ~nosuchuser, a device or FIFO
+        raise InvalidCommand(N_("I could not read {path}; please check the path and that the "
+                                "bot may read it."), path=path) from e
 
 
 def check_announced(size: int | None, limits: LimitsSection) -> None:

@@ -129,6 +129,12 @@ async def test_a_missing_or_unfit_local_picture_is_refused_in_a_sentence(engine_
         await adapter.imagine(f"/imagine a fox --image {big}")
     with pytest.raises(InvalidCommand, match="--strength only works with an image"):
         await adapter.imagine("/imagine a fox --strength 0.5")
+    for line in ("/imagine a fox --image", f"/imagine a fox --image {big} --image {big}",
+                 "/imagine a fox --image --seed 3"):
+        with pytest.raises(InvalidCommand, match="give --image once"):
+            await adapter.imagine(line)
+    with pytest.raises(InvalidCommand, match="could not read"):  # expanduser cannot
+        await adapter.imagine("/imagine a fox --image=~no-such-user-here/a.png")
     assert engine.queued_count() == 0 and not await engine.store.jobs_for_user(CONSOLE_USER)
     # nothing was kept for the refused pictures
     assert not list(Path(engine.config.engine.output_dir, "inputs").glob("*"))
