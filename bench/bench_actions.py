@@ -48,7 +48,8 @@ def run_row(free_gib: float, ckpt: Path, batch_images: int,
 
     def act(bot: BotProcess) -> None:
         first = run_jobs(bot, actions(None), row["jobs"], timeout)
-        run_jobs(bot, actions(first), row["jobs"], timeout)
+        if first[1]:  # the others start from its image (a failed one has none: no row)
+            run_jobs(bot, actions(first), row["jobs"], timeout)
 
     log = run_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout, act)
     jobs = row["jobs"]

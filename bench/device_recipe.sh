@@ -103,12 +103,13 @@ device() {
         # shellcheck disable=SC2086
         python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${TILING_CARDS:-7.5 11.5} \
           --json "$OUT/tiling-default.json" 2>&1 | tee "$OUT/tiling.log" || echo "TILING FAILED"
-        rm -rf /tmp/untiled && cp -r . /tmp/untiled
-        sed -i 's/^TILE_VAE_GAIN_GIB = .*/TILE_VAE_GAIN_GIB = 1.0/' \
-          /tmp/untiled/engine/flux/device_budget.py
         # shellcheck disable=SC2086
-        (cd /tmp/untiled && python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" \
-          --cards ${TILING_CARDS:-7.5 11.5} --json "$OUT/tiling-untiled.json") 2>&1 \
+        { rm -rf /tmp/untiled && cp -r . /tmp/untiled \
+          && sed -i 's/^TILE_VAE_GAIN_GIB = .*/TILE_VAE_GAIN_GIB = 1.0/' \
+            /tmp/untiled/engine/flux/device_budget.py \
+          && grep -q '^TILE_VAE_GAIN_GIB = 1.0$' /tmp/untiled/engine/flux/device_budget.py \
+          && (cd /tmp/untiled && python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" \
+            --cards ${TILING_CARDS:-7.5 11.5} --json "$OUT/tiling-untiled.json"); } 2>&1 \
           | tee -a "$OUT/tiling.log" || echo "TILING FAILED" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
