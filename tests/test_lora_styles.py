@@ -171,7 +171,11 @@ def test_switching_styles_gives_the_second_style_alone():
 
 def test_compiled_blocks_follow_the_style_without_recompiling_per_switch():
     """The hooks stay; a style changes the tensors they read, which dynamo lifts as inputs
-    (``backend="eager"``: dynamo's guards without a C compiler)."""
+    (``backend="eager"``: dynamo's guards without a C compiler). Padded to one rank, styles of
+    ranks 4, 8 and 16 use the graphs the first one made."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
     model, _ = make_models()
     enable_block_streaming(model, plan_for(model, MIXED), "cpu")
     styles = [LoraWeights(convert_lora(tiny_lora(r, "kohya", seed=r))) for r in (4, 8, 16)]
@@ -187,11 +191,16 @@ def test_compiled_blocks_follow_the_style_without_recompiling_per_switch():
             kind = type(block)
             compiled.setdefault(kind, torch.compile(kind.forward, backend="eager"))
             block.forward = types.MethodType(compiled[kind], block)
+        branches.pad_rank = 16
         got = [model(*inputs)]
+        graphs = []
         for w in styles:
             with branches.active(w, 1.0, "cpu"):
                 got.append(model(*inputs))
+            graphs.append(counters["stats"]["unique_graphs"])
         got.append(model(*inputs))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 4  # no style after the first compiled
     for g, e in zip(got, [*eager, eager[0]], strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
