@@ -25,6 +25,7 @@ from engine.flux.lora import (  # noqa: E402
     LoraWeights,
     convert_lora,
     lora_targets,
+    pad_ranks,
     read_lora,
 )
 from engine.flux.residency import FP8, STREAMED  # noqa: E402
@@ -171,8 +172,8 @@ def test_switching_styles_gives_the_second_style_alone():
 
 def test_compiled_blocks_follow_the_style_without_recompiling_per_switch():
     """The hooks stay; a style changes the tensors they read, which dynamo lifts as inputs
-    (``backend="eager"``: dynamo's guards without a C compiler). Padded to one rank, styles of
-    ranks 4, 8 and 16 use the graphs the first one made."""
+    (``backend="eager"``: dynamo's guards without a C compiler). Padded to the same ranks, styles
+    of ranks 4, 8 and 16 use the graphs the first one made (unpadded each rank added graphs)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -191,7 +192,7 @@ def test_compiled_blocks_follow_the_style_without_recompiling_per_switch():
             kind = type(block)
             compiled.setdefault(kind, torch.compile(kind.forward, backend="eager"))
             block.forward = types.MethodType(compiled[kind], block)
-        branches.pad_rank = 16
+        branches.pad_ranks = pad_ranks(styles)
         got = [model(*inputs)]
         graphs = []
         for w in styles:
@@ -298,8 +299,8 @@ def _branch_rank(layer: torch.nn.Module) -> int:
 def test_a_compiled_warm_up_runs_its_passes_again_with_a_style_of_each_set_of_layers(
         tmp_path, monkeypatch):
     """A block with a LoRA branch is a graph of its own (dynamo specialises on the branch's
-    shapes): every style is padded to the largest rank, so the warm-up needs one style per set
-    of layers reached (all: "ink" and "wash"; attention only: "attn"), not one per rank, and
+    shapes): every style is padded to each layer's largest rank, so the warm-up needs one style
+    per set of layers reached (all: "ink" and "wash"; attention only: "attn"), not one per rank, and
     no user's first styled job compiles."""
     backend, pipe = warmed_with_styles(tmp_path, monkeypatch)
     sizes = [(c["width"], c["prompt"]) for c in pipe.calls]
@@ -314,18 +315,27 @@ def test_a_warm_up_of_one_pass_still_runs_a_style_of_each_set_of_layers(tmp_path
     assert [c["prompt"] for c in pipe.calls] == ["warm-up", "ink, warm-up", "attn, warm-up"]
 
 
-def test_a_style_padded_to_a_higher_rank_adds_the_same_branch():
+def test_styles_padded_to_each_layers_largest_rank_add_the_same_branches():
+    """diffusers files give diffsynth's fused layers a larger rank than the others: each layer
+    is padded to its own largest rank among the styles, so a small style takes the large one's
+    shapes (what the compiled graphs see) and adds exactly what it added unpadded; one style
+    alone is not padded at all."""
     _, model = make_models()  # the bf16 modules
-    weights = LoraWeights(convert_lora(tiny_lora(4, "kohya", seed=2)))
-    assert weights.nbytes_at(16) == 4 * weights.nbytes and weights.nbytes_at(2) == weights.nbytes
-    branches = LoraBranches.attach(model, set(weights.pairs))
+    small = LoraWeights(convert_lora(tiny_lora(4, "diffusers", seed=2)))
+    large = LoraWeights(convert_lora(tiny_lora(8, "diffusers", seed=3)))
+    ranks = pad_ranks([small, large])
+    assert ranks == {name: a.shape[0] for name, (a, _) in large.pairs.items()}
+    assert len(set(ranks.values())) > 1  # fused layers: a larger rank than the rest
+    assert small.nbytes_at(ranks) == large.nbytes
+    assert small.nbytes_at(pad_ranks([small])) == small.nbytes
+    branches = LoraBranches.attach(model, set(ranks))
     inputs = make_inputs(5)
     with torch.no_grad():
-        with branches.active(weights, 0.7, "cpu"):
+        with branches.active(small, 0.7, "cpu"):
             plain = model(*inputs)
-        branches.pad_rank = 16
-        with branches.active(weights, 0.7, "cpu"):
-            assert {slot.a.shape[0] for slot in branches.slots.values()} == {16}
+        branches.pad_ranks = ranks
+        with branches.active(small, 0.7, "cpu"):
+            assert {n: slot.a.shape[0] for n, slot in branches.slots.items()} == ranks
             padded = model(*inputs)
     torch.testing.assert_close(padded, plain, rtol=0, atol=0)
 

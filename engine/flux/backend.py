@@ -194,7 +194,7 @@ class FluxBackend:
     def _read_styles(self) -> float:
         """Find (download) and read every style's LoRA into host memory, once; returns the
         GiB the largest takes on the GPU while active, which the memory plan sets aside."""
-        from engine.flux.lora import read_lora
+        from engine.flux.lora import pad_ranks, read_lora
         from engine.styles import ensure_style_files
 
         if not self.styles:
@@ -204,16 +204,12 @@ class FluxBackend:
         for name, weights in self._loras.items():
             log.info("style %s: LoRA of rank %d on %d layers, %.2f GiB in host memory", name,
                      weights.rank, len(weights.pairs), weights.nbytes / GIB)
-        rank = self._lora_rank()
-        return max(w.nbytes_at(rank) for w in self._loras.values()) / GIB
-
-    def _lora_rank(self) -> int:
-        """The rank every style is padded to on the GPU (LoraBranches.pad_rank): the largest."""
-        return max((w.rank for w in self._loras.values()), default=0)
+        ranks = pad_ranks(self._loras.values())
+        return max(w.nbytes_at(ranks) for w in self._loras.values()) / GIB
 
     def _attach_styles(self) -> None:
         """Hook the DiT layers any style targets (once per pipeline; engine/flux/lora.py)."""
-        from engine.flux.lora import LoraBranches, lora_targets
+        from engine.flux.lora import LoraBranches, lora_targets, pad_ranks
 
         dit = getattr(self._pipe, "dit", None)
         if not self._loras or dit is None:
@@ -228,7 +224,7 @@ class FluxBackend:
             self._loras[style] = fitting
         names = {name for weights in self._loras.values() for name in weights.pairs}
         self._branches = LoraBranches.attach(dit, names)
-        self._branches.pad_rank = self._lora_rank()
+        self._branches.pad_ranks = pad_ranks(self._loras.values())
 
     @contextlib.contextmanager
     def _style(self, request: ImageRequest) -> Iterator[ImageRequest]:
@@ -425,7 +421,8 @@ class FluxBackend:
         compiling again). With compiled blocks and styles, the same passes again with a style
         on: a block with a LoRA branch is a graph of its own, and compiling it at a user's first
         styled job cost that job 10-16 s on an H100 (docs/benchmarks.md, LoRA styles). All
-        styles are padded to one rank, so one style per set of layers reached covers them."""
+        styles are padded to the same ranks, so one style per set of layers reached covers
+        them."""
         assert self.plan is not None
         largest, most = warm_up_side(self.max_pixels), self.plan.pass_images
         passes = [(largest, most)]
@@ -442,11 +439,12 @@ class FluxBackend:
             self.generate(warm, lambda i, n: None)
 
     def _warm_up_styles(self) -> list[str]:
-        """The styles the warm-up runs: every style is padded to one rank, so the compiled
-        graphs differ only by which layers a style reaches; one style for each such set of
-        layers (usually one for all), the one the plan sets memory aside for first."""
-        rank = self._lora_rank()
-        largest_first = sorted(self._loras, key=lambda n: (-self._loras[n].nbytes_at(rank), n))
+        """The styles the warm-up runs: on the GPU every style is padded to the same ranks
+        (engine/flux/lora.py), so the compiled graphs differ only by which layers a style
+        reaches; one style for each such set of layers (usually one for all), the one the plan
+        sets memory aside for first."""
+        ranks = self._branches.pad_ranks
+        largest_first = sorted(self._loras, key=lambda n: (-self._loras[n].nbytes_at(ranks), n))
         chosen: dict[frozenset[str], str] = {}
         for name in largest_first:
             chosen.setdefault(frozenset(self._loras[name].pairs), name)

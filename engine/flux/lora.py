@@ -16,9 +16,11 @@ resident blocks, ``Float8Linear``, plain bf16 layers) a forward hook adds the sa
 The hooks are installed once and stay: a style is a change of the tensors they read, not of the
 hooks, so ``torch.compile``'s graphs stay valid (dynamo does not guard on hooks added after
 compiling, so a hook added per job would be silently skipped by a compiled block). The graphs
-do specialise on the shapes the hooks read, so every style is padded with zeros to one rank on
-the device (``LoraBranches.pad_rank``, the largest style's): one set of graphs with a style,
-which the backend's warm-up makes, and none at a user's first styled job.
+do specialise on the shapes the hooks read, so on the device each layer's A and B are padded
+with zeros to that layer's largest rank among the styles (``LoraBranches.pad_ranks``, from
+``pad_ranks``): every style then gives the hooks the same shapes, one set of graphs with a style
+serves them all, the backend's warm-up makes it, and no user's first styled job compiles. One
+style alone is never padded.
 
 File formats: diffsynth's ``FluxLoRALoader.convert_state_dict`` reads kohya's
 ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` (with ``.alpha``), diffusers'
@@ -32,9 +34,9 @@ Memory: a style's A and B are kept in host memory in bf16 (``LoraWeights.nbytes`
 of every FLUX.1-dev layer about 9.6 MB per rank from a kohya file (rank 16: 0.15 GiB, rank 64:
 0.6 GiB), up to 17 MB per rank from a diffusers file, because diffsynth's conversion fuses its
 separate q/k/v(/mlp) pairs into block-diagonal B matrices of the fused layers (which also costs
-a little compute). While a job uses the style they are copied to the GPU, padded to the largest
-style's rank (``LoraWeights.nbytes_at``, kept free by the memory plan: ``DeviceBudget.lora_gib``),
-and dropped after it.
+a little compute). While a job uses the style they are copied to the GPU, padded as above
+(``LoraWeights.nbytes_at``, kept free by the memory plan: ``DeviceBudget.lora_gib``), and
+dropped after it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,10 +70,10 @@ class LoraWeights:
     def rank(self) -> int:
         return max((a.shape[0] for a, _ in self.pairs.values()), default=0)
 
-    def nbytes_at(self, rank: int) -> int:
-        """Its bytes on the device when padded to ``rank`` (``LoraBranches.pad_rank``)."""
-        return sum((a.shape[1] + b.shape[0]) * max(rank, a.shape[0]) * a.element_size()
-                   for a, b in self.pairs.values())
+    def nbytes_at(self, ranks: Mapping[str, int]) -> int:
+        """Its bytes on the device with each layer padded to its rank in ``ranks``."""
+        return sum((a.shape[1] + b.shape[0]) * max(ranks.get(name, 0), a.shape[0])
+                   * a.element_size() for name, (a, b) in self.pairs.items())
 
     def fitting(self, targets: Mapping[str, torch.nn.Module]) -> LoraWeights:
         """Only the pairs whose layer is in ``targets`` with the shapes they need."""
@@ -121,6 +123,15 @@ def _fits(module: torch.nn.Module | None, pair: Pair) -> bool:
             and getattr(module, "out_features", None) == b.shape[0] and a.shape[0] == b.shape[1])
 
 
+def pad_ranks(styles: Iterable[LoraWeights]) -> dict[str, int]:
+    """Each layer's largest rank among ``styles``: what ``LoraBranches.pad_ranks`` pads to."""
+    ranks: dict[str, int] = {}
+    for weights in styles:
+        for name, (a, _) in weights.pairs.items():
+            ranks[name] = max(ranks.get(name, 0), a.shape[0])
+    return ranks
+
+
 def lora_targets(dit: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The DiT's linear layers by name (``nn.Linear``, diffsynth's wrapped layers and our
     ``Float8Linear``): what a LoRA may target."""
@@ -158,10 +169,10 @@ class LoraBranches:
     """The hooks on one DiT and the style active in them."""
 
     modules: dict[str, torch.nn.Module]
-    # Every style's A and B are padded with zeros to this rank on the device (the branch adds
-    # exactly the same): compiled blocks specialise on the rank (dynamo keeps the shapes of what
-    # the hooks read static), so one rank means one set of graphs, made in the warm-up.
-    pad_rank: int = 0
+    # Each layer's A and B are padded with zeros to its rank here on the device (the branch adds
+    # exactly the same): compiled blocks specialise on the ranks (dynamo keeps the shapes of
+    # what the hooks read static), so fixed ranks mean one set of graphs, made in the warm-up.
+    pad_ranks: dict[str, int] = field(default_factory=dict)
     slots: dict[str, _Slot] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     active_bytes: int = 0  # on the device while a style is active
@@ -202,7 +213,7 @@ class LoraBranches:
             module = self.modules.get(name)
             if module is None:
                 continue
-            a_dev, b_dev = _padded(a, b, self.pad_rank, alpha, device, dtype)
+            a_dev, b_dev = _padded(a, b, self.pad_ranks.get(name, 0), alpha, device, dtype)
             if _hot_loadable(module):  # diffsynth's own branch
                 a_list, b_list = _lora_lists(module)
                 a_list.append(a_dev)

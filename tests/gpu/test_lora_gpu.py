@@ -52,8 +52,9 @@ def gap(a: Image.Image, b: Image.Image) -> float:
 
 @pytest.fixture(scope="module")
 def styles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StyleSection]:
-    """Two styles of different ranks (8 and 16, diffusers layout; both are padded to 16 on the
-    GPU, so the warm-up's graphs with a style serve both): a LoRA of zeros and a random one."""
+    """Two styles of different ranks (8 and 16, diffusers layout; on the GPU the rank-8 one is
+    padded to the other's ranks, so the warm-up's graphs with a style serve both): a LoRA of
+    zeros and a random one."""
     folder = tmp_path_factory.mktemp("loras")
     zeros = write_lora(folder / "zeros.safetensors", 8, "diffusers", std=0.0)
     # 0.05: each layer's branch about half its output (random DiT weights: std 0.02)
