@@ -9,7 +9,8 @@ image's 2× upscale (2048², tiled).
 Per card and ``[model] batch_images``: each job's GPU seconds as the engine logs them, the
 wall time from sending the line to the reply, the ratio of the four-image job to the single
 image (issue 12: at most 2.8× on an 8 GB card), the variation's and the image-to-image's share
-of a full image's time (issue 12: about 60% at strength 0.6), whether the 2048² upscale finished, and the process's device peak as the driver saw it.
+of a full image's time (issue 12: about 60% at strength 0.6), whether the 2048² upscale
+finished, and the process's device peak as the driver saw it.
 """
 
 from __future__ import annotations

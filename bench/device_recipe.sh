@@ -17,8 +17,8 @@
 # ACTION_BATCHES: model.batch_images values); peer: diffusers' best offloading on emulated
 # cards (PEER_CARDS); lora: styles of rank 16 and 64 through `python -m bot run` (LORA_CARDS;
 # 0 = the whole card); tiling: TILING_CARDS planned as by default and with the VAE decode kept
-# untiled (a copy with TILE_VAE_GAIN_GIB raised). At most 8 files come back from the device: logs are appended to one
-# file per stage, and tables are made here from the JSON.
+# untiled (a copy with TILE_VAE_GAIN_GIB raised). At most 8 files come back from the device:
+# logs are appended to one file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
