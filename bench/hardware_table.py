@@ -43,9 +43,8 @@ def measured_rows() -> list[tuple[str, dict]]:
 
 def table() -> str:
     lines = ["| card (GiB free at start) | preset auto picks | 1024², 20 steps | GPU memory "
-             "(driver) | host RAM (peak) | disk |",
-             "|---|---|---|---|---|---|"]
-    devices = []
+             "(driver) | host RAM (peak) | disk | measured |",
+             "|---|---|---|---|---|---|---|"]
     for device, row in measured_rows():
         free = row["card_free_gib"]
         card = CARD_OF_FREE.get(free)
@@ -53,11 +52,10 @@ def table() -> str:
         preset = row["plan"].split(",")[0].removeprefix("preset ")
         lines.append(f"| {name} | {preset} | {row['s_image_1024']:.1f} s | "
                      f"{row['device_peak_gib']:.1f} GiB | {row['host_peak_rss_gib']:.0f} GiB | "
-                     f"{MODELS_GB} GB of models |")
-        if device not in devices:
-            devices.append(device)
+                     f"{MODELS_GB} GB of models | {device} |")
     lines.append("")
-    lines.append(f"Measured on: {'; '.join(devices)}, with the card emulated (another process "
+    lines.append("Each row is the latest run on that card (machines of one kind differ by a few "
+                 "per cent), with the card emulated (another process "
                  "holds the rest of the GPU), the default config, through `python -m bot` "
                  "(`bench/bench_cards.py`; `python -m bench.hardware_table` makes this table).")
     return "\n".join(lines)
