@@ -124,6 +124,7 @@ class ModelSection:
     float8_compute: bool = False
     expandable_segments: bool = True
     batch_images: int = 1  # images of the largest size a DiT block computes at once (--n jobs)
+    prompt_cache: int = 32  # prompts whose text embeddings stay in host memory (0 = off)
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"
@@ -337,6 +338,7 @@ def _validated(config: Config) -> Config:
     need(m.preset in PRESETS, "model.preset", m.preset, ", ".join(PRESETS))
     need(m.vram_limit_gib >= 0, "model.vram_limit_gib", m.vram_limit_gib, "0 (auto) or more GiB")
     need(1 <= m.batch_images <= 8, "model.batch_images", m.batch_images, "1 to 8 images")
+    need(0 <= m.prompt_cache <= 4096, "model.prompt_cache", m.prompt_cache, "0 to 4096 prompts")
     need(e.max_queue_total >= 1, "engine.max_queue_total", e.max_queue_total, "at least 1")
     need(e.max_queue_per_user >= 1, "engine.max_queue_per_user", e.max_queue_per_user, "at least 1")
     need(e.job_timeout_s > 0, "engine.job_timeout_s", e.job_timeout_s, "more than 0 seconds")

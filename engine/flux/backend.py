@@ -33,6 +33,7 @@ from engine.flux.batch import batch_sizes, batched, per_batch
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
 from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
+from engine.flux.prompt_cache import PromptCache
 from engine.flux.vae_tiling import tile_vae
 from engine.request import ImageRequest
 from engine.upscale import upscale
@@ -70,6 +71,7 @@ class FluxBackend:
         self._compiled = False
         self._at_plan: tuple[int, int] | None = None  # (device free, reserved) when planned
         self._built_for: MemoryPlan | None = None  # the plan the pipeline was loaded for
+        self.prompts = PromptCache(config.prompt_cache)  # text embeddings, host memory
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -109,6 +111,7 @@ class FluxBackend:
                                                          loaded.t5_stream)
         else:
             self._pipe = self._factory(self.plan, self.paths)
+        self.prompts.install(self._pipe)  # emptied: these text encoders may differ
         self._built_for = self.plan
         self.load_seconds = time.monotonic() - started
         log.info("FLUX pipeline loaded in %.1f s", self.load_seconds)
@@ -122,6 +125,7 @@ class FluxBackend:
                 handle.close()  # unregisters the page-locked host memory
         self._stream = self._t5_stream = None
         self._pipe = self.float8 = None
+        self.prompts.clear()
         self._compiled = False
         gc.collect()
         _empty_cache()
