@@ -5,7 +5,8 @@ config (only the model paths point at the random-weight checkpoint), the console
     python bench/bench_cards.py --ckpt DIR [--cards 5.6 7.5 ...] [--json F] [--md F]
 
 Per card (the device's free memory at start, ``emulated_card.EmulatedCard``): the time until the
-console says it is ready, then three 1024² and one 512² 20-step images queued at once (the
+console says it is ready, then three 1024² and one 512² 20-step images of different prompts
+and a re-roll of the first (1024², its prompt's text embeddings kept), queued at once (the
 queue keeps the GPU busy, so the gaps between images show what the bot adds), the s/step the
 engine logs, the process's device memory as the driver sees it (the holder's sample of the
 device's free memory; nvidia-smi's per-process figure where it lists processes) and the bot's
@@ -39,8 +40,13 @@ from bench.load_bot_launcher import process_memory_kib  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = [5.6, 7.5, 9.5, 11.5, 15.5, 23.0]
 PROMPT = "a red fox in fresh snow at dawn, detailed photograph"
-JOBS = [f"/imagine {PROMPT} --seed {seed} --steps 20" for seed in (1, 2, 3)] + [
-    f"/imagine {PROMPT} --seed 4 --steps 20 --size 512x512"]
+# Each image a prompt of its own, as from different users (a prompt seen before skips the text
+# encoders: engine/flux/prompt_cache.py), then the first prompt again, as a re-roll
+SUBJECTS = ("a red fox", "a grey wolf", "a snowy owl", "a young deer")
+JOBS = [f"/imagine {PROMPT.replace('a red fox', subject)} --seed {seed} --steps 20"
+        for seed, subject in enumerate(SUBJECTS[:3], start=1)] + [
+    f"/imagine {PROMPT.replace('a red fox', SUBJECTS[3])} --seed 4 --steps 20 --size 512x512",
+    f"/imagine {PROMPT} --seed 5 --steps 20"]
 FINISHED = re.compile(r"job (\w+) finished in ([\d.]+) s \(GPU ([\d.]+) s(?:, ([\d.]+) s/step)?")
 DONE = re.compile(r"^\[(\w+)\] (✅|⚠️)")  # finished, or failed (the row then fails)
 
@@ -107,6 +113,14 @@ class BotProcess:
             if regex.search(line):
                 return at, line
 
+    def wait_logged(self, pattern: re.Pattern[str], count: int, timeout: float = 10) -> None:
+        """Until ``count`` lines so far match (the engine logs a job's end just after the
+        console posts it)."""
+        deadline = time.monotonic() + timeout
+        while (sum(bool(pattern.search(t)) for _, t in list(self.log)) < count
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+
     def peak_rss_gib(self) -> float | None:
         try:
             return process_memory_kib(self.proc.pid)[1] / 1024**2
@@ -171,6 +185,7 @@ def run_card(free_gib: float, ckpt: Path, extra: str = "", jobs: list[str] | Non
         ends = [bot.wait_for(DONE, timeout) for _ in jobs]
         done = [at for at, _ in ends]
         row["failed_jobs"] = [line for _, line in ends if "⚠️" in line]
+        bot.wait_logged(FINISHED, len(jobs) - len(row["failed_jobs"]))
         row["smi_gib"] = nvidia_smi_used_gib(bot.proc.pid)
         row["host_peak_rss_gib"] = bot.peak_rss_gib()
         row.update(_timings(bot.log, sent, done))
@@ -199,6 +214,9 @@ def _timings(log: list[tuple[float, str]], sent: float, done: list[float]) -> di
         "gpu_s_1024": statistics.mean(gpu[1:3]) if len(gpu) >= 3 else None,
         "s_step_1024": statistics.median(steps[:3]) if steps else None,
         "s_image_512": gaps[2] if len(gaps) >= 3 else None,
+        # the first prompt again (its text embeddings kept)
+        "s_reroll_1024": gaps[3] if len(gaps) >= 4 else None,
+        "gpu_s_reroll_1024": gpu[4] if len(gpu) >= 5 else None,
         # what the bot adds between consecutive images beyond the GPU's own time
         "gap_s": (statistics.mean(g - t for g, t in zip(gaps[:2], gpu[1:3], strict=False))
                   if len(gpu) >= 3 and len(gaps) >= 2 else None),
@@ -228,16 +246,17 @@ def run_seed(free_gib: float, ckpt: Path, steps: int = 3) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
-    head = ("| card (free at start) | ready s | s/image 1024² | s/step | 512² s | gap s | "
-            "device peak GiB (driver) | nvidia-smi GiB | host peak RSS GiB | OOM | ok |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| card (free at start) | ready s | s/image 1024² | s/step | 512² s | re-roll s | "
+            "gap s | device peak GiB (driver) | nvidia-smi GiB | host peak RSS GiB | OOM | ok |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         ok = row_ok(r)
         lines.append(
             f"| {r['card_free_gib']:.1f} GiB ({r['config']}) | {fmt(r.get('ready_s'), '.0f')} | "
             f"{fmt(r.get('s_image_1024'))} | {fmt(r.get('s_step_1024'), '.3f')} | "
-            f"{fmt(r.get('s_image_512'))} | {fmt(r.get('gap_s'), '.3f')} | "
+            f"{fmt(r.get('s_image_512'))} | {fmt(r.get('s_reroll_1024'))} | "
+            f"{fmt(r.get('gap_s'), '.3f')} | "
             f"{fmt(r.get('device_peak_gib'))} | {fmt(r.get('smi_gib'))} | "
             f"{fmt(r.get('host_peak_rss_gib'))} | {r['oom']} | {'yes' if ok else 'NO'} |")
     return (f"Device: {device}. Command: `{command}`\n\n" + head + "\n".join(lines) + "\n")
