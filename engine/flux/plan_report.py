@@ -27,9 +27,10 @@ from engine.flux.residency import (
 LOADING_PEAK_GIB = 12.5
 BESIDE_STREAMED_GIB = 8.0
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
-# default config, by the card's free memory at start (GiB): bench/bench_cards.py.
+# default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
+# of each card (README's hardware table; 7.5 and 11.5 from 2026-12-07, the rest 2026-12-06).
 MEASURED_S_PER_IMAGE = {
-    "H100": ((5.6, 4.31), (7.5, 3.56), (9.5, 3.36), (11.5, 3.32), (15.5, 3.00), (23.0, 2.86)),
+    "H100": ((5.6, 4.36), (7.5, 3.78), (9.5, 3.43), (11.5, 3.16), (15.5, 3.12), (23.0, 2.92)),
 }
 
 
