@@ -170,6 +170,27 @@ async def test_cancel_reaches_a_running_remote_job_between_steps(tmp_path, nats_
     assert await asyncio.wait_for(follow.wait(), 10) is JobStatus.FINISHED  # worker free again
 
 
+async def test_a_cancel_asked_for_while_the_connection_is_closed_is_sent_when_it_is_back(
+        tmp_path, nats_server, workers, bots) -> None:
+    """The server closed the bot's connection for good (as when its credentials expire) while
+    a worker makes a long image, and the user cancels: the cancel is kept and sent when the bot
+    connects again, so the worker stops instead of finishing an image nobody will get."""
+    cfg = cluster_config(tmp_path, nats_server.url, step_s=0.2)
+    workers.cfg = cfg
+    workers.start("w1")
+    engine = await open_bot(cfg, bots, workers=1)
+    job = await engine.submit(user(1), make_request("slow", steps=60), ORIGIN)  # 12 s
+    await eventually(lambda: any(isinstance(e, Progress) for e in job.events_so_far))
+    await remote(engine)._nc.close()
+    assert await job.cancel()
+    assert await asyncio.wait_for(job.wait(), 5) is JobStatus.CANCELLED
+    await eventually(lambda: f"job {job.id} cancelled" in workers.log("w1"), timeout=8,
+                     what="the worker stopping the job once the bot is connected again")
+    assert f"job {job.id} finished" not in workers.log("w1")
+    follow = await engine.submit(user(1), make_request("next", steps=2), ORIGIN)
+    assert await asyncio.wait_for(follow.wait(), 10) is JobStatus.FINISHED
+
+
 async def die(engine: Engine) -> None:
     """The bot process dies: nothing more reaches its journal or the server from it."""
     assert engine._scheduler is not None

@@ -61,6 +61,9 @@ class RemoteWorker:
         self._tasks: list[asyncio.Task[None]] = []  # this connection's
         self._keeper: asyncio.Task[None] | None = None
         self._nc: Any = None
+        # cancels asked for while the server had closed the connection for good: sent when
+        # the next session starts (a worker still making the image stops then, not at the end)
+        self._owed_cancels: set[str] = set()
 
     # -- the Runner protocol -----------------------------------------------------------------
     async def load(self) -> None:
@@ -138,6 +141,12 @@ class RemoteWorker:
         await nc.subscribe(self.names.progress("*"), cb=self._on_progress)
         await nc.subscribe(self.names.result("*"), cb=self._on_outcome)
         await self._read_workers()
+        for job_id in sorted(self._owed_cancels):
+            await nc.publish(self.names.cancel(job_id), b"")
+        if self._owed_cancels:
+            log.info("NATS: sent the %d cancels asked for while disconnected",
+                     len(self._owed_cancels))
+            self._owed_cancels.clear()
         self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
                        asyncio.create_task(self._dead_letters(), name="cluster-dead-letters"),
                        asyncio.create_task(self._sweep(), name="cluster-leftovers")]
@@ -239,7 +248,11 @@ class RemoteWorker:
             raise JobTimedOut("This image took too long and was stopped.")
 
     def _send_cancel(self, job_id: str) -> None:
-        if not self._nc.is_closed:  # closed for good: the worker finishes it, unheard
+        """Now; or, while the connection is closed for good, when the next one starts (while
+        nats-py reconnects by itself it keeps what is published and sends it then)."""
+        if self._nc.is_closed:
+            self._owed_cancels.add(job_id)
+        else:
             asyncio.ensure_future(self._nc.publish(self.names.cancel(job_id), b""))
 
     async def _images_of(self, outcome: Outcome) -> list[bytes]:
