@@ -3,8 +3,8 @@
 A chat re-rolls, varies and upscales the same prompt again and again, an upscale samples
 every tile with it, and a large ``--n`` job runs in several passes: each of those calls
 diffsynth's prompt unit again, which runs CLIP and T5-XXL. On a card that streams T5 that is
-4.7 GB of float8 weights over PCIe per call (about 0.09 s on an H100's link, two to three
-times that on a PCIe 4.0 consumer card). ``PromptCache.install`` wraps the pipeline's own
+4.7 GB of float8 weights over PCIe per call (about 0.09 s on an H100's link, about twice
+that on a PCIe 4.0 consumer card). ``PromptCache.install`` wraps the pipeline's own
 ``FluxImageUnit_PromptEmbedder.process`` and answers a prompt it has seen with the stored
 tensors, kept in host memory (4 MiB a prompt at 512 T5 tokens) so the GPU budget is untouched.
 
@@ -57,6 +57,8 @@ class PromptCache:
             if stored is not None:
                 self._stored.move_to_end(key)
                 self.hits += 1
+                log.debug("prompt embeddings reused (%d reused, %d encoded so far)", self.hits,
+                          self.misses)
                 # copies: the job may change its inputs in place
                 return {name: value.to(device, copy=True)
                         for name, (value, device) in stored.items()}
