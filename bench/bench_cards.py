@@ -214,8 +214,8 @@ def _timings(log: list[tuple[float, str]], sent: float, done: list[float]) -> di
         "gpu_s_1024": statistics.mean(gpu[1:3]) if len(gpu) >= 3 else None,
         "s_step_1024": statistics.median(steps[:3]) if steps else None,
         "s_image_512": gaps[2] if len(gaps) >= 3 else None,
-        # the first prompt again (its text embeddings kept)
-        "s_reroll_1024": gaps[3] if len(gaps) >= 4 else None,
+        # the first prompt again (its text embeddings kept): the GPU's time, comparable with
+        # gpu_s_1024 (the gap after the 512² image also holds the PNG-size difference)
         "gpu_s_reroll_1024": gpu[4] if len(gpu) >= 5 else None,
         # what the bot adds between consecutive images beyond the GPU's own time
         "gap_s": (statistics.mean(g - t for g, t in zip(gaps[:2], gpu[1:3], strict=False))
@@ -246,8 +246,9 @@ def run_seed(free_gib: float, ckpt: Path, steps: int = 3) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
-    head = ("| card (free at start) | ready s | s/image 1024² | s/step | 512² s | re-roll s | "
-            "gap s | device peak GiB (driver) | nvidia-smi GiB | host peak RSS GiB | OOM | ok |\n"
+    head = ("| card (free at start) | ready s | s/image 1024² | s/step | 512² s | GPU s: new "
+            "prompt · re-roll | gap s | device peak GiB (driver) | nvidia-smi GiB | "
+            "host peak RSS GiB | OOM | ok |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
@@ -255,7 +256,8 @@ def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
         lines.append(
             f"| {r['card_free_gib']:.1f} GiB ({r['config']}) | {fmt(r.get('ready_s'), '.0f')} | "
             f"{fmt(r.get('s_image_1024'))} | {fmt(r.get('s_step_1024'), '.3f')} | "
-            f"{fmt(r.get('s_image_512'))} | {fmt(r.get('s_reroll_1024'))} | "
+            f"{fmt(r.get('s_image_512'))} | {fmt(r.get('gpu_s_1024'))} · "
+            f"{fmt(r.get('gpu_s_reroll_1024'))} | "
             f"{fmt(r.get('gap_s'), '.3f')} | "
             f"{fmt(r.get('device_peak_gib'))} | {fmt(r.get('smi_gib'))} | "
             f"{fmt(r.get('host_peak_rss_gib'))} | {r['oom']} | {'yes' if ok else 'NO'} |")

@@ -46,7 +46,7 @@ def test_the_cards_benchmark_queues_its_images_and_times_them(dry_run_card, tmp_
     row = bench_cards.run_card(7.5, tmp_path, timeout=60)
     assert not row.get("error") and row["exit_code"] == 0 and row["failed_jobs"] == []
     assert row["s_image_1024"] > 0 and row["s_step_1024"] > 0 and row["s_image_512"] > 0
-    assert row["s_reroll_1024"] > 0 and row["gpu_s_reroll_1024"] > 0  # the fifth image
+    assert row["gpu_s_reroll_1024"] > 0  # the fifth image
     assert bench_cards.row_ok(row) and "| 7.5 GiB (default) |" in bench_cards.markdown(
         [row], "cpu", "test")
 

@@ -28,9 +28,9 @@ LOADING_PEAK_GIB = 12.5
 BESIDE_STREAMED_GIB = 8.0
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
-# of each card (README's hardware table; 7.5 and 11.5 from 2026-12-07, the rest 2026-12-06).
+# of each card (README's hardware table; 5.6, 7.5 and 11.5 from 2026-12-07, the rest 2026-12-06).
 MEASURED_S_PER_IMAGE = {
-    "H100": ((5.6, 4.36), (7.5, 3.78), (9.5, 3.43), (11.5, 3.16), (15.5, 3.12), (23.0, 2.92)),
+    "H100": ((5.6, 4.50), (7.5, 3.83), (9.5, 3.43), (11.5, 3.16), (15.5, 3.12), (23.0, 2.92)),
 }
 
 
