@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     ax.set_yscale("log")
     ax.set_xlabel("card: GPU memory free at start (GiB)")
     ax.set_ylabel("seconds per 1024² image, 20 steps (log)")
-    ax.set_title("FLUX.1-dev on small cards (H100; see the legend for how each was measured)")
+    ax.set_title("FLUX.1-dev on small cards, H100 (the legend says how each was measured)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
