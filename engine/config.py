@@ -338,7 +338,8 @@ def _validated(config: Config) -> Config:
     need(m.preset in PRESETS, "model.preset", m.preset, ", ".join(PRESETS))
     need(m.vram_limit_gib >= 0, "model.vram_limit_gib", m.vram_limit_gib, "0 (auto) or more GiB")
     need(1 <= m.batch_images <= 8, "model.batch_images", m.batch_images, "1 to 8 images")
-    need(0 <= m.prompt_cache <= 4096, "model.prompt_cache", m.prompt_cache, "0 to 4096 prompts")
+    need(0 <= m.prompt_cache <= 1024, "model.prompt_cache", m.prompt_cache,
+         "0 to 1024 prompts (4 MiB of host memory each)")
     need(e.max_queue_total >= 1, "engine.max_queue_total", e.max_queue_total, "at least 1")
     need(e.max_queue_per_user >= 1, "engine.max_queue_per_user", e.max_queue_per_user, "at least 1")
     need(e.job_timeout_s > 0, "engine.job_timeout_s", e.job_timeout_s, "more than 0 seconds")

@@ -185,6 +185,47 @@ def test_a_reloaded_pipeline_starts_with_an_empty_cache(tmp_path: Path) -> None:
     assert built[1].text.encoder_calls == (1, 1)
 
 
+def test_every_calibration_warm_up_runs_the_text_encoders(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm-up over the budget tightens the plan in place (no reload) and warms up again
+    with the same prompt: that warm-up must still run T5, or its phase goes unmeasured."""
+    import dataclasses
+
+    import engine.flux.backend as fb
+    import engine.flux.pipeline as fp
+
+    backend, built = cpu_backend(tmp_path, pipe_class=UnitPipe, preset="low", vram_limit_gib=8.0)
+    backend.load()  # on the CPU: no calibration at load
+    backend._factory = None  # as in production: a plan of the same layout is applied in place
+    monkeypatch.setattr(fp, "set_vram_limit", lambda pipe, gib: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+
+    class Budget:
+        growth_gib = 1.0
+
+        def describe(self) -> str:
+            return "budget"
+
+        def tightened(self, gib: float) -> Budget:
+            return self
+
+    backend.plan = dataclasses.replace(backend.plan, device_budget=Budget())
+    t5 = built[0].text.text_encoder_2
+    t5_calls_at_each_peak: list[int] = []
+
+    def grown(torch_module) -> float:
+        t5_calls_at_each_peak.append(t5.calls)
+        return 1.0
+
+    excess = iter([0.5, 0.0])  # the first warm-up over the budget, the second within it
+    monkeypatch.setattr(backend, "_grown_gib", grown)
+    monkeypatch.setattr(fb, "calibration_excess_gib", lambda budget, gib: next(excess))
+    backend._calibrate()
+    assert len(built) == 1  # tightened in place
+    assert t5_calls_at_each_peak == [1, 2]
+
+
 def test_config_bounds(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[model]\nprompt_cache = -1\n")

@@ -465,6 +465,7 @@ class FluxBackend:
             assert self.plan is not None
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.plan.device)
+            self.prompts.clear()  # each warm-up measures the text encoders' phase as well
             if self._try_warm_up():  # out of memory; the failed pass's tensors are gone now
                 self.recover_after_failure()
                 nxt = tighter_after_oom(self.plan)
