@@ -14,6 +14,7 @@ the choice of worker to whichever pulls first. A job whose worker left mid-job g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ RETRY_S = 0.5
 RECONNECT_S = 2.0  # how often a connection the server closed for good is tried again
 SWEEP_S = 1.0  # how often leftovers that fell due are deleted
 CLOSE_SWEEP_S = 10.0  # at a clean shutdown, the most spent deleting the rest (else: the TTL)
+CANCELS_KEPT_S = 600.0  # how long a cancel is sent again by each new connection
 KEPT_STOPPING = N_("This image could not be made: the image workers kept stopping while making "
                    "it.")
 
@@ -61,9 +63,10 @@ class RemoteWorker:
         self._tasks: list[asyncio.Task[None]] = []  # this connection's
         self._keeper: asyncio.Task[None] | None = None
         self._nc: Any = None
-        # cancels asked for while the server had closed the connection for good: sent when
-        # the next session starts (a worker still making the image stops then, not at the end)
-        self._owed_cancels: set[str] = set()
+        # job id -> when its cancel was asked for: sent again by every new session for
+        # CANCELS_KEPT_S, so one asked for while the connection was closed for good, or held
+        # by nats-py while it reconnected in vain, still stops a worker making that image
+        self._cancels: dict[str, float] = {}
 
     # -- the Runner protocol -----------------------------------------------------------------
     async def load(self) -> None:
@@ -141,12 +144,7 @@ class RemoteWorker:
         await nc.subscribe(self.names.progress("*"), cb=self._on_progress)
         await nc.subscribe(self.names.result("*"), cb=self._on_outcome)
         await self._read_workers()
-        for job_id in sorted(self._owed_cancels):
-            await nc.publish(self.names.cancel(job_id), b"")
-        if self._owed_cancels:
-            log.info("NATS: sent the %d cancels asked for while disconnected",
-                     len(self._owed_cancels))
-            self._owed_cancels.clear()
+        await self._send_recent_cancels(nc)
         self._tasks = [asyncio.create_task(self._watch_workers(), name="cluster-workers"),
                        asyncio.create_task(self._dead_letters(), name="cluster-dead-letters"),
                        asyncio.create_task(self._sweep(), name="cluster-leftovers")]
@@ -248,12 +246,30 @@ class RemoteWorker:
             raise JobTimedOut("This image took too long and was stopped.")
 
     def _send_cancel(self, job_id: str) -> None:
-        """Now; or, while the connection is closed for good, when the next one starts (while
-        nats-py reconnects by itself it keeps what is published and sends it then)."""
-        if self._nc.is_closed:
-            self._owed_cancels.add(job_id)
-        else:
-            asyncio.ensure_future(self._nc.publish(self.names.cancel(job_id), b""))
+        """Now if connected (while nats-py reconnects by itself it buffers the message), and
+        again from the next session on, in case this one never reached the server."""
+        self._cancels[job_id] = time.monotonic()
+        if not self._nc.is_closed:
+            asyncio.ensure_future(self._publish_cancel(self._nc, job_id))
+
+    async def _publish_cancel(self, nc: Any, job_id: str) -> None:
+        with contextlib.suppress(Exception):  # closed meanwhile: the next session sends it
+            await nc.publish(self.names.cancel(job_id), b"")
+
+    async def _send_recent_cancels(self, nc: Any) -> None:
+        """Sending a cancel twice is harmless (a cancelled job never runs again; a worker
+        that has not started it yet skips it); one never sent lets a worker finish an image
+        nobody gets."""
+        now = time.monotonic()
+        self._cancels = {job: at for job, at in self._cancels.items()
+                         if now - at < CANCELS_KEPT_S}
+        for job_id in list(self._cancels):
+            await nc.publish(self.names.cancel(job_id), b"")
+        if self._cancels:
+            await nc.flush()
+            log.info("NATS: sent again the %d cancels of the last %.0f minutes",
+                     len(self._cancels), CANCELS_KEPT_S / 60)
+
 
     async def _images_of(self, outcome: Outcome) -> list[bytes]:
         if outcome.status == FAILED:
