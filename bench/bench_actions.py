@@ -1,5 +1,5 @@
 """Image actions on an emulated card, through the user's path (``python -m bot run``, the
-console): one 1024² image, then the same prompt with ``--n 4``, a strong variation of the first
+console): one 1024² image, then another prompt with ``--n 4``, a strong variation of the first
 image (image-to-image at strength 0.7), image-to-image from the first image's file at the
 default strength 0.6 (the console's ``--image``, as a picture sent in a chat) and the first
 image's 2× upscale (2048², tiled).
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_cards import DONE, FINISHED, PROMPT, BotProcess, device_name, fmt, run_on_card  # noqa: E402
 
 STEPS = 20
+PROMPT_N4 = PROMPT.replace("a red fox", "a grey wolf")
 SAVED = re.compile(r"^\[\w+\] saved to ")
 
 
@@ -36,7 +37,10 @@ def actions(first: tuple[str, str] | None) -> list[tuple[str, str]]:
     if first is None:
         return [("one 1024²", f"/imagine {PROMPT} --seed 1 --steps {STEPS}")]
     first_id, first_file = first
-    return [("--n 4 1024²", f"/imagine {PROMPT} --seed 5 --steps {STEPS} --n 4"),
+    # a prompt of its own, like the first image's (the text embeddings of a prompt seen before
+    # are kept: engine/flux/prompt_cache.py); the actions on the first image reuse its prompt
+    # as they do for users
+    return [("--n 4 1024²", f"/imagine {PROMPT_N4} --seed 5 --steps {STEPS} --n 4"),
             ("vary strong (0.7)", f"/vary {first_id} 1 strong"),
             ("image-to-image (0.6)",
              f'/imagine {PROMPT} --seed 9 --steps {STEPS} --image "{first_file}"'),
