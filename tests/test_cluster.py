@@ -187,6 +187,10 @@ async def test_a_cancel_asked_for_while_the_connection_is_closed_is_sent_when_it
     await eventually(lambda: f"job {job.id} cancelled" in workers.log("w1"), timeout=8,
                      what="the worker stopping the job once the bot is connected again")
     assert f"job {job.id} finished" not in workers.log("w1")
+    # the new connection lists the workers again from their heartbeats (a busy machine can
+    # let one lapse for a moment, and then no worker is listed)
+    await eventually(lambda: len(remote(engine).workers()) == 1, timeout=10,
+                     what="the worker listed again")
     follow = await engine.submit(user(1), make_request("next", steps=2), ORIGIN)
     assert await asyncio.wait_for(follow.wait(), 10) is JobStatus.FINISHED
 
