@@ -248,6 +248,7 @@ class RemoteWorker:
     def _send_cancel(self, job_id: str) -> None:
         """Now if connected (while nats-py reconnects by itself it buffers the message), and
         again from the next session on, in case this one never reached the server."""
+        self._forget_old_cancels()  # a connection that stays up never reaches the other call
         self._cancels[job_id] = time.monotonic()
         if not self._nc.is_closed:
             asyncio.ensure_future(self._publish_cancel(self._nc, job_id))
@@ -260,9 +261,7 @@ class RemoteWorker:
         """Sending a cancel twice is harmless (a cancelled job never runs again; a worker
         that has not started it yet skips it); one never sent lets a worker finish an image
         nobody gets."""
-        now = time.monotonic()
-        self._cancels = {job: at for job, at in self._cancels.items()
-                         if now - at < CANCELS_KEPT_S}
+        self._forget_old_cancels()
         for job_id in list(self._cancels):
             await nc.publish(self.names.cancel(job_id), b"")
         if self._cancels:
@@ -270,6 +269,10 @@ class RemoteWorker:
             log.info("NATS: sent again the %d cancels of the last %.0f minutes",
                      len(self._cancels), CANCELS_KEPT_S / 60)
 
+    def _forget_old_cancels(self) -> None:
+        now = time.monotonic()
+        self._cancels = {job: at for job, at in self._cancels.items()
+                         if now - at < CANCELS_KEPT_S}
 
     async def _images_of(self, outcome: Outcome) -> list[bytes]:
         if outcome.status == FAILED:
