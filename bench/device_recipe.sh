@@ -5,7 +5,7 @@
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
 #                                               # tests, bench, float8, cards, actions,
-#                                               # peer, lora, tiling
+#                                               # peer, lora, tiling, profile
 #                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
@@ -17,7 +17,8 @@
 # ACTION_BATCHES: model.batch_images values); peer: diffusers' best offloading on emulated
 # cards (PEER_CARDS); lora: styles of rank 16 and 64 through `python -m bot run` (LORA_CARDS;
 # 0 = the whole card); tiling: TILING_CARDS planned as by default and with the VAE decode kept
-# untiled (a copy with TILE_VAE_GAIN_GIB raised). At most 8 files come back from the device:
+# untiled (a copy with TILE_VAE_GAIN_GIB raised); profile: bench/profile_card.py on
+# PROFILE_CARDS (per-step times, PROFILE_VARIANTS, a kernel trace of one image). At most 8 files come back from the device:
 # logs are appended to one file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora "|" tiling " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora "|" tiling "|" profile " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
     python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee -a "$OUT/device.txt"
     echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/device.txt"
@@ -111,6 +112,14 @@ device() {
           && (cd /tmp/untiled && python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" \
             --cards ${TILING_CARDS:-7.5 11.5} --json "$OUT/tiling-untiled.json"); } 2>&1 \
           | tee -a "$OUT/tiling.log" || echo "TILING FAILED" ;;
+      profile)
+        for card in ${PROFILE_CARDS:-7.5}; do
+          # shellcheck disable=SC2086
+          python3 bench/profile_card.py --ckpt "$RANDOM_FLUX_DIR" --card "$card" --sizes 1024 \
+            --steps 8 --variants ${PROFILE_VARIANTS:-nosync nocast nocopy stream+2 resident+1} \
+            --trace "$OUT/trace-$card.json.gz" --json "$OUT/profile-$card.json" 2>&1 \
+            | tee -a "$OUT/profile.log" || echo "PROFILE FAILED"
+        done ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done

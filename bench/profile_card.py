@@ -3,6 +3,14 @@ image per size with per-step times, the allocator's retries and device (un)maps,
 recompiles, and a profile of one step's kernels and CPU ops.
 
     python bench/profile_card.py --ckpt DIR --card 7.5 [--sizes 1024 512] [--steps 4] [--json F]
+        [--variants nosync nocast nocopy stream+2 resident+1] [--trace F.json.gz]
+
+Variants run the same 1024² image again after changing one thing at run time, so that their
+s/step differ from the default's by that alone: ``nosync`` (no device sync after each step),
+``nocast`` / ``nocopy`` (the streamer skips its float8 casts / its host-to-device copies: the
+images are wrong, the time is what the step costs without them), ``stream+N`` (N more blocks
+streamed, the smallest resident ones) and ``resident+N`` (N fewer, where the card has room).
+The trace's timeline is summarised by ``bench/trace_timeline.py``.
 
 Set PYTORCH_CUDA_ALLOC_CONF to compare allocator settings (the backend leaves it as given).
 """
@@ -48,13 +56,99 @@ def one_image(torch: Any, backend: Any, size: int, steps: int) -> dict[str, Any]
                        if v != frames.get(k, 0)}}
 
 
-def profile_step(torch: Any, backend: Any, size: int) -> str:
+def annotate_streamer() -> None:
+    """Name the streamer's casts and copies in the profile (``stream.cast``/``stream.copy``)."""
+    from torch.profiler import record_function
+
+    from engine.flux.streaming import StreamingHandle
+
+    for name in ("_cast", "_copy"):
+        plain = getattr(StreamingHandle, name)
+
+        def named(self: Any, *args: Any, _plain: Any = plain, _n: str = name[1:]) -> None:
+            with record_function(f"stream.{_n}"):
+                _plain(self, *args)
+
+        setattr(StreamingHandle, name, named)
+
+
+def profile_step(torch: Any, backend: Any, size: int, trace: Path | None) -> str:
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.trace_timeline import analyse, load_trace
+    from bench.trace_timeline import table as timeline_table
+
+    annotate_streamer()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        backend.generate(request(size, 2, seed=5), lambda i, n: None)
+        backend.generate(request(size, 5, seed=5), lambda i, n: None)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
-    return table + "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
+    table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    raw = Path("/tmp/profile-trace.json")
+    prof.export_chrome_trace(str(raw))
+    table += "\n" + timeline_table(analyse(load_trace(raw)))
+    if trace is not None:
+        import gzip
+        import shutil
+
+        with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return table
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else 0.0
+
+
+def run_variant(torch: Any, backend: Any, name: str, steps: int) -> dict[str, Any]:
+    """One 1024² image with one thing changed (see the module docstring), then undone."""
+    import contextlib
+
+    from engine.flux import pipeline
+    from engine.flux.residency import FP8, STREAMED, ResidencyPlan
+    from engine.flux.streaming import StreamingHandle
+
+    stream = backend._stream
+    undo: list[Any] = []
+    if name == "nosync":
+        plain = pipeline.step_reporter
+        pipeline.step_reporter = lambda on_step, sync=None: plain(on_step, None)
+        undo.append(lambda: setattr(pipeline, "step_reporter", plain))
+    elif name in ("nocast", "nocopy"):
+        attr = "_cast" if name == "nocast" else "_copy"
+        plain = getattr(StreamingHandle, attr)
+
+        def skip(self: Any, block: Any, where: Any) -> None:
+            if name == "nocopy" and self._cuda:  # keep the events the compute stream waits on
+                with torch.cuda.stream(self._side):
+                    self._copied[where].record(self._side)
+
+        setattr(StreamingHandle, attr, skip)
+        undo.append(lambda: setattr(StreamingHandle, attr, plain))
+    elif name.startswith(("stream+", "resident+")) and stream is not None:
+        n = int(name.split("+")[1])
+        old = stream.plan
+        places = list(old.placements)
+        src, dst = (FP8, STREAMED) if name.startswith("stream") else (STREAMED, FP8)
+        pick = sorted((i for i, p in enumerate(places) if p == src),
+                      key=lambda i: (old.block_bytes[i], i))[:n]
+        for i in pick:
+            places[i] = dst
+        stream.relayout(ResidencyPlan(**{**old.__dict__, "placements": tuple(places)}))
+        undo.append(lambda: stream.relayout(old))
+    try:
+        row = one_image(torch, backend, 1024, steps)
+    except torch.cuda.OutOfMemoryError as e:
+        row = {"error": str(e)[:200]}
+        backend.recover_after_failure()
+    finally:
+        for u in undo:
+            with contextlib.suppress(Exception):
+                u()
+    row["variant"] = name
+    row["s_step"] = median(row.get("steps_s", []))
+    if stream is not None:
+        row["streamed_gib"] = stream.plan.streamed_bytes / 1024**3
+    return row
 
 
 def main() -> int:
@@ -66,6 +160,9 @@ def main() -> int:
     parser.add_argument("--compile", type=int, default=1)
     parser.add_argument("--profile", type=int, default=1024, help="0: no profile")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--variants", nargs="*", default=[])
+    parser.add_argument("--variant-steps", type=int, default=10)
+    parser.add_argument("--trace", type=Path, help="the profile's chrome trace (gzip)")
     args = parser.parse_args()
     with EmulatedCard(args.card) as card:
         import torch
@@ -87,8 +184,15 @@ def main() -> int:
         for size in args.sizes:
             result["images"].append(one_image(torch, backend, size, args.steps))
             print(json.dumps(result["images"][-1]), flush=True)
+        result["variants"] = []
+        for name in ["default", *args.variants, "default"]:
+            row = run_variant(torch, backend, name, args.variant_steps)
+            result["variants"].append(row)
+            print(json.dumps({k: row[k] for k in ("variant", "s_step", "s_image",
+                                                  "streamed_gib", "error") if k in row}),
+                  flush=True)
         if args.profile:
-            result["profile"] = profile_step(torch, backend, args.profile)
+            result["profile"] = profile_step(torch, backend, args.profile, args.trace)
             print(result["profile"], flush=True)
         result["card_report"] = card.report()
         backend.close()
