@@ -204,7 +204,7 @@ def load(args: argparse.Namespace, recorder: Recorder, plan: Any, paths: Any) ->
             loaded = pipeline.load_pipeline(plan, paths)
         if loaded.t5_stream is not None:  # the DiT's budget reserved this for T5 ahead
             print(f"reserved for T5 from the headers: "
-                  f"{pipeline.later_resident_bytes(plan, paths) / 2**20:.1f} MiB; "
+                  f"{pipeline.other_weights(plan, paths).text / 2**20:.1f} MiB (with CLIP); "
                   f"T5 fixed as laid out: {loaded.t5_stream.plan.fixed_bytes / 2**20:.1f} MiB")
         return loaded.pipe, loaded.dit_stream, loaded.t5_stream
     with recorder.phase("build_pipeline"):

@@ -4,6 +4,7 @@ fake pipeline whose memory use follows the plan, and the driver's free-memory fi
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import weakref
@@ -22,13 +23,16 @@ from engine.flux.device_budget import (
     reserve_side,
     warm_up_side,
 )
-from engine.flux.presets import OTHERS_RESIDENT_BYTES, plan_memory, with_less
+from engine.flux.presets import plan_memory, with_less
 from engine.flux.residency import (
     FLUX_FIXED_BYTES,
+    FLUX_OTHER_WEIGHTS,
+    OtherWeights,
     ResidencyError,
     dit_activation_bytes,
     dit_residency,
     flux_dev_block_sizes,
+    t5_phase_bytes,
     vae_decode_bytes,
 )
 
@@ -58,7 +62,7 @@ def planned_dit(free: float, max_pixels: int):
     """The streaming plan and the DiT's residency for FLUX.1-dev on a card with ``free``."""
     plan = plan_memory(ModelSection(), free, 0.5, max_pixels)
     residency = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES,
-                              OTHERS_RESIDENT_BYTES)
+                              FLUX_OTHER_WEIGHTS)
     return plan, residency
 
 
@@ -75,7 +79,7 @@ def test_every_card_gets_a_plan_inside_its_budget_or_a_clear_refusal(free, max_p
         assert "too small" in str(e) and "smaller image size" in str(e)
         assert free < 8 and max_pixels > 1_048_576
         return
-    used = residency.peak_bytes + OTHERS_RESIDENT_BYTES
+    used = residency.peak_bytes + FLUX_OTHER_WEIGHTS.always
     assert used <= plan.budget_gib * GIB  # and budget_gib is what the device budget left
     assert plan.budget_gib == plan.device_budget.allocator_gib < free
     side = reserve_side(max_pixels)
@@ -338,7 +342,7 @@ def test_each_image_of_batch_kept_costs_dit_blocks_on_the_gpu() -> None:
     for batch_images in (1, 2, 4):
         plan = plan_memory(ModelSection(batch_images=batch_images), 7.5, 0.5)
         residency = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES,
-                                  OTHERS_RESIDENT_BYTES)
+                                  FLUX_OTHER_WEIGHTS)
         resident.append(sum(p != "streamed" for p in residency.placements))
         assert f"{batch_images} images" in plan.describe() or batch_images == 1
     assert resident[0] > resident[1] > resident[2]
@@ -354,6 +358,57 @@ def test_a_pass_of_four_images_costs_the_card_little_more_than_one() -> None:
     assert "one image at a time in passes of up to 4" in four.describe()
     both = plan_memory(ModelSection(batch_images=2), 7.5, 0.5, max_images=4)
     resident = [sum(p != "streamed" for p in dit_residency(
-        plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, OTHERS_RESIDENT_BYTES).placements)
+        plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, FLUX_OTHER_WEIGHTS).placements)
         for plan in (four, both)]
     assert resident[0] > resident[1]
+
+
+@pytest.mark.parametrize("free", [5.6, 7.5, 9.5, 11.5])  # the cards that stream
+def test_parked_models_give_the_denoising_loop_their_room(free):
+    """CLIP, T5's embedding and the VAE parked (engine/flux/parking.py): the DiT keeps more
+    blocks on the GPU and streams less per step than with them resident throughout, and every
+    phase still fits: the loop with its buffers, the text encoders and the VAE with their
+    weights fetched."""
+    plan = plan_memory(ModelSection(), free, 0.5)
+    resident = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=False)
+    kept, parked = (dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, others)
+                    for others in (resident, FLUX_OTHER_WEIGHTS))
+    assert parked.streamed_bytes < kept.streamed_bytes
+    # nearly all of the others' room goes to DiT blocks (a block is 135-324 MiB)
+    assert kept.streamed_bytes - parked.streamed_bytes > FLUX_OTHER_WEIGHTS.total - 330 * 2**20
+    budget = plan.budget_gib * GIB
+    weights = parked.fixed_bytes + parked.resident_bytes
+    side = plan.reserve_side
+    assert weights + parked.buffer_bytes + parked.reserve_bytes <= budget  # the loop
+    assert weights + t5_phase_bytes() + FLUX_OTHER_WEIGHTS.text <= budget  # text encoders
+    vae = vae_decode_bytes(side, side, tiled=plan.vae_tiled)
+    assert weights + vae + FLUX_OTHER_WEIGHTS.decode <= budget  # the decode
+    assert kept.peak_bytes + FLUX_OTHER_WEIGHTS.total <= budget
+
+
+def test_other_weights_by_phase():
+    others = OtherWeights(text=500, encode=60, decode=90)
+    assert others.always == 0 and others.total == 650
+    assert others.phase_bytes(vae_bytes=1000, t5_bytes=100) == 1090  # the decode's
+    assert others.phase_bytes(vae_bytes=100, t5_bytes=1000) == 1500  # the text encoders'
+    resident = dataclasses.replace(others, parked=False, resident=7)
+    assert resident.always == 657 and resident.phase_bytes(1000, 100) == 1000
+
+
+def test_the_constants_are_flux_dev_s_files():
+    """FLUX_OTHER_WEIGHTS is the real files' layout in bf16 (bench/make_random_flux.py)."""
+    from bench import make_random_flux as mrf
+
+    layout = mrf.flux_layout()
+    size = lambda shapes, keep: 2 * sum(mrf._numel(s) for k, s in shapes.items() if keep(k, s))  # noqa: E731
+    t5 = {k: s for name, shapes in layout.items() if name.startswith("text_encoder_2/")
+          for k, s in shapes.items()}
+    text = (size(layout[mrf.CLIP_FILE], lambda k, s: True)
+            + size(t5, lambda k, s: not (k.startswith("encoder.block.") and len(s) >= 2)))
+    vae = layout[mrf.VAE_FILE]
+    for expected, actual in ((text, FLUX_OTHER_WEIGHTS.text),
+                             (size(vae, lambda k, s: k.startswith("encoder.")),
+                              FLUX_OTHER_WEIGHTS.encode),
+                             (size(vae, lambda k, s: k.startswith("decoder.")),
+                              FLUX_OTHER_WEIGHTS.decode)):
+        assert expected <= actual < expected + 2**20

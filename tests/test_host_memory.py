@@ -22,7 +22,7 @@ from engine.flux import host_memory  # noqa: E402
 from engine.flux.host_memory import frugal_loading, resident_bytes  # noqa: E402
 from engine.flux.model_files import ModelPaths  # noqa: E402
 from engine.flux.presets import make_plan, streamed  # noqa: E402
-from engine.flux.residency import STREAMED, ResidencyPlan  # noqa: E402
+from engine.flux.residency import STREAMED, OtherWeights, ResidencyPlan  # noqa: E402
 from engine.flux.streaming import enable_block_streaming, measure_blocks  # noqa: E402
 
 MIB = 2**20
@@ -176,23 +176,27 @@ def test_t5_embedding_loaded_twice_is_shared_again(tmp_path):
 
 def test_the_dits_budget_reserves_what_t5_and_resident_models_will_hold(tmp_path, clip_file):
     """The DiT is laid out before T5 is loaded; the bytes reserved for T5 ahead, from its file's
-    header, are what the streamer then keeps resident for T5 (``fixed``)."""
-    from engine.flux.pipeline import T5_BLOCKS, later_resident_bytes, share_t5_embedding
+    header, are what the streamer then keeps for T5 (``fixed``), and the VAE's are split into
+    its encoder's and decoder's (each fetched in its own phase when parked)."""
+    from engine.flux.pipeline import T5_BLOCKS, other_weights, share_t5_embedding
 
     model, t5_path = tiny_t5_file(tmp_path)
     share_t5_embedding(model)
     _, fixed = measure_blocks(model, block_lists=T5_BLOCKS)
     vae = tmp_path / "ae.safetensors"
-    mrf.write_weights(vae, {"decoder.conv_in.weight": (8, 4, 3, 3)}, 0.02, "cpu")
+    mrf.write_weights(vae, {"decoder.conv_in.weight": (8, 4, 3, 3),
+                            "encoder.conv_in.weight": (4, 3, 3, 3)}, 0.02, "cpu")
     paths = ModelPaths(dit="", text_encoder=str(clip_file), text_encoder_2=[str(t5_path)],
                        vae=str(vae), tokenizer="", tokenizer_2="")
-    clip_and_vae = 2 * (sum(mrf._numel(s) for s in mrf.clip_layout().values()) + 8 * 4 * 9)
+    clip = 2 * sum(mrf._numel(s) for s in mrf.clip_layout().values())
     for preset, budget in (("low", 8.0), ("balanced", 20.0)):  # CLIP, VAE: resident bf16
         plan = make_plan(preset, "cuda", budget, stream_dit=True)
-        assert later_resident_bytes(plan, paths) == fixed + clip_and_vae
+        assert other_weights(plan, paths) == OtherWeights(
+            text=fixed + clip, encode=2 * 4 * 3 * 9, decode=2 * 8 * 4 * 9, parked=True)
     managed_clip = dataclasses.replace(plan, clip=streamed("cuda", "bfloat16"))
-    vae_only = 2 * 8 * 4 * 9
-    assert later_resident_bytes(managed_clip, paths) == fixed + vae_only  # not counted
+    assert other_weights(managed_clip, paths).text == fixed  # not counted
+    unstreamed = make_plan("balanced", "cuda", 20.0, stream_dit=False)
+    assert not other_weights(unstreamed, paths).parked
 
 
 class Blocks(torch.nn.Module):

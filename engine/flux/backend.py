@@ -65,6 +65,7 @@ class FluxBackend:
         self._pipe: Any = None
         self._stream: Any = None  # StreamingHandle when the plan block-streams the DiT
         self._t5_stream: Any = None  # and when it block-streams T5
+        self._parked: list[Any] = []  # ParkedModels: CLIP, the VAE, T5's embedding (streaming)
         self.float8: Any = None  # Float8Report when model.float8_compute took effect
         self.compile_seconds: float | None = None  # start-up cost of model.compile
         self.calibration: list[str] = []  # what each start-up warm-up measured and did
@@ -109,6 +110,7 @@ class FluxBackend:
             loaded = pipeline.load_pipeline(self.plan, self.paths)
             self._pipe, self._stream, self._t5_stream = (loaded.pipe, loaded.dit_stream,
                                                          loaded.t5_stream)
+            self._parked = loaded.parked
         else:
             self._pipe = self._factory(self.plan, self.paths)
         self.prompts.install(self._pipe)  # emptied: these text encoders may differ
@@ -120,10 +122,13 @@ class FluxBackend:
         if self._branches is not None:
             self._branches.detach()
             self._branches = None
+        for parked in self._parked:  # first: T5's wraps its streamer's phase hook
+            parked.close()
         for handle in (self._stream, self._t5_stream):
             if handle is not None:
                 handle.close()  # unregisters the page-locked host memory
         self._stream = self._t5_stream = None
+        self._parked = []
         self._pipe = self.float8 = None
         self.prompts.clear()
         self._compiled = False
@@ -272,11 +277,14 @@ class FluxBackend:
 
     def recover_after_failure(self) -> None:
         """After any failed pass: both streamers drop their buffers and the prefetch they had
-        in flight, diffsynth's managed layers go back to their offload place, and the cache
-        is emptied, so the next pass starts from a clean state."""
+        in flight, the parked models leave the GPU, diffsynth's managed layers go back to
+        their offload place, and the cache is emptied, so the next pass starts from a clean
+        state."""
         for handle in (self._stream, self._t5_stream):
             if handle is not None:
                 handle.release_buffers()
+        for parked in self._parked:
+            parked.park()
         pipe = self._pipe
         if pipe is not None and getattr(pipe, "vram_management_enabled", False) \
                 and hasattr(pipe, "load_models_to_device"):
@@ -321,7 +329,7 @@ class FluxBackend:
         same_layout = nxt.placements == self.plan.placements
         if same_layout and self._stream is not None and self._factory is None:
             residency = dit_residency(nxt, self._stream.plan.block_bytes,
-                                      self._stream.plan.fixed_bytes, self._stream.others_bytes)
+                                      self._stream.plan.fixed_bytes, self._stream.others)
             self._stream.relayout(residency)
             self.plan = self._built_for = nxt
         elif same_layout and self._pipe is not None and self._factory is None:

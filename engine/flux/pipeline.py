@@ -8,9 +8,10 @@ keeps the host's peak memory lowest (``host_memory.py`` keeps each load near the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ from diffsynth.core import ModelConfig
 
 from engine.flux.host_memory import frugal_loading
 from engine.flux.model_files import ModelPaths
+from engine.flux.parking import ParkedModel
 from engine.flux.presets import MemoryPlan, Placement
+from engine.flux.residency import OtherWeights
 
 # diffsynth's VRAM management calls torch.<device>.empty_cache() between phases; a CPU-only
 # torch has no torch.cpu.empty_cache (there is no CPU cache to empty), so give it a no-op.
@@ -148,24 +151,25 @@ def start_t5_streaming(pipe: Any, plan: MemoryPlan) -> Any:
     return handle
 
 
-def start_dit_streaming(pipe: Any, plan: MemoryPlan, others_bytes: int = 0) -> Any:
+def start_dit_streaming(pipe: Any, plan: MemoryPlan, others: OtherWeights | None = None) -> Any:
     """Lay the CPU float8 DiT out for block streaming within the plan's budget.
 
-    The budget is what the plan allows the whole pipeline, less what is already resident on the
-    GPU (CLIP and the VAE in ``balanced``, T5's embedding when T5 is streamed) and
-    ``others_bytes`` (what models loaded later will keep there); see ``dit_residency``.
-    Returns the ``StreamingHandle`` (``close()`` it before dropping the pipeline); a re-plan
-    moves its blocks with ``handle.relayout(residency.dit_residency(...))``.
+    The budget is what the plan allows the whole pipeline, less what the other models will
+    keep on the GPU (``others``: in every phase, or in their own phases when parked) and what
+    is already allocated there; see ``dit_residency``. Returns the ``StreamingHandle``
+    (``close()`` it before dropping the pipeline); a re-plan moves its blocks with
+    ``handle.relayout(residency.dit_residency(..., handle.others))``.
     """
     from engine.flux.residency import dit_residency
     from engine.flux.streaming import enable_block_streaming, measure_blocks
 
     device = torch.device(plan.device)
-    others = others_bytes + (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    others = dataclasses.replace(others or OtherWeights(parked=False), resident=allocated)
     sizes, fixed = measure_blocks(pipe.dit)
     handle = enable_block_streaming(pipe.dit, dit_residency(plan, sizes, fixed, others),
                                     plan.device)
-    handle.others_bytes = others  # what a re-plan keeps aside for the other models
+    handle.others = others  # what a re-plan keeps aside for the other models
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE
     return handle
@@ -176,6 +180,17 @@ class LoadedPipeline:
     pipe: Any
     dit_stream: Any = None  # StreamingHandle when the plan block-streams the DiT
     t5_stream: Any = None  # and when it block-streams T5
+    parked: list[ParkedModel] = field(default_factory=list)  # CLIP, the VAE, T5's embedding
+
+    def close(self) -> None:
+        """Unhook and unlock everything page-locked (parked models first: T5's wraps its
+        streamer's phase hook)."""
+        for parked in self.parked:
+            parked.close()
+        self.parked.clear()
+        for handle in (self.t5_stream, self.dit_stream):
+            if handle is not None:
+                handle.close()
 
 
 # diffsynth's model names (configs/model_configs.py) -> the FluxImagePipeline attributes its
@@ -190,7 +205,7 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
     A streaming plan loads the DiT alone first and lays it out at once, so the blocks that go
     to the GPU leave the host before T5 (4.4 GiB in float8) arrives: the host never holds the
     whole DiT (11.1 GiB) and T5 together. What the later models will keep on the GPU is
-    reserved from the DiT's budget ahead (``later_resident_bytes``), so the DiT gets the layout
+    reserved from the DiT's budget ahead (``other_weights``), so the DiT gets the layout
     it got when it was laid out last. T5, CLIP and the VAE are then loaded by diffsynth's own
     ``ModelPool``, one file at a time, so the second copy of CLIP that diffsynth's detection
     loads (its file also matches the Stable Diffusion text encoder) is dropped at once.
@@ -203,7 +218,7 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
     dit, clip, t5, vae = kwargs.pop("model_configs")
     with frugal_loading():
         pipe = FluxImagePipeline.from_pretrained(model_configs=[dit], **kwargs)
-    stream = start_dit_streaming(pipe, plan, later_resident_bytes(plan, paths))
+    stream = start_dit_streaming(pipe, plan, other_weights(plan, paths))
     stream.release_buffers()  # allocated again by the first denoising step
     loaded = LoadedPipeline(pipe, stream)
     try:
@@ -213,16 +228,38 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
                 share_t5_embedding(pipe.text_encoder_2)
             if config is t5 and plan.stream_t5:
                 loaded.t5_stream = start_t5_streaming(pipe, plan)
+        loaded.parked = park_other_models(pipe, plan.device)
     except BaseException:
-        for handle in (loaded.t5_stream, stream):  # unregister their page-locked memory
-            if handle is not None:
-                handle.close()
+        loaded.close()  # unregister the page-locked memory
         raise
-    # diffsynth's phase changes (text encoders -> DiT -> VAE) release the streamers' buffers;
-    # it makes them only when the pipeline says so (start_t5_streaming has said it already)
+    # diffsynth's phase changes (text encoders -> DiT -> VAE) release the streamers' buffers
+    # and park the other models; it makes them only when the pipeline says so
+    # (start_t5_streaming has said it already)
     pipe.vram_management_enabled = True
     stream.follow_pipeline_phases()
     return loaded
+
+
+def park_other_models(pipe: Any, device: str) -> list[ParkedModel]:
+    """Park CLIP, the VAE encoder and decoder, and block-streamed T5's non-block weights (its
+    embedding) in host memory: each comes to the GPU when it runs and leaves at the next phase
+    change, so the denoising loop has their room (engine/flux/parking.py). Models under
+    diffsynth's own VRAM management are left to it."""
+    from engine.flux.parking import park_module
+    from engine.flux.streaming import dit_blocks
+
+    parked = []
+    for name in ("text_encoder_1", "vae_encoder", "vae_decoder"):
+        module = getattr(pipe, name, None)
+        if module is not None and not getattr(module, "vram_management_enabled", False):
+            parked.append(park_module(module, device))
+    t5 = getattr(pipe, "text_encoder_2", None)
+    if t5 is not None and "offload" in t5.__dict__:  # block-streamed: its streamer's hook
+        packed = {id(p) for b in dit_blocks(t5, T5_BLOCKS) for p in b.parameters()
+                  if p.dim() >= 2}
+        rest = [p for p in t5.parameters() if id(p) not in packed]
+        parked.append(park_module(t5, device, [*rest, *t5.buffers()]))
+    return parked
 
 
 def _load_into(pipe: Any, config: ModelConfig, vram_limit: float | None) -> None:
@@ -236,22 +273,27 @@ def _load_into(pipe: Any, config: ModelConfig, vram_limit: float | None) -> None
         del pool
 
 
-def later_resident_bytes(plan: MemoryPlan, paths: ModelPaths) -> int:
-    """Bytes CLIP, T5 and the VAE will keep on the GPU under ``plan``, from the files' headers:
+def other_weights(plan: MemoryPlan, paths: ModelPaths) -> OtherWeights:
+    """GPU bytes of CLIP, T5 and the VAE under ``plan``, from the files' headers, by phase:
     T5's non-block weights when it is block-streamed (what ``measure_blocks`` calls fixed, in
-    bf16) and the weights of every model resident on the GPU, in its compute dtype."""
+    bf16) and every model resident on the GPU, in its compute dtype. In a streaming plan they
+    are parked (``park_other_models``): each is on the GPU in its own phase only."""
     from diffsynth.core.loader.file import load_keys_dict
 
-    total = 0
+    def nbytes(shapes: dict[str, Any], placement: Placement, prefix: str = "") -> int:
+        if placement.managed or placement.computation_device == "cpu":
+            return 0
+        item = _DTYPES[placement.computation_dtype].itemsize
+        return item * sum(math.prod(s) for key, s in shapes.items() if key.startswith(prefix))
+
+    text = nbytes(load_keys_dict(paths.text_encoder), plan.clip)
     if plan.stream_t5:
         shapes = load_keys_dict(list(paths.text_encoder_2))
-        total += 2 * sum(math.prod(shape) for key, shape in shapes.items()
-                         if not (key.startswith("encoder.block.") and len(shape) >= 2))
-    for path, placement in ((paths.text_encoder, plan.clip), (paths.vae, plan.vae)):
-        if not placement.managed and placement.computation_device != "cpu":
-            item = _DTYPES[placement.computation_dtype].itemsize
-            total += item * sum(math.prod(shape) for shape in load_keys_dict(path).values())
-    return total
+        text += 2 * sum(math.prod(shape) for key, shape in shapes.items()
+                        if not (key.startswith("encoder.block.") and len(shape) >= 2))
+    vae = load_keys_dict(paths.vae)
+    return OtherWeights(text=text, encode=nbytes(vae, plan.vae, "encoder."),
+                        decode=nbytes(vae, plan.vae, "decoder."), parked=plan.streaming)
 
 
 def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.config import ModelSection
-from engine.flux.presets import OTHERS_RESIDENT_BYTES, MemoryPlan, plan_memory
+from engine.flux.presets import MemoryPlan, plan_memory
 from engine.flux.residency import (
     FLUX_FIXED_BYTES,
+    FLUX_OTHER_WEIGHTS,
     GIB,
     STREAMED,
     ResidencyError,
@@ -73,7 +74,7 @@ def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: f
     problem = ""
     if plan.streaming:
         try:
-            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, OTHERS_RESIDENT_BYTES)
+            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, FLUX_OTHER_WEIGHTS)
         except ResidencyError as e:
             problem = str(e)
         else:

@@ -7,10 +7,14 @@ what is left of the device budget once the CUDA context, kernels and workspaces 
 fragmentation margin are set aside (``device_budget.py``).
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
-    low        float8, block streaming          T5 streamed, CLIP/VAE res.  below 18 (run: 6-12 GB)
-    balanced   float8, block streaming          T5 streamed, CLIP/VAE res.  >= 18
+    low        float8, block streaming          T5 streamed, CLIP/VAE parked below 18 (run: 6-12 GB)
+    balanced   float8, block streaming          T5 streamed, CLIP/VAE parked >= 18
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
+
+"Parked" (``parking.py``): kept in page-locked host memory and copied to the GPU for their own
+phase only (CLIP and T5's embedding for the prompt, the VAE for its encode or decode), so the
+denoising loop has their 0.63 GiB for DiT blocks.
 
 "Block streaming" (``model.dit_streaming``, the default) is ours: the DiT is loaded on the CPU in
 float8, and ``engine/flux/streaming.py`` keeps the blocks that fit the budget on the GPU and
@@ -46,12 +50,9 @@ LOW_FLOOR_GIB = 2.0
 FP8 = "float8_e4m3fn"
 BF16 = "bfloat16"
 # The least the block streamer runs a 1024² image with (everything streamed, tiled VAE decode):
-# residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, plus CLIP and the VAE resident
-# (0.4 GiB) and T5's embedding (0.25 GiB), rounded up.
+# residency.minimum_budget_bytes for FLUX.1-dev, about 2.7 GiB, plus room for CLIP, the VAE and
+# T5's embedding (0.63 GiB, on the GPU in their own phases), rounded up.
 STREAM_MIN_GIB = 3.5
-# What CLIP (bf16), the VAE (bf16) and T5's embedding (bf16) keep on the GPU in a streaming plan,
-# from the FLUX.1-dev files' headers (pipeline.later_resident_bytes measures the real files).
-OTHERS_RESIDENT_BYTES = int(0.68 * GIB)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
         FLUX_FIXED_BYTES,
+        FLUX_OTHER_WEIGHTS,
         flux_dev_block_sizes,
         minimum_budget_bytes,
         t5_phase_bytes,
@@ -266,13 +268,14 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     side = reserve_side(max_pixels)
     sizes = flux_dev_block_sizes()
     reserve = activation_reserve(max_pixels, batch_images, pass_images)
-    untiled = vae_decode_bytes(side, side)
-    tiled = max(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
+    untiled = FLUX_OTHER_WEIGHTS.phase_bytes(vae_decode_bytes(side, side), t5_phase_bytes())
+    tiled = FLUX_OTHER_WEIGHTS.phase_bytes(vae_decode_bytes(side, side, tiled=True),
+                                           t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
     gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled)
             - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled))
     loop = minimum_budget_bytes(sizes, reserve)  # the denoising loop's buffers + activations
-    everything = FLUX_FIXED_BYTES + sum(sizes) + OTHERS_RESIDENT_BYTES
+    everything = FLUX_FIXED_BYTES + sum(sizes)  # the other models are parked in the loop
     fits_resident = budget_gib * GIB >= everything + max(loop, untiled)
     return not fits_resident and gain >= TILE_VAE_GAIN_GIB * GIB
 
@@ -292,11 +295,12 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None, limit: floa
 
     T5's 4.7 B weights are loaded in float8 on the CPU too (half the RAM) and block-streamed
     the same way (it runs once per image, so none of it needs to stay resident). CLIP and the
-    VAE (0.4 GB together) stay resident in bf16: under diffsynth's VRAM management their layers
-    would settle on the GPU whenever the device's used memory is under ``vram_limit``, taking
-    memory the streamer's plan had kept for activations (an image then ran out of memory in T5
-    after an out-of-memory re-plan at 6 GiB). So ``low`` and ``balanced`` lay out alike; the
-    residency planner fits the DiT to whatever budget is left."""
+    VAE (0.4 GB together) are loaded onto the GPU in bf16 and then parked whole
+    (``pipeline.park_other_models``), not left to diffsynth's VRAM management: under it their
+    layers would settle on the GPU whenever the device's used memory is under ``vram_limit``,
+    taking memory the streamer's plan had kept for activations (an image then ran out of memory
+    in T5 after an out-of-memory re-plan at 6 GiB). So ``low`` and ``balanced`` lay out alike;
+    the residency planner fits the DiT to whatever budget is left."""
     dit = Placement(computation_device="cpu", computation_dtype=FP8)
     return MemoryPlan(preset, dev, dit, resident(dev), dit, resident(dev), limit, budget_gib,
                       stream_dit=True, **extra)

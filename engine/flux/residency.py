@@ -348,23 +348,60 @@ def _upgrade_to_bf16(plan: ResidencyPlan) -> ResidencyPlan:
     return current
 
 
+@dataclass(frozen=True)
+class OtherWeights:
+    """GPU bytes of the models besides the DiT, by the phase that runs them. ``parked``
+    (engine/flux/parking.py): each is on the GPU only during its own phase, so the denoising
+    loop has their room; otherwise all of them stay on the GPU throughout."""
+
+    text: int = 0  # CLIP and T5's non-block weights (its embedding), bf16
+    encode: int = 0  # the VAE encoder (image-to-image), bf16
+    decode: int = 0  # the VAE decoder, bf16
+    parked: bool = True
+    resident: int = 0  # held on the GPU throughout by anything else (allocated before the DiT)
+
+    @property
+    def total(self) -> int:
+        return self.text + self.encode + self.decode
+
+    @property
+    def always(self) -> int:
+        """Bytes on the GPU in every phase, the denoising loop's included."""
+        return self.resident + (0 if self.parked else self.total)
+
+    def phase_bytes(self, vae_bytes: int, t5_bytes: int) -> int:
+        """The largest of the other phases: the VAE's (``vae_bytes``: its decode's
+        activations, which a tiled encode does not exceed) and the text encoders'
+        (``t5_bytes``: streamed T5's buffers and activations), with the weights each
+        fetches when parked."""
+        if not self.parked:
+            return max(vae_bytes, t5_bytes)
+        return max(vae_bytes + max(self.decode, self.encode), t5_bytes + self.text)
+
+
+# FLUX.1-dev's other models (bench/make_random_flux.py's layout of the real files): CLIP-L 234.7
+# MiB and T5's embedding and norms 251.4 MiB; the VAE encoder 65.4 MiB, its decoder 94.5 MiB.
+FLUX_OTHER_WEIGHTS = OtherWeights(text=487 * MIB, encode=66 * MIB, decode=95 * MIB)
+
+
 def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int,
-                  others_bytes: int) -> ResidencyPlan:
-    """The DiT's residency under a memory plan: its allocator budget less ``others_bytes``
-    (what CLIP, the VAE and T5's embedding keep on the GPU), with the DiT's activations kept
-    for the largest image the limits allow and the VAE decode and streamed T5 budgeted as
-    phases of their own (they run while the streamer's buffers are released). A pass of several
-    images is kept too (``MemoryPlan.activation_bytes``); its decode runs one image at a time."""
+                  others: OtherWeights) -> ResidencyPlan:
+    """The DiT's residency under a memory plan: its allocator budget less what the other
+    models keep on the GPU throughout (``others.always``), with the DiT's activations kept
+    for the largest image the limits allow and the VAE and the text encoders budgeted as
+    phases of their own (they run while the streamer's buffers are released; parked models
+    are on the GPU then only). A pass of several images is kept too
+    (``MemoryPlan.activation_bytes``); its decode runs one image at a time."""
     if plan.budget_gib is None:
         raise ValueError("streaming needs a known GPU budget")
     side = plan.reserve_side
-    phase = max(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
-                t5_phase_bytes() if plan.stream_t5 else 0)
-    left = int(plan.budget_gib * GIB) - others_bytes
+    phase = others.phase_bytes(vae_decode_bytes(side, side, tiled=plan.vae_tiled),
+                               t5_phase_bytes() if plan.stream_t5 else 0)
+    left = int(plan.budget_gib * GIB) - others.always
     if left <= 0:
         raise ResidencyError(
             f"a GPU budget of {plan.budget_gib:.2f} GiB is too small: the text encoders and "
-            f"the VAE alone keep {others_bytes / GIB:.2f} GiB on the GPU; free GPU memory or "
+            f"the VAE alone keep {others.always / GIB:.2f} GiB on the GPU; free GPU memory or "
             "use a smaller image size")
     return plan_residency(block_bytes, left,
                           plan.activation_bytes(), fixed_bytes=fixed_bytes,

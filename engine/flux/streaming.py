@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from engine.flux.host_memory import release_free_heap
+from engine.flux.page_lock import register_host, unregister_host
 from engine.flux.residency import BF16, FP8, STREAMED, ResidencyPlan
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class StreamingHandle:
         self._issued: deque[tuple[int, int]] = deque()  # (block index, slot) copied or on the way
         self._next_pos = 0  # position in _order of the next block to issue
         self._next_slot = 0
-        self.others_bytes = 0  # GPU bytes of the other models, kept aside by re-plans
+        self.others: Any = None  # residency.OtherWeights: kept aside by re-plans
         self.passes = 0
         self.bytes_streamed = 0
         self.restarts = 0  # times the call order differed from the prefetch order
@@ -203,11 +204,11 @@ class StreamingHandle:
 
     def _pin(self, block: _Block) -> None:
         assert block.source is not None
-        block.pinned = self._cuda and _register_host(block.source)
+        block.pinned = self._cuda and register_host(block.source)
 
     def _unpin(self, block: _Block) -> None:
         if block.pinned and block.source is not None:
-            _unregister_host(block.source)
+            unregister_host(block.source)
         block.pinned = False
 
     @property
@@ -491,23 +492,6 @@ def _make_cast(kind: str, device: torch.device | None = None) -> Any:
     if kind == "compiled":
         return torch.compile(_copy_cast, dynamic=False, fullgraph=True)
     raise ValueError(f"cast must be 'auto', 'copy' or 'compiled', got {kind!r}")
-
-
-def _register_host(t: torch.Tensor) -> bool:
-    """Page-lock an existing host tensor in place (cudaHostRegister): unlike
-    ``pin_memory()``, no second copy and no rounding of the size up to a power of two."""
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
-    if err != 0:
-        log.warning("cudaHostRegister failed (error %d): streaming from pageable memory, "
-                    "copies will not overlap compute", err)
-        return False
-    return True
-
-
-def _unregister_host(t: torch.Tensor) -> None:
-    err = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
-    if err != 0:
-        log.warning("cudaHostUnregister failed (error %d)", err)
 
 
 def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
