@@ -116,7 +116,7 @@ device() {
         for card in ${PROFILE_CARDS:-7.5}; do
           # shellcheck disable=SC2086
           python3 bench/profile_card.py --ckpt "$RANDOM_FLUX_DIR" --card "$card" --sizes 1024 \
-            --steps 8 --variants ${PROFILE_VARIANTS:-nosync nocast nocopy stream+2 resident+1} \
+            --steps 8 --variants ${PROFILE_VARIANTS:-nosync nocopy stream+2 resident+1} \
             --trace "$OUT/trace-$card.json.gz" --json "$OUT/profile-$card.json" 2>&1 \
             | tee -a "$OUT/profile.log" || echo "PROFILE FAILED"
         done ;;

@@ -144,3 +144,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.005)
+
+
+@pytest.fixture(params=[False, True], ids=["block-cast", "layer-cast"])
+def layer_cast(request) -> bool:
+    """The block streamer's two ways of computing from float8: a cast of the whole block into
+    a bf16 work buffer (T5's), and each linear layer casting its own weight (the DiT's)."""
+    return request.param

@@ -373,9 +373,9 @@ def test_parked_models_give_the_denoising_loop_their_room(free):
     resident = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=False)
     kept, parked = (dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, others)
                     for others in (resident, FLUX_OTHER_WEIGHTS))
-    assert parked.streamed_bytes < kept.streamed_bytes
-    # nearly all of the others' room goes to DiT blocks (a block is 135-324 MiB)
-    assert kept.streamed_bytes - parked.streamed_bytes > FLUX_OTHER_WEIGHTS.total - 330 * 2**20
+    # the loop gains their room up to where the text encoders' phase (T5's buffers with CLIP
+    # and T5's embedding fetched) becomes the larger: at least 0.25 GiB less a step
+    assert kept.streamed_bytes - parked.streamed_bytes >= GIB // 4
     budget = plan.budget_gib * GIB
     weights = parked.fixed_bytes + parked.resident_bytes
     side = plan.reserve_side

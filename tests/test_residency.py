@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from engine.flux.residency import (
     BF16,
     DEFAULT_TRANSFER_COMPUTE_RATIO,
+    FLUX_LAYER_CAST_BYTES,
     FP8,
     GIB,
     MIB,
@@ -240,8 +241,10 @@ torch = pytest.importorskip("torch")
 flux_dit = pytest.importorskip("diffsynth.models.flux_dit")
 
 from engine.flux.streaming import (  # noqa: E402
+    CastLinear,
     dit_blocks,
     enable_block_streaming,
+    largest_casts_bytes,
     measure_blocks,
 )
 
@@ -301,9 +304,10 @@ MIXED = [STREAMED, FP8, STREAMED, STREAMED, BF16, STREAMED, FP8]
 
 @pytest.mark.parametrize("placements", [MIXED, [STREAMED] * 7, [FP8] * 7, [BF16] * 7,
                                         [STREAMED] + [BF16] * 6])
-def test_streamed_output_equals_the_plain_modules(placements):
+def test_streamed_output_equals_the_plain_modules(placements, layer_cast):
     model, reference = make_models()
-    handle = enable_block_streaming(model, plan_for(model, placements), "cpu")
+    handle = enable_block_streaming(model, plan_for(model, placements), "cpu",
+                                    layer_cast=layer_cast)
     with torch.no_grad():
         for seed in (1, 2, 3):  # several passes: the prefetch wraps around between them
             inputs = make_inputs(seed)
@@ -316,9 +320,10 @@ def test_streamed_output_equals_the_plain_modules(placements):
     handle.close()
 
 
-def test_blocks_called_out_of_order_still_compute_right():
+def test_blocks_called_out_of_order_still_compute_right(layer_cast):
     model, reference = make_models()
-    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu")
+    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu",
+                                    layer_cast=layer_cast)
     skip = ([model.blocks[0], model.blocks[2]], [model.single_blocks[1], model.single_blocks[3]])
     ref_skip = ([reference.blocks[0], reference.blocks[2]],
                 [reference.single_blocks[1], reference.single_blocks[3]])
@@ -332,9 +337,10 @@ def test_blocks_called_out_of_order_still_compute_right():
     handle.close()
 
 
-def test_released_buffers_come_back_on_the_next_call():
+def test_released_buffers_come_back_on_the_next_call(layer_cast):
     model, reference = make_models()
-    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu")
+    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu",
+                                    layer_cast=layer_cast)
     handle.follow_pipeline_phases()
     with torch.no_grad():
         for seed in (1, 2):
@@ -353,10 +359,10 @@ def test_released_buffers_come_back_on_the_next_call():
                                    rtol=0, atol=0)
 
 
-def test_close_puts_the_same_float8_weights_back_on_the_cpu():
+def test_close_puts_the_same_float8_weights_back_on_the_cpu(layer_cast):
     model, reference = make_models()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with enable_block_streaming(model, plan_for(model, MIXED), "cpu"):
+    with enable_block_streaming(model, plan_for(model, MIXED), "cpu", layer_cast=layer_cast):
         with torch.no_grad():
             model(*make_inputs())
     for name, p in model.named_parameters():
@@ -369,8 +375,9 @@ def test_close_puts_the_same_float8_weights_back_on_the_cpu():
 
 def assert_usable_as_a_plain_module(model, reference, seed: int = 4) -> None:
     """After ``close()``: the CPU float8 module, cast to bf16, computes what the reference
-    does, so the same float8 weights came back."""
+    does, so the same float8 weights came back, in plain ``nn.Linear`` layers again."""
     assert all(p.device.type == "cpu" for p in model.parameters())
+    assert not any(isinstance(m, CastLinear) for m in model.modules())
     with torch.no_grad():
         inputs = make_inputs(seed)
         torch.testing.assert_close(model.to(torch.bfloat16)(*inputs), reference(*inputs),
@@ -388,6 +395,55 @@ def test_measure_blocks_counts_packed_weights_and_the_rest():
     others = sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for b in blocks for p in b.parameters() if p.dim() >= 2)
     assert fixed == 2 * others
+
+
+def test_layer_cast_keeps_no_work_buffer_and_computes_from_the_float8_buffers():
+    """The DiT's mode: each linear layer casts its own weight, which is a view of its block's
+    float8 buffer (fp8) or of the staging slot it was copied into (streamed)."""
+    model, reference = make_models()
+    handle = enable_block_streaming(model, plan_for(model, MIXED), "cpu", layer_cast=True)
+    with torch.no_grad():
+        inputs = make_inputs(1)
+        torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+    assert handle._work is None
+    blocks = dit_blocks(model)
+    for block, placement in zip(handle._blocks, MIXED, strict=True):
+        module = blocks[block.index]
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is CastLinear for m in linears)
+        weights = [m.weight for m in linears]
+        if placement == FP8:
+            start = block.source.data_ptr()
+            assert all(w.dtype == torch.float8_e4m3fn
+                       and start <= w.data_ptr() < start + block.source.nbytes for w in weights)
+        if placement == BF16:
+            assert all(w.dtype == torch.bfloat16 for w in weights)
+        if placement == STREAMED:  # the staging slot its last call used
+            assert any(all(slot.data_ptr() <= w.data_ptr() < slot.data_ptr() + slot.nbytes
+                           for w in weights) for slot in handle._slots)
+    handle.close()
+    assert_usable_as_a_plain_module(model, reference)
+
+
+def test_layer_cast_refuses_a_weight_matrix_outside_a_linear_layer():
+    model, _ = make_models()
+    model.blocks[1].extra = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="extra"):
+        enable_block_streaming(model, plan_for(model, MIXED), "cpu", layer_cast=True)
+    assert not any(isinstance(m, CastLinear) for m in model.modules())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_largest_casts_are_flux_devs_two_largest_layers():
+    from diffsynth.models.flux_dit import FluxDiT
+
+    model, _ = make_models()
+    single = model.single_blocks[0]
+    two = sorted((p.numel() for p in single.parameters() if p.dim() >= 2), reverse=True)[:2]
+    assert largest_casts_bytes(model) == 2 * sum(two)
+    with torch.device("meta"):
+        flux = FluxDiT()
+    assert largest_casts_bytes(flux) == FLUX_LAYER_CAST_BYTES
 
 
 def test_refuses_a_managed_dit_and_a_plan_of_the_wrong_length():

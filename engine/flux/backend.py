@@ -329,7 +329,8 @@ class FluxBackend:
         same_layout = nxt.placements == self.plan.placements
         if same_layout and self._stream is not None and self._factory is None:
             residency = dit_residency(nxt, self._stream.plan.block_bytes,
-                                      self._stream.plan.fixed_bytes, self._stream.others)
+                                      self._stream.plan.fixed_bytes, self._stream.others,
+                                      self._stream.plan.layer_cast_bytes)
             self._stream.relayout(residency)
             self.plan = self._built_for = nxt
         elif same_layout and self._pipe is not None and self._factory is None:

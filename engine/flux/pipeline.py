@@ -161,14 +161,15 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others: OtherWeights | None
     ``handle.relayout(residency.dit_residency(..., handle.others))``.
     """
     from engine.flux.residency import dit_residency
-    from engine.flux.streaming import enable_block_streaming, measure_blocks
+    from engine.flux.streaming import enable_block_streaming, largest_casts_bytes, measure_blocks
 
     device = torch.device(plan.device)
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     others = dataclasses.replace(others or OtherWeights(parked=False), resident=allocated)
     sizes, fixed = measure_blocks(pipe.dit)
-    handle = enable_block_streaming(pipe.dit, dit_residency(plan, sizes, fixed, others),
-                                    plan.device)
+    residency = dit_residency(plan, sizes, fixed, others, largest_casts_bytes(pipe.dit))
+    # the layers cast their own float8 weights: no work buffer of a whole block (streaming.py)
+    handle = enable_block_streaming(pipe.dit, residency, plan.device, layer_cast=True)
     handle.others = others  # what a re-plan keeps aside for the other models
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE

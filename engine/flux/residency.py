@@ -6,14 +6,15 @@ its weight matrices are stored as float8 (1 byte a weight) and computed in bf16 
 
     placement   where the block's weights live                    per-pass cost
     bf16        on the GPU in the compute dtype                   nothing
-    fp8         on the GPU in float8, cast into the work buffer   one cast on the GPU
+    fp8         on the GPU in float8, cast for its matmuls        one cast on the GPU
     streamed    pinned host memory, copied ahead on a side stream one copy over PCIe + a cast
 
 GPU memory the plan accounts for (all of it made once, at start-up, and kept):
 
     fixed (non-block weights, norms and biases in bf16)
   + resident blocks (fp8 bytes, or twice that in bf16)
-  + the bf16 work buffer (the largest non-bf16 block)      when any block is fp8 or streamed
+  + the bf16 work buffer (the largest non-bf16 block; with ``layer_cast_bytes``, what the
+    layers' own casts hold at once)                        when any block is fp8 or streamed
   + ``slots`` float8 staging buffers (the largest streamed block)  when any block is streamed
   + the reserve: the largest image's DiT activations
   <= budget, and, for the other phases (VAE decode, text encoders), during which the streamer
@@ -56,6 +57,10 @@ FLUX_SINGLE_BLOCK_WEIGHTS = FLUX_HIDDEN * (3 + 7 + 5) * FLUX_HIDDEN  # 141.6 M
 FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
 # Embedders, final norm/projection and every block's biases and norm scales, in bf16.
 FLUX_FIXED_BYTES = 150 * MIB
+# The bf16 weights a block's layers hold at once when they cast their own (streaming's
+# layer_cast): its two largest, a single block's to_qkv_mlp (3072 x 21504) and proj_out
+# (15360 x 3072); see ``largest_casts_bytes``.
+FLUX_LAYER_CAST_BYTES = FLUX_HIDDEN * (7 + 5) * FLUX_HIDDEN * 2
 # Copy time / compute time of a block: H100 (PCIe 5, 55 GB/s pinned) with compiled blocks at
 # 1024² is 1.7, eager 1.1, at 512² about 3; a consumer card (PCIe 4, slower compute) ~0.8.
 DEFAULT_TRANSFER_COMPUTE_RATIO = 1.5
@@ -156,6 +161,9 @@ class ResidencyPlan:
     compute_itemsize: int = 2
     storage_itemsize: int = 1
     phase_reserve_bytes: int = 0  # VAE decode / text encoders, with the buffers released
+    # > 0: the blocks' layers cast their own weights (streaming's layer_cast), holding this many
+    # bf16 bytes at once (``largest_casts_bytes``) instead of a work buffer of the largest block
+    layer_cast_bytes: int = 0
 
     def _compute_bytes(self, i: int) -> int:
         return self.block_bytes[i] * self.compute_itemsize // self.storage_itemsize
@@ -176,6 +184,8 @@ class ResidencyPlan:
     @property
     def work_bytes(self) -> int:
         cast = [self._compute_bytes(i) for i, p in enumerate(self.placements) if p != BF16]
+        if cast and self.layer_cast_bytes:
+            return self.layer_cast_bytes
         return max(cast, default=0)
 
     @property
@@ -220,10 +230,12 @@ class ResidencyPlan:
 
 def minimum_budget_bytes(block_sizes_bytes: Sequence[int], reserve_bytes: int,
                          fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
-                         storage_itemsize: int = 1, phase_reserve_bytes: int = 0) -> int:
+                         storage_itemsize: int = 1, phase_reserve_bytes: int = 0,
+                         layer_cast_bytes: int = 0) -> int:
     """The smallest budget that runs: everything streamed."""
     biggest = max(block_sizes_bytes)
-    buffers = slots * biggest + biggest * compute_itemsize // storage_itemsize
+    work = layer_cast_bytes or biggest * compute_itemsize // storage_itemsize
+    buffers = slots * biggest + work
     return fixed_bytes + max(reserve_bytes + buffers, phase_reserve_bytes)
 
 
@@ -231,7 +243,8 @@ def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_
                    fixed_bytes: int = 0, slots: int = 2, compute_itemsize: int = 2,
                    storage_itemsize: int = 1, allow_bf16: bool = True,
                    phase_reserve_bytes: int = 0,
-                   transfer_compute_ratio: float = DEFAULT_TRANSFER_COMPUTE_RATIO) -> ResidencyPlan:
+                   transfer_compute_ratio: float = DEFAULT_TRANSFER_COMPUTE_RATIO,
+                   layer_cast_bytes: int = 0) -> ResidencyPlan:
     """The residency plan for blocks of the given storage sizes (execution order).
 
     ``reserve_bytes``: free memory the denoising loop needs (``dit_activation_bytes`` of the
@@ -249,7 +262,8 @@ def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_
     base: dict[str, Any] = dict(block_bytes=sizes, budget_bytes=int(budget_bytes),
                 reserve_bytes=int(reserve_bytes), fixed_bytes=int(fixed_bytes), slots=slots,
                 compute_itemsize=compute_itemsize, storage_itemsize=storage_itemsize,
-                phase_reserve_bytes=int(phase_reserve_bytes))
+                phase_reserve_bytes=int(phase_reserve_bytes),
+                layer_cast_bytes=int(layer_cast_bytes))
     if allow_bf16:
         all_bf16 = ResidencyPlan(placements=(BF16,) * len(sizes), **base)
         if all_bf16.headroom_bytes >= 0:
@@ -257,7 +271,8 @@ def plan_residency(block_sizes_bytes: Sequence[int], budget_bytes: int, reserve_
     plan = _best_fp8_plan(sizes, base, transfer_compute_ratio)
     if plan is None:
         need = minimum_budget_bytes(sizes, reserve_bytes, fixed_bytes, slots,
-                                    compute_itemsize, storage_itemsize, phase_reserve_bytes)
+                                    compute_itemsize, storage_itemsize, phase_reserve_bytes,
+                                    layer_cast_bytes)
         raise ResidencyError(
             f"a GPU budget of {budget_bytes / GIB:.2f} GiB is too small: streaming the DiT "
             f"needs at least {need / GIB:.2f} GiB ({reserve_bytes / GIB:.2f} GiB of it kept "
@@ -385,7 +400,8 @@ FLUX_OTHER_WEIGHTS = OtherWeights(text=487 * MIB, encode=66 * MIB, decode=95 * M
 
 
 def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int,
-                  others: OtherWeights) -> ResidencyPlan:
+                  others: OtherWeights, layer_cast_bytes: int = FLUX_LAYER_CAST_BYTES,
+                  ) -> ResidencyPlan:
     """The DiT's residency under a memory plan: its allocator budget less what the other
     models keep on the GPU throughout (``others.always``), with the DiT's activations kept
     for the largest image the limits allow and the VAE and the text encoders budgeted as
@@ -405,4 +421,4 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
             "use a smaller image size")
     return plan_residency(block_bytes, left,
                           plan.activation_bytes(), fixed_bytes=fixed_bytes,
-                          phase_reserve_bytes=phase)
+                          phase_reserve_bytes=phase, layer_cast_bytes=layer_cast_bytes)

@@ -31,6 +31,15 @@ Memory layout (made once; nothing is allocated per call):
 Ordering: the compute stream waits for a slot's ``copied`` event before its cast; the side
 stream waits for the slot's ``free`` event (recorded after that cast) before reusing it.
 
+``layer_cast`` (the DiT's mode): there is no work buffer. Each block's ``nn.Linear`` layers
+become ``CastLinear``, whose forward casts its own float8 weight to bf16 just before its matmul
+(inside the compiled graph, so the bf16 copy of one layer lives only as long as that matmul),
+and the block's weights are views of its float8 buffer: its own on the GPU (``fp8``) or the
+staging slot it was copied into (``streamed``, repointed at each call). The GPU then holds the
+largest layer's bf16 weight at a time (226 MB for FLUX.1-dev) instead of the largest block's
+(680 MB), and that difference keeps DiT blocks resident. The slot is read during the whole
+block, so its ``free`` event is recorded after the block (a forward hook), not after a cast.
+
 Failure: an exception in any block (out of memory, a cancelled job) can leave a pass half done.
 The state stays usable: the work buffer and the slots are made all at once or not at all, a
 block called out of the expected order restarts the prefetch there, and ``release_buffers``
@@ -93,6 +102,18 @@ def measure_blocks(dit: torch.nn.Module, storage_dtype: torch.dtype = torch.floa
     return sizes, fixed
 
 
+def largest_casts_bytes(dit: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                        block_lists: Iterable[str] = BLOCK_LISTS) -> int:
+    """What ``layer_cast`` blocks hold in cast weights at once, budgeted as the two largest
+    weight matrices of a block in the compute dtype (the compiler may cast the next layer's
+    weight before the last matmul ends)."""
+    most = 0
+    for block in dit_blocks(dit, block_lists):
+        sizes = sorted((p.numel() for p in block.parameters() if _is_packed(p)), reverse=True)
+        most = max(most, sum(sizes[:2]) * compute_dtype.itemsize)
+    return most
+
+
 def _refuse_managed(dit: torch.nn.Module) -> None:
     """diffsynth's VRAM layers move weights themselves; both managing one DiT would clash."""
     if getattr(dit, "vram_management_enabled", False):
@@ -110,6 +131,16 @@ class _Block:
     numel: int  # packed elements, aligned
     source: torch.Tensor | None = None  # float8 flat: GPU (fp8) or page-locked host (streamed)
     pinned: bool = False  # source registered with cudaHostRegister
+    slot: int = -1  # layer_cast: the staging slot a streamed block's weights view now
+
+
+class CastLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose weight may be stored in float8: cast to the input's dtype for
+    each matmul (a no-op for a bf16 weight). ``layer_cast`` streaming gives the DiT's block
+    layers this class in place (``__class__``), so hooks and names are untouched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
 class StreamingHandle:
@@ -117,9 +148,12 @@ class StreamingHandle:
 
     def __init__(self, dit: torch.nn.Module, plan: ResidencyPlan, device: torch.device,
                  compute_dtype: torch.dtype, storage_dtype: torch.dtype,
-                 cast: str = "auto", block_lists: Iterable[str] = BLOCK_LISTS) -> None:
+                 cast: str = "auto", block_lists: Iterable[str] = BLOCK_LISTS,
+                 layer_cast: bool = False) -> None:
         self.dit, self.plan, self.device = dit, plan, device
         self.block_lists = tuple(block_lists)
+        self.layer_cast = layer_cast
+        self._linear_classes: list[tuple[torch.nn.Module, type]] = []  # put back by close
         self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
         self._cast_fn = _make_cast(cast, device)
         self._cuda = device.type == "cuda"
@@ -146,6 +180,8 @@ class StreamingHandle:
         if len(blocks) != len(self.plan.placements):
             raise ValueError(f"the plan has {len(self.plan.placements)} placements but the DiT "
                              f"has {len(blocks)} blocks")
+        if self.layer_cast:
+            self._cast_layers(blocks)
         self._move_fixed(blocks)
         self._blocks = [self._describe(i, b) for i, b in enumerate(blocks)]
         try:
@@ -156,10 +192,34 @@ class StreamingHandle:
         except BaseException:
             for block in self._blocks:  # page-locked memory must not outlive a failed set-up
                 self._unpin(block)
+            self._uncast_layers()
             raise
-        self._warm_cast()
+        if not self.layer_cast:
+            self._warm_cast()
         for block, module in zip(self._blocks, blocks, strict=True):
             self._hooks.append(module.register_forward_pre_hook(self._pre_hook(block)))
+            if self.layer_cast:  # a relayout may stream any block later
+                self._hooks.append(module.register_forward_hook(self._post_hook(block)))
+
+    def _cast_layers(self, blocks: list[torch.nn.Module]) -> None:
+        """Give every linear layer of the blocks ``CastLinear``'s forward; refuse a block with
+        a weight matrix outside an ``nn.Linear`` (it could not cast itself)."""
+        linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        in_linear = {id(m.weight) for m in linears}
+        for b in blocks:
+            for name, p in b.named_parameters():
+                if _is_packed(p) and id(p) not in in_linear:
+                    raise ValueError(f"layer_cast streaming needs every weight matrix in an "
+                                     f"nn.Linear; {type(b).__name__}.{name} is not")
+        for m in linears:
+            if type(m) is torch.nn.Linear:
+                self._linear_classes.append((m, type(m)))
+                m.__class__ = CastLinear
+
+    def _uncast_layers(self) -> None:
+        for module, cls in self._linear_classes:
+            module.__class__ = cls
+        self._linear_classes.clear()
 
     def _move_fixed(self, blocks: list[torch.nn.Module]) -> None:
         """Non-block weights and the blocks' 1-D parameters: resident in the compute dtype."""
@@ -221,9 +281,23 @@ class StreamingHandle:
 
     def _release(self, block: _Block) -> None:
         """Point the block's weights at nothing (freeing their CPU storage) until
-        ``_make_buffers`` points them into the work buffer."""
+        ``_make_buffers`` points them into the work buffer (or, with ``layer_cast``,
+        ``_point`` at their float8 buffer)."""
+        dtype = self.storage_dtype if self.layer_cast else self.compute_dtype
         for p, _, _ in block.params:
-            p.data = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+            p.data = torch.empty(0, dtype=dtype, device=self.device)
+
+    def _point(self, block: _Block, flat: torch.Tensor) -> None:
+        """``layer_cast``: the block's weights become views of a float8 buffer."""
+        for p, off, shape in block.params:
+            p.data = flat[off:off + shape.numel()].view(shape)
+
+    def _point_resident(self) -> None:
+        """``layer_cast``: every fp8 block's weights view its own GPU buffer (always)."""
+        for b in self._blocks:
+            if b.placement == FP8:
+                assert b.source is not None
+                self._point(b, b.source)
 
     def _make_buffers(self) -> None:
         """Allocate the work buffer and the staging slots and point the cast blocks' weights
@@ -232,8 +306,8 @@ class StreamingHandle:
         cast = [b for b in self._blocks if b.placement != BF16]
         if not cast:
             return
-        work = torch.empty(max(b.numel for b in cast), dtype=self.compute_dtype,
-                           device=self.device)
+        work = None if self.layer_cast else torch.empty(
+            max(b.numel for b in cast), dtype=self.compute_dtype, device=self.device)
         slots: list[torch.Tensor] = []
         if self._order:
             size = max(self._blocks[i].numel for i in self._order)
@@ -244,15 +318,20 @@ class StreamingHandle:
             self._free = [self._event() for _ in slots]
         if slots and self._side is None and self._cuda:
             self._side = torch.cuda.Stream(self.device)
-        for b in cast:
-            for p, off, shape in b.params:
-                p.data = work[off:off + shape.numel()].view(shape)
+        if work is not None:
+            for b in cast:
+                for p, off, shape in b.params:
+                    p.data = work[off:off + shape.numel()].view(shape)
+        else:
+            self._point_resident()
         self._work, self._slots = work, slots
         self._issued.clear()
         self._next_slot = 0
 
     @property
     def _ready(self) -> bool:
+        if self.layer_cast:
+            return bool(self._slots) or not self._order
         return self._work is not None and (bool(self._slots) or not self._order)
 
     def _warm_cast(self) -> None:
@@ -284,10 +363,21 @@ class StreamingHandle:
                 self.passes += 1
             if block.placement != BF16 and not self._ready:
                 self._make_buffers()  # released between denoising loops, or after a failure
-            if block.placement == FP8:
+            if block.placement == FP8 and not self.layer_cast:
                 self._cast(block, block.source)
             elif block.placement == STREAMED:
                 self._consume(block)
+
+        return hook
+
+    def _post_hook(self, block: _Block):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if block.slot < 0:
+                return
+            if self._cuda:  # the next copy into the slot waits for the block's kernels
+                self._free[block.slot].record(torch.cuda.current_stream(self.device))
+            block.slot = -1
+            self._fill()
 
         return hook
 
@@ -301,6 +391,10 @@ class StreamingHandle:
         _, slot = self._issued.popleft()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+        if self.layer_cast:  # the layers read the slot itself: refilled after the block
+            self._point(block, self._slots[slot])
+            block.slot = slot
+            return
         self._cast(block, self._slots[slot])
         if self._cuda:
             self._free[slot].record(torch.cuda.current_stream(self.device))
@@ -345,8 +439,9 @@ class StreamingHandle:
             # copies still landing in a slot must finish before its memory is reused
             torch.cuda.current_stream(self.device).wait_stream(self._side)
         for b in self._blocks:
-            if b.placement != BF16:
+            if b.placement == STREAMED or (b.placement == FP8 and not self.layer_cast):
                 self._release(b)
+            b.slot = -1
         self._work, self._slots = None, []
         self._issued.clear()
         self._next_slot = 0
@@ -390,6 +485,7 @@ class StreamingHandle:
             self.dit.__dict__.pop(name, None)
         for b in self._blocks:
             self._unpack(b)
+        self._uncast_layers()
         for p in self.dit.parameters():
             if p.device != torch.device("cpu"):
                 p.data = p.data.cpu()
@@ -416,6 +512,10 @@ class StreamingHandle:
         if plan.block_bytes != self.plan.block_bytes:
             raise ValueError("relayout needs a plan for the same blocks")
         self.release_buffers()
+        if self.layer_cast:  # views of a buffer that moves would keep it alive
+            for b in self._blocks:
+                if b.placement == FP8:
+                    self._release(b)
         moves = [(b, plan.placements[b.index]) for b in self._blocks
                  if b.placement != plan.placements[b.index]]
         # the moves that free the most GPU memory first, those that take the most last
@@ -435,6 +535,8 @@ class StreamingHandle:
         finally:  # whatever happened, the prefetch order matches where the blocks are
             self._order = self._streamed_order()
             self._next_pos = 0
+            if self.layer_cast:
+                self._point_resident()
         log.info("block streaming re-planned: %s", plan.describe())
 
     def _move(self, block: _Block, target: str) -> None:
@@ -499,13 +601,16 @@ def enable_block_streaming(dit: torch.nn.Module, plan: ResidencyPlan,
                            compute_dtype: torch.dtype = torch.bfloat16,
                            storage_dtype: torch.dtype = torch.float8_e4m3fn,
                            cast: str = "auto",
-                           block_lists: Iterable[str] = BLOCK_LISTS) -> StreamingHandle:
-    """Lay the DiT out as ``plan`` says and hook its blocks (``cast``: see ``_make_cast``).
-    The DiT must be on the CPU and unmanaged by diffsynth; afterwards its non-block weights
-    are on ``device`` in ``compute_dtype``, and it is called exactly as before."""
+                           block_lists: Iterable[str] = BLOCK_LISTS,
+                           layer_cast: bool = False) -> StreamingHandle:
+    """Lay the DiT out as ``plan`` says and hook its blocks (``cast``: see ``_make_cast``;
+    ``layer_cast``: see the module docstring; the plan's ``layer_cast_bytes`` should then be
+    ``largest_casts_bytes``). The DiT must be on the CPU and unmanaged by diffsynth; afterwards
+    its non-block weights are on ``device`` in ``compute_dtype``, and it is called exactly as
+    before."""
     _refuse_managed(dit)
     handle = StreamingHandle(dit, plan, torch.device(device), compute_dtype, storage_dtype, cast,
-                             block_lists)
+                             block_lists, layer_cast)
     handle._setup()
     log.info("block streaming: %s; host buffer %s", plan.describe(),
              "page-locked" if handle._pinned else "pageable")
