@@ -119,7 +119,7 @@ def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
     other = check_plan(Config(), GpuStatus(True, name="NVIDIA GeForce RTX 3060",
                                            free_gib=11.0, total_gib=12.0), host_available_gib=32)
     assert "not measured on NVIDIA GeForce RTX 3060" in "\n".join(c.detail for c in other)
-    tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=2.5, total_gib=4.0),
+    tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=1.5, total_gib=2.0),
                       host_available_gib=32)
     assert tiny[0].ok is False and "too small" in "\n".join(c.detail for c in tiny)
 

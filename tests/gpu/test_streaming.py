@@ -23,7 +23,11 @@ from engine.flux.residency import (  # noqa: E402
     plan_residency,
     vae_decode_bytes,
 )
-from engine.flux.streaming import enable_block_streaming, measure_blocks  # noqa: E402
+from engine.flux.streaming import (  # noqa: E402
+    enable_block_streaming,
+    largest_casts_bytes,
+    measure_blocks,
+)
 
 RESERVE = dit_activation_bytes(1024, 1024)
 
@@ -57,23 +61,24 @@ def make_image(dit, vae, size: int, steps: int, seed: int = 3) -> tuple:
     return latents, image
 
 
-def plan_for(dit, budget_bytes: int, vae=None):
+def plan_for(dit, budget_bytes: int, vae=None, layer_cast: bool = False):
     sizes, fixed = measure_blocks(dit)
     vae_weights = 0 if vae is None else sum(p.numel() * 2 for p in vae.parameters())
     return plan_residency(sizes, budget_bytes, RESERVE, fixed_bytes=fixed + vae_weights,
-                          phase_reserve_bytes=vae_decode_bytes(1024, 1024))
+                          phase_reserve_bytes=vae_decode_bytes(1024, 1024),
+                          layer_cast_bytes=largest_casts_bytes(dit) if layer_cast else 0)
 
 
-def test_streamed_512_image_equals_the_resident_one(dit, vae, cap_gpu):
+def test_streamed_512_image_equals_the_resident_one(dit, vae, cap_gpu, layer_cast):
     resident_plan = plan_for(dit, 60 * GIB)
     assert resident_plan.count(BF16) == len(resident_plan.placements)
     with enable_block_streaming(dit, resident_plan, "cuda"):
         want_latents, want_image = make_image(dit, vae, 512, 4)
 
     cap_gpu(8)
-    plan = plan_for(dit, 8 * GIB, vae)
+    plan = plan_for(dit, 8 * GIB, vae, layer_cast)
     assert plan.count(STREAMED) > 0
-    with enable_block_streaming(dit, plan, "cuda") as handle:
+    with enable_block_streaming(dit, plan, "cuda", layer_cast=layer_cast) as handle:
         handle.follow_pipeline_phases()
         torch.cuda.reset_peak_memory_stats()
         got_latents, got_image = make_image(dit, vae, 512, 4)
