@@ -124,8 +124,12 @@ def test_diffsynth_phase_changes_park_the_text_encoders_and_the_vae():
     pipe.text_encoder_2 = t5
     ids = torch.randint(0, 96, (1, 7))
     expected_t5 = t5(ids).last_hidden_state
+    handle.release_buffers()  # as start_t5_streaming leaves it: block weights view nothing
     parked = dict(zip(("clip", "vae_encoder", "vae_decoder", "t5"),
-                      park_other_models(pipe, "cpu"), strict=True))
+                      park_other_models(pipe, "cpu", handle), strict=True))
+    streamed = {id(p) for p in handle.packed_parameters()}
+    assert streamed and not any(id(s.tensor) in streamed
+                                for slots in parked["t5"].slots.values() for s in slots)
     # T5's embedding and norms, not its blocks (each tensor starts 256-byte aligned)
     assert fixed <= parked["t5"].nbytes < fixed + 8 * 256
     pipe.vram_management_enabled = True
@@ -157,6 +161,32 @@ def test_models_under_diffsynths_management_are_left_to_it():
     pipe = FluxImagePipeline(device="cpu", torch_dtype=BF16)
     pipe.text_encoder_1, pipe.vae_decoder = Tied(), Tied()
     pipe.vae_decoder.vram_management_enabled = True
-    parked = park_other_models(pipe, "cpu")
+    parked = park_other_models(pipe, "cpu")  # and no T5 streamer: T5 left alone
     assert len(parked) == 1 and "offload" in pipe.text_encoder_1.__dict__
     assert "offload" not in pipe.vae_decoder.__dict__
+
+
+def test_a_failure_part_way_through_parking_leaves_every_parked_model_to_close(monkeypatch):
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+
+    from engine.flux import parking
+    from engine.flux.pipeline import park_other_models
+
+    pipe = FluxImagePipeline(device="cpu", torch_dtype=BF16)
+    pipe.text_encoder_1, pipe.vae_encoder, pipe.vae_decoder = Tied(), Tied(), Tied()
+    real, calls = parking.park_module, []
+
+    def third_fails(module, device, tensors=None):
+        calls.append(module)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(module, device, tensors)
+
+    monkeypatch.setattr(parking, "park_module", third_fails)
+    done: list = []
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        park_other_models(pipe, "cpu", into=done)
+    assert len(done) == 2 and all(isinstance(p, ParkedModel) for p in done)
+    for p in done:
+        p.close()
+    assert "offload" not in pipe.text_encoder_1.__dict__

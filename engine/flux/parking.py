@@ -93,6 +93,7 @@ class ParkedModel:
             undo()
         self._undo.clear()
         if self.pinned:
+            torch.cuda.synchronize(self.device)  # a fetch's copy may still read the pages
             for host in self.host.values():
                 unregister_host(host)
             self.pinned = False

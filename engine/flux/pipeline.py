@@ -229,7 +229,7 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
                 share_t5_embedding(pipe.text_encoder_2)
             if config is t5 and plan.stream_t5:
                 loaded.t5_stream = start_t5_streaming(pipe, plan)
-        loaded.parked = park_other_models(pipe, plan.device)
+        park_other_models(pipe, plan.device, loaded.t5_stream, into=loaded.parked)
     except BaseException:
         loaded.close()  # unregister the page-locked memory
         raise
@@ -241,24 +241,25 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
     return loaded
 
 
-def park_other_models(pipe: Any, device: str) -> list[ParkedModel]:
+def park_other_models(pipe: Any, device: str, t5_stream: Any = None,
+                      into: list[ParkedModel] | None = None) -> list[ParkedModel]:
     """Park CLIP, the VAE encoder and decoder, and block-streamed T5's non-block weights (its
-    embedding) in host memory: each comes to the GPU when it runs and leaves at the next phase
-    change, so the denoising loop has their room (engine/flux/parking.py). Models under
-    diffsynth's own VRAM management are left to it."""
+    embedding and norms; ``t5_stream`` is its streamer) in host memory: each comes to the GPU
+    when it runs and leaves at the next phase change, so the denoising loop has their room
+    (engine/flux/parking.py). Models under diffsynth's own VRAM management are left to it.
+    Each parked model is appended to ``into`` as soon as it is parked, so a failure part-way
+    leaves the caller every one to close."""
     from engine.flux.parking import park_module
-    from engine.flux.streaming import dit_blocks
 
-    parked = []
+    parked = [] if into is None else into
     for name in ("text_encoder_1", "vae_encoder", "vae_decoder"):
         module = getattr(pipe, name, None)
         if module is not None and not getattr(module, "vram_management_enabled", False):
             parked.append(park_module(module, device))
     t5 = getattr(pipe, "text_encoder_2", None)
-    if t5 is not None and "offload" in t5.__dict__:  # block-streamed: its streamer's hook
-        packed = {id(p) for b in dit_blocks(t5, T5_BLOCKS) for p in b.parameters()
-                  if p.dim() >= 2}
-        rest = [p for p in t5.parameters() if id(p) not in packed]
+    if t5 is not None and t5_stream is not None:
+        streamed = {id(p) for p in t5_stream.packed_parameters()}
+        rest = [p for p in t5.parameters() if id(p) not in streamed]
         parked.append(park_module(t5, device, [*rest, *t5.buffers()]))
     return parked
 

@@ -256,6 +256,7 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
         FLUX_FIXED_BYTES,
+        FLUX_LAYER_CAST_BYTES,
         FLUX_OTHER_WEIGHTS,
         flux_dev_block_sizes,
         minimum_budget_bytes,
@@ -272,9 +273,12 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     tiled = FLUX_OTHER_WEIGHTS.phase_bytes(vae_decode_bytes(side, side, tiled=True),
                                            t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
-    gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled)
-            - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled))
-    loop = minimum_budget_bytes(sizes, reserve)  # the denoising loop's buffers + activations
+    cast = FLUX_LAYER_CAST_BYTES  # the DiT's layers cast their own weights (no work buffer)
+    gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled,
+                                 layer_cast_bytes=cast)
+            - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled,
+                                   layer_cast_bytes=cast))
+    loop = minimum_budget_bytes(sizes, reserve, layer_cast_bytes=cast)  # buffers + activations
     everything = FLUX_FIXED_BYTES + sum(sizes)  # the other models are parked in the loop
     fits_resident = budget_gib * GIB >= everything + max(loop, untiled)
     return not fits_resident and gain >= TILE_VAE_GAIN_GIB * GIB

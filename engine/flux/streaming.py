@@ -198,8 +198,9 @@ class StreamingHandle:
             self._warm_cast()
         for block, module in zip(self._blocks, blocks, strict=True):
             self._hooks.append(module.register_forward_pre_hook(self._pre_hook(block)))
-            if self.layer_cast:  # a relayout may stream any block later
-                self._hooks.append(module.register_forward_hook(self._post_hook(block)))
+            if self.layer_cast:  # a relayout may stream any block later; runs after a raise too
+                self._hooks.append(module.register_forward_hook(self._post_hook(block),
+                                                                always_call=True))
 
     def _cast_layers(self, blocks: list[torch.nn.Module]) -> None:
         """Give every linear layer of the blocks ``CastLinear``'s forward; refuse a block with
@@ -318,6 +319,10 @@ class StreamingHandle:
             self._free = [self._event() for _ in slots]
         if slots and self._side is None and self._cuda:
             self._side = torch.cuda.Stream(self.device)
+        if slots and self._cuda:
+            # the slots' memory may just have been freed by kernels still queued on the compute
+            # stream (a parked model, the other streamer's slots): copies into them wait
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
         if work is not None:
             for b in cast:
                 for p, off, shape in b.params:
@@ -456,6 +461,10 @@ class StreamingHandle:
         self.dit.onload = _nothing
 
     # -- reporting and tear-down -----------------------------------------------------------
+    def packed_parameters(self) -> list[torch.nn.Parameter]:
+        """The block weights this streamer lays out (whatever they view at the moment)."""
+        return [p for block in self._blocks for p, _, _ in block.params]
+
     def stats(self) -> dict[str, Any]:
         return {
             "passes": self.passes,
@@ -551,10 +560,11 @@ class StreamingHandle:
                     self.device, self.compute_dtype)
             self._unpin(block)
             block.source = None
-        else:  # fp8 <-> streamed (a page-locked source is copied from, once unregistered)
+        else:  # fp8 <-> streamed: copied first, so a failed copy leaves the block as it was
             assert block.source is not None
+            moved = block.source.to(self.device if target == FP8 else "cpu")
             self._unpin(block)
-            block.source = block.source.to(self.device if target == FP8 else "cpu")
+            block.source = moved
         block.placement = target
         if target == STREAMED:
             self._pin(block)
