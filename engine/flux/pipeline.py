@@ -167,9 +167,10 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others: OtherWeights | None
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     others = dataclasses.replace(others or OtherWeights(parked=False), resident=allocated)
     sizes, fixed = measure_blocks(pipe.dit)
-    residency = dit_residency(plan, sizes, fixed, others, largest_casts_bytes(pipe.dit))
+    cast = largest_casts_bytes(pipe.dit) if plan.layer_cast else 0
+    residency = dit_residency(plan, sizes, fixed, others, cast)
     # the layers cast their own float8 weights: no work buffer of a whole block (streaming.py)
-    handle = enable_block_streaming(pipe.dit, residency, plan.device, layer_cast=True)
+    handle = enable_block_streaming(pipe.dit, residency, plan.device, layer_cast=plan.layer_cast)
     handle.others = others  # what a re-plan keeps aside for the other models
     if getattr(pipe, "vram_management_enabled", False):
         handle.follow_pipeline_phases()  # release the buffers for the text encoders and VAE
@@ -229,7 +230,8 @@ def load_pipeline(plan: MemoryPlan, paths: ModelPaths) -> LoadedPipeline:
                 share_t5_embedding(pipe.text_encoder_2)
             if config is t5 and plan.stream_t5:
                 loaded.t5_stream = start_t5_streaming(pipe, plan)
-        park_other_models(pipe, plan.device, loaded.t5_stream, into=loaded.parked)
+        if plan.park_models:
+            park_other_models(pipe, plan.device, loaded.t5_stream, into=loaded.parked)
     except BaseException:
         loaded.close()  # unregister the page-locked memory
         raise
@@ -295,7 +297,8 @@ def other_weights(plan: MemoryPlan, paths: ModelPaths) -> OtherWeights:
                         if not (key.startswith("encoder.block.") and len(shape) >= 2))
     vae = load_keys_dict(paths.vae)
     return OtherWeights(text=text, encode=nbytes(vae, plan.vae, "encoder."),
-                        decode=nbytes(vae, plan.vae, "decoder."), parked=plan.streaming)
+                        decode=nbytes(vae, plan.vae, "decoder."),
+                        parked=plan.streaming and plan.park_models)
 
 
 def compile_dit_blocks(dit: Any, mode: str | None = None) -> int:

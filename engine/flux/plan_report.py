@@ -8,12 +8,14 @@ start-up, on FLUX.1-dev's block sizes, plus what the benchmarks measured on emul
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from engine.config import ModelSection
 from engine.flux.presets import MemoryPlan, plan_memory
 from engine.flux.residency import (
     FLUX_FIXED_BYTES,
+    FLUX_LAYER_CAST_BYTES,
     FLUX_OTHER_WEIGHTS,
     GIB,
     STREAMED,
@@ -74,7 +76,9 @@ def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: f
     problem = ""
     if plan.streaming:
         try:
-            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, FLUX_OTHER_WEIGHTS)
+            others = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=plan.park_models)
+            cast = FLUX_LAYER_CAST_BYTES if plan.layer_cast else 0
+            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, others, cast)
         except ResidencyError as e:
             problem = str(e)
         else:

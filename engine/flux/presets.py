@@ -108,6 +108,8 @@ class MemoryPlan:
     max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
     batch_images: int = 1  # images of max_pixels a DiT block computes at once (model.batch_images)
     pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
+    park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
+    layer_cast: bool = True  # streaming: the DiT's layers cast their own weights (model.layer_cast)
 
     @property
     def streaming(self) -> bool:
@@ -215,27 +217,30 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
     return make_plan(preset, config.device, allocator, used_gib=used_gib, reason=why,
                      stream_dit=config.dit_streaming and config.device.startswith("cuda"),
                      device_budget=budget, max_pixels=max_pixels,
-                     batch_images=config.batch_images, pass_images=max_images)
+                     batch_images=config.batch_images, pass_images=max_images,
+                     park_models=config.park_models, layer_cast=config.layer_cast)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
               device_budget: DeviceBudget | None = None,
               max_pixels: int = 1024 * 1024, batch_images: int = 1,
-              pass_images: int = 1) -> MemoryPlan:
+              pass_images: int = 1, park_models: bool = True,
+              layer_cast: bool = True) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
                              "max_pixels": max_pixels, "batch_images": batch_images,
-                             "pass_images": pass_images}
+                             "pass_images": pass_images, "park_models": park_models,
+                             "layer_cast": layer_cast}
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
                           stream_dit=stream_dit, **extra)
     limit = _vram_limit(dev, budget_gib, used_gib)
     if stream_dit and preset in ("low", "balanced"):
-        extra["vae_tiled"] = vae_tiled or should_tile_vae(budget_gib, max_pixels, batch_images,
-                                                          pass_images)
+        extra["vae_tiled"] = vae_tiled or should_tile_vae(
+            budget_gib, max_pixels, batch_images, pass_images, park_models, layer_cast)
         return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
@@ -248,7 +253,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
 
 
 def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1,
-                    pass_images: int = 1) -> bool:
+                    pass_images: int = 1, park_models: bool = True,
+                    layer_cast: bool = True) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are
@@ -269,17 +275,17 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     side = reserve_side(max_pixels)
     sizes = flux_dev_block_sizes()
     reserve = activation_reserve(max_pixels, batch_images, pass_images)
-    untiled = FLUX_OTHER_WEIGHTS.phase_bytes(vae_decode_bytes(side, side), t5_phase_bytes())
-    tiled = FLUX_OTHER_WEIGHTS.phase_bytes(vae_decode_bytes(side, side, tiled=True),
-                                           t5_phase_bytes())
+    others = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=park_models)
+    untiled = others.phase_bytes(vae_decode_bytes(side, side), t5_phase_bytes())
+    tiled = others.phase_bytes(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
-    cast = FLUX_LAYER_CAST_BYTES  # the DiT's layers cast their own weights (no work buffer)
+    cast = FLUX_LAYER_CAST_BYTES if layer_cast else 0  # the layers' own casts, no work buffer
     gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled,
                                  layer_cast_bytes=cast)
             - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled,
                                    layer_cast_bytes=cast))
     loop = minimum_budget_bytes(sizes, reserve, layer_cast_bytes=cast)  # buffers + activations
-    everything = FLUX_FIXED_BYTES + sum(sizes)  # the other models are parked in the loop
+    everything = FLUX_FIXED_BYTES + sum(sizes) + others.always
     fits_resident = budget_gib * GIB >= everything + max(loop, untiled)
     return not fits_resident and gain >= TILE_VAE_GAIN_GIB * GIB
 
@@ -322,7 +328,8 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
                          plan.vae_tiled, stream_dit=plan.stream_dit,
                          device_budget=plan.device_budget, max_pixels=plan.max_pixels,
-                         batch_images=plan.batch_images, pass_images=plan.pass_images)
+                         batch_images=plan.batch_images, pass_images=plan.pass_images,
+                         park_models=plan.park_models, layer_cast=plan.layer_cast)
     if plan.streaming:
         return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
@@ -353,4 +360,5 @@ def with_less(plan: MemoryPlan, less_gib: float, why: str) -> MemoryPlan | None:
     return make_plan(plan.preset, plan.device, budget, plan.used_at_start_gib, why,
                      vae_tiled=plan.vae_tiled, stream_dit=plan.stream_dit,
                      device_budget=device, max_pixels=plan.max_pixels,
-                     batch_images=plan.batch_images, pass_images=plan.pass_images)
+                     batch_images=plan.batch_images, pass_images=plan.pass_images,
+                     park_models=plan.park_models, layer_cast=plan.layer_cast)
