@@ -163,6 +163,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--variant-steps", type=int, default=10)
     parser.add_argument("--trace", type=Path, help="the profile's chrome trace (gzip)")
+    parser.add_argument("--options", nargs="*", default=[],
+                        help="[model] options as KEY=true|false, e.g. park_models=true")
     args = parser.parse_args()
     with EmulatedCard(args.card) as card:
         import torch
@@ -170,9 +172,10 @@ def main() -> int:
         from engine.config import ModelSection
         from engine.flux.backend import FluxBackend
 
+        options = {k: v.lower() == "true" for k, v in (o.split("=", 1) for o in args.options)}
         config = ModelSection(models_dir=str(args.ckpt), offline=True,
                               dit_path=checkpoint_paths(args.ckpt)["dit"],
-                              compile=bool(args.compile))
+                              compile=bool(args.compile), **options)
         backend = FluxBackend(config)
         t0 = time.perf_counter()
         backend.load()

@@ -190,9 +190,11 @@ def test_the_dits_budget_reserves_what_t5_and_resident_models_will_hold(tmp_path
                        vae=str(vae), tokenizer="", tokenizer_2="")
     clip = 2 * sum(mrf._numel(s) for s in mrf.clip_layout().values())
     for preset, budget in (("low", 8.0), ("balanced", 20.0)):  # CLIP, VAE: resident bf16
-        plan = make_plan(preset, "cuda", budget, stream_dit=True)
+        plan = make_plan(preset, "cuda", budget, stream_dit=True, park_models=True)
         assert other_weights(plan, paths) == OtherWeights(
             text=fixed + clip, encode=2 * 4 * 3 * 9, decode=2 * 8 * 4 * 9, parked=True)
+        kept = dataclasses.replace(plan, park_models=False)  # model.park_models = false
+        assert not other_weights(kept, paths).parked
     managed_clip = dataclasses.replace(plan, clip=streamed("cuda", "bfloat16"))
     assert other_weights(managed_clip, paths).text == fixed  # not counted
     unstreamed = make_plan("balanced", "cuda", 20.0, stream_dit=False)

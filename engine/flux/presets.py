@@ -108,8 +108,8 @@ class MemoryPlan:
     max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
     batch_images: int = 1  # images of max_pixels a DiT block computes at once (model.batch_images)
     pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
-    park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
-    layer_cast: bool = True  # streaming: the DiT's layers cast their own weights (model.layer_cast)
+    park_models: bool = False  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
+    layer_cast: bool = False  # streaming: the DiT's layers cast their weights (model.layer_cast)
 
     @property
     def streaming(self) -> bool:
@@ -225,8 +225,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
               device_budget: DeviceBudget | None = None,
               max_pixels: int = 1024 * 1024, batch_images: int = 1,
-              pass_images: int = 1, park_models: bool = True,
-              layer_cast: bool = True) -> MemoryPlan:
+              pass_images: int = 1, park_models: bool = False,
+              layer_cast: bool = False) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
@@ -253,8 +253,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
 
 
 def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1,
-                    pass_images: int = 1, park_models: bool = True,
-                    layer_cast: bool = True) -> bool:
+                    pass_images: int = 1, park_models: bool = False,
+                    layer_cast: bool = False) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are

@@ -400,8 +400,7 @@ FLUX_OTHER_WEIGHTS = OtherWeights(text=487 * MIB, encode=66 * MIB, decode=95 * M
 
 
 def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int,
-                  others: OtherWeights, layer_cast_bytes: int = FLUX_LAYER_CAST_BYTES,
-                  ) -> ResidencyPlan:
+                  others: OtherWeights, layer_cast_bytes: int = 0) -> ResidencyPlan:
     """The DiT's residency under a memory plan: its allocator budget less what the other
     models keep on the GPU throughout (``others.always``), with the DiT's activations kept
     for the largest image the limits allow and the VAE and the text encoders budgeted as
