@@ -149,5 +149,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 @pytest.fixture(params=[False, True], ids=["block-cast", "layer-cast"])
 def layer_cast(request) -> bool:
     """The block streamer's two ways of computing from float8: a cast of the whole block into
-    a bf16 work buffer (T5's), and each linear layer casting its own weight (the DiT's)."""
+    a bf16 work buffer (T5's, and the DiT's by default), and each linear layer casting its own
+    weight (the DiT's with model.layer_cast)."""
     return request.param

@@ -7,13 +7,14 @@ what is left of the device budget once the CUDA context, kernels and workspaces 
 fragmentation margin are set aside (``device_budget.py``).
 
     preset     DiT                             text encoders, VAE           fits (GiB budget)
-    low        float8, block streaming          T5 streamed, CLIP/VAE parked below 18 (run: 6-12 GB)
-    balanced   float8, block streaming          T5 streamed, CLIP/VAE parked >= 18
+    low        float8, block streaming          T5 streamed, CLIP/VAE res.  below 18 (run: 6-12 GB)
+    balanced   float8, block streaming          T5 streamed, CLIP/VAE res.  >= 18
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
 
-"Parked" (``parking.py``): kept in page-locked host memory and copied to the GPU for their own
-phase only (CLIP and T5's embedding for the prompt, the VAE for its encode or decode), so the
+With ``model.park_models`` (off until measured on a GPU) CLIP, the VAE and T5's embedding are
+parked instead (``parking.py``): kept in page-locked host memory and copied to the GPU for their
+own phase only (CLIP and T5's embedding for the prompt, the VAE for its encode or decode), so the
 denoising loop has their 0.63 GiB for DiT blocks.
 
 "Block streaming" (``model.dit_streaming``, the default) is ours: the DiT is loaded on the CPU in
@@ -305,12 +306,12 @@ def _streaming_plan(preset: str, dev: str, budget_gib: float | None, limit: floa
 
     T5's 4.7 B weights are loaded in float8 on the CPU too (half the RAM) and block-streamed
     the same way (it runs once per image, so none of it needs to stay resident). CLIP and the
-    VAE (0.4 GB together) are loaded onto the GPU in bf16 and then parked whole
-    (``pipeline.park_other_models``), not left to diffsynth's VRAM management: under it their
-    layers would settle on the GPU whenever the device's used memory is under ``vram_limit``,
-    taking memory the streamer's plan had kept for activations (an image then ran out of memory
-    in T5 after an out-of-memory re-plan at 6 GiB). So ``low`` and ``balanced`` lay out alike;
-    the residency planner fits the DiT to whatever budget is left."""
+    VAE (0.4 GB together) are loaded onto the GPU in bf16 and stay there (or are parked whole
+    with ``model.park_models``: ``pipeline.park_other_models``), not left to diffsynth's VRAM
+    management: under it their layers would settle on the GPU whenever the device's used memory
+    is under ``vram_limit``, taking memory the streamer's plan had kept for activations (an
+    image then ran out of memory in T5 after an out-of-memory re-plan at 6 GiB). So ``low`` and
+    ``balanced`` lay out alike; the residency planner fits the DiT to whatever budget is left."""
     dit = Placement(computation_device="cpu", computation_dtype=FP8)
     return MemoryPlan(preset, dev, dit, resident(dev), dit, resident(dev), limit, budget_gib,
                       stream_dit=True, **extra)

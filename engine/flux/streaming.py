@@ -31,14 +31,15 @@ Memory layout (made once; nothing is allocated per call):
 Ordering: the compute stream waits for a slot's ``copied`` event before its cast; the side
 stream waits for the slot's ``free`` event (recorded after that cast) before reusing it.
 
-``layer_cast`` (the DiT's mode): there is no work buffer. Each block's ``nn.Linear`` layers
-become ``CastLinear``, whose forward casts its own float8 weight to bf16 just before its matmul
-(inside the compiled graph, so the bf16 copy of one layer lives only as long as that matmul),
-and the block's weights are views of its float8 buffer: its own on the GPU (``fp8``) or the
-staging slot it was copied into (``streamed``, repointed at each call). The GPU then holds the
-largest layer's bf16 weight at a time (226 MB for FLUX.1-dev) instead of the largest block's
-(680 MB), and that difference keeps DiT blocks resident. The slot is read during the whole
-block, so its ``free`` event is recorded after the block (a forward hook), not after a cast.
+``layer_cast`` (the DiT's mode with ``model.layer_cast``): there is no work buffer. Each
+block's ``nn.Linear`` layers become ``CastLinear``, whose forward casts its own float8 weight to
+bf16 just before its matmul (inside the compiled graph, so the bf16 copy of one layer lives
+only as long as that matmul), and the block's weights are views of its float8 buffer: its own on
+the GPU (``fp8``) or the staging slot it was copied into (``streamed``, repointed at each call).
+The GPU then holds the largest layers' bf16 weights at a time (226 MB for FLUX.1-dev) instead of
+the largest block's (680 MB), and that difference keeps DiT blocks resident. The slot is read
+during the whole block, so its ``free`` event is recorded after the block (a forward hook), not
+after a cast.
 
 Failure: an exception in any block (out of memory, a cancelled job) can leave a pass half done.
 The state stays usable: the work buffer and the slots are made all at once or not at all, a
