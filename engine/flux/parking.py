@@ -147,8 +147,8 @@ def park_module(module: torch.nn.Module, device: str | torch.device,
         tensors = [*module.parameters(), *module.buffers()]
     parked = park_tensors(tensors, device)
     hook = module.register_forward_pre_hook(lambda _module, _args: parked.fetch())
-    saved = {name: module.__dict__[name] for name in ("vram_management_enabled", "offload",
-                                                       "onload") if name in module.__dict__}
+    saved: dict[str, Any] = {name: module.__dict__[name] for name in (
+        "vram_management_enabled", "offload", "onload") if name in module.__dict__}
     previous = saved.get("offload")
 
     def offload() -> None:
@@ -172,7 +172,3 @@ def park_module(module: torch.nn.Module, device: str | torch.device,
 
 def _nothing() -> None:
     return None
-
-
-def parked_bytes(parked: Iterable[Any]) -> int:
-    return sum(p.nbytes for p in parked)
