@@ -154,7 +154,7 @@ class StreamingHandle:
         self.dit, self.plan, self.device = dit, plan, device
         self.block_lists = tuple(block_lists)
         self.layer_cast = layer_cast
-        self._linear_classes: list[tuple[torch.nn.Module, type]] = []  # put back by close
+        self._cast_linears: list[torch.nn.Module] = []  # nn.Linear again at close
         self.compute_dtype, self.storage_dtype = compute_dtype, storage_dtype
         self._cast_fn = _make_cast(cast, device)
         self._cuda = device.type == "cuda"
@@ -215,13 +215,13 @@ class StreamingHandle:
                                      f"nn.Linear; {type(b).__name__}.{name} is not")
         for m in linears:
             if type(m) is torch.nn.Linear:
-                self._linear_classes.append((m, type(m)))
+                self._cast_linears.append(m)
                 m.__class__ = CastLinear
 
     def _uncast_layers(self) -> None:
-        for module, cls in self._linear_classes:
-            module.__class__ = cls
-        self._linear_classes.clear()
+        for module in self._cast_linears:
+            module.__class__ = torch.nn.Linear
+        self._cast_linears.clear()
 
     def _move_fixed(self, blocks: list[torch.nn.Module]) -> None:
         """Non-block weights and the blocks' 1-D parameters: resident in the compute dtype."""
@@ -290,7 +290,8 @@ class StreamingHandle:
             p.data = torch.empty(0, dtype=dtype, device=self.device)
 
     def _point(self, block: _Block, flat: torch.Tensor) -> None:
-        """``layer_cast``: the block's weights become views of a float8 buffer."""
+        """The block's weights become views of ``flat``: the work buffer, or with
+        ``layer_cast`` its float8 buffer or a staging slot."""
         for p, off, shape in block.params:
             p.data = flat[off:off + shape.numel()].view(shape)
 
@@ -326,8 +327,7 @@ class StreamingHandle:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
         if work is not None:
             for b in cast:
-                for p, off, shape in b.params:
-                    p.data = work[off:off + shape.numel()].view(shape)
+                self._point(b, work)
         else:
             self._point_resident()
         self._work, self._slots = work, slots
