@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,6 @@ def profile_step(torch: Any, backend: Any, size: int, trace: Path | None) -> str
     return table
 
 
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2] if xs else 0.0
-
-
 def run_variant(torch: Any, backend: Any, name: str, steps: int) -> dict[str, Any]:
     """One 1024² image with one thing changed (see the module docstring), then undone."""
     import contextlib
@@ -145,7 +142,7 @@ def run_variant(torch: Any, backend: Any, name: str, steps: int) -> dict[str, An
             with contextlib.suppress(Exception):
                 u()
     row["variant"] = name
-    row["s_step"] = median(row.get("steps_s", []))
+    row["s_step"] = statistics.median_high(row.get("steps_s") or [0.0])
     if stream is not None:
         row["streamed_gib"] = stream.plan.streamed_bytes / 1024**3
     return row
