@@ -157,6 +157,8 @@ def run_on_card(free_gib: float, ckpt: Path, extra: str, row: dict[str, Any], ti
             row["plan"] = _first(bot.log, "FLUX memory plan: ")
             row["calibration"] = [t.split(": ", 1)[-1] for _, t in bot.log
                                   if "warm-up" in t and ("peak" in t or "ran out" in t)]
+            # the bot makes images with eager blocks then: slower, and only this line says so
+            row["compile_failed"] = _first(bot.log, "torch.compile failed ")
             drive(bot)
         except Exception as e:  # noqa: BLE001 - a failed row is a result too
             row["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -252,15 +254,16 @@ def markdown(rows: list[dict[str, Any]], device: str, command: str) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        ok = row_ok(r)
+        ok = "NO" if not row_ok(r) else "yes, eager blocks" if r.get("compile_failed") else "yes"
+        config = r["config"].replace("\n", "; ")
         lines.append(
-            f"| {r['card_free_gib']:.1f} GiB ({r['config']}) | {fmt(r.get('ready_s'), '.0f')} | "
+            f"| {r['card_free_gib']:.1f} GiB ({config}) | {fmt(r.get('ready_s'), '.0f')} | "
             f"{fmt(r.get('s_image_1024'))} | {fmt(r.get('s_step_1024'), '.3f')} | "
             f"{fmt(r.get('s_image_512'))} | {fmt(r.get('gpu_s_1024'))} · "
             f"{fmt(r.get('gpu_s_reroll_1024'))} | "
             f"{fmt(r.get('gap_s'), '.3f')} | "
             f"{fmt(r.get('device_peak_gib'))} | {fmt(r.get('smi_gib'))} | "
-            f"{fmt(r.get('host_peak_rss_gib'))} | {r['oom']} | {'yes' if ok else 'NO'} |")
+            f"{fmt(r.get('host_peak_rss_gib'))} | {r['oom']} | {ok} |")
     return (f"Device: {device}. Command: `{command}`\n\n" + head + "\n".join(lines) + "\n")
 
 

@@ -1,9 +1,10 @@
 """Seconds per 1024² image against card size, one line per set-up, from the benchmarks' JSON.
 
-    python bench/chart_cards.py OUT.png LABEL=FILE.json [LABEL=FILE.json ...]
+    python bench/chart_cards.py OUT.png LABEL=FILE.json[#CONFIG] [LABEL=FILE.json ...]
 
 Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
-output), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
+output; ``#CONFIG`` keeps the rows of that ``config`` only, e.g. ``#default``; a row with an
+``error`` or a ``defect``, a bug found in that run and fixed since, is left out), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
 20 × s_step, which leaves out its text encoders and VAE and so favours it). matplotlib is needed
 here only (``pip install matplotlib``).
 """
@@ -15,11 +16,11 @@ import sys
 from pathlib import Path
 
 
-def series(path: Path) -> list[tuple[float, float]]:
+def series(path: Path, config: str = "") -> list[tuple[float, float]]:
     data = json.loads(path.read_text())
     points = []
     for row in data.get("rows", []):
-        if row.get("error"):
+        if row.get("error") or row.get("defect") or (config and row.get("config") != config):
             continue
         seconds = row.get("s_image_1024")
         if seconds is None and row.get("s_step") is not None:
@@ -41,7 +42,8 @@ def main(argv: list[str]) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for spec in argv[1:]:
         label, _, file = spec.partition("=")
-        points = series(Path(file))
+        file, _, config = file.partition("#")
+        points = series(Path(file), config)
         if not points:
             continue
         xs, ys = zip(*points, strict=True)

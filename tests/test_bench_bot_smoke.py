@@ -75,6 +75,20 @@ def test_a_bot_that_does_not_start_is_a_failed_row_not_a_crash(dry_run_card, tmp
     assert "| NO |" in bench_cards.markdown([row], "cpu", "test")
 
 
+def test_a_run_whose_compile_fell_back_to_eager_says_so_in_its_row(dry_run_card,
+                                                                    tmp_path) -> None:
+    """A run that fell back to eager blocks is slower with nothing else wrong (the 16 GB card
+    on 2026-12-07, docs/benchmarks.md): its row says so. A config of several lines stays on
+    one line of the table."""
+    row = bench_cards.run_card(7.5, tmp_path, extra="compile = true\nprompt_cache = 0",
+                               timeout=60)
+    assert row["compile_failed"] is None  # the dry-run backend compiles nothing
+    table = bench_cards.markdown([row], "cpu", "test")
+    assert "| 7.5 GiB (compile = true; prompt_cache = 0) |" in table and table.endswith("| yes |\n")
+    row["compile_failed"] = "(RuntimeError: self and mat2 must have the same dtype); running eager"
+    assert bench_cards.markdown([row], "cpu", "test").endswith("| yes, eager blocks |\n")
+
+
 def test_the_lora_benchmark_runs_plain_and_styled_jobs_in_order(dry_run_card, tmp_path) -> None:
     """Its ``[styles]`` tables load, every ``--style`` line is accepted, and each job's GPU time
     and s/step are read back (the dry run switches no LoRA: no switch line to read)."""
