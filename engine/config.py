@@ -125,9 +125,8 @@ class ModelSection:
     expandable_segments: bool = True
     batch_images: int = 1  # images of the largest size a DiT block computes at once (--n jobs)
     prompt_cache: int = 32  # prompts whose text embeddings stay in host memory (0 = off)
-    # new, not yet measured on a GPU (docs/benchmarks.md): off until they are
-    park_models: bool = False  # CLIP, the VAE, T5's embedding on the GPU only in their phase
-    layer_cast: bool = False  # the DiT's layers cast their own float8 weights (no work buffer)
+    park_models: bool = True  # CLIP, the VAE, T5's embedding on the GPU only in their phase
+    layer_cast: bool = True  # the DiT's layers cast their own float8 weights (no work buffer)
     dit_model_id: str = "MAILAND/majicflus_v1"
     dit_file: str = "majicflus_v134.safetensors"
     flux_model_id: str = "black-forest-labs/FLUX.1-dev"

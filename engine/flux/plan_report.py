@@ -24,16 +24,18 @@ from engine.flux.residency import (
     flux_dev_block_sizes,
 )
 
-# Host peak RSS of the bot on emulated cards (H100, 2026-11-28): 12.3 GiB with 3.8 GiB of the DiT
-# streamed, 15.7 with 7.7, 15.9 with 9.5. Loading peaks near 12.5 GiB whatever the plan; after
-# that the streamed blocks and T5 (float8, page-locked) stay resident beside the libraries.
+# Host peak RSS of the bot on emulated cards: loading peaks near 12.5 GiB whatever the plan;
+# after that the streamed blocks and T5 (float8, page-locked) and the parked models stay beside
+# the libraries. The most measured above the streamed GiB (H100, 2026-12-07, default config):
+# 16.75 GiB with 5.64 streamed (8 GB card), 17.45 with 7.54 (6 GB); 12.3 from 3.7 down.
 LOADING_PEAK_GIB = 12.5
-BESIDE_STREAMED_GIB = 8.0
+BESIDE_STREAMED_GIB = 11.2
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
-# of each card (README's hardware table; 5.6, 7.5 and 11.5 from 2026-12-07, the rest 2026-12-06).
+# of each card (README's hardware table; 15.5 from 2026-12-06 with park_models and layer_cast
+# off, the rest 2026-12-07 with them on: docs/results/cards-h100-2026-12-07c.json).
 MEASURED_S_PER_IMAGE = {
-    "H100": ((5.6, 4.50), (7.5, 3.83), (9.5, 3.43), (11.5, 3.16), (15.5, 3.12), (23.0, 2.92)),
+    "H100": ((5.6, 3.98), (7.5, 3.35), (9.5, 3.49), (11.5, 3.20), (15.5, 3.12), (23.0, 2.86)),
 }
 
 

@@ -12,7 +12,7 @@ fragmentation margin are set aside (``device_budget.py``).
     max        bf16 resident                    bf16 resident               >= 36
     auto       the largest of the above that fits the budget
 
-With ``model.park_models`` (off until measured on a GPU) CLIP, the VAE and T5's embedding are
+With ``model.park_models`` (the default) CLIP, the VAE and T5's embedding are
 parked instead (``parking.py``): kept in page-locked host memory and copied to the GPU for their
 own phase only (CLIP and T5's embedding for the prompt, the VAE for its encode or decode), so the
 denoising loop has their 0.63 GiB for DiT blocks.
@@ -109,8 +109,8 @@ class MemoryPlan:
     max_pixels: int = 1024 * 1024  # the largest image the limits allow: activations are kept for it
     batch_images: int = 1  # images of max_pixels a DiT block computes at once (model.batch_images)
     pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
-    park_models: bool = False  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
-    layer_cast: bool = False  # streaming: the DiT's layers cast their weights (model.layer_cast)
+    park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
+    layer_cast: bool = True  # streaming: the DiT's layers cast their weights (model.layer_cast)
 
     @property
     def streaming(self) -> bool:
@@ -226,8 +226,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
               reason: str = "", vae_tiled: bool = False, stream_dit: bool = False,
               device_budget: DeviceBudget | None = None,
               max_pixels: int = 1024 * 1024, batch_images: int = 1,
-              pass_images: int = 1, park_models: bool = False,
-              layer_cast: bool = False) -> MemoryPlan:
+              pass_images: int = 1, park_models: bool = True,
+              layer_cast: bool = True) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
@@ -254,8 +254,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
 
 
 def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1,
-                    pass_images: int = 1, park_models: bool = False,
-                    layer_cast: bool = False) -> bool:
+                    pass_images: int = 1, park_models: bool = True,
+                    layer_cast: bool = True) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are

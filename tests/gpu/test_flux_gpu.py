@@ -131,10 +131,10 @@ def test_a_batch_equals_the_same_seeds_made_one_at_a_time(random_flux, emulated_
 
 def test_parked_models_and_layer_cast_make_the_same_images_with_more_of_the_dit_resident(
         random_flux, emulated_card) -> None:
-    """``park_models`` and ``layer_cast`` on an emulated 8 GB card (compiled, as by default):
-    the same seeds give the default config's images up to bf16 rounding (a copy racing a block
-    that still reads its slot would not), CLIP, the VAE and T5's embedding leave the GPU
-    between their phases, more DiT blocks stay resident, and the card is never exceeded."""
+    """``park_models`` and ``layer_cast`` (the defaults) on an emulated 8 GB card, compiled:
+    the same seeds give the images of both off up to bf16 rounding (a copy racing a block that
+    still reads its slot would not), CLIP, the VAE and T5's embedding leave the GPU between
+    their phases, more DiT blocks stay resident, and the card is never exceeded."""
     made, resident = {}, {}
     with emulated_card(7.5) as held:
         for lean in (False, True):
