@@ -298,7 +298,8 @@ def main() -> int:
         if row.get("error"):
             print("\n".join(row["log_tail"]), flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
-            args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+            args.json.write_text(json.dumps({"device": device, "defaults": defaults(),
+                                             "rows": rows}, indent=1))
     seed_rows = []
     for free in args.seed_cards:
         print(f"seed's set-up, card {free} GiB free…", flush=True)
@@ -307,11 +308,20 @@ def main() -> int:
     table = markdown(rows, device, " ".join(sys.argv))
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "rows": rows, "seed": seed_rows},
-                                        indent=1))
+        args.json.write_text(json.dumps({"device": device, "defaults": defaults(),
+                                         "rows": rows, "seed": seed_rows}, indent=1))
     if args.md:
         args.md.write_text(table)
     return 0 if all(row_ok(r) for r in rows) else 1
+
+
+def defaults() -> dict[str, bool]:
+    """The model options whose defaults changed between runs (the ``default`` config's rows
+    were made with these): ``hardware_table`` marks rows made under other defaults."""
+    from engine.config import ModelSection
+
+    model = ModelSection()
+    return {"park_models": model.park_models, "layer_cast": model.layer_cast}
 
 
 def row_ok(r: dict[str, Any]) -> bool:

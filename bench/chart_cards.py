@@ -4,7 +4,8 @@
 
 Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
 output; ``#CONFIG`` keeps the rows of that ``config`` only, e.g. ``#default``; a row with an
-``error`` or a ``defect``, a bug found in that run and fixed since, is left out), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
+``error``, a ``defect`` (a bug found in that run and fixed since) or a ``compile_failed`` (eager
+blocks) is left out), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
 20 × s_step, which leaves out its text encoders and VAE and so favours it). matplotlib is needed
 here only (``pip install matplotlib``).
 """
@@ -20,7 +21,8 @@ def series(path: Path, config: str = "") -> list[tuple[float, float]]:
     data = json.loads(path.read_text())
     points = []
     for row in data.get("rows", []):
-        if row.get("error") or row.get("defect") or (config and row.get("config") != config):
+        if row.get("error") or row.get("defect") or row.get("compile_failed") \
+                or (config and row.get("config") != config):
             continue
         seconds = row.get("s_image_1024")
         if seconds is None and row.get("s_step") is not None:
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for spec in argv[1:]:
         label, _, file = spec.partition("=")
-        file, _, config = file.partition("#")
+        file, _, config = file.rpartition("#") if "#" in file else (file, "", "")
         points = series(Path(file), config)
         if not points:
             continue

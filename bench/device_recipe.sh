@@ -5,7 +5,7 @@
 #   bash bench/device_recipe.sh wheels          # here: pip download --no-deps into .whl/
 #   bash bench/device_recipe.sh device [STAGES] # there (python3 with torch): STAGES is any of
 #                                               # tests, bench, float8, cards, actions,
-#                                               # peer, lora, tiling, profile, lean
+#                                               # peer, lora, tiling, profile, off
 #                                               # (default: tests bench)
 #
 # On the device, results go to $OUT (test log, bench log, benchmarks.md, bench.json).
@@ -19,8 +19,9 @@
 # 0 = the whole card); tiling: TILING_CARDS planned as by default and with the VAE decode kept
 # untiled (a copy with TILE_VAE_GAIN_GIB raised); profile: bench/profile_card.py on
 # PROFILE_CARDS (per-step times, PROFILE_VARIANTS, a kernel trace of one image; PROFILE_OPTIONS:
-# model options, e.g. "park_models=true layer_cast=true"); lean: LEAN_CARDS through the bot with
-# park_models and layer_cast on (cards-lean.json), to compare with a cards run. At most 8 files come back from the device:
+# model options, e.g. "park_models=false"); off: OFF_CARDS through the bot with park_models and
+# layer_cast off (cards-off.json), to compare with a cards run on the same machine.
+# At most 8 files come back from the device:
 # logs are appended to one file per stage, and tables are made here from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ device() {
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   export RANDOM_FLUX_DIR="${RANDOM_FLUX_DIR:-/tmp/random-flux}"
   # float8 builds its DiT in memory; tests and bench need the checkpoint on disk
-  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora "|" tiling "|" profile "|" lean " ]] \
+  if [[ " ${stages[*]} " =~ " tests "|" bench "|" cards "|" actions "|" lora "|" tiling "|" profile "|" off " ]] \
       && [ ! -f "$RANDOM_FLUX_DIR/black-forest-labs/FLUX.1-dev/ae.safetensors" ]; then
     python3 bench/make_random_flux.py "$RANDOM_FLUX_DIR" 2>&1 | tee -a "$OUT/device.txt"
     echo "checkpoint written in $((SECONDS - start)) s since the recipe started" | tee -a "$OUT/device.txt"
@@ -123,11 +124,11 @@ device() {
             --trace "$OUT/trace-$card.json.gz" --json "$OUT/profile-$card.json" 2>&1 \
             | tee -a "$OUT/profile.log" || echo "PROFILE FAILED"
         done ;;
-      lean)
+      off)
         # shellcheck disable=SC2086
-        python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${LEAN_CARDS:-7.5 5.6} \
-          --extra 'park_models = true\nlayer_cast = true' --json "$OUT/cards-lean.json" 2>&1 \
-          | tee "$OUT/lean.log" || echo "LEAN FAILED" ;;
+        python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${OFF_CARDS:-7.5 5.6} \
+          --extra 'park_models = false\nlayer_cast = false' --json "$OUT/cards-off.json" 2>&1 \
+          | tee "$OUT/off.log" || echo "OFF FAILED" ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done

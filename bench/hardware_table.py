@@ -27,45 +27,46 @@ MODELS_GB = 33  # the DiT, both text encoders and the VAE, as downloaded (engine
 
 def measured_rows() -> list[tuple[str, dict]]:
     """(device, row) of the latest default-config run on each emulated card that stayed
-    within it (an older run of the same card is superseded). A row with a ``defect`` (a bug
-    found in that run and fixed since) is left out. ``_earlier_defaults``: the file was run
-    when ``model.park_models`` and ``model.layer_cast`` were still off by default."""
-    latest: dict[float, tuple[str, str, dict]] = {}
+    within it and ran compiled (an older run of the same card is superseded). A row with a
+    ``defect`` (a bug found in that run and fixed since) is left out. The device ends in "¹"
+    when the run's defaults (``bench_cards.defaults``) were not today's."""
+    from bench.bench_cards import defaults
+
+    today = defaults()
+    latest: dict[float, tuple[str, str, str, dict]] = {}
     for path in RESULTS.glob("cards-*.json"):
         result = json.loads(path.read_text(encoding="utf-8"))
+        mark = "" if result.get("defaults") == today else "¹"
         for row in result["rows"]:
             if row.get("config") == "default" and row.get("within_card") and not row.get("oom") \
-                    and not row.get("defect"):
+                    and not row.get("defect") and not row.get("compile_failed"):
                 key, seen = row["card_free_gib"], latest.get(row["card_free_gib"])
                 if seen is None or (result["date"], path.name) > seen[:2]:
-                    latest[key] = (result["date"], path.name,
-                                   {**row, "_device": f"{result['device']}, {result['date']}",
-                                    "_earlier_defaults": "defaults" not in result})
-    return [(row.pop("_device"), row) for _, _, row in
-            sorted(latest.values(), key=lambda item: item[2]["card_free_gib"])]
+                    device = f"{result['device']}, {result['date']}{mark}"
+                    latest[key] = (result["date"], path.name, device, row)
+    return [(device, row) for _, _, device, row in
+            sorted(latest.values(), key=lambda item: item[3]["card_free_gib"])]
 
 
 def table() -> str:
     lines = ["| card (GiB free at start) | preset auto picks | 1024², 20 steps | GPU memory "
              "(driver) | host RAM (peak) | disk | measured |",
              "|---|---|---|---|---|---|---|"]
-    earlier = False
-    for device, row in measured_rows():
-        mark = "¹" if row.pop("_earlier_defaults") else ""
-        earlier = earlier or bool(mark)
+    rows = measured_rows()
+    for device, row in rows:
         free = row["card_free_gib"]
         card = CARD_OF_FREE.get(free)
         name = f"{card} GB ({free:g})" if card else f"{free:g} GiB free"
         preset = row["plan"].split(",")[0].removeprefix("preset ")
         lines.append(f"| {name} | {preset} | {row['s_image_1024']:.1f} s | "
                      f"{row['device_peak_gib']:.1f} GiB | {row['host_peak_rss_gib']:.0f} GiB | "
-                     f"{MODELS_GB} GB of models | {device}{mark} |")
+                     f"{MODELS_GB} GB of models | {device} |")
     lines.append("")
     lines.append("Each row is the latest run on that card (machines of one kind differ by a few "
                  "per cent), with the card emulated (another process "
                  "holds the rest of the GPU), the default config, through `python -m bot` "
                  "(`bench/bench_cards.py`; `python -m bench.hardware_table` makes this table).")
-    if earlier:
+    if any(device.endswith("¹") for device, _ in rows):
         lines.append("")
         lines.append("¹ Run while `park_models` and `layer_cast` were still off by default "
                      "(docs/benchmarks.md, 2026-12-07 evening, has the same-machine comparison).")

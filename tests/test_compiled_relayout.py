@@ -5,13 +5,19 @@ weights' data in place, and the compiled blocks must then run the graph of the n
 torch 2.11's dynamo skipped the dtype guards of a module whose dicts were unchanged and ran the
 old dtype's graph: on an H100 the calibration's re-plan at 15.5 GiB failed with "self and mat2
 must have the same dtype" and the bot fell back to eager blocks (4.7 s instead of 3.0 s an
-image); on the CPU the same graphs returned values of 1e10. This test fails that way on torch
-2.11 without the guard setting in ``compile_dit_blocks``; newer torch passes either way."""
+image). This test fails that way on torch 2.11 without the guard setting in
+``compile_dit_blocks``; torch 2.14 (this project's CI) checks those guards anyway.
+
+Compiled blocks round differently from eager ones (inductor fuses in float32), so the images
+compiled before the re-plans are the reference; a stale graph gives values near 1e10."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch._dynamo.testing
 
 from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks
 from engine.flux.residency import BF16, FP8
@@ -35,20 +41,41 @@ BEFORE = [BF16, FP8, FP8, BF16, FP8, FP8, FP8]
 AFTER = [FP8, BF16, FP8, FP8, BF16, FP8, FP8]
 
 
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """``torch.compile`` (inductor) behind a frame counter, on a fresh dynamo; dynamo's settings
+    come back afterwards."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    settings = {name: getattr(torch._dynamo.config, name)
+                for name in ("recompile_limit", "skip_tensor_guards_with_matching_dict_tags")
+                if hasattr(torch._dynamo.config, name)}
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(settings):  # compile_dit_blocks changes them
+        yield counter
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("layer_cast", [True, False], ids=["layer-cast", "block-cast"])
-def test_compiled_blocks_compute_the_same_after_a_replan_moves_blocks_between_dtypes(layer_cast):
+def test_compiled_blocks_compute_the_same_after_a_replan_moves_blocks_between_dtypes(
+        layer_cast, counted_compile):
     model, _ = make_models()
     handle = enable_block_streaming(model, plan_for(model, BEFORE), "cpu", layer_cast=layer_cast)
     compile_dit_blocks(model)
+    # what makes torch 2.11 check the dtype guards (2.14 checks them anyway)
+    assert getattr(torch._dynamo.config, "skip_tensor_guards_with_matching_dict_tags",
+                   False) is False
     try:
         with torch.no_grad():
-            before = [model(*inputs(*shape)) for shape in SHAPES]
+            expected = [model(*inputs(*shape)) for shape in SHAPES]
             for placements in (AFTER, BEFORE):
                 handle.relayout(plan_for(model, placements))
                 assert handle.plan.placements == tuple(placements)
-                for shape, expected in zip(SHAPES, before, strict=True):
-                    torch.testing.assert_close(model(*inputs(*shape)), expected,
-                                               rtol=0, atol=0)
+                for shape, want in zip(SHAPES, expected, strict=True):
+                    # a static and a dynamic-shape graph may sum in another order
+                    torch.testing.assert_close(model(*inputs(*shape)), want, rtol=1e-2,
+                                               atol=1e-2 * want.abs().max().item())
     finally:
         uncompile_dit_blocks(model)
         handle.close()
+    assert counted_compile.frame_count >= 2  # the blocks ran compiled, not eager

@@ -26,10 +26,11 @@ from engine.flux.residency import (
 
 # Host peak RSS of the bot on emulated cards: loading peaks near 12.5 GiB whatever the plan;
 # after that the streamed blocks and T5 (float8, page-locked) and the parked models stay beside
-# the libraries. The most measured above the streamed GiB (H100, 2026-12-07, default config):
-# 16.75 GiB with 5.64 streamed (8 GB card), 17.45 with 7.54 (6 GB); 12.3 from 3.7 down.
+# the libraries. An upper bound fitted to the H100 runs of 2026-12-07 (default config; GiB of the
+# DiT streamed as the bot planned it): 17.45 with 7.94 streamed (6 GB card), 16.75 with 5.99
+# (8 GB), 12.3 with 3.98 (10 GB) and less; it overshoots those by 1.3, 0.0 and 2.5 GiB.
 LOADING_PEAK_GIB = 12.5
-BESIDE_STREAMED_GIB = 11.2
+BESIDE_STREAMED_GIB = 10.8
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
 # of each card (README's hardware table; 15.5 from 2026-12-06 with park_models and layer_cast
