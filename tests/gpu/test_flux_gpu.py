@@ -164,6 +164,32 @@ def test_parked_models_and_layer_cast_make_the_same_images_with_more_of_the_dit_
     assert report["peak_gib"] <= report["free_at_hold_gib"]
 
 
+def test_compiled_blocks_stay_compiled_when_a_replan_moves_bf16_blocks_to_float8(
+        random_flux, emulated_card) -> None:
+    """The default config, compiled, on an emulated 16 GB card, where every block is resident
+    and some are bf16 copies. With ``layer_cast`` a re-plan changes those blocks' weights to
+    float8 in place; torch 2.11 then ran their stale bf16 graphs ("self and mat2 must have the
+    same dtype"), and the start-up fell back to eager blocks (docs/benchmarks.md, 2026-12-07
+    evening). Here the start-up stays compiled, and after an out-of-memory re-plan that drops
+    the bf16 copies the next image is made by the compiled blocks."""
+    with emulated_card(15.5) as held:
+        backend = FluxBackend(model_section(random_flux, "auto", None, compile=True))
+        try:
+            backend.load()
+            assert backend.plan.layer_cast and backend._compiled  # no fallback to eager
+            bf16_before = backend._stream.stats()["bf16_resident_blocks"]
+            assert bf16_before > 0, backend._stream.plan.describe()
+            assert backend.reduce_memory()  # as after an out-of-memory error in a job
+            assert backend._stream.stats()["bf16_resident_blocks"] < bf16_before
+            [image] = backend.generate(request(seed=4, size=1024), lambda i, n: None)
+            assert backend._compiled
+            assert_real_image(image, 1024)
+            report = held.report()
+        finally:
+            backend.close()
+    assert report["peak_gib"] <= report["free_at_hold_gib"]
+
+
 async def test_engine_runs_jobs_back_to_back_on_one_load(random_flux, tmp_path, cap_gpu,
                                                          monkeypatch) -> None:
     cap_gpu(None)
