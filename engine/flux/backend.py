@@ -62,10 +62,7 @@ class FluxBackend:
         self.load_seconds: float | None = None
         self._downloader = downloader
         self._factory = pipeline_factory
-        self._pipe: Any = None
-        self._stream: Any = None  # StreamingHandle when the plan block-streams the DiT
-        self._t5_stream: Any = None  # and when it block-streams T5
-        self._parked: list[Any] = []  # ParkedModels: CLIP, the VAE, T5's embedding (streaming)
+        self._loaded: Any = None  # pipeline.LoadedPipeline: the pipeline, its streamers, parked
         self.float8: Any = None  # Float8Report when model.float8_compute took effect
         self.compile_seconds: float | None = None  # start-up cost of model.compile
         self.calibration: list[str] = []  # what each start-up warm-up measured and did
@@ -101,18 +98,33 @@ class FluxBackend:
         if calibrate and self.plan.device.startswith("cuda"):
             self._calibrate()
 
+    @property
+    def _pipe(self) -> Any:
+        return None if self._loaded is None else self._loaded.pipe
+
+    @property
+    def _stream(self) -> Any:
+        """The DiT's StreamingHandle when the plan block-streams it."""
+        return None if self._loaded is None else self._loaded.dit_stream
+
+    @property
+    def _t5_stream(self) -> Any:
+        return None if self._loaded is None else self._loaded.t5_stream
+
+    @property
+    def _parked(self) -> list[Any]:
+        """ParkedModels: CLIP, the VAE, T5's embedding (streaming with park_models)."""
+        return [] if self._loaded is None else self._loaded.parked
+
     def _build(self) -> None:
         from engine.flux import pipeline
 
         assert self.plan is not None and self.paths is not None
         started = time.monotonic()
         if self._factory is None:
-            loaded = pipeline.load_pipeline(self.plan, self.paths)
-            self._pipe, self._stream, self._t5_stream = (loaded.pipe, loaded.dit_stream,
-                                                         loaded.t5_stream)
-            self._parked = loaded.parked
+            self._loaded = pipeline.load_pipeline(self.plan, self.paths)
         else:
-            self._pipe = self._factory(self.plan, self.paths)
+            self._loaded = pipeline.LoadedPipeline(self._factory(self.plan, self.paths))
         self.prompts.install(self._pipe)  # emptied: these text encoders may differ
         self._built_for = self.plan
         self.load_seconds = time.monotonic() - started
@@ -122,14 +134,10 @@ class FluxBackend:
         if self._branches is not None:
             self._branches.detach()
             self._branches = None
-        for parked in self._parked:  # first: T5's wraps its streamer's phase hook
-            parked.close()
-        for handle in (self._stream, self._t5_stream):
-            if handle is not None:
-                handle.close()  # unregisters the page-locked host memory
-        self._stream = self._t5_stream = None
-        self._parked = []
-        self._pipe = self.float8 = None
+        if self._loaded is not None:
+            self._loaded.close()  # unregisters the page-locked host memory
+            self._loaded = None
+        self.float8 = None
         self.prompts.clear()
         self._compiled = False
         gc.collect()
