@@ -13,6 +13,7 @@ import re
 import time
 
 from bot.i18n import N_, _, ngettext
+from engine.backends import ModelState
 from engine.cluster.messages import WorkerInfo
 from engine.config import LimitsSection, StyleSection
 from engine.engine import Health
@@ -297,10 +298,27 @@ def status(health: Health, *, private: bool = True, now: float | None = None) ->
     if health.memory:
         mem = ", ".join(f"{k} {v:.1f}" for k, v in sorted(health.memory.items()))
         lines.append(_("GPU memory: {memory}").format(memory=mem))
+    if health.model is not None:
+        lines.append(model_line(health.model))
     if health.workers:
         lines.append(_("Workers: {n}").format(n=len(health.workers)))
         lines += workers_list(list(health.workers), now=now, private=private)
     return "\n".join(lines)
+
+
+def model_line(state: ModelState) -> str:
+    """/status: the memory plan, how much of the DiT stays on the GPU, and whether its blocks
+    are compiled (eager blocks after a failed compile make every image slower)."""
+    parts = [_("preset {preset}").format(preset=state.preset)]
+    if state.dit_blocks is not None and state.dit_blocks_on_gpu is not None:
+        parts.append(_("{on_gpu} of {blocks} DiT blocks on the GPU").format(
+            on_gpu=state.dit_blocks_on_gpu, blocks=state.dit_blocks))
+    if state.compiled:
+        parts.append(_("compiled"))
+    elif state.compile_failed:
+        parts.append(_("not compiled: compiling failed at start-up, images are slower (see "
+                       "the log)"))
+    return _("Model: {state}").format(state=" · ".join(parts))
 
 
 def workers_list(workers: list[WorkerInfo], *, now: float | None = None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import input_image, result_files, retention, styles
-from engine.backends import Backend, create_backend
+from engine.backends import Backend, ModelState, create_backend
 from engine.chat_languages import ChatLanguages
 from engine.cluster.messages import WorkerInfo
 from engine.config import Config
@@ -91,6 +91,7 @@ class Health:
     last_error: str | None
     memory: dict[str, float]
     workers: tuple[WorkerInfo, ...] = ()  # a cluster's live GPU workers (none: this GPU)
+    model: ModelState | None = None  # how this GPU's model runs (backend.model_state)
 
 
 class Engine:
@@ -353,7 +354,8 @@ class Engine:
         return Health(queued=len(self._queue), running=self._running, paused=self._paused,
                       accepting=self._accepting, finished=self._counts["finished"],
                       failed=self._counts["failed"], last_error=self._last_error,
-                      memory=self.backend.memory_info(), workers=tuple(self._worker.workers()))
+                      memory=self.backend.memory_info(), workers=tuple(self._worker.workers()),
+                      model=self.backend.model_state())
 
     # -- admin -----------------------------------------------------------------------------
     def pause(self) -> None:

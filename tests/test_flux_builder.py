@@ -15,6 +15,7 @@ pytest.importorskip("diffsynth")
 
 from PIL import Image  # noqa: E402
 
+from engine.backends import ModelState  # noqa: E402
 from engine.config import ModelSection  # noqa: E402
 from engine.flux import pipeline as fp  # noqa: E402
 from engine.flux.backend import FluxBackend  # noqa: E402
@@ -559,6 +560,7 @@ def test_compile_binds_one_compiled_forward_per_block_type_and_warms_up_sizes_an
                                                                (512, 512)]
     assert pipe.batches == [4, 4, 1, 1, 4, 4]  # two steps each
     assert backend.compile_seconds is not None
+    assert backend.model_state() == ModelState("max", compiled=True)  # what /status shows
 
 
 def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
@@ -572,6 +574,7 @@ def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
     assert "torch.compile failed" in caplog.text and "triton" in caplog.text
     assert all("forward" not in b.__dict__ for b in [*pipe.dit.blocks, *pipe.dit.single_blocks])
     assert backend.compile_seconds is None
+    assert backend.model_state() == ModelState("max", compiled=False, compile_failed=True)
     pipe.fail_with = None
     request = ImageRequest(prompt="fox", seed=1, steps=2, width=512, height=512, guidance=3.5)
     assert backend.generate(request, lambda i, n: None)[0].size == (512, 512)

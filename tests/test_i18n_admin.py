@@ -9,6 +9,7 @@ import re
 import pytest
 
 from bot import i18n, render
+from engine.backends import ModelState
 from engine.cluster.messages import WorkerInfo
 from engine.engine import Health
 from engine.job import JobResult
@@ -146,3 +147,24 @@ def test_a_variations_or_upscales_caption_says_where_it_came_from(source: Source
     assert render.caption(result).split("\n")[1].startswith(f"{english} · seed 7")
     i18n.use("zh")
     assert render.caption(result).split("\n")[1].startswith(f"{chinese} · 种子 7")
+
+
+def test_status_says_how_the_model_runs_and_when_its_compile_failed() -> None:
+    """A bot that fell back to eager blocks made every image slower with nothing but a log
+    line to say so (the 16 GB card on 2026-12-07): /status says it, in both languages."""
+    quiet = dict(queued=0, running=None, paused=False, accepting=True, finished=0, failed=0,
+                 last_error=None, memory={})
+    streamed = Health(**quiet, model=ModelState("low", 57, 39, compiled=True))
+    eager = Health(**quiet, model=ModelState("balanced", 57, 57, compile_failed=True))
+    resident = Health(**quiet, model=ModelState("max"))
+    assert render.status(streamed).split("\n")[-1] == (
+        "Model: preset low · 39 of 57 DiT blocks on the GPU · compiled")
+    assert render.status(eager).split("\n")[-1] == (
+        "Model: preset balanced · 57 of 57 DiT blocks on the GPU · not compiled: compiling "
+        "failed at start-up, images are slower (see the log)")
+    assert render.status(resident).split("\n")[-1] == "Model: preset max"
+    assert "Model" not in render.status(Health(**quiet))  # the dry run: nothing to say
+    i18n.use("zh")
+    assert render.status(streamed).split("\n")[-1] == (
+        "模型：low 方案 · DiT 的 57 个块中有 39 个在 GPU 上 · 已编译")
+    assert "未编译：启动时编译失败" in render.status(eager, private=False)

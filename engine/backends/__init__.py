@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.backends.base import Backend, StepCallback
+from engine.backends.base import Backend, ModelState, StepCallback
 from engine.config import Config
 
 
@@ -18,4 +18,4 @@ def create_backend(config: Config) -> Backend:
                        max_images=config.limits.images_max, styles=config.styles)
 
 
-__all__ = ["Backend", "StepCallback", "create_backend"]
+__all__ = ["Backend", "ModelState", "StepCallback", "create_backend"]

@@ -9,6 +9,7 @@ Every method is blocking and is called on the engine's one worker thread, never 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from engine.request import ImageRequest
@@ -37,6 +38,17 @@ def load_init_image(request: ImageRequest) -> Image:
                                            PILImage.Resampling.LANCZOS)
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """How the loaded model runs, for ``/status``: an admin sees a slow set-up at a glance."""
+
+    preset: str  # the memory plan's preset: low, balanced, max
+    dit_blocks: int | None = None  # the DiT's transformer blocks (None: not known)
+    dit_blocks_on_gpu: int | None = None  # of them kept on the GPU, the rest streamed
+    compiled: bool = False  # the DiT blocks run torch.compile'd graphs
+    compile_failed: bool = False  # model.compile was on but compiling failed (eager; the log)
+
+
 class Backend(Protocol):
     model_name: str
 
@@ -51,6 +63,10 @@ class Backend(Protocol):
         ...
 
     def memory_info(self) -> dict[str, float]: ...
+
+    def model_state(self) -> ModelState | None:
+        """How the loaded model runs; None when there is nothing to say (no GPU model here)."""
+        ...
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -61,6 +61,9 @@ class DryRunBackend:
     def memory_info(self) -> dict[str, float]:
         return {}
 
+    def model_state(self) -> None:
+        return None
+
 
 def placeholder_image(request: ImageRequest) -> Image.Image:
     """A two-colour gradient chosen by the seed, with "DRY RUN" and the seed written on it."""

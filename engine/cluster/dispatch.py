@@ -431,3 +431,6 @@ class NoLocalBackend:
 
     def memory_info(self) -> dict[str, float]:
         return {}
+
+    def model_state(self) -> None:
+        return None  # each worker has its own (its heartbeat names its GPU)

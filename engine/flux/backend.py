@@ -10,7 +10,8 @@
 image the limits allow and measures the process's real peak on the device: a warm-up that runs
 out of memory, or peaks too close to the budget, tightens the plan and warms up again.
 
-Every method blocks and runs on the engine's one worker thread, except ``memory_info``.
+Every method blocks and runs on the engine's one worker thread, except ``memory_info`` and
+``model_state`` (they only read).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.backends.base import StepCallback, load_init_image
+from engine.backends.base import ModelState, StepCallback, load_init_image
 from engine.config import ModelSection, StyleSection
 from engine.errors import N_, GenerationFailed
 from engine.flux.batch import batch_sizes, batched, per_batch
@@ -67,6 +68,7 @@ class FluxBackend:
         self.compile_seconds: float | None = None  # start-up cost of model.compile
         self.calibration: list[str] = []  # what each start-up warm-up measured and did
         self._compiled = False
+        self.compile_failure: str | None = None  # why model.compile fell back to eager blocks
         self._at_plan: tuple[int, int] | None = None  # (device free, reserved) when planned
         self._built_for: MemoryPlan | None = None  # the plan the pipeline was loaded for
         self.prompts = PromptCache(config.prompt_cache)  # text embeddings, host memory
@@ -365,6 +367,16 @@ class FluxBackend:
             "vram_peak_gib": round(torch.cuda.max_memory_allocated(self.config.device) / GIB, 2),
         }
 
+    def model_state(self) -> ModelState | None:
+        if self.plan is None or self._pipe is None:
+            return None
+        blocks = on_gpu = None  # max: all of it; diffsynth's own offloading: it decides
+        if self._stream is not None:
+            blocks = len(self._stream.plan.placements)
+            on_gpu = blocks - len(self._stream.plan.streamed)
+        return ModelState(self.plan.preset, blocks, on_gpu, self._compiled,
+                          self.compile_failure is not None)
+
     # -- start-up --------------------------------------------------------------------------
     def _check_device(self, torch: Any) -> None:
         if self.config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -426,6 +438,7 @@ class FluxBackend:
         if failure is not None:  # any compiler failure: eager still works
             uncompile_dit_blocks(self._pipe.dit)
             self._compiled = False
+            self.compile_failure = failure
             self.recover_after_failure()
             log.warning("torch.compile failed (%s); running eager (slower steps)", failure)
             return self._try_warm_up()
