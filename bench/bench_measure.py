@@ -291,6 +291,9 @@ class _AlreadyLoaded:
     def memory_info(self) -> dict[str, float]:
         return self.backend.memory_info()
 
+    def model_state(self) -> Any:
+        return self.backend.model_state()
+
 
 def engine_overhead(backend: Any, size: int, steps: int) -> dict[str, float]:
     """The same job called directly and through the Engine (queue, worker thread, PNG, journal)."""

@@ -310,14 +310,15 @@ def model_line(state: ModelState) -> str:
     """/status: the memory plan, how much of the DiT stays on the GPU, and whether its blocks
     are compiled (eager blocks after a failed compile make every image slower)."""
     parts = [_("preset {preset}").format(preset=state.preset)]
-    if state.dit_blocks is not None and state.dit_blocks_on_gpu is not None:
+    if not state.loaded:
+        parts.append(_("not loaded: the next image loads it again"))
+    elif state.dit_blocks is not None and state.dit_blocks_on_gpu is not None:
         parts.append(_("{on_gpu} of {blocks} DiT blocks on the GPU").format(
             on_gpu=state.dit_blocks_on_gpu, blocks=state.dit_blocks))
     if state.compiled:
         parts.append(_("compiled"))
     elif state.compile_failed:
-        parts.append(_("not compiled: compiling failed at start-up, images are slower (see "
-                       "the log)"))
+        parts.append(_("not compiled: compiling failed, images are slower (see the log)"))
     return _("Model: {state}").format(state=" · ".join(parts))
 
 

@@ -560,7 +560,8 @@ def test_compile_binds_one_compiled_forward_per_block_type_and_warms_up_sizes_an
                                                                (512, 512)]
     assert pipe.batches == [4, 4, 1, 1, 4, 4]  # two steps each
     assert backend.compile_seconds is not None
-    assert backend.model_state() == ModelState("max", compiled=True)  # what /status shows
+    # what /status shows: the fake DiT's two double and one single block, all on the GPU
+    assert backend.model_state() == ModelState("max", 3, 3, compiled=True)
 
 
 def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
@@ -574,10 +575,12 @@ def test_a_compiler_failure_leaves_the_blocks_eager_and_the_backend_working(
     assert "torch.compile failed" in caplog.text and "triton" in caplog.text
     assert all("forward" not in b.__dict__ for b in [*pipe.dit.blocks, *pipe.dit.single_blocks])
     assert backend.compile_seconds is None
-    assert backend.model_state() == ModelState("max", compiled=False, compile_failed=True)
+    assert backend.model_state() == ModelState("max", 3, 3, compiled=False, compile_failed=True)
     pipe.fail_with = None
     request = ImageRequest(prompt="fox", seed=1, steps=2, width=512, height=512, guidance=3.5)
     assert backend.generate(request, lambda i, n: None)[0].size == (512, 512)
+    backend.close()  # as a failed re-plan leaves it: /status says the next image reloads it
+    assert backend.model_state() == ModelState("max", loaded=False)
 
 
 def test_running_out_of_memory_while_warming_up_is_reported_not_hidden(tmp_path: Path,

@@ -156,15 +156,20 @@ def test_status_says_how_the_model_runs_and_when_its_compile_failed() -> None:
                  last_error=None, memory={})
     streamed = Health(**quiet, model=ModelState("low", 57, 39, compiled=True))
     eager = Health(**quiet, model=ModelState("balanced", 57, 57, compile_failed=True))
-    resident = Health(**quiet, model=ModelState("max"))
+    resident = Health(**quiet, model=ModelState("max", 57, 57))
+    dropped = Health(**quiet, model=ModelState("low", loaded=False))
     assert render.status(streamed).split("\n")[-1] == (
         "Model: preset low · 39 of 57 DiT blocks on the GPU · compiled")
     assert render.status(eager).split("\n")[-1] == (
         "Model: preset balanced · 57 of 57 DiT blocks on the GPU · not compiled: compiling "
-        "failed at start-up, images are slower (see the log)")
-    assert render.status(resident).split("\n")[-1] == "Model: preset max"
+        "failed, images are slower (see the log)")
+    assert render.status(resident).split("\n")[-1] == (
+        "Model: preset max · 57 of 57 DiT blocks on the GPU")
+    assert render.status(dropped).split("\n")[-1] == (
+        "Model: preset low · not loaded: the next image loads it again")
     assert "Model" not in render.status(Health(**quiet))  # the dry run: nothing to say
     i18n.use("zh")
     assert render.status(streamed).split("\n")[-1] == (
-        "模型：low 方案 · DiT 的 57 个块中有 39 个在 GPU 上 · 已编译")
-    assert "未编译：启动时编译失败" in render.status(eager, private=False)
+        "模型：预设 low · DiT 的 57 个块中有 39 个在 GPU 上 · 已编译")
+    assert "未编译：编译失败" in render.status(eager, private=False)
+    assert "未加载" in render.status(dropped)

@@ -47,6 +47,7 @@ class ModelState:
     dit_blocks_on_gpu: int | None = None  # of them kept on the GPU, the rest streamed
     compiled: bool = False  # the DiT blocks run torch.compile'd graphs
     compile_failed: bool = False  # model.compile was on but compiling failed (eager; the log)
+    loaded: bool = True  # False: a failed re-plan dropped the model; the next image reloads it
 
 
 class Backend(Protocol):

@@ -368,13 +368,23 @@ class FluxBackend:
         }
 
     def model_state(self) -> ModelState | None:
-        if self.plan is None or self._pipe is None:
+        # called from the event loop while the worker may re-plan: read each reference once
+        plan, loaded = self.plan, self._loaded
+        if plan is None:
             return None
-        blocks = on_gpu = None  # max: all of it; diffsynth's own offloading: it decides
-        if self._stream is not None:
-            blocks = len(self._stream.plan.placements)
-            on_gpu = blocks - len(self._stream.plan.streamed)
-        return ModelState(self.plan.preset, blocks, on_gpu, self._compiled,
+        if loaded is None:  # a failed re-plan dropped the pipeline; the next image reloads it
+            return ModelState(plan.preset, loaded=False)
+        blocks = on_gpu = None  # diffsynth's own offloading: it decides, layer by layer
+        stream = loaded.dit_stream
+        if stream is not None:
+            residency = stream.plan
+            blocks = len(residency.placements)
+            on_gpu = blocks - len(residency.streamed)
+        elif plan.preset == "max" and hasattr(loaded.pipe, "dit"):
+            from engine.flux.streaming import dit_blocks
+
+            blocks = on_gpu = len(dit_blocks(loaded.pipe.dit))
+        return ModelState(plan.preset, blocks, on_gpu, self._compiled,
                           self.compile_failure is not None)
 
     # -- start-up --------------------------------------------------------------------------
@@ -415,6 +425,7 @@ class FluxBackend:
         if self._stream is None and self.plan.preset != "max":
             log.warning("model.compile needs DiT streaming or the max preset; running eager")
             return
+        self.compile_failure = None  # this pipeline's compile, not an earlier one's
         compile_dit_blocks(self._pipe.dit)
         self._compiled = True
 
