@@ -419,13 +419,13 @@ class FluxBackend:
         from engine.flux.pipeline import compile_dit_blocks
 
         assert self.plan is not None
+        self.compile_failure = None  # this pipeline's compile, not an earlier one's
         if not self.plan.device.startswith("cuda"):
             log.info("model.compile applies to CUDA devices only; running eager")
             return
         if self._stream is None and self.plan.preset != "max":
             log.warning("model.compile needs DiT streaming or the max preset; running eager")
             return
-        self.compile_failure = None  # this pipeline's compile, not an earlier one's
         compile_dit_blocks(self._pipe.dit)
         self._compiled = True
 
