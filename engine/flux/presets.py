@@ -327,10 +327,7 @@ def tighter(plan: MemoryPlan) -> MemoryPlan | None:
     if plan.preset in ("max", "balanced"):
         lower = "balanced" if plan.preset == "max" else "low"
         return make_plan(lower, plan.device, plan.budget_gib, plan.used_at_start_gib, why,
-                         plan.vae_tiled, stream_dit=plan.stream_dit,
-                         device_budget=plan.device_budget, max_pixels=plan.max_pixels,
-                         batch_images=plan.batch_images, pass_images=plan.pass_images,
-                         park_models=plan.park_models, layer_cast=plan.layer_cast)
+                         plan.vae_tiled, device_budget=plan.device_budget, **_carried(plan))
     if plan.streaming:
         return _tighter_streaming(plan, why)
     if plan.vram_limit_gib is None or plan.vram_limit_gib <= 0:
@@ -359,7 +356,12 @@ def with_less(plan: MemoryPlan, less_gib: float, why: str) -> MemoryPlan | None:
         return None
     device = None if plan.device_budget is None else plan.device_budget.tightened(less_gib)
     return make_plan(plan.preset, plan.device, budget, plan.used_at_start_gib, why,
-                     vae_tiled=plan.vae_tiled, stream_dit=plan.stream_dit,
-                     device_budget=device, max_pixels=plan.max_pixels,
-                     batch_images=plan.batch_images, pass_images=plan.pass_images,
-                     park_models=plan.park_models, layer_cast=plan.layer_cast)
+                     vae_tiled=plan.vae_tiled, device_budget=device, **_carried(plan))
+
+
+def _carried(plan: MemoryPlan) -> dict[str, Any]:
+    """What a re-plan keeps from the plan before it: the configured set-up and the limits'
+    sizes (``make_plan``'s keyword arguments)."""
+    return {"stream_dit": plan.stream_dit, "max_pixels": plan.max_pixels,
+            "batch_images": plan.batch_images, "pass_images": plan.pass_images,
+            "park_models": plan.park_models, "layer_cast": plan.layer_cast}
