@@ -22,20 +22,12 @@ import torch._dynamo.testing
 from engine.flux.pipeline import compile_dit_blocks, uncompile_dit_blocks
 from engine.flux.residency import BF16, FP8
 from engine.flux.streaming import enable_block_streaming
-from tests.test_residency import DIM, make_models, plan_for
+from tests.test_residency import make_inputs, make_models, plan_for
+from tests.test_streaming_faults import replan
 
-
-def inputs(batch: int, image_tokens: int, seed: int = 1, text_tokens: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.zeros(batch, text_tokens, 3),
-                     torch.rand(batch, image_tokens, 3, generator=g) * 8], dim=1)
-    return (torch.randn(batch, image_tokens, 16, generator=g).bfloat16(),
-            torch.randn(batch, text_tokens, DIM, generator=g).bfloat16(),
-            torch.randn(batch, DIM, generator=g).bfloat16(), ids)
-
-
-# two sizes and a batch, as the warm-up compiles them (static, then dynamic graphs)
-SHAPES = [(1, 16), (1, 4), (3, 16)]
+# image tokens and batch: two sizes and a batch, as the warm-up compiles them (static, then
+# dynamic graphs)
+SHAPES = [(16, 1), (4, 1), (16, 3)]
 # the first block of each type changes dtype both ways: the blocks that compiled the graphs
 BEFORE = [BF16, FP8, FP8, BF16, FP8, FP8, FP8]
 AFTER = [FP8, BF16, FP8, FP8, BF16, FP8, FP8]
@@ -67,13 +59,14 @@ def test_compiled_blocks_compute_the_same_after_a_replan_moves_blocks_between_dt
                    False) is False
     try:
         with torch.no_grad():
-            expected = [model(*inputs(*shape)) for shape in SHAPES]
+            expected = [model(*make_inputs(img=img, batch=batch)) for img, batch in SHAPES]
             for placements in (AFTER, BEFORE):
-                handle.relayout(plan_for(model, placements))
+                handle.relayout(replan(handle, placements))
                 assert handle.plan.placements == tuple(placements)
-                for shape, want in zip(SHAPES, expected, strict=True):
+                for (img, batch), want in zip(SHAPES, expected, strict=True):
                     # a static and a dynamic-shape graph may sum in another order
-                    torch.testing.assert_close(model(*inputs(*shape)), want, rtol=1e-2,
+                    got = model(*make_inputs(img=img, batch=batch))
+                    torch.testing.assert_close(got, want, rtol=1e-2,
                                                atol=1e-2 * want.abs().max().item())
     finally:
         uncompile_dit_blocks(model)

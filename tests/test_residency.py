@@ -286,12 +286,13 @@ def make_models(seed: int = 0):
     return model, copy.deepcopy(model).to(torch.bfloat16)
 
 
-def make_inputs(seed: int = 1, img: int = 12, txt: int = 5):
+def make_inputs(seed: int = 1, img: int = 12, txt: int = 5, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.zeros(1, txt, 3), torch.rand(1, img, 3, generator=g) * 8], dim=1)
-    return (torch.randn(1, img, 16, generator=g).bfloat16(),
-            torch.randn(1, txt, DIM, generator=g).bfloat16(),
-            torch.randn(1, DIM, generator=g).bfloat16(), ids)
+    ids = torch.cat([torch.zeros(batch, txt, 3), torch.rand(batch, img, 3, generator=g) * 8],
+                    dim=1)
+    return (torch.randn(batch, img, 16, generator=g).bfloat16(),
+            torch.randn(batch, txt, DIM, generator=g).bfloat16(),
+            torch.randn(batch, DIM, generator=g).bfloat16(), ids)
 
 
 def plan_for(model, placements):
