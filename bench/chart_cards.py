@@ -1,8 +1,9 @@
 """Seconds per 1024² image against card size, one line per set-up, from the benchmarks' JSON.
 
-    python bench/chart_cards.py OUT.png LABEL=FILE.json[#CONFIG] [LABEL=FILE.json ...]
+    python bench/chart_cards.py OUT.png LABEL=FILE.json[#CONFIG][+FILE.json...] [LABEL=... ...]
 
-Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
+One line may join several runs (``+``): a later file's point replaces an earlier one's at the
+same card, as a re-measured card replaces its older row. Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
 output; ``#CONFIG`` keeps the rows of that ``config`` only, e.g. ``#default``; a row with an
 ``error``, a ``defect`` (a bug found in that run and fixed since) or a ``compile_failed`` (eager
 blocks) is left out), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
@@ -32,6 +33,16 @@ def series(path: Path, config: str = "") -> list[tuple[float, float]]:
     return sorted(points)
 
 
+def line(files: str) -> list[tuple[float, float]]:
+    """The points of ``FILE.json[#CONFIG][+FILE.json...]``: a later file's point replaces an
+    earlier one's at the same card."""
+    by_card: dict[float, float] = {}
+    for file in files.split("+"):
+        file, _, config = file.rpartition("#") if "#" in file else (file, "", "")
+        by_card.update(series(Path(file), config))
+    return sorted(by_card.items())
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
@@ -43,9 +54,8 @@ def main(argv: list[str]) -> int:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for spec in argv[1:]:
-        label, _, file = spec.partition("=")
-        file, _, config = file.rpartition("#") if "#" in file else (file, "", "")
-        points = series(Path(file), config)
+        label, _, files = spec.partition("=")
+        points = line(files)
         if not points:
             continue
         xs, ys = zip(*points, strict=True)
