@@ -1,9 +1,11 @@
 """Seconds per 1024² image against card size, one line per set-up, from the benchmarks' JSON.
 
-    python bench/chart_cards.py OUT.png LABEL=FILE.json[#CONFIG][+FILE.json...] [LABEL=... ...]
+    python bench/chart_cards.py OUT.png LABEL=FILE.json[#CONFIG][+FILE.json[#CONFIG]...] ...
 
-One line may join several runs (``+``): a later file's point replaces an earlier one's at the
-same card, as a re-measured card replaces its older row. Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
+One line may join several runs (``+``; ``#CONFIG`` applies to the file it follows): a later
+file's point replaces an earlier one's at the same card, as a re-measured card replaces its older
+row, and within a file a later row replaces an earlier one (``hardware_table`` does the same).
+Each FILE holds ``rows`` with ``card_free_gib`` and ``s_image_1024`` (``bench_cards.py``'s
 output; ``#CONFIG`` keeps the rows of that ``config`` only, e.g. ``#default``; a row with an
 ``error``, a ``defect`` (a bug found in that run and fixed since) or a ``compile_failed`` (eager
 blocks) is left out), or ``s_step`` (``bench_peer_diffusers.py``'s, the transformer alone: drawn as
@@ -30,16 +32,16 @@ def series(path: Path, config: str = "") -> list[tuple[float, float]]:
             seconds = 20 * row["s_step"]
         if seconds is not None:
             points.append((row["card_free_gib"], seconds))
-    return sorted(points)
+    return points  # in the file's order: the latest run of a card comes last
 
 
 def line(files: str) -> list[tuple[float, float]]:
     """The points of ``FILE.json[#CONFIG][+FILE.json...]``: a later file's point replaces an
     earlier one's at the same card."""
     by_card: dict[float, float] = {}
-    for file in files.split("+"):
-        file, _, config = file.rpartition("#") if "#" in file else (file, "", "")
-        by_card.update(series(Path(file), config))
+    for spec in files.split("+"):
+        path, _, config = spec.rpartition("#") if "#" in spec else (spec, "", "")
+        by_card.update(series(Path(path), config))
     return sorted(by_card.items())
 
 

@@ -27,9 +27,10 @@ MODELS_GB = 33  # the DiT, both text encoders and the VAE, as downloaded (engine
 
 def measured_rows() -> list[tuple[str, dict]]:
     """(device, row) of the latest default-config run on each emulated card that stayed
-    within it and ran compiled (an older run of the same card is superseded). A row with a
-    ``defect`` (a bug found in that run and fixed since) is left out. The device ends in "¹"
-    when the run's defaults (``bench_cards.defaults``) were not today's."""
+    within it and ran compiled (an older run of the same card, or an earlier row of the same
+    file, is superseded). A row with a ``defect`` (a bug found in that run and fixed since) is
+    left out. The device ends in "¹" when the run's defaults (``bench_cards.defaults``) were not
+    today's."""
     from bench.bench_cards import defaults
 
     today = defaults()
@@ -41,7 +42,8 @@ def measured_rows() -> list[tuple[str, dict]]:
             if row.get("config") == "default" and row.get("within_card") and not row.get("oom") \
                     and not row.get("defect") and not row.get("compile_failed"):
                 key, seen = row["card_free_gib"], latest.get(row["card_free_gib"])
-                if seen is None or (result["date"], path.name) > seen[:2]:
+                # a later file, or a later row of the same file (a card run again), replaces
+                if seen is None or (result["date"], path.name) >= seen[:2]:
                     device = f"{result['device']}, {result['date']}{mark}"
                     latest[key] = (result["date"], path.name, device, row)
     return [(device, row) for _, _, device, row in

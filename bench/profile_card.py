@@ -166,14 +166,17 @@ def main() -> int:
     with EmulatedCard(args.card) as card:
         import torch
 
-        from engine.config import ModelSection
+        from engine.config import LimitsSection, ModelSection
         from engine.flux.backend import FluxBackend
 
         options = {k: v.lower() == "true" for k, v in (o.split("=", 1) for o in args.options)}
         config = ModelSection(models_dir=str(args.ckpt), offline=True,
                               dit_path=checkpoint_paths(args.ckpt)["dit"],
                               compile=bool(args.compile), **options)
-        backend = FluxBackend(config)
+        # planned as the bot plans with the default [limits] (engine/backends/__init__.py), so
+        # the profile is of the plan the bot would run on this card
+        limits = LimitsSection()
+        backend = FluxBackend(config, max_pixels=limits.max_pixels, max_images=limits.images_max)
         t0 = time.perf_counter()
         backend.load()
         result: dict[str, Any] = {"card": args.card, "load_s": time.perf_counter() - t0,

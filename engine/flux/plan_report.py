@@ -33,8 +33,9 @@ LOADING_PEAK_GIB = 12.5
 BESIDE_STREAMED_GIB = 10.8
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
-# of each card (README's hardware table, tests/test_readme_hardware.py keeps them one: 5.6 to
-# 11.5 from docs/results/cards-h100-2026-12-07c.json, 15.5 and 23 from cards-h100-2026-12-07d).
+# of each card (README's hardware table; tests/test_readme_hardware.py keeps the two equal):
+# 5.6 to 11.5 from docs/results/cards-h100-2026-12-07c.json, 15.5 and 23 from
+# docs/results/cards-h100-2026-12-07d.json.
 MEASURED_S_PER_IMAGE = {
     "H100": ((5.6, 3.98), (7.5, 3.35), (9.5, 3.49), (11.5, 3.20), (15.5, 2.97), (23.0, 2.87)),
 }
