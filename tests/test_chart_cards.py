@@ -30,7 +30,7 @@ def test_a_later_run_replaces_a_card_and_broken_rows_are_left_out(tmp_path: Path
         {"card_free_gib": 23.0, "config": "off", "s_image_1024": 3.1},
     ])
     assert line(f"{first}#default") == [(7.5, 3.4), (23.0, 2.9)]
-    # #default belongs to each file it follows: b's "off" row stays out only where it is given
+    # #default filters only the file it follows: without it, b's "off" row joins the line
     assert line(f"{first}#default+{second}#default") == [(7.5, 3.4), (15.5, 3.0), (23.0, 2.8)]
     assert line(f"{first}#default+{second}") == [(7.5, 3.4), (15.5, 3.0), (23.0, 3.1)]
 
