@@ -4,9 +4,9 @@
                               [--measured docs/results/actions-h100-2026-12-07.json]
 
 Counts the multiply-adds of one step from the checkpoint's own layout (``make_random_flux``):
-every block linear on the tokens it sees (a double block's image weights on the image tokens,
-its text weights on the 512 text tokens; a single block's on both), plus attention (QKᵀ and
-AV over all tokens in each of the 57 blocks). The floor is that arithmetic at the card's dense
+every linear on the tokens it multiplies (a double block's image weights on the image tokens,
+its text weights on the 512 text tokens, a single block's on both, and the modulations on the
+one pooled vector), plus attention (QKᵀ and AV over all tokens in each of the 57 blocks). The floor is that arithmetic at the card's dense
 bf16 peak (H100 SXM: 989 TFLOPS); ``--measured`` adds the s/step the bot logged for one image
 and for ``--n 4`` in an actions run, and how much of the peak that is. Issue 12's ``--n 4``
 target rests on this floor.
@@ -29,16 +29,25 @@ DIM, BLOCKS = 3072, 19 + 38
 H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity
 
 
-def block_weights() -> dict[str, int]:
-    """Weights of the block linears by the tokens they see: image, text or all."""
-    seen = {"image": 0, "text": 0, "all": 0}
+def tokens_seen(key: str) -> str:
+    """Which tokens a linear of the checkpoint multiplies: the image's, the prompt's, both, or
+    the one pooled vector (timestep, guidance, CLIP) that the modulations read."""
+    if "_mod.lin" in key or "modulation" in key or key.startswith(
+            ("time_in", "guidance_in", "vector_in")):
+        return "vector"
+    if key.startswith("single_blocks."):
+        return "all"
+    if key.startswith("txt_in") or ".txt_" in key:
+        return "text"
+    return "image"  # img_in, a double block's image side, the final projection
+
+
+def weights_by_tokens() -> dict[str, int]:
+    """Weights of the DiT's linears by the tokens they multiply."""
+    seen = {"image": 0, "text": 0, "all": 0, "vector": 0}
     for key, shape in dit_layout().items():
-        if len(shape) != 2 or not key.endswith(".weight"):
-            continue
-        if key.startswith("double_blocks."):
-            seen["image" if ".img_" in key else "text"] += math.prod(shape)
-        elif key.startswith("single_blocks."):
-            seen["all"] += math.prod(shape)
+        if len(shape) == 2 and key.endswith(".weight"):
+            seen[tokens_seen(key)] += math.prod(shape)
     return seen
 
 
@@ -46,8 +55,9 @@ def step_flops(size: int, images: int = 1) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of one DiT step for ``images`` square images of ``size``²."""
     image_tokens = (size // PATCH) ** 2
     tokens = image_tokens + TEXT_TOKENS
-    w = block_weights()
-    linear = 2 * (w["image"] * image_tokens + w["text"] * TEXT_TOKENS + w["all"] * tokens)
+    w = weights_by_tokens()
+    linear = 2 * (w["image"] * image_tokens + w["text"] * TEXT_TOKENS + w["all"] * tokens
+                  + w["vector"])
     attention = BLOCKS * 2 * 2 * tokens * tokens * DIM  # QKᵀ and AV
     return {"linear": images * linear, "attention": images * attention,
             "total": images * (linear + attention)}

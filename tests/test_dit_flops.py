@@ -7,21 +7,33 @@ from pathlib import Path
 
 import pytest
 
-from bench.dit_flops import block_weights, main, measured_steps, step_flops
+from bench.dit_flops import main, measured_steps, step_flops, weights_by_tokens
+
+D = 3072
 
 
-def test_the_blocks_hold_flux_twelve_billion_weights_split_by_the_tokens_they_see() -> None:
-    seen = block_weights()
-    assert seen["image"] == seen["text"]  # a double block's two sides are the same shape
-    assert 11.5e9 < sum(seen.values()) < 12.0e9  # FLUX.1's "12B", less embedders and the head
+def test_the_linears_hold_flux_twelve_billion_weights_split_by_the_tokens_they_multiply() -> None:
+    seen = weights_by_tokens()
+    assert 11.8e9 < sum(seen.values()) < 12.0e9  # FLUX.1's "12B"
+    # the modulations read the pooled vector only: 6 rows of D per double-block side, 3 per
+    # single block, 2 for the last layer, and the timestep, guidance and CLIP embedders
+    embedders = 2 * (256 * D + D * D) + 768 * D + D * D
+    assert seen["vector"] == 19 * 2 * 6 * D * D + 38 * 3 * D * D + 2 * D * D + embedders
+    # a single block's own linears (qkv + MLP in, attention + MLP out) see every token
+    assert seen["all"] == 38 * (7 * D * D + 5 * D * D)
 
 
 def test_a_step_counts_each_weight_on_its_own_tokens_and_scales_with_the_images() -> None:
-    w = block_weights()
+    w = weights_by_tokens()
     one = step_flops(1024)
-    # 4096 image tokens + 512 text tokens: double-block sides see their own, singles see all
-    assert one["linear"] == 2 * (w["image"] * 4096 + w["text"] * 512 + w["all"] * 4608)
-    assert one["attention"] == 57 * 4 * 4608**2 * 3072
+    # 4096 image tokens + 512 text tokens; the modulations run once per image
+    assert one["linear"] == 2 * (w["image"] * 4096 + w["text"] * 512 + w["all"] * 4608
+                                 + w["vector"])
+    assert one["attention"] == 57 * 4 * 4608**2 * D
+    # closed form: 12 D² of weights per double-block side and per single block on its tokens
+    # (qkv 3, out 1, MLP 4 + 4; a single block fuses them), the rest under 0.1 TFLOP
+    closed = 2 * 12 * D * D * (19 * 4096 + 19 * 512 + 38 * 4608)
+    assert abs(one["linear"] - closed) < 0.1e12
     four = step_flops(1024, images=4)
     assert four["total"] == 4 * one["total"]
     assert step_flops(512)["total"] < one["total"] / 3  # a quarter of the tokens, less attention
@@ -39,5 +51,5 @@ def test_the_table_names_the_floor_and_how_near_the_measured_step_came(
     assert main(["--measured", str(run)]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     floor_one = step_flops(1024)["total"] / 989e12
-    assert rows[0].startswith("| 1 × 1024² | 94.2") and f"| {floor_one:.3f} | 0.131 |" in rows[0]
-    assert rows[1].startswith("| 4 × 1024² | 376.8") and f"{floor_one * 4 / 0.504:.0%}" in rows[1]
+    assert rows[0].startswith("| 1 × 1024² | 74.4") and f"| {floor_one:.3f} | 0.131 |" in rows[0]
+    assert rows[1].startswith("| 4 × 1024² | 297.5") and f"{floor_one * 4 / 0.504:.0%}" in rows[1]
