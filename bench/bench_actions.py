@@ -48,15 +48,18 @@ def actions(first: tuple[str, str] | None) -> list[tuple[str, str]]:
 
 
 def run_row(free_gib: float, ckpt: Path, batch_images: int,
-            timeout: float = 400) -> dict[str, Any]:
+            timeout: float = 400, extra: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
+    if extra.strip():
+        row["config"] = " ".join(extra.split())  # on one line in the table and the JSON
 
     def act(bot: BotProcess) -> None:
         first = run_jobs(bot, actions(None), row["jobs"], timeout)
         if first[1]:  # the others start from its image (a failed one has none: no row)
             run_jobs(bot, actions(first), row["jobs"], timeout)
 
-    log = run_on_card(free_gib, ckpt, f"batch_images = {batch_images}", row, timeout, act)
+    log = run_on_card(free_gib, ckpt, f"batch_images = {batch_images}\n{extra}", row, timeout,
+                      act)
     jobs = row["jobs"]
     for job in jobs.values():  # the engine logs a job's GPU time just after its reply
         job.update(job_times(log, job["id"]))
@@ -126,13 +129,15 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
+    parser.add_argument("--extra", default="",
+                        help='TOML lines added under [model], e.g. "float8_compute = true"')
     args = parser.parse_args()
     device = device_name()
     rows = []
     for free in args.cards:
         for batch in args.batches:
             print(f"card {free} GiB free, batch_images {batch}…", flush=True)
-            rows.append(run_row(free, args.ckpt, batch))
+            rows.append(run_row(free, args.ckpt, batch, extra=args.extra))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "log_tail"}), flush=True)
             if rows[-1].get("error"):
                 print("\n".join(rows[-1]["log_tail"]), flush=True)

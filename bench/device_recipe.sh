@@ -21,6 +21,8 @@
 # PROFILE_CARDS (per-step times, PROFILE_VARIANTS, a kernel trace of one image; PROFILE_OPTIONS:
 # model options, e.g. "park_models=false"); off: OFF_CARDS through the bot with park_models and
 # layer_cast off (cards-off.json), to compare with a cards run on the same machine.
+# MODEL_EXTRA: TOML lines added under [model] for the cards and actions stages (e.g.
+# "float8_compute = true"; the rows then name that config).
 # At most 8 files come back from the device:
 # logs are appended to one file per stage, and tables are made here from the JSON.
 set -euo pipefail
@@ -85,12 +87,12 @@ device() {
       cards)
         # shellcheck disable=SC2086
         python3 bench/bench_cards.py --ckpt "$RANDOM_FLUX_DIR" --cards ${CARDS:-5.6 7.5 9.5 11.5 15.5 23} \
-          --seed-cards ${SEED_CARDS:-} --json "$OUT/cards.json" 2>&1 \
+          --seed-cards ${SEED_CARDS:-} --extra "${MODEL_EXTRA:-}" --json "$OUT/cards.json" 2>&1 \
           | tee "$OUT/cards.log" || echo "CARDS FAILED" ;;
       actions)
         # shellcheck disable=SC2086
         python3 bench/bench_actions.py --ckpt "$RANDOM_FLUX_DIR" --cards ${ACTION_CARDS:-7.5} \
-          --batches ${ACTION_BATCHES:-2 1} --json "$OUT/actions.json" 2>&1 \
+          --batches ${ACTION_BATCHES:-2 1} --extra "${MODEL_EXTRA:-}" --json "$OUT/actions.json" 2>&1 \
           | tee "$OUT/actions.log" || echo "ACTIONS FAILED" ;;
       peer)
         # shellcheck disable=SC2086

@@ -51,9 +51,21 @@ def test_the_cards_benchmark_queues_its_images_and_times_them(dry_run_card, tmp_
         [row], "cpu", "test")
 
 
-def test_the_actions_benchmark_runs_every_action_on_the_first_image(dry_run_card,
-                                                                    tmp_path) -> None:
-    row = bench_actions.run_row(7.5, tmp_path, batch_images=2, timeout=60)
+def test_the_actions_benchmark_runs_every_action_on_the_first_image(dry_run_card, tmp_path,
+                                                                    monkeypatch) -> None:
+    written: list[str] = []
+    write = bench_cards.write_config
+
+    def recording(folder: Path, ckpt: Path, extra: str = "") -> Path:
+        written.append(extra)
+        return write(folder, ckpt, extra)
+
+    monkeypatch.setattr(bench_cards, "write_config", recording)
+    row = bench_actions.run_row(7.5, tmp_path, batch_images=2, timeout=60,
+                                extra="float8_compute = true")
+    # the extra [model] lines reach the bot's config beside batch_images, and the row names them
+    assert written == ["batch_images = 2\nfloat8_compute = true"]
+    assert row["config"] == "float8_compute = true"
     jobs = row["jobs"]
     assert not row.get("error") and set(jobs) == {"one 1024²", "--n 4 1024²",
                                                   "vary strong (0.7)", "image-to-image (0.6)",

@@ -135,3 +135,107 @@ def test_diffsynth_blocks_in_float8_stay_close_to_bf16():
 
 def test_the_cpu_build_runs_row_scaled_float8_matmuls():
     assert check_float8_matmul("cpu") is None
+
+
+# -- the block-streamed DiT (layer_cast): float8 matmuls on the stored weights ---------------
+
+def streamed_tiny(placements):
+    """test_residency's float8 TinyDiT block-streamed with layer_cast on the CPU, and its bf16
+    reference (the same float8-rounded weights)."""
+    from engine.flux.streaming import enable_block_streaming
+    from tests.test_residency import make_models, plan_for
+
+    model, reference = make_models()
+    handle = enable_block_streaming(model, plan_for(model, placements), "cpu", layer_cast=True)
+    return model, reference, handle
+
+
+def test_streamed_layers_multiply_the_stored_float8_weights_and_the_modulation_keeps_bf16():
+    from engine.flux.float8_compute import Float8CastLinear, enable_float8_matmuls
+    from engine.flux.residency import BF16 as BF16_BLOCK
+    from engine.flux.residency import FP8 as FP8_BLOCK
+    from engine.flux.residency import STREAMED
+    from engine.flux.streaming import CastLinear
+    from tests.test_residency import make_inputs
+
+    placements = [STREAMED, FP8_BLOCK, STREAMED, BF16_BLOCK, STREAMED, FP8_BLOCK, STREAMED]
+    model, reference, handle = streamed_tiny(placements)
+    report = enable_float8_matmuls(model)
+    # per joint block: qkv a/b, out a/b, two feed-forward pairs = 8; per single block: 2
+    assert report.layers == 3 * 8 + 4 * 2 and report.kept == 3 * 2 + 4
+    assert report.streamed and "multiply their stored float8 weights" in report.describe()
+    for block in model.blocks:
+        assert type(block.attn.a_to_qkv) is Float8CastLinear
+        assert type(block.norm1_a.linear) is CastLinear  # one token per image: nothing to gain
+    assert enable_float8_matmuls(model).layers == 0  # idempotent
+    with torch.no_grad():
+        for seed in (1, 2):  # streamed blocks read their staging slots; bf16 copies stay bf16
+            inputs = make_inputs(seed, batch=2)
+            got, want = model(*inputs), reference(*inputs)
+            assert got.shape == want.shape
+            # each layer rounds its activations to float8 (about 2.5% apart from bf16, the
+            # test below); seven blocks of these weights (std 0.2) compound it
+            assert 0 < rel_error(got, want) < 0.1
+    handle.close()
+    assert all(type(m) is torch.nn.Linear for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def test_a_bf16_copy_of_a_block_keeps_the_exact_bf16_matmul():
+    from engine.flux.float8_compute import enable_float8_matmuls
+    from engine.flux.residency import BF16 as BF16_BLOCK
+    from tests.test_residency import make_inputs
+
+    model, reference, handle = streamed_tiny([BF16_BLOCK] * 7)
+    assert enable_float8_matmuls(model).layers == 3 * 8 + 4 * 2
+    with torch.no_grad():
+        inputs = make_inputs(3)
+        torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+    handle.close()
+
+
+def test_a_relayout_keeps_the_float8_matmuls_on_the_moved_blocks():
+    """An out-of-memory re-plan moves blocks between the GPU, the host and bf16 copies; the
+    layers keep their float8 forward, reading wherever their weights now are."""
+    from engine.flux.float8_compute import Float8CastLinear, enable_float8_matmuls
+    from engine.flux.residency import BF16 as BF16_BLOCK
+    from engine.flux.residency import FP8 as FP8_BLOCK
+    from engine.flux.residency import STREAMED
+    from tests.test_residency import make_inputs
+    from tests.test_streaming_faults import replan
+
+    model, reference, handle = streamed_tiny([BF16_BLOCK, FP8_BLOCK] * 3 + [FP8_BLOCK])
+    enable_float8_matmuls(model)
+    with torch.no_grad():
+        before = model(*make_inputs(4))
+        handle.relayout(replan(handle, [STREAMED] * 7))
+        assert handle.stats()["streamed_blocks"] == 7
+        after = model(*make_inputs(4))
+        want = reference(*make_inputs(4))
+    assert type(model.blocks[0].attn.a_to_qkv) is Float8CastLinear
+    assert 0 < rel_error(after, want) < 0.1
+    assert 0 < rel_error(before, want) < 0.1
+    handle.close()
+
+
+def test_a_float8_cast_linear_is_the_product_of_the_per_token_scaled_activations():
+    """The layer's result is exactly (up to bf16 output rounding) x quantized per token times
+    the stored float8 weight, scale 1: the weights are the ones the bf16 matmul would use."""
+    from engine.flux.float8_compute import Float8CastLinear
+    from engine.flux.streaming import CastLinear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 128).to(BF16)
+    with torch.no_grad():
+        layer.weight.data = (torch.randn(128, 64) * 0.2).to(torch.float8_e4m3fn)
+    layer.__class__ = CastLinear
+    x = torch.randn(2, 9, 64, dtype=BF16)
+    with torch.no_grad():
+        bf16 = layer(x)
+        layer.__class__ = Float8CastLinear
+        got = layer(x)
+        xq, scale = quantize_rows(x.reshape(-1, 64))
+        want = (xq.float() * scale) @ layer.weight.float().T + layer.bias.float()
+    assert got.dtype == BF16 and got.shape == (2, 9, 128)
+    assert rel_error(got.reshape(-1, 128), want) < 0.005
+    assert 0.005 < rel_error(got, bf16) < 0.05  # the activations' rounding, and only that

@@ -534,6 +534,31 @@ def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, ca
     assert "float8_compute needs the max preset" in caplog.text
 
 
+def test_float8_compute_gives_the_block_streamed_layers_float8_matmuls(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """low with the block streamer and layer_cast (the default): the streamed DiT's layers
+    multiply their stored float8 weights, set up again after every build."""
+    from engine.flux.float8_compute import Float8CastLinear
+    from engine.flux.streaming import enable_block_streaming
+    from tests.test_residency import make_models, plan_for
+
+    handles = []
+
+    def stream(self):  # the streamer the real loader makes, on test_residency's tiny DiT
+        if not handles:
+            model, _ = make_models()
+            handles.append(enable_block_streaming(model, plan_for(model, ["streamed"] * 7),
+                                                  "cpu", layer_cast=True))
+        return handles[0]
+
+    monkeypatch.setattr(FluxBackend, "_stream", property(stream))
+    backend, _ = cpu_backend(tmp_path, PipeWithBlocks, preset="low", float8_compute=True)
+    backend.load()
+    assert backend.float8 is not None and backend.float8.streamed and backend.float8.layers == 32
+    assert type(handles[0].dit.blocks[0].attn.a_to_qkv) is Float8CastLinear
+    handles[0].close()
+
+
 def compiling_backend(tmp_path: Path, monkeypatch, fail_with=None):
     """A loaded max backend on a fake pipe, its plan pointed at a CUDA device (the fake never
     touches it: torch.cuda.synchronize is replaced) so that _compile runs."""

@@ -396,18 +396,28 @@ class FluxBackend:
                 'model.device = "cpu" (very slow), or use backend = "dry-run"')
 
     def _enable_float8(self) -> None:
-        """Float8 matmuls for the resident DiT (``max``); elsewhere the DiT is float8-stored and
-        streamed or diffsynth-managed, and this is skipped with the reason in the log."""
-        from engine.flux.float8_compute import check_float8_matmul, enable_float8_compute
+        """Float8 matmuls for the resident DiT (``max``) or the block-streamed one whose layers
+        cast their own weights (``layer_cast``); a diffsynth-managed DiT keeps bf16 matmuls, and
+        the log says why."""
+        from engine.flux.float8_compute import (
+            check_float8_matmul,
+            enable_float8_compute,
+            enable_float8_matmuls,
+        )
 
         assert self.plan is not None
-        if self.plan.preset != "max":
-            log.warning("model.float8_compute needs the max preset (plan: %s); computing in bf16",
-                        self.plan.preset)
+        stream = self._stream
+        streamed = stream is not None and stream.layer_cast
+        if self.plan.preset != "max" and not streamed:
+            log.warning("model.float8_compute needs the max preset or DiT block streaming with "
+                        "model.layer_cast (plan: %s); computing in bf16", self.plan.preset)
             return
         reason = check_float8_matmul(self.plan.device)
         if reason is not None:
             log.warning("model.float8_compute ignored: %s; computing in bf16", reason)
+            return
+        if streamed:
+            self.float8 = enable_float8_matmuls(stream.dit)
             return
         self.float8 = enable_float8_compute(self._pipe.dit)
         _empty_cache()  # the bf16 weights just freed

@@ -1,7 +1,8 @@
 """Opt-in float8 matmuls for the DiT's large linear layers (``model.float8_compute``).
 
-    report = enable_float8_compute(pipe.dit)   # the DiT resident on the GPU in bf16
+    report = enable_float8_compute(pipe.dit)   # max: the DiT resident on the GPU in bf16
     report.layers, report.bytes_saved          # weights now float8 + one scale per row
+    report = enable_float8_matmuls(stream.dit)  # low/balanced: block-streamed with layer_cast
 
 Each large ``nn.Linear`` inside the transformer blocks becomes a ``Float8Linear``: its weight is
 stored as float8_e4m3fn with one float32 scale per output row (amax / 448, so every row uses the
@@ -16,6 +17,14 @@ What stays bf16: the modulation layers (AdaLayerNorm: one token per image, nothi
 the embedders and the final projection outside the blocks, norms, and attention itself.
 Speed needs the blocks compiled (``model.compile``): then the per-token scaling of the
 activations is fused into one kernel before each matmul; eagerly it costs extra passes.
+
+Block streaming with ``layer_cast`` (``streaming.CastLinear``) keeps the DiT's weights as the
+checkpoint stores them, float8 with no scale, and casts each to bf16 for its matmul. With float8
+compute those layers become ``Float8CastLinear``: the stored float8 weight goes into
+``_scaled_mm`` as it is (scale 1 per row, so the weights are exactly the ones bf16 would use),
+only the activations are scaled per token, and the cast goes too. Float8 matmuls run at twice
+bf16's rate on Ada and Hopper, which matters where the step is compute-bound (``--n 4``, cards
+from 10 GB up; docs/benchmarks.md). A block resident as a bf16 copy keeps the bf16 matmul.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.flux.streaming import dit_blocks
+from engine.flux.streaming import CastLinear, dit_blocks
 
 log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
@@ -77,18 +86,42 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 rows"
 
 
+class Float8CastLinear(CastLinear):
+    """A ``CastLinear`` whose float8 weight goes into a float8 matmul as stored (scale 1), with
+    the activations scaled per token; a bf16 weight (a resident bf16 copy) takes the plain
+    matmul. Given in place (``__class__``), like ``CastLinear``, so the block streamer's views
+    of its buffers and slots, hooks and names are untouched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight.dtype != FP8:
+            return super().forward(x)
+        shape = x.shape
+        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        ones = torch.ones((1, self.out_features), device=x.device, dtype=torch.float32)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=ones, out_dtype=x.dtype,
+                             use_fast_accum=True)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 @dataclass(frozen=True)
 class Float8Report:
     layers: int  # linear layers converted
     kept: int  # linear layers inside the blocks left in bf16 (modulation, odd shapes)
     bytes_before: int
     bytes_after: int
+    streamed: bool = False  # the block streamer's stored float8 weights, multiplied as they are
 
     @property
     def bytes_saved(self) -> int:
         return self.bytes_before - self.bytes_after
 
     def describe(self) -> str:
+        if self.streamed:
+            return (f"float8 compute: {self.layers} linear layers multiply their stored float8 "
+                    f"weights directly, activations scaled per token ({self.kept} kept in bf16)")
         return (f"float8 compute: {self.layers} linear layers in float8 with per-row scales "
                 f"({self.kept} kept in bf16), weights {self.bytes_before / 2**30:.1f} -> "
                 f"{self.bytes_after / 2**30:.1f} GiB")
@@ -123,6 +156,29 @@ def enable_float8_compute(dit: torch.nn.Module) -> Float8Report:
                 after += _nbytes(replacement)
                 layers += 1
     report = Float8Report(layers, kept, before, after)
+    log.info("%s", report.describe())
+    return report
+
+
+def enable_float8_matmuls(dit: torch.nn.Module) -> Float8Report:
+    """Give the ``CastLinear`` layers of a block-streamed DiT (``layer_cast``) float8 matmuls,
+    in place; the modulation layers and odd shapes keep theirs. Idempotent; the streamer's
+    ``close`` makes them ``nn.Linear`` again."""
+    layers = kept = 0
+    for block in dit_blocks(dit):
+        for parent in list(block.modules()):
+            for child in parent.children():
+                if type(child) is Float8CastLinear:
+                    continue
+                if type(child) is not CastLinear:
+                    kept += isinstance(child, torch.nn.Linear)
+                    continue
+                if convertible(child, parent):
+                    child.__class__ = Float8CastLinear
+                    layers += 1
+                else:
+                    kept += 1
+    report = Float8Report(layers, kept, 0, 0, streamed=True)
     log.info("%s", report.describe())
     return report
 
