@@ -50,8 +50,9 @@ def actions(first: tuple[str, str] | None) -> list[tuple[str, str]]:
 def run_row(free_gib: float, ckpt: Path, batch_images: int,
             timeout: float = 400, extra: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"card_free_gib": free_gib, "batch_images": batch_images, "jobs": {}}
+    extra = extra.replace("\\n", "\n")  # several lines typed on one (as bench_cards takes them)
     if extra.strip():
-        row["config"] = " ".join(extra.split())  # on one line in the table and the JSON
+        row["config"] = " ".join(extra.split())  # on one line in the JSON
 
     def act(bot: BotProcess) -> None:
         first = run_jobs(bot, actions(None), row["jobs"], timeout)

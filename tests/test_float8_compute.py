@@ -239,3 +239,86 @@ def test_a_float8_cast_linear_is_the_product_of_the_per_token_scaled_activations
     assert got.dtype == BF16 and got.shape == (2, 9, 128)
     assert rel_error(got.reshape(-1, 128), want) < 0.005
     assert 0.005 < rel_error(got, bf16) < 0.05  # the activations' rounding, and only that
+
+
+def test_quantize_rows_leaves_an_fp32_input_as_it_was():
+    x = torch.randn(3, 32)
+    before = x.clone()
+    q, scale = quantize_rows(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    torch.testing.assert_close(q.float() * scale, x, rtol=0.07, atol=1e-6)
+
+
+def test_a_float8_cast_linear_given_fp32_takes_the_cast_matmul():
+    """CUDA's row-scaled float8 kernel returns bf16 only: another input dtype casts instead."""
+    from engine.flux.float8_compute import Float8CastLinear
+
+    layer = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        layer.weight.data = (torch.randn(48, 32) * 0.2).to(torch.float8_e4m3fn)
+    layer.__class__ = Float8CastLinear
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = x @ layer.weight.float().T + layer.bias
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_float8_matmuls_budget_the_quantized_input_of_the_widest_layer():
+    from engine.flux.residency import FLUX_LAYER_CAST_BYTES, layer_work_bytes
+
+    assert layer_work_bytes(False, True, 1024 * 1024) == 0  # no layer_cast: a work buffer
+    assert layer_work_bytes(True, False, 1024 * 1024) == FLUX_LAYER_CAST_BYTES
+    # 4096 + 512 tokens of proj_out's 15360-wide input, fp32 and float8: 5 bytes a value
+    assert layer_work_bytes(True, True, 1024 * 1024) == 4608 * 15360 * 5
+    assert layer_work_bytes(True, True, 1024 * 1024, batch_images=2) == 2 * 4608 * 15360 * 5
+    assert layer_work_bytes(True, True, 256 * 256) == FLUX_LAYER_CAST_BYTES  # the larger
+
+
+@pytest.mark.parametrize("card", [15.5, 23.0])
+def test_with_float8_matmuls_the_plan_keeps_no_bf16_copies_but_more_float8_blocks(card):
+    """bf16 copies would take the bf16 matmul: with float8 matmuls their memory keeps float8
+    blocks on the GPU instead (the bot's plan with its default limits)."""
+    import dataclasses
+
+    from engine.config import LimitsSection, ModelSection
+    from engine.flux.presets import plan_memory
+    from engine.flux.residency import (
+        BF16,
+        FLUX_FIXED_BYTES,
+        FLUX_OTHER_WEIGHTS,
+        FP8,
+        STREAMED,
+        dit_residency,
+        flux_dev_block_sizes,
+        layer_work_bytes,
+    )
+
+    placed = {}
+    for float8 in (False, True):
+        config = ModelSection(device="cuda", float8_compute=float8)
+        plan = plan_memory(config, card - 0.5, max_images=LimitsSection().images_max)
+        assert plan.streaming and plan.float8_matmul is float8
+        others = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=plan.park_models)
+        cast = layer_work_bytes(plan.layer_cast, plan.float8_matmul, plan.max_pixels,
+                                plan.batch_images)
+        placed[float8] = dit_residency(plan, flux_dev_block_sizes(), FLUX_FIXED_BYTES, others,
+                                       cast).placements
+    # without float8 these cards keep bf16 copies (2 and 33 blocks); with it every block is
+    # a float8 block on the GPU, none streamed
+    assert BF16 in placed[False] and STREAMED not in placed[False]
+    assert set(placed[True]) == {FP8}
+
+
+def test_the_plan_follows_float8_only_where_the_device_runs_it(tmp_path, monkeypatch):
+    from engine.config import ModelSection
+    from engine.flux import float8_compute
+    from engine.flux.backend import FluxBackend
+
+    backend = FluxBackend(ModelSection(models_dir=str(tmp_path), device="cuda",
+                                       float8_compute=True))
+    monkeypatch.setattr(float8_compute, "check_float8_matmul", lambda device: None)
+    assert backend._planning_config().float8_compute
+    monkeypatch.setattr(float8_compute, "check_float8_matmul",
+                        lambda device: "an RTX 3060 has no float8 tensor cores")
+    assert not backend._planning_config().float8_compute
+    assert backend.config.float8_compute  # the user's setting stays, for the log to explain

@@ -536,8 +536,9 @@ def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, ca
 
 def test_float8_compute_gives_the_block_streamed_layers_float8_matmuls(tmp_path: Path,
                                                                        monkeypatch) -> None:
-    """low with the block streamer and layer_cast (the default): the streamed DiT's layers
-    multiply their stored float8 weights, set up again after every build."""
+    """low with the block streamer and layer_cast (the default): float8_compute routes the
+    streamed DiT's layers to float8 matmuls on their stored weights (the streamer is patched
+    in; its own tests are in test_float8_compute.py)."""
     from engine.flux.float8_compute import Float8CastLinear
     from engine.flux.streaming import enable_block_streaming
     from tests.test_residency import make_models, plan_for

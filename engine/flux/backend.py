@@ -83,11 +83,21 @@ class FluxBackend:
         lora_gib = self._read_styles()
         free, used = _device_memory(torch, self.config.device)
         self._at_plan = _allocator_snapshot(torch, self.config.device)
-        self.plan = plan_memory(self.config, free, used, self.max_pixels, lora_gib,
+        self.plan = plan_memory(self._planning_config(), free, used, self.max_pixels, lora_gib,
                                 self.max_images)
         log.info("FLUX memory plan: %s", self.plan.describe())
         self._build()
         self._finish_setup()
+
+    def _planning_config(self) -> ModelSection:
+        """The config the plan follows: float8 matmuls (which keep no bf16 copies of DiT blocks)
+        only where this device runs them; elsewhere ``_enable_float8`` logs why they are off."""
+        if self.config.float8_compute and self.config.device.startswith("cuda"):
+            from engine.flux.float8_compute import check_float8_matmul
+
+            if check_float8_matmul(self.config.device) is not None:
+                return dataclasses.replace(self.config, float8_compute=False)
+        return self.config
 
     def _finish_setup(self, calibrate: bool = True) -> None:
         """What follows every build: float8 compute, compile, and the calibrated warm-up."""

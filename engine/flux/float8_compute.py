@@ -22,9 +22,11 @@ Block streaming with ``layer_cast`` (``streaming.CastLinear``) keeps the DiT's w
 checkpoint stores them, float8 with no scale, and casts each to bf16 for its matmul. With float8
 compute those layers become ``Float8CastLinear``: the stored float8 weight goes into
 ``_scaled_mm`` as it is (scale 1 per row, so the weights are exactly the ones bf16 would use),
-only the activations are scaled per token, and the cast goes too. Float8 matmuls run at twice
-bf16's rate on Ada and Hopper, which matters where the step is compute-bound (``--n 4``, cards
-from 10 GB up; docs/benchmarks.md). A block resident as a bf16 copy keeps the bf16 matmul.
+only the activations are scaled per token, and the cast goes too. Float8 tensor cores peak at
+twice bf16's rate on Ada and Hopper (in ``max`` the whole step measured 1.28× faster), which
+matters where the step is compute-bound (``--n 4``, cards from 10 GB up; docs/benchmarks.md).
+The plan then keeps no block as a bf16 copy (``MemoryPlan.float8_matmul``): the memory goes to
+more float8 blocks on the GPU instead. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ _TINY = 1e-12  # keeps an all-zero row's scale positive
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 values, float32 scale per row) with ``values * scale ≈ x`` row by row."""
-    x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / FP8_MAX
-    return (x32 / scale).to(FP8), scale
+    """(float8 values, float32 scale per row) with ``values * scale ≈ x`` row by row. The
+    row maxima are taken in x's own dtype (exact) and the division in place, so eagerly it
+    holds an fp32 copy and the float8 values at once (5 bytes a value), not more."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
+    x32 = x.float() if x.dtype != torch.float32 else x.clone()  # never divide the caller's x
+    return x32.div_(scale).to(FP8), scale
 
 
 class Float8Linear(torch.nn.Module):
@@ -94,7 +98,9 @@ class Float8CastLinear(CastLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if weight.dtype != FP8:
+        # a bf16 copy of the block, or an input the row-scaled kernel cannot return (CUDA's
+        # gives bf16 only): the cast matmul
+        if weight.dtype != FP8 or x.dtype != torch.bfloat16:
             return super().forward(x)
         shape = x.shape
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))

@@ -111,6 +111,9 @@ class MemoryPlan:
     pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
     park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
     layer_cast: bool = True  # streaming: the DiT's layers cast their weights (model.layer_cast)
+    # streaming with layer_cast: float8 matmuls on the stored weights (model.float8_compute), so
+    # no block is kept as a bf16 copy
+    float8_matmul: bool = False
 
     @property
     def streaming(self) -> bool:
@@ -219,7 +222,8 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
                      stream_dit=config.dit_streaming and config.device.startswith("cuda"),
                      device_budget=budget, max_pixels=max_pixels,
                      batch_images=config.batch_images, pass_images=max_images,
-                     park_models=config.park_models, layer_cast=config.layer_cast)
+                     park_models=config.park_models, layer_cast=config.layer_cast,
+                     float8_matmul=config.float8_compute and config.layer_cast)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
@@ -227,13 +231,13 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
               device_budget: DeviceBudget | None = None,
               max_pixels: int = 1024 * 1024, batch_images: int = 1,
               pass_images: int = 1, park_models: bool = True,
-              layer_cast: bool = True) -> MemoryPlan:
+              layer_cast: bool = True, float8_matmul: bool = False) -> MemoryPlan:
     dev = device
     extra: dict[str, Any] = {"reason": reason, "used_at_start_gib": used_gib,
                              "vae_tiled": vae_tiled, "device_budget": device_budget,
                              "max_pixels": max_pixels, "batch_images": batch_images,
                              "pass_images": pass_images, "park_models": park_models,
-                             "layer_cast": layer_cast}
+                             "layer_cast": layer_cast, "float8_matmul": float8_matmul}
     if preset == "max":
         plain = resident(dev)
         return MemoryPlan("max", dev, plain, plain, plain, plain, None, budget_gib,
@@ -241,7 +245,8 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
     limit = _vram_limit(dev, budget_gib, used_gib)
     if stream_dit and preset in ("low", "balanced"):
         extra["vae_tiled"] = vae_tiled or should_tile_vae(
-            budget_gib, max_pixels, batch_images, pass_images, park_models, layer_cast)
+            budget_gib, max_pixels, batch_images, pass_images, park_models, layer_cast,
+            float8_matmul)
         return _streaming_plan(preset, dev, budget_gib, limit, extra)
     if preset == "balanced":
         return MemoryPlan("balanced", dev, resident(dev, FP8), resident(dev), streamed(dev, BF16),
@@ -255,7 +260,7 @@ def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: floa
 
 def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int = 1,
                     pass_images: int = 1, park_models: bool = True,
-                    layer_cast: bool = True) -> bool:
+                    layer_cast: bool = True, float8_matmul: bool = False) -> bool:
     """Tile the VAE decode when its untiled peak is what limits the DiT's resident blocks: the
     budget cannot keep every block resident, and tiling frees at least ``TILE_VAE_GAIN_GIB``
     for them (the decode runs while the streamer's buffers and the DiT's activations are
@@ -263,9 +268,9 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     from engine.flux.device_budget import TILE_VAE_GAIN_GIB
     from engine.flux.residency import (
         FLUX_FIXED_BYTES,
-        FLUX_LAYER_CAST_BYTES,
         FLUX_OTHER_WEIGHTS,
         flux_dev_block_sizes,
+        layer_work_bytes,
         minimum_budget_bytes,
         t5_phase_bytes,
         vae_decode_bytes,
@@ -280,7 +285,8 @@ def should_tile_vae(budget_gib: float | None, max_pixels: int, batch_images: int
     untiled = others.phase_bytes(vae_decode_bytes(side, side), t5_phase_bytes())
     tiled = others.phase_bytes(vae_decode_bytes(side, side, tiled=True), t5_phase_bytes())
     # what tiling frees: the difference between the least budgets that stream everything
-    cast = FLUX_LAYER_CAST_BYTES if layer_cast else 0  # the layers' own casts, no work buffer
+    # the layers' own casts (or float8 inputs), no work buffer
+    cast = layer_work_bytes(layer_cast, float8_matmul, max_pixels, batch_images)
     gain = (minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=untiled,
                                  layer_cast_bytes=cast)
             - minimum_budget_bytes(sizes, reserve, phase_reserve_bytes=tiled,
@@ -364,4 +370,5 @@ def _carried(plan: MemoryPlan) -> dict[str, Any]:
     sizes (``make_plan``'s keyword arguments)."""
     return {"stream_dit": plan.stream_dit, "max_pixels": plan.max_pixels,
             "batch_images": plan.batch_images, "pass_images": plan.pass_images,
-            "park_models": plan.park_models, "layer_cast": plan.layer_cast}
+            "park_models": plan.park_models, "layer_cast": plan.layer_cast,
+            "float8_matmul": plan.float8_matmul}

@@ -61,6 +61,11 @@ FLUX_FIXED_BYTES = 150 * MIB
 # layer_cast): its two largest, a single block's to_qkv_mlp (3072 x 21504) and proj_out
 # (15360 x 3072); see ``largest_casts_bytes``.
 FLUX_LAYER_CAST_BYTES = FLUX_HIDDEN * (7 + 5) * FLUX_HIDDEN * 2
+# Float8 matmuls (model.float8_compute on the streamed DiT) quantize each layer's input per token:
+# eagerly an fp32 copy and its float8 values (5 bytes a value) of the widest input, a single
+# block's proj_out (15360 wide); compiled, the two fuse into the float8 values alone.
+FLUX_WIDEST_INPUT = 5 * FLUX_HIDDEN
+FLOAT8_INPUT_BYTES_PER_VALUE = 5
 # Copy time / compute time of a block: H100 (PCIe 5, 55 GB/s pinned) with compiled blocks at
 # 1024² is 1.7, eager 1.1, at 512² about 3; a consumer card (PCIe 4, slower compute) ~0.8.
 DEFAULT_TRANSFER_COMPUTE_RATIO = 1.5
@@ -97,6 +102,21 @@ def _check_size(width: int, height: int, batch: int) -> None:
 
 def _with_slack(nbytes: float) -> int:
     return int(max(RESERVE_FLOOR_BYTES, nbytes * (1 + ALLOCATOR_SLACK)))
+
+
+def layer_work_bytes(layer_cast: bool, float8_matmul: bool, max_pixels: int,
+                     batch_images: int = 1, cast_bytes: int = FLUX_LAYER_CAST_BYTES) -> int:
+    """What the blocks' layers hold besides the activations when they compute from their own
+    float8 weights (``layer_cast``): the bf16 casts of the largest two (``cast_bytes``), or
+    with float8 matmuls the quantized input of the widest layer, for the images a block
+    computes at once, if that is more (the modulations still cast theirs)."""
+    if not layer_cast:
+        return 0
+    if not float8_matmul:
+        return cast_bytes
+    tokens = max_pixels // 256 + 512  # 16×16 pixels a token, and the prompt's 512
+    quantized = batch_images * tokens * FLUX_WIDEST_INPUT * FLOAT8_INPUT_BYTES_PER_VALUE
+    return max(cast_bytes, quantized)
 
 
 def dit_activation_bytes(width: int, height: int, *, text_tokens: int = 512,
@@ -418,6 +438,8 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
             f"a GPU budget of {plan.budget_gib:.2f} GiB is too small: the text encoders and "
             f"the VAE alone keep {others.always / GIB:.2f} GiB on the GPU; free GPU memory or "
             "use a smaller image size")
+    # float8 matmuls multiply the stored float8 weights: a bf16 copy would take the bf16 path
     return plan_residency(block_bytes, left,
                           plan.activation_bytes(), fixed_bytes=fixed_bytes,
-                          phase_reserve_bytes=phase, layer_cast_bytes=layer_cast_bytes)
+                          phase_reserve_bytes=phase, layer_cast_bytes=layer_cast_bytes,
+                          allow_bf16=not plan.float8_matmul)

@@ -186,12 +186,13 @@ def test_float8_matmuls_on_the_streamed_dit_make_nearly_the_bf16_images(
                 assert backend.plan.streaming and backend._compiled, backend.compile_failure
                 if float8:  # 8 per double block, 2 per single block; the modulations stay bf16
                     assert backend.float8.streamed and backend.float8.layers == 19 * 8 + 38 * 2
+                    assert backend._stream.stats()["bf16_resident_blocks"] == 0
                 made[float8] = []
+                started = time.perf_counter()
                 for seed in (5, 6):
-                    started = time.perf_counter()
                     made[float8] += backend.generate(request(seed=seed, size=1024),
                                                      lambda i, n: None)
-                    seconds[float8] = time.perf_counter() - started
+                seconds[float8] = (time.perf_counter() - started) / 2
             finally:
                 backend.close()
         report = held.report()
@@ -199,7 +200,8 @@ def test_float8_matmuls_on_the_streamed_dit_make_nearly_the_bf16_images(
     gap = np.abs(np.asarray(made[True][0], np.int16) - np.asarray(made[False][0], np.int16))
     other = np.abs(np.asarray(made[False][0], np.int16) - np.asarray(made[False][1], np.int16))
     assert_real_image(made[True][0], 1024)
-    assert gap.mean() < 0.5 * other.mean(), (gap.mean(), other.mean())
+    # float8 ran (the images differ), and by the activations' rounding only
+    assert 0 < gap.mean() < 0.5 * other.mean(), (gap.mean(), other.mean())
     assert report["peak_gib"] <= report["free_at_hold_gib"]
 
 
