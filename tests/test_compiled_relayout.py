@@ -72,3 +72,35 @@ def test_compiled_blocks_compute_the_same_after_a_replan_moves_blocks_between_dt
         uncompile_dit_blocks(model)
         handle.close()
     assert counted_compile.frame_count >= 2  # the blocks ran compiled, not eager
+
+
+def test_compiled_float8_matmuls_follow_the_blocks_between_float8_and_bf16(counted_compile):
+    """float8_compute on the streamed DiT (Float8CastLinear): each layer branches on its
+    weight's dtype, so a re-plan that turns float8 blocks into bf16 copies and back must reach
+    the compiled graphs too (a stale graph would hand _scaled_mm a bf16 weight, or cast a
+    float8 one). Float8 rounds the activations, and a compiled block's bf16 arithmetic moves
+    some of them across a rounding step, so compiled and eager agree only to the float8 error:
+    both are held to the bf16 reference, and a layout computes the same before and after."""
+    from engine.flux.float8_compute import enable_float8_matmuls
+    from tests.test_float8_compute import rel_error
+
+    model, reference = make_models()
+    handle = enable_block_streaming(model, plan_for(model, BEFORE), "cpu", layer_cast=True)
+    enable_float8_matmuls(model)
+    inputs = make_inputs(img=16)
+    try:
+        with torch.no_grad():
+            want = reference(*inputs)
+            assert rel_error(model(*inputs), want) < 0.1  # eager
+            compile_dit_blocks(model)
+            got = []
+            for placements in (BEFORE, AFTER, BEFORE):
+                handle.relayout(replan(handle, placements))
+                got.append(model(*inputs))
+                assert 0 < rel_error(got[-1], want) < 0.1
+            torch.testing.assert_close(got[2], got[0], rtol=1e-3, atol=1e-3)
+            assert not torch.equal(got[0], got[1])  # float8 and bf16 matmuls really switched
+    finally:
+        uncompile_dit_blocks(model)
+        handle.close()
+    assert counted_compile.frame_count >= 2
