@@ -32,6 +32,7 @@ more float8 blocks on the GPU instead. Not yet measured on a GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,21 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
     x32 = x.float() if x.dtype != torch.float32 else x.clone()  # never divide the caller's x
     return x32.div_(scale).to(FP8), scale
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
+                  fast_accum: bool = True) -> torch.Tensor:
+    """``x @ weight.T * weight_scale + bias`` in one float8 matmul: ``x`` quantized per token,
+    ``weight`` float8 (out, in) row-major, ``weight_scale`` float32 (1, out)."""
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, weight.shape[1]))
+    # weight.t() is the column-major (in, out) operand _scaled_mm wants, without a copy
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale,
+                         out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
 
 
 class Float8Linear(torch.nn.Module):
@@ -77,14 +93,8 @@ class Float8Linear(torch.nn.Module):
         return cls(weight, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        # weight.t() is the column-major (in, out) operand _scaled_mm wants, without a copy
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return scaled_linear(x, self.weight, self.weight_scale, self.bias, self.out_dtype,
+                             self.fast_accum)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 rows"
@@ -102,14 +112,8 @@ class Float8CastLinear(CastLinear):
         # gives bf16 only): the cast matmul
         if weight.dtype != FP8 or x.dtype != torch.bfloat16:
             return super().forward(x)
-        shape = x.shape
-        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         ones = torch.ones((1, self.out_features), device=x.device, dtype=torch.float32)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=ones, out_dtype=x.dtype,
-                             use_fast_accum=True)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return scaled_linear(x, weight, ones, self.bias)
 
 
 @dataclass(frozen=True)
@@ -143,24 +147,32 @@ def convertible(module: torch.nn.Module, parent: torch.nn.Module) -> bool:
     return module.in_features % ALIGN == 0 and module.out_features % ALIGN == 0
 
 
+def _block_children(dit: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str,
+                                                            torch.nn.Module]]:
+    """(parent, name, child) for every module inside the DiT's blocks, listed before any is
+    replaced."""
+    for block in dit_blocks(dit):
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                yield parent, name, child
+
+
 def enable_float8_compute(dit: torch.nn.Module) -> Float8Report:
     """Replace the blocks' large linear layers in place (one at a time, so the bf16 weight of
     a layer is freed as soon as its float8 copy exists). Idempotent."""
     layers = kept = before = after = 0
-    for block in dit_blocks(dit):
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Float8Linear):
-                    continue
-                if not convertible(child, parent):
-                    kept += isinstance(child, torch.nn.Linear)
-                    continue
-                assert isinstance(child, torch.nn.Linear)
-                before += _nbytes(child)
-                replacement = Float8Linear.from_linear(child)
-                setattr(parent, name, replacement)
-                after += _nbytes(replacement)
-                layers += 1
+    for parent, name, child in _block_children(dit):
+        if isinstance(child, Float8Linear):
+            continue
+        if not convertible(child, parent):
+            kept += isinstance(child, torch.nn.Linear)
+            continue
+        assert isinstance(child, torch.nn.Linear)
+        before += _nbytes(child)
+        replacement = Float8Linear.from_linear(child)
+        setattr(parent, name, replacement)
+        after += _nbytes(replacement)
+        layers += 1
     report = Float8Report(layers, kept, before, after)
     log.info("%s", report.describe())
     return report
@@ -171,19 +183,14 @@ def enable_float8_matmuls(dit: torch.nn.Module) -> Float8Report:
     in place; the modulation layers and odd shapes keep theirs. Idempotent; the streamer's
     ``close`` makes them ``nn.Linear`` again."""
     layers = kept = 0
-    for block in dit_blocks(dit):
-        for parent in list(block.modules()):
-            for child in parent.children():
-                if type(child) is Float8CastLinear:
-                    continue
-                if type(child) is not CastLinear:
-                    kept += isinstance(child, torch.nn.Linear)
-                    continue
-                if convertible(child, parent):
-                    child.__class__ = Float8CastLinear
-                    layers += 1
-                else:
-                    kept += 1
+    for parent, _, child in _block_children(dit):
+        if type(child) is Float8CastLinear:
+            continue
+        if type(child) is CastLinear and convertible(child, parent):
+            child.__class__ = Float8CastLinear
+            layers += 1
+        else:
+            kept += isinstance(child, torch.nn.Linear)
     report = Float8Report(layers, kept, 0, 0, streamed=True)
     log.info("%s", report.describe())
     return report
