@@ -348,6 +348,7 @@ class FluxBackend:
         assert self.plan is not None
         same_layout = nxt.placements == self.plan.placements
         if same_layout and self._stream is not None and self._factory is None:
+            # the layout's layer work already covers the casts (layer_work_bytes takes the max)
             residency = dit_residency(nxt, self._stream.plan.block_bytes,
                                       self._stream.plan.fixed_bytes, self._stream.others,
                                       self._stream.plan.layer_cast_bytes)

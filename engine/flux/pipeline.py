@@ -160,16 +160,15 @@ def start_dit_streaming(pipe: Any, plan: MemoryPlan, others: OtherWeights | None
     (``close()`` it before dropping the pipeline); a re-plan moves its blocks with
     ``handle.relayout(residency.dit_residency(..., handle.others))``.
     """
-    from engine.flux.residency import dit_residency, layer_work_bytes
+    from engine.flux.residency import dit_residency
     from engine.flux.streaming import enable_block_streaming, largest_casts_bytes, measure_blocks
 
     device = torch.device(plan.device)
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     others = dataclasses.replace(others or OtherWeights(parked=False), resident=allocated)
     sizes, fixed = measure_blocks(pipe.dit)
-    cast = layer_work_bytes(plan.layer_cast, plan.float8_matmul, plan.max_pixels,
-                            plan.batch_images, cast_bytes=largest_casts_bytes(pipe.dit))
-    residency = dit_residency(plan, sizes, fixed, others, cast)
+    casts = largest_casts_bytes(pipe.dit) if plan.layer_cast else 0
+    residency = dit_residency(plan, sizes, fixed, others, casts)
     # the layers cast their own float8 weights: no work buffer of a whole block (streaming.py)
     handle = enable_block_streaming(pipe.dit, residency, plan.device, layer_cast=plan.layer_cast)
     handle.others = others  # what a re-plan keeps aside for the other models

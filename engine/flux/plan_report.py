@@ -15,13 +15,13 @@ from engine.config import ModelSection
 from engine.flux.presets import MemoryPlan, plan_memory
 from engine.flux.residency import (
     FLUX_FIXED_BYTES,
+    FLUX_LAYER_CAST_BYTES,
     FLUX_OTHER_WEIGHTS,
     GIB,
     STREAMED,
     ResidencyError,
     dit_residency,
     flux_dev_block_sizes,
-    layer_work_bytes,
 )
 
 # Host peak RSS of the bot on emulated cards: loading peaks near 12.5 GiB whatever the plan;
@@ -81,9 +81,8 @@ def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: f
     if plan.streaming:
         try:
             others = dataclasses.replace(FLUX_OTHER_WEIGHTS, parked=plan.park_models)
-            cast = layer_work_bytes(plan.layer_cast, plan.float8_matmul, plan.max_pixels,
-                                    plan.batch_images)
-            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, others, cast)
+            residency = dit_residency(plan, sizes, FLUX_FIXED_BYTES, others,
+                                      FLUX_LAYER_CAST_BYTES)
         except ResidencyError as e:
             problem = str(e)
         else:

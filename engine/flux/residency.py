@@ -426,7 +426,9 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
     for the largest image the limits allow and the VAE and the text encoders budgeted as
     phases of their own (they run while the streamer's buffers are released; parked models
     are on the GPU then only). A pass of several images is kept too
-    (``MemoryPlan.activation_bytes``); its decode runs one image at a time."""
+    (``MemoryPlan.activation_bytes``); its decode runs one image at a time.
+    ``layer_cast_bytes``: what the layers' bf16 casts hold at once (``largest_casts_bytes``);
+    the plan's own set-up says what its layers hold (``layer_work_bytes``)."""
     if plan.budget_gib is None:
         raise ValueError("streaming needs a known GPU budget")
     side = plan.reserve_side
@@ -438,8 +440,10 @@ def dit_residency(plan: MemoryPlan, block_bytes: Sequence[int], fixed_bytes: int
             f"a GPU budget of {plan.budget_gib:.2f} GiB is too small: the text encoders and "
             f"the VAE alone keep {others.always / GIB:.2f} GiB on the GPU; free GPU memory or "
             "use a smaller image size")
+    work = layer_work_bytes(plan.layer_cast, plan.float8_matmul, plan.max_pixels,
+                            plan.batch_images, cast_bytes=layer_cast_bytes)
     # float8 matmuls multiply the stored float8 weights: a bf16 copy would take the bf16 path
     return plan_residency(block_bytes, left,
                           plan.activation_bytes(), fixed_bytes=fixed_bytes,
-                          phase_reserve_bytes=phase, layer_cast_bytes=layer_cast_bytes,
+                          phase_reserve_bytes=phase, layer_cast_bytes=work,
                           allow_bf16=not plan.float8_matmul)
