@@ -65,6 +65,7 @@ class FluxBackend:
         self._factory = pipeline_factory
         self._loaded: Any = None  # pipeline.LoadedPipeline: the pipeline, its streamers, parked
         self.float8: Any = None  # Float8Report when model.float8_compute took effect
+        self._float8_problem: str | None = None  # why this device runs no float8 matmuls
         self.compile_seconds: float | None = None  # start-up cost of model.compile
         self.calibration: list[str] = []  # what each start-up warm-up measured and did
         self._compiled = False
@@ -91,11 +92,14 @@ class FluxBackend:
 
     def _planning_config(self) -> ModelSection:
         """The config the plan follows: float8 matmuls (which keep no bf16 copies of DiT blocks)
-        only where this device runs them; elsewhere ``_enable_float8`` logs why they are off."""
-        if self.config.float8_compute and self.config.device.startswith("cuda"):
+        only where this device runs them. The probe runs once a load; ``_enable_float8`` logs
+        its answer after each build."""
+        self._float8_problem = None
+        if self.config.float8_compute:
             from engine.flux.float8_compute import check_float8_matmul
 
-            if check_float8_matmul(self.config.device) is not None:
+            self._float8_problem = check_float8_matmul(self.config.device)
+            if self._float8_problem is not None:
                 return dataclasses.replace(self.config, float8_compute=False)
         return self.config
 
@@ -410,11 +414,7 @@ class FluxBackend:
         """Float8 matmuls for the resident DiT (``max``) or the block-streamed one whose layers
         cast their own weights (``layer_cast``); a diffsynth-managed DiT keeps bf16 matmuls, and
         the log says why."""
-        from engine.flux.float8_compute import (
-            check_float8_matmul,
-            enable_float8_compute,
-            enable_float8_matmuls,
-        )
+        from engine.flux.float8_compute import enable_float8_compute, enable_float8_matmuls
 
         assert self.plan is not None
         stream = self._stream
@@ -423,9 +423,9 @@ class FluxBackend:
             log.warning("model.float8_compute needs the max preset or DiT block streaming with "
                         "model.layer_cast (plan: %s); computing in bf16", self.plan.preset)
             return
-        reason = check_float8_matmul(self.plan.device)
-        if reason is not None:
-            log.warning("model.float8_compute ignored: %s; computing in bf16", reason)
+        if self._float8_problem is not None:  # probed when planning (_planning_config)
+            log.warning("model.float8_compute ignored: %s; computing in bf16",
+                        self._float8_problem)
             return
         if streamed:
             self.float8 = enable_float8_matmuls(stream.dit)
