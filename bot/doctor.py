@@ -5,6 +5,7 @@ Exit code 0 when everything needed to run is in place, 1 otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sqlite3
@@ -185,12 +186,20 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
     gpu = gpu if gpu is not None else probe_gpu(config.model.device)
     if not gpu.available:
         return []
-    report = plan_report(config.model, config.limits.max_pixels, gpu.name, gpu.free_gib,
+    model = config.model
+    if model.float8_compute and gpu.float8_problem is not None:  # planned as the backend does
+        model = dataclasses.replace(model, float8_compute=False)
+    report = plan_report(model, config.limits.max_pixels, gpu.name, gpu.free_gib,
                          gpu.total_gib - gpu.free_gib, config.limits.images_max)
     lines = report.lines()
     checks = [Check("memory plan", not report.problem, lines[0],
                     "free GPU memory or lower limits.max_pixels")]
     checks += [Check("memory plan", not report.problem, line) for line in lines[1:]]
+    if config.model.float8_compute:
+        checks.append(Check("float8 compute", True,
+                            "on: the DiT's large matrix products run in float8" if
+                            model.float8_compute else
+                            f"off: {gpu.float8_problem}; the DiT computes in bf16"))
     available = host_available_gib if host_available_gib is not None else _host_available_gib()
     if available is not None and available < report.host_needed_gib:
         checks.append(Check("host memory", False,

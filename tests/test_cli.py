@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -108,7 +109,7 @@ def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
     assert all(c.ok for c in checks)
     assert "preset low" in text and "device budget 7.50 GiB" in text
     assert "blocks stay on the GPU" in text and "GiB streamed per step" in text
-    from engine.flux.plan_report import MEASURED_S_PER_IMAGE
+    from engine.flux.plan_report import MEASURED_S_PER_IMAGE, plan_report
 
     measured = dict(MEASURED_S_PER_IMAGE["H100"])[7.5]  # the emulated 8 GB card's row
     assert (f"expected: about {measured:.1f} s per 1024² 20-step image (measured on a H100"
@@ -116,9 +117,25 @@ def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
     assert re.search(r"host memory needed: about 1\d\.\d GiB", text)
     short = check_plan(Config(), card, host_available_gib=8.0)
     assert [c for c in short if c.name == "host memory" and not c.ok and c.fix]
+    assert [c.detail for c in checks if c.name == "float8 compute"] == [
+        "on: the DiT's large matrix products run in float8"]
     other = check_plan(Config(), GpuStatus(True, name="NVIDIA GeForce RTX 3060",
                                            free_gib=11.0, total_gib=12.0), host_available_gib=32)
     assert "not measured on NVIDIA GeForce RTX 3060" in "\n".join(c.detail for c in other)
+    # a card without float8 tensor cores is planned as the backend will run it: bf16 matmuls
+    no_float8 = "NVIDIA GeForce RTX 3070 has no float8 tensor cores (needs compute capability 8.9+)"
+    ampere = check_plan(Config(), GpuStatus(True, name="NVIDIA GeForce RTX 3070", free_gib=7.5,
+                                            total_gib=8.0, float8_problem=no_float8),
+                        host_available_gib=32)
+    assert [(c.ok, c.detail) for c in ampere if c.name == "float8 compute"] == [
+        (True, f"off: {no_float8}; the DiT computes in bf16")]
+    limits = Config().limits
+    planned = [c.detail for c in ampere if c.name == "memory plan"]
+    bf16 = dataclasses.replace(Config().model, float8_compute=False)
+    assert planned == plan_report(bf16, limits.max_pixels, "NVIDIA GeForce RTX 3070", 7.5, 0.5,
+                                  limits.images_max).lines()
+    assert planned != plan_report(Config().model, limits.max_pixels, "NVIDIA GeForce RTX 3070",
+                                  7.5, 0.5, limits.images_max).lines()
     tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=1.5, total_gib=2.0),
                       host_available_gib=32)
     assert tiny[0].ok is False and "too small" in "\n".join(c.detail for c in tiny)

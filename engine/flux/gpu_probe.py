@@ -13,6 +13,7 @@ class GpuStatus:
     total_gib: float = 0.0
     torch_version: str = ""
     problem: str = ""  # why no GPU can be used, in words
+    float8_problem: str | None = None  # why it runs no float8 matmuls (None: it does)
 
 
 def probe_gpu(device: str = "cuda") -> GpuStatus:
@@ -29,5 +30,8 @@ def probe_gpu(device: str = "cuda") -> GpuStatus:
         return GpuStatus(False, torch_version=version, problem=why)
     index = torch.device(device).index or 0
     free, total = torch.cuda.mem_get_info(index)
+    from engine.flux.float8_compute import check_float8_matmul
+
     return GpuStatus(True, name=torch.cuda.get_device_name(index), free_gib=free / 2**30,
-                     total_gib=total / 2**30, torch_version=version)
+                     total_gib=total / 2**30, torch_version=version,
+                     float8_problem=check_float8_matmul(f"cuda:{index}"))
