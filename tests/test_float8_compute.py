@@ -322,3 +322,42 @@ def test_the_plan_follows_float8_only_where_the_device_runs_it(tmp_path, monkeyp
                         lambda device: "an RTX 3060 has no float8 tensor cores")
     assert not backend._planning_config().float8_compute
     assert backend.config.float8_compute  # the user's setting stays, for the log to explain
+
+
+def test_a_style_adds_its_branch_to_the_float8_matmuls():
+    """With float8 compute on (the default), a LoRA style's hooks sit on ``Float8CastLinear``
+    layers: each adds exactly alpha·B·A·x to the float8 product, the style changes the image,
+    and after the job the DiT is exactly the plain float8 one again."""
+    from engine.flux.float8_compute import Float8CastLinear, enable_float8_matmuls
+    from engine.flux.lora import LoraBranches, LoraWeights, convert_lora, lora_targets
+    from engine.flux.residency import FP8 as FP8_BLOCK
+    from engine.flux.residency import STREAMED
+    from tests.test_lora_styles import tiny_lora
+    from tests.test_residency import make_inputs
+
+    model, _, handle = streamed_tiny([STREAMED, FP8_BLOCK] * 3 + [STREAMED])
+    enable_float8_matmuls(model)
+    weights = LoraWeights(convert_lora(tiny_lora(8, "kohya", seed=1)))
+    branches = LoraBranches.attach(model, set(weights.pairs))
+    name = next(n for n, m in lora_targets(model).items()
+                if type(m) is Float8CastLinear and n in weights.pairs)
+    layer = lora_targets(model)[name]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # registered after the style's hook, so it sees the styled output
+    watch = layer.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    inputs = make_inputs(5)
+    with torch.no_grad():
+        plain = model(*inputs)
+        with branches.active(weights, 0.8, "cpu"):
+            styled = model(*inputs)
+            x, out = seen[-1]
+            a, b = branches.slots[name].a, branches.slots[name].b
+            assert a is not None and b is not None
+            # forward() alone: the float8 product without any hook
+            torch.testing.assert_close(out, layer.forward(x) + (x.to(a.dtype) @ a.T) @ b.T,
+                                       rtol=0, atol=0)
+        after = model(*inputs)
+    watch.remove()
+    assert not torch.allclose(styled, plain, atol=1e-2)  # the style changes the output
+    assert torch.equal(after, plain)  # cleared: the next job is the plain float8 model
+    handle.close()
