@@ -224,11 +224,15 @@ class Engine:
                 pass
             self._scheduler = None
         await self._settle_completions()
+        closing = time.monotonic()
         if self._worker_hung:  # the running step never returned (_drain): do not queue behind it
             self._worker.abandon()
         else:
             await self._worker.close()
         await self.store.__aexit__(None, None, None)
+        # an exit once took over 60 s after the last job with nothing logged (docs/benchmarks.md,
+        # 2026-12-07 float8): this says whether closing the model was the slow part
+        log.info("engine stopped: model and journal closed in %.1f s", time.monotonic() - closing)
 
     # -- submitting ------------------------------------------------------------------------
     async def submit(self, user: User, request: ImageRequest, origin: Origin,
