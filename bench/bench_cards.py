@@ -321,7 +321,8 @@ def defaults() -> dict[str, bool]:
     from engine.config import ModelSection
 
     model = ModelSection()
-    return {"park_models": model.park_models, "layer_cast": model.layer_cast}
+    return {"park_models": model.park_models, "layer_cast": model.layer_cast,
+            "float8_compute": model.float8_compute}
 
 
 def row_ok(r: dict[str, Any]) -> bool:

@@ -121,7 +121,7 @@ class ModelSection:
     offline: bool = False
     compile: bool = True
     dit_streaming: bool = True
-    float8_compute: bool = False  # float8 matmuls in the DiT's blocks (max, or layer_cast)
+    float8_compute: bool = True  # float8 matmuls in the DiT's blocks (max, or layer_cast)
     expandable_segments: bool = True
     batch_images: int = 1  # images of the largest size a DiT block computes at once (--n jobs)
     prompt_cache: int = 32  # prompts whose text embeddings stay in host memory (0 = off)

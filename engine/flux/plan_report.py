@@ -34,10 +34,10 @@ BESIDE_STREAMED_GIB = 10.8
 # Seconds per 1024², 20-step image through `python -m bot` (console, queue of several images),
 # default config, by the card's free memory at start (GiB): bench/bench_cards.py, the latest run
 # of each card (README's hardware table; tests/test_readme_hardware.py keeps the two equal):
-# 5.6 to 11.5 from docs/results/cards-h100-2026-12-07c.json, 15.5 and 23 from
-# docs/results/cards-h100-2026-12-07d.json.
+# docs/results/cards-h100-2026-12-07f.json and -07g.json (float8_compute on).
 MEASURED_S_PER_IMAGE = {
-    "H100": ((5.6, 3.98), (7.5, 3.35), (9.5, 3.49), (11.5, 3.20), (15.5, 2.97), (23.0, 2.87)),
+    "H100": ((5.6, 3.69), (7.5, 2.98), (9.5, 2.81), (11.5, 2.47), (15.5, 2.34),
+             (23.0, 2.35)),
 }
 
 

@@ -207,17 +207,20 @@ def test_float8_matmuls_on_the_streamed_dit_make_nearly_the_bf16_images(
 
 def test_compiled_blocks_stay_compiled_when_a_replan_moves_bf16_blocks_to_float8(
         random_flux, emulated_card) -> None:
-    """The default config, compiled, on an emulated 16 GB card, where every block is resident
-    and some are bf16 copies. With ``layer_cast`` the start-up calibration's re-plan changed
-    some of those to float8 in place; torch 2.11 then ran their stale bf16 graphs ("self and
-    mat2 must have the same dtype") and the bot fell back to eager blocks (docs/benchmarks.md,
-    2026-12-07 evening). Here the start-up stays compiled, and after an out-of-memory re-plan,
-    which drops bf16 copies too, the next image is made by the compiled blocks."""
+    """The default config but ``float8_compute = false``, compiled, on an emulated 16 GB card,
+    where every block is resident and some are bf16 copies. With ``layer_cast`` the start-up
+    calibration's re-plan changed some of those to float8 in place; torch 2.11 then ran their
+    stale bf16 graphs ("self and mat2 must have the same dtype") and the bot fell back to eager
+    blocks (docs/benchmarks.md, 2026-12-07 evening). Here the start-up stays compiled, and after
+    an out-of-memory re-plan, which drops bf16 copies too, the next image is made by the
+    compiled blocks."""
     from engine.flux.streaming import dit_blocks
 
     with emulated_card(15.5) as held:
-        backend = FluxBackend(model_section(random_flux, "auto", None, compile=True),
-                              max_images=LimitsSection().images_max)  # as the bot plans it
+        # bf16 matmuls: with float8_compute (the default since) no block is a bf16 copy
+        config = dataclasses.replace(model_section(random_flux, "auto", None, compile=True),
+                                     float8_compute=False)
+        backend = FluxBackend(config, max_images=LimitsSection().images_max)  # as the bot plans
         try:
             backend.load()
             assert backend.plan.layer_cast and backend._compiled, backend.compile_failure
