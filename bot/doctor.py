@@ -5,18 +5,21 @@ Exit code 0 when everything needed to run is in place, 1 otherwise.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.secrets_filter import mask
-from engine.config import DEFAULT_CONFIG_PATH, Config
+from engine.config import DEFAULT_CONFIG_PATH, Config, ModelSection
 from engine.moderation import INSTALL_HINT, missing_packages
 from engine.store import journal_size_bytes
+
+if TYPE_CHECKING:
+    from engine.flux.presets import MemoryPlan
 
 # What @BotFather hands out: the bot's id, a colon, and a 35-character secret.
 TELEGRAM_TOKEN = re.compile(r"\d{5,20}:[A-Za-z0-9_-]{30,60}")
@@ -180,26 +183,23 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
                ) -> list[Check]:
     """The memory plan the bot would make on this card, and whether the host has the memory
     it needs (the streamed blocks and T5 live in page-locked host memory)."""
+    from engine.flux.float8_compute import planned_config
     from engine.flux.gpu_probe import probe_gpu
     from engine.flux.plan_report import plan_report
 
     gpu = gpu if gpu is not None else probe_gpu(config.model.device)
     if not gpu.available:
         return []
-    model = config.model
-    if model.float8_compute and gpu.float8_problem is not None:  # planned as the backend does
-        model = dataclasses.replace(model, float8_compute=False)
+    model = planned_config(config.model, gpu.float8_problem)  # as the backend plans
     report = plan_report(model, config.limits.max_pixels, gpu.name, gpu.free_gib,
                          gpu.total_gib - gpu.free_gib, config.limits.images_max)
     lines = report.lines()
     checks = [Check("memory plan", not report.problem, lines[0],
                     "free GPU memory or lower limits.max_pixels")]
     checks += [Check("memory plan", not report.problem, line) for line in lines[1:]]
-    if config.model.float8_compute:
-        checks.append(Check("float8 compute", True,
-                            "on: the DiT's large matrix products run in float8" if
-                            model.float8_compute else
-                            f"off: {gpu.float8_problem}; the DiT computes in bf16"))
+    if config.model.float8_compute is not False:
+        checks.append(Check("float8 compute", True, float8_line(config.model, model, report.plan,
+                                                                gpu.float8_problem)))
     available = host_available_gib if host_available_gib is not None else _host_available_gib()
     if available is not None and available < report.host_needed_gib:
         checks.append(Check("host memory", False,
@@ -208,6 +208,22 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
                             "close other programs, add swap-free RAM, or use a card with more "
                             "memory (fewer blocks streamed from the host)"))
     return checks
+
+
+def float8_line(asked: ModelSection, planned: ModelSection, plan: MemoryPlan,
+                problem: str | None) -> str:
+    """Whether the DiT's matmuls will run in float8 on this card, and if not, why."""
+    from engine.flux.float8_compute import applies_to, float8_wanted
+
+    if applies_to(plan, planned):
+        return "on: the DiT's large matrix products run in float8"
+    if not float8_wanted(asked):
+        why = 'float8_compute = "auto" needs compiled blocks (model.compile) on a CUDA GPU'
+    elif problem is not None:
+        why = problem
+    else:
+        why = f"float8 matmuls do not apply to this plan (preset {plan.preset})"
+    return f"off: {why}; the DiT computes in bf16"
 
 
 def _host_available_gib() -> float | None:

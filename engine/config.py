@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,7 +122,9 @@ class ModelSection:
     offline: bool = False
     compile: bool = True
     dit_streaming: bool = True
-    float8_compute: bool = True  # float8 matmuls in the DiT's blocks (max, or layer_cast)
+    # float8 matmuls in the DiT's blocks: "auto" (where measured to pay: streamed with
+    # layer_cast, compiled, on a GPU with float8 tensor cores), true (also max, eager), false
+    float8_compute: str | bool = "auto"
     expandable_segments: bool = True
     batch_images: int = 1  # images of the largest size a DiT block computes at once (--n jobs)
     prompt_cache: int = 32  # prompts whose text embeddings stay in host memory (0 = off)
@@ -292,12 +295,17 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+_KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
 def _coerce(hint: Any, raw: Any, key: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, raw, key)
     origin = typing.get_origin(hint)
     if origin in (list, dict):
         return _coerce_container(origin, hint, raw, key)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(typing.get_args(hint), raw, key)
     if hint is bool:
         if not isinstance(raw, bool):
             raise ConfigError(f"{key} = {raw!r} must be true or false")
@@ -315,6 +323,16 @@ def _coerce(hint: Any, raw: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {raw!r} must be a string")
         return raw
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _coerce_union(options: tuple[Any, ...], raw: Any, key: str) -> Any:
+    """The first of the types the value is, in order (``str | bool``: "auto", true, false)."""
+    for option in options:
+        try:
+            return _coerce(option, raw, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key} = {raw!r} must be " + " or ".join(_KIND[t] for t in options))
 
 
 def _coerce_container(origin: Any, hint: Any, raw: Any, key: str) -> Any:
@@ -340,6 +358,8 @@ def _validated(config: Config) -> Config:
     need(m.preset in PRESETS, "model.preset", m.preset, ", ".join(PRESETS))
     need(m.vram_limit_gib >= 0, "model.vram_limit_gib", m.vram_limit_gib, "0 (auto) or more GiB")
     need(1 <= m.batch_images <= 8, "model.batch_images", m.batch_images, "1 to 8 images")
+    need(m.float8_compute in ("auto", True, False), "model.float8_compute", m.float8_compute,
+         '"auto", true or false')
     need(0 <= m.prompt_cache <= 1024, "model.prompt_cache", m.prompt_cache,
          "0 to 1024 prompts (4 MiB of host memory each)")
     need(e.max_queue_total >= 1, "engine.max_queue_total", e.max_queue_total, "at least 1")

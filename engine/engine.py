@@ -225,6 +225,7 @@ class Engine:
             self._scheduler = None
         await self._settle_completions()
         closing = time.monotonic()
+        log.info("engine stopping: closing the model and the journal")
         if self._worker_hung:  # the running step never returned (_drain): do not queue behind it
             self._worker.abandon()
         else:

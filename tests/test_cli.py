@@ -136,6 +136,16 @@ def test_doctor_shows_the_plan_for_the_card_and_warns_of_short_host_memory():
                                   limits.images_max).lines()
     assert planned != plan_report(Config().model, limits.max_pixels, "NVIDIA GeForce RTX 3070",
                                   7.5, 0.5, limits.images_max).lines()
+    # "auto" without compiled blocks: bf16, and the bf16 figure expected
+    from engine.flux.plan_report import MEASURED_S_PER_IMAGE_BF16
+
+    eager = Config()
+    eager.model.compile = False
+    text = "\n".join(c.detail for c in check_plan(eager, card, host_available_gib=64.0))
+    assert 'off: float8_compute = "auto" needs compiled blocks (model.compile)' in text
+    bf16_s = dict(MEASURED_S_PER_IMAGE_BF16["H100"])[7.5]
+    assert f"expected: about {bf16_s:.1f} s per 1024² 20-step image" in text
+    assert "GiB free, bf16 matmuls" in text
     tiny = check_plan(Config(), GpuStatus(True, name="x", free_gib=1.5, total_gib=2.0),
                       host_available_gib=32)
     assert tiny[0].ok is False and "too small" in "\n".join(c.detail for c in tiny)

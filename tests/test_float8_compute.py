@@ -351,13 +351,113 @@ def test_a_style_adds_its_branch_to_the_float8_matmuls():
         with branches.active(weights, 0.8, "cpu"):
             styled = model(*inputs)
             x, out = seen[-1]
-            a, b = branches.slots[name].a, branches.slots[name].b
-            assert a is not None and b is not None
-            # forward() alone: the float8 product without any hook
-            torch.testing.assert_close(out, layer.forward(x) + (x.to(a.dtype) @ a.T) @ b.T,
-                                       rtol=0, atol=0)
+            # forward() alone is the float8 product without any hook; the style's own A and B
+            # (from the file, in float32) give what the branch must add: 0.8·B·A·x
+            a, b = weights.pairs[name]
+            branch = (x.float() @ a.float().T) @ b.float().T * 0.8
+            assert branch.abs().mean() > 0.01  # a branch large enough to see
+            torch.testing.assert_close((out - layer.forward(x)).float(), branch,
+                                       rtol=0.03, atol=0.03)
         after = model(*inputs)
     watch.remove()
     assert not torch.allclose(styled, plain, atol=1e-2)  # the style changes the output
     assert torch.equal(after, plain)  # cleared: the next job is the plain float8 model
     handle.close()
+
+
+def test_auto_asks_for_float8_only_compiled_on_cuda_and_true_everywhere():
+    from engine.config import ModelSection
+    from engine.flux.float8_compute import float8_wanted, planned_config
+
+    auto = ModelSection()
+    assert auto.float8_compute == "auto" and float8_wanted(auto)
+    assert planned_config(auto, None) is auto  # the plan keeps no bf16 copies
+    # eager or off CUDA: bf16 (no probe asked), planned as bf16
+    for model in (ModelSection(compile=False), ModelSection(device="cpu")):
+        assert not float8_wanted(model)
+        assert planned_config(model, None).float8_compute is False
+    # a GPU without float8 tensor cores: bf16
+    assert planned_config(auto, "no float8 tensor cores").float8_compute is False
+    # true: wherever the device runs them, eager or on the CPU too
+    forced = ModelSection(float8_compute=True, compile=False, device="cpu")
+    assert float8_wanted(forced) and planned_config(forced, None) is forced
+    off = ModelSection(float8_compute=False)
+    assert not float8_wanted(off) and planned_config(off, None) is off
+
+
+def test_float8_runs_in_the_streamed_plan_and_in_max_only_when_asked():
+    from engine.config import ModelSection
+    from engine.flux.float8_compute import applies_to
+    from engine.flux.presets import plan_memory
+
+    for free, preset in ((7.5, "low"), (23.0, "balanced")):
+        plan = plan_memory(ModelSection(), free, 0.5)
+        assert plan.preset == preset and plan.streaming and plan.float8_matmul
+        assert applies_to(plan, ModelSection())
+        bf16 = ModelSection(float8_compute=False)
+        assert not plan_memory(bf16, free, 0.5).float8_matmul and not applies_to(plan, bf16)
+    no_cast = ModelSection(layer_cast=False)
+    assert not applies_to(plan_memory(no_cast, 7.5, 0.5), no_cast)
+    big = plan_memory(ModelSection(preset="max"), 70.0, 0.5)
+    assert big.preset == "max"
+    assert not applies_to(big, ModelSection(preset="max"))  # auto keeps max in bf16
+    assert applies_to(big, ModelSection(preset="max", float8_compute=True))
+
+
+def test_the_config_takes_auto_true_or_false():
+    from engine.config import ConfigError, config_from_dict
+
+    for value in ("auto", True, False):
+        assert config_from_dict({"model": {"float8_compute": value}}).model.float8_compute \
+            is value or value == "auto"
+    with pytest.raises(ConfigError, match='float8_compute = \'on\' is not allowed: "auto", '
+                                          'true or false'):
+        config_from_dict({"model": {"float8_compute": "on"}})
+    with pytest.raises(ConfigError, match="must be a string or true or false"):
+        config_from_dict({"model": {"float8_compute": 1}})
+
+
+def test_the_probe_answers_no_instead_of_raising(monkeypatch):
+    """On by default, so a machine whose CUDA cannot answer (no driver, a CPU-only build)
+    must get bf16, not a failed start."""
+    from engine.flux import float8_compute
+
+    def no_driver(device):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_driver)
+    assert "Found no NVIDIA driver" in float8_compute.check_float8_matmul("cuda")
+
+    def cpu_only(device):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", cpu_only)
+    assert "not compiled with CUDA" in float8_compute.check_float8_matmul("cuda:0")
+
+
+def test_eager_blocks_under_auto_go_back_to_casting(caplog, monkeypatch):
+    """A compiler failure leaves eager blocks, where float8's per-token scaling costs more than
+    it saves: "auto" turns the float8 layers back into casting ones; true keeps them."""
+    from engine.config import ModelSection
+    from engine.flux.backend import FluxBackend
+    from engine.flux.float8_compute import Float8CastLinear, enable_float8_matmuls
+    from engine.flux.residency import STREAMED
+    from engine.flux.streaming import CastLinear
+    from tests.test_residency import make_inputs
+
+    for setting, stays in (("auto", False), (True, True)):
+        model, reference, handle = streamed_tiny([STREAMED] * 7)
+        backend = FluxBackend(ModelSection(float8_compute=setting))
+        backend.float8 = enable_float8_matmuls(model)
+        monkeypatch.setattr(FluxBackend, "_stream", property(lambda self, h=handle: h))
+        with caplog.at_level("WARNING"):
+            backend._float8_off_when_eager()
+        layer = model.blocks[0].attn.a_to_qkv
+        assert (type(layer) is Float8CastLinear) is stays
+        if not stays:
+            assert type(layer) is CastLinear and backend.float8 is None
+            assert "float8 matmuls off with the eager blocks" in caplog.text
+            with torch.no_grad():  # exactly the casting layers' output again
+                inputs = make_inputs(2)
+                torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+        handle.close()

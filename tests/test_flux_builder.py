@@ -533,7 +533,26 @@ def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, ca
     with caplog.at_level("WARNING"):
         backend.load()
     assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
-    assert "float8_compute needs the max preset" in caplog.text
+    assert "float8_compute applies to DiT block streaming with model.layer_cast, and to the " \
+        "max preset when set to true (plan: low)" in caplog.text
+
+
+def test_float8_auto_keeps_bf16_where_it_was_not_measured_to_pay(tmp_path: Path,
+                                                                 caplog) -> None:
+    """The default, "auto": max keeps its bf16 DiT (re-quantizing it changes the images more
+    than the streamed presets' activations-only rounding), and so does any device but CUDA or
+    uncompiled blocks, each said in the log as a note, not a warning."""
+    for model in ({"preset": "max"}, {"preset": "max", "compile": False}):
+        backend, built = cpu_backend(tmp_path, PipeWithBlocks, **model)
+        assert backend.config.float8_compute == "auto"
+        with caplog.at_level("INFO"):
+            backend.load()
+        assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
+        assert not backend.plan.float8_matmul  # planned with bf16 copies allowed
+        assert "runs float8 matmuls only in compiled blocks on a CUDA GPU" in caplog.text
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        backend.close()
+        caplog.clear()
 
 
 def test_float8_compute_gives_the_block_streamed_layers_float8_matmuls(tmp_path: Path,

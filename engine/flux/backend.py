@@ -92,21 +92,19 @@ class FluxBackend:
 
     def _planning_config(self) -> ModelSection:
         """The config the plan follows: float8 matmuls (which keep no bf16 copies of DiT blocks)
-        only where this device runs them. The probe runs once a load; ``_enable_float8`` logs
-        its answer after each build."""
-        self._float8_problem = None
-        if self.config.float8_compute:
-            from engine.flux.float8_compute import check_float8_matmul
+        only where they are wanted and this device runs them. The probe runs once a load;
+        ``_enable_float8`` logs its answer after each build."""
+        from engine.flux.float8_compute import check_float8_matmul, float8_wanted, planned_config
 
+        self._float8_problem = None
+        if float8_wanted(self.config):
             self._float8_problem = check_float8_matmul(self.config.device)
-            if self._float8_problem is not None:
-                return dataclasses.replace(self.config, float8_compute=False)
-        return self.config
+        return planned_config(self.config, self._float8_problem)
 
     def _finish_setup(self, calibrate: bool = True) -> None:
         """What follows every build: float8 compute, compile, and the calibrated warm-up."""
         assert self.plan is not None
-        if self.config.float8_compute:
+        if self.config.float8_compute is not False:
             self._enable_float8()
         self._attach_styles()  # after float8 (it replaces layers), before compile
         if self.config.compile:
@@ -411,27 +409,35 @@ class FluxBackend:
                 'model.device = "cpu" (very slow), or use backend = "dry-run"')
 
     def _enable_float8(self) -> None:
-        """Float8 matmuls for the resident DiT (``max``) or the block-streamed one whose layers
-        cast their own weights (``layer_cast``); a diffsynth-managed DiT keeps bf16 matmuls, and
-        the log says why."""
-        from engine.flux.float8_compute import enable_float8_compute, enable_float8_matmuls
+        """Float8 matmuls for the block-streamed DiT whose layers cast their own weights
+        (``layer_cast``), or, with ``float8_compute = true``, the resident one (``max``); a
+        diffsynth-managed DiT keeps bf16 matmuls. The log says why not: a warning when the
+        user asked for float8 (true), a note when "auto" found it does not apply here."""
+        from engine.flux.float8_compute import (
+            enable_float8_compute,
+            enable_float8_matmuls,
+            float8_wanted,
+        )
 
         assert self.plan is not None
-        stream = self._stream
-        streamed = stream is not None and stream.layer_cast
-        if self.plan.preset != "max" and not streamed:
-            log.warning("model.float8_compute needs the max preset or DiT block streaming with "
-                        "model.layer_cast (plan: %s); computing in bf16", self.plan.preset)
+        say = log.warning if self.config.float8_compute is True else log.info
+        if not float8_wanted(self.config):
+            say("model.float8_compute = \"auto\" runs float8 matmuls only in compiled blocks on "
+                "a CUDA GPU; computing in bf16")
             return
         if self._float8_problem is not None:  # probed when planning (_planning_config)
-            log.warning("model.float8_compute ignored: %s; computing in bf16",
-                        self._float8_problem)
+            say("model.float8_compute: %s; computing in bf16", self._float8_problem)
             return
-        if streamed:
+        stream = self._stream
+        if stream is not None and stream.layer_cast:
             self.float8 = enable_float8_matmuls(stream.dit)
             return
-        self.float8 = enable_float8_compute(self._pipe.dit)
-        _empty_cache()  # the bf16 weights just freed
+        if self.plan.preset == "max" and self.config.float8_compute is True:
+            self.float8 = enable_float8_compute(self._pipe.dit)
+            _empty_cache()  # the bf16 weights just freed
+            return
+        say("model.float8_compute applies to DiT block streaming with model.layer_cast, and to "
+            "the max preset when set to true (plan: %s); computing in bf16", self.plan.preset)
 
     def _compile(self) -> None:
         """Regional torch.compile of the DiT blocks (streamed or resident). The compiler runs in
@@ -471,6 +477,7 @@ class FluxBackend:
             uncompile_dit_blocks(self._pipe.dit)
             self._compiled = False
             self.compile_failure = failure
+            self._float8_off_when_eager()
             self.recover_after_failure()
             log.warning("torch.compile failed (%s); running eager (slower steps)", failure)
             return self._try_warm_up()
@@ -478,6 +485,19 @@ class FluxBackend:
             self.compile_seconds = time.monotonic() - started
             log.info("compiled and warmed up in %.1f s", self.compile_seconds)
         return oom
+
+    def _float8_off_when_eager(self) -> None:
+        """"auto" runs float8 matmuls in compiled blocks only: eager, scaling each layer's input
+        costs more than float8 saves. The plan stays (it holds no bf16 copies; a cast takes
+        less room than a quantized input), only the layers go back to casting."""
+        from engine.flux.float8_compute import disable_float8_matmuls
+
+        if self.config.float8_compute == "auto" and self.float8 is not None \
+                and self.float8.streamed and self._stream is not None:
+            disable_float8_matmuls(self._stream.dit)
+            self.float8 = None
+            log.warning("float8 matmuls off with the eager blocks (model.float8_compute = "
+                        "\"auto\"); computing in bf16")
 
     def _warm_up(self) -> None:
         """Two-step images: a whole pass (``MemoryPlan.pass_images``) at the largest size the

@@ -111,8 +111,8 @@ class MemoryPlan:
     pass_images: int = 1  # images of one job that go through the DiT together (limits.images_max)
     park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
     layer_cast: bool = True  # streaming: the DiT's layers cast their weights (model.layer_cast)
-    # streaming with layer_cast: float8 matmuls on the stored weights (model.float8_compute), so
-    # no block is kept as a bf16 copy
+    # streaming with layer_cast: float8 matmuls on the stored weights (model.float8_compute, as
+    # float8_compute.planned_config leaves it), so no block is kept as a bf16 copy
     float8_matmul: bool = False
 
     @property
@@ -223,7 +223,7 @@ def plan_memory(config: ModelSection, free_gib: float | None = None,
                      device_budget=budget, max_pixels=max_pixels,
                      batch_images=config.batch_images, pass_images=max_images,
                      park_models=config.park_models, layer_cast=config.layer_cast,
-                     float8_matmul=config.float8_compute and config.layer_cast)
+                     float8_matmul=config.float8_compute is not False and config.layer_cast)
 
 
 def make_plan(preset: str, device: str, budget_gib: float | None, used_gib: float = 0.0,
