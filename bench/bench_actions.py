@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     parser.add_argument("--extra", default="",
-                        help='TOML lines added under [model], e.g. "float8_compute = true"')
+                        help='TOML lines added under [model], e.g. "float8_compute = false"')
     args = parser.parse_args()
     device = device_name()
     rows = []

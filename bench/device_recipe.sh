@@ -20,9 +20,10 @@
 # untiled (a copy with TILE_VAE_GAIN_GIB raised); profile: bench/profile_card.py on
 # PROFILE_CARDS (per-step times, PROFILE_VARIANTS, a kernel trace of one image; PROFILE_OPTIONS:
 # model options, e.g. "park_models=false"); off: OFF_CARDS through the bot with park_models and
-# layer_cast off (cards-off.json), to compare with a cards run on the same machine.
+# layer_cast off (cards-off.json; without layer_cast the matmuls are bf16 too), to compare with
+# a cards run on the same machine.
 # MODEL_EXTRA: TOML lines added under [model] for the cards and actions stages (e.g.
-# "float8_compute = true"; the rows then name that config).
+# "float8_compute = false"; the rows then name that config).
 # At most 8 files come back from the device:
 # logs are appended to one file per stage, and tables are made here from the JSON.
 set -euo pipefail

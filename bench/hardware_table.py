@@ -70,8 +70,9 @@ def table() -> str:
                  "(`bench/bench_cards.py`; `python -m bench.hardware_table` makes this table).")
     if any(device.endswith("¹") for device, _ in rows):
         lines.append("")
-        lines.append("¹ Run while `park_models` and `layer_cast` were still off by default "
-                     "(docs/benchmarks.md, 2026-12-07 evening, has the same-machine comparison).")
+        lines.append("¹ Run under older defaults (before 2026-12-07: `park_models` and "
+                     "`layer_cast` off, or bf16 matmuls; docs/benchmarks.md has the "
+                     "same-machine comparisons).")
     return "\n".join(lines)
 
 

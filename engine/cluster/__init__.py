@@ -13,7 +13,8 @@
   when a worker that can run it (pixels, batch, style) is free; the bot picks it (``claims.py``),
   so the fair order is the bot's and nothing waits in a worker's own queue.
 - A worker holds a job for ``ack_wait_s``, renewed (``in_progress``) while it runs; a worker
-  whose heartbeat expires mid-job loses it to the next worker that fits (same seed, same image).
+  whose heartbeat expires mid-job loses it to the next worker that fits (same seed, same image
+  on workers of one GPU kind and config: float8 matmuls differ slightly from bf16 ones).
 - A worker stores the PNGs and the outcome before it acks the job, and the outcome stream keeps
   one message per job id: a bot that was away finds it on its return, and a job's outcome is
   taken once however often it arrives.
