@@ -408,8 +408,8 @@ def test_the_config_takes_auto_true_or_false():
     from engine.config import ConfigError, config_from_dict
 
     for value in ("auto", True, False):
-        assert config_from_dict({"model": {"float8_compute": value}}).model.float8_compute \
-            is value or value == "auto"
+        got = config_from_dict({"model": {"float8_compute": value}}).model.float8_compute
+        assert got == value and type(got) is type(value)  # true stays a bool, not "True"
     with pytest.raises(ConfigError, match='float8_compute = \'on\' is not allowed: "auto", '
                                           'true or false'):
         config_from_dict({"model": {"float8_compute": "on"}})

@@ -539,9 +539,8 @@ def test_float8_compute_converts_the_resident_dit_in_max_only(tmp_path: Path, ca
 
 def test_float8_auto_keeps_bf16_where_it_was_not_measured_to_pay(tmp_path: Path,
                                                                  caplog) -> None:
-    """The default, "auto": max keeps its bf16 DiT (re-quantizing it changes the images more
-    than the streamed presets' activations-only rounding), and so does any device but CUDA or
-    uncompiled blocks, each said in the log as a note, not a warning."""
+    """The default, "auto", on any device but CUDA or with uncompiled blocks: bf16, planned so
+    (bf16 copies allowed), said in the log as a note, not a warning."""
     for model in ({"preset": "max"}, {"preset": "max", "compile": False}):
         backend, built = cpu_backend(tmp_path, PipeWithBlocks, **model)
         assert backend.config.float8_compute == "auto"
@@ -553,6 +552,22 @@ def test_float8_auto_keeps_bf16_where_it_was_not_measured_to_pay(tmp_path: Path,
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
         backend.close()
         caplog.clear()
+
+
+def test_float8_auto_keeps_max_in_bf16_on_a_float8_gpu(tmp_path: Path, monkeypatch,
+                                                      caplog) -> None:
+    """On a GPU that runs float8 matmuls, with compiled blocks (both faked here), "auto" still
+    leaves max's bf16 DiT as it is; only true re-quantizes it (the test above)."""
+    from engine.flux import float8_compute
+
+    monkeypatch.setattr(float8_compute, "float8_wanted", lambda model: True)
+    monkeypatch.setattr(float8_compute, "check_float8_matmul", lambda device: None)
+    backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max")
+    with caplog.at_level("INFO"):
+        backend.load()
+    assert type(built[0].dit.blocks[0][0]) is torch.nn.Linear and backend.float8 is None
+    assert "and to the max preset when set to true (plan: max)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_float8_compute_gives_the_block_streamed_layers_float8_matmuls(tmp_path: Path,
