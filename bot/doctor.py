@@ -43,7 +43,10 @@ def run_doctor(config: Config, config_path: str | None, *, print_fn=print,  # ty
         if config.moderation.nsfw_check:
             checks.append(check_moderation(config))
         if config.engine.backend == "flux":
-            checks += [check_gpu(config), *check_plan(config), *check_models(config)]
+            from engine.flux.gpu_probe import probe_gpu
+
+            gpu = probe_gpu(config.model.device)  # once: it also runs a float8 matmul
+            checks += [check_gpu(config, gpu), *check_plan(config, gpu), *check_models(config)]
         else:
             checks.append(Check("backend", True, "dry-run: no GPU or model files needed"))
         if config.cluster.url:
@@ -158,13 +161,13 @@ def check_output_dir(config: Config) -> Check:
                  f"make {parent} writable or set engine.output_dir")
 
 
-def check_gpu(config: Config) -> Check:
+def check_gpu(config: Config, gpu=None) -> Check:  # type: ignore[no-untyped-def]
     from engine.flux.gpu_probe import probe_gpu
 
     if config.model.device == "cpu":  # the same opinion as `run`: allowed, and slow
         return Check("GPU", True, 'model.device = "cpu": no GPU is used; an image takes many '
                                   "minutes")
-    gpu = probe_gpu(config.model.device)
+    gpu = gpu if gpu is not None else probe_gpu(config.model.device)
     if not gpu.available:
         return Check("GPU", False, f"none usable: {gpu.problem} (torch {gpu.torch_version})",
                      "install the NVIDIA driver and a CUDA build of PyTorch, or set "
@@ -183,9 +186,9 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
                ) -> list[Check]:
     """The memory plan the bot would make on this card, and whether the host has the memory
     it needs (the streamed blocks and T5 live in page-locked host memory)."""
-    from engine.flux.float8_compute import planned_config
     from engine.flux.gpu_probe import probe_gpu
     from engine.flux.plan_report import plan_report
+    from engine.flux.presets import planned_config
 
     gpu = gpu if gpu is not None else probe_gpu(config.model.device)
     if not gpu.available:
@@ -213,9 +216,9 @@ def check_plan(config: Config, gpu=None, host_available_gib: float | None = None
 def float8_line(asked: ModelSection, planned: ModelSection, plan: MemoryPlan,
                 problem: str | None) -> str:
     """Whether the DiT's matmuls will run in float8 on this card, and if not, why."""
-    from engine.flux.float8_compute import applies_to, float8_wanted
+    from engine.flux.presets import float8_applies, float8_wanted
 
-    if applies_to(plan, planned):
+    if float8_applies(plan, planned):
         return "on: the DiT's large matrix products run in float8"
     if not float8_wanted(asked):
         why = 'float8_compute = "auto" needs compiled blocks (model.compile) on a CUDA GPU'

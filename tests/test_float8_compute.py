@@ -367,7 +367,7 @@ def test_a_style_adds_its_branch_to_the_float8_matmuls():
 
 def test_auto_asks_for_float8_only_compiled_on_cuda_and_true_everywhere():
     from engine.config import ModelSection
-    from engine.flux.float8_compute import float8_wanted, planned_config
+    from engine.flux.presets import float8_wanted, planned_config
 
     auto = ModelSection()
     assert auto.float8_compute == "auto" and float8_wanted(auto)
@@ -387,21 +387,20 @@ def test_auto_asks_for_float8_only_compiled_on_cuda_and_true_everywhere():
 
 def test_float8_runs_in_the_streamed_plan_and_in_max_only_when_asked():
     from engine.config import ModelSection
-    from engine.flux.float8_compute import applies_to
-    from engine.flux.presets import plan_memory
+    from engine.flux.presets import float8_applies, plan_memory
 
     for free, preset in ((7.5, "low"), (23.0, "balanced")):
         plan = plan_memory(ModelSection(), free, 0.5)
         assert plan.preset == preset and plan.streaming and plan.float8_matmul
-        assert applies_to(plan, ModelSection())
+        assert float8_applies(plan, ModelSection())
         bf16 = ModelSection(float8_compute=False)
-        assert not plan_memory(bf16, free, 0.5).float8_matmul and not applies_to(plan, bf16)
+        assert not plan_memory(bf16, free, 0.5).float8_matmul and not float8_applies(plan, bf16)
     no_cast = ModelSection(layer_cast=False)
-    assert not applies_to(plan_memory(no_cast, 7.5, 0.5), no_cast)
+    assert not float8_applies(plan_memory(no_cast, 7.5, 0.5), no_cast)
     big = plan_memory(ModelSection(preset="max"), 70.0, 0.5)
     assert big.preset == "max"
-    assert not applies_to(big, ModelSection(preset="max"))  # auto keeps max in bf16
-    assert applies_to(big, ModelSection(preset="max", float8_compute=True))
+    assert not float8_applies(big, ModelSection(preset="max"))  # auto keeps max in bf16
+    assert float8_applies(big, ModelSection(preset="max", float8_compute=True))
 
 
 def test_the_config_takes_auto_true_or_false():

@@ -558,9 +558,11 @@ def test_float8_auto_keeps_max_in_bf16_on_a_float8_gpu(tmp_path: Path, monkeypat
                                                       caplog) -> None:
     """On a GPU that runs float8 matmuls, with compiled blocks (both faked here), "auto" still
     leaves max's bf16 DiT as it is; only true re-quantizes it (the test above)."""
-    from engine.flux import float8_compute
+    from engine.flux import backend as flux_backend
+    from engine.flux import float8_compute, presets
 
-    monkeypatch.setattr(float8_compute, "float8_wanted", lambda model: True)
+    for module in (flux_backend, presets):  # as on a CUDA GPU, compiled
+        monkeypatch.setattr(module, "float8_wanted", lambda model: True)
     monkeypatch.setattr(float8_compute, "check_float8_matmul", lambda device: None)
     backend, built = cpu_backend(tmp_path, PipeWithBlocks, preset="max")
     with caplog.at_level("INFO"):

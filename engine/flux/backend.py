@@ -33,7 +33,15 @@ from engine.errors import N_, GenerationFailed
 from engine.flux.batch import batch_sizes, batched, per_batch
 from engine.flux.device_budget import calibration_excess_gib, warm_up_side
 from engine.flux.model_files import Downloader, ModelPaths, ensure_model_files
-from engine.flux.presets import GIB, MemoryPlan, plan_memory, tighter, with_less
+from engine.flux.presets import (
+    GIB,
+    MemoryPlan,
+    float8_wanted,
+    plan_memory,
+    planned_config,
+    tighter,
+    with_less,
+)
 from engine.flux.prompt_cache import PromptCache
 from engine.flux.vae_tiling import tile_vae
 from engine.request import ImageRequest
@@ -94,7 +102,7 @@ class FluxBackend:
         """The config the plan follows: float8 matmuls (which keep no bf16 copies of DiT blocks)
         only where they are wanted and this device runs them. The probe runs once a load;
         ``_enable_float8`` logs its answer after each build."""
-        from engine.flux.float8_compute import check_float8_matmul, float8_wanted, planned_config
+        from engine.flux.float8_compute import check_float8_matmul
 
         self._float8_problem = None
         if float8_wanted(self.config):
@@ -413,11 +421,7 @@ class FluxBackend:
         (``layer_cast``), or, with ``float8_compute = true``, the resident one (``max``); a
         diffsynth-managed DiT keeps bf16 matmuls. The log says why not: a warning when the
         user asked for float8 (true), a note when "auto" found it does not apply here."""
-        from engine.flux.float8_compute import (
-            enable_float8_compute,
-            enable_float8_matmuls,
-            float8_wanted,
-        )
+        from engine.flux.float8_compute import enable_float8_compute, enable_float8_matmuls
 
         assert self.plan is not None
         say = log.warning if self.config.float8_compute is True else log.info

@@ -32,19 +32,13 @@ less time than in bf16, and ``--n 4`` on 8 GB 23% less (docs/benchmarks.md, 2026
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from engine.flux.streaming import CastLinear, dit_blocks
-
-if TYPE_CHECKING:
-    from engine.config import ModelSection
-    from engine.flux.presets import MemoryPlan
 
 log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
@@ -217,34 +211,6 @@ def disable_float8_matmuls(dit: torch.nn.Module) -> int:
 def _nbytes(module: torch.nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def float8_wanted(model: ModelSection) -> bool:
-    """Whether the config asks for float8 matmuls on this set-up, before asking the GPU:
-    ``true``, or ``"auto"`` with compiled blocks on a CUDA device (eager, the per-token scaling
-    costs more than float8 saves: docs/benchmarks.md, issue 5)."""
-    if model.float8_compute == "auto":
-        return model.compile and model.device.startswith("cuda")
-    return model.float8_compute is True
-
-
-def planned_config(model: ModelSection, problem: str | None) -> ModelSection:
-    """The config a memory plan follows: float8 matmuls (which keep no DiT block as a bf16 copy)
-    only where they are wanted and the device runs them (``problem``: ``check_float8_matmul``'s
-    answer, None when it does)."""
-    if model.float8_compute is False or (float8_wanted(model) and problem is None):
-        return model
-    return dataclasses.replace(model, float8_compute=False)
-
-
-def applies_to(plan: MemoryPlan, model: ModelSection) -> bool:
-    """Whether float8 matmuls run in this plan (of ``planned_config``'s config): the streamed
-    DiT with ``layer_cast``, whose stored float8 weights are multiplied as they are, or ``max``
-    when asked for with ``true`` (its bf16 weights re-quantized per row)."""
-    if model.float8_compute is False:
-        return False
-    return plan.float8_matmul and plan.streaming or (plan.preset == "max"
-                                                    and model.float8_compute is True)
 
 
 def check_float8_matmul(device: str | torch.device) -> str | None:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from engine.config import ModelSection
-from engine.flux.presets import MemoryPlan, plan_memory
+from engine.flux.presets import MemoryPlan, float8_applies, plan_memory
 from engine.flux.residency import (
     FLUX_FIXED_BYTES,
     FLUX_LAYER_CAST_BYTES,
@@ -103,10 +103,7 @@ def plan_report(model: ModelSection, max_pixels: int, gpu_name: str, free_gib: f
     host = max(LOADING_PEAK_GIB, streamed / GIB + BESIDE_STREAMED_GIB)
     # the table is keyed by the card's free memory before the bot's own CUDA context existed
     card = plan.device_budget.device_gib if plan.device_budget is not None else free_gib
-    # float8 matmuls run where the planned config left them on (float8_compute.applies_to;
-    # max re-quantizes only when asked, and has no measured row here either way)
-    float8 = plan.streaming and plan.float8_matmul
-    seconds, basis = expected_seconds(gpu_name, card, float8)
+    seconds, basis = expected_seconds(gpu_name, card, float8_applies(plan, model))
     return PlanReport(plan, len(sizes), resident, streamed / GIB, host, seconds, basis, problem)
 
 

@@ -112,7 +112,7 @@ class MemoryPlan:
     park_models: bool = True  # streaming: CLIP, the VAE, T5's embedding parked (model.park_models)
     layer_cast: bool = True  # streaming: the DiT's layers cast their weights (model.layer_cast)
     # streaming with layer_cast: float8 matmuls on the stored weights (model.float8_compute, as
-    # float8_compute.planned_config leaves it), so no block is kept as a bf16 copy
+    # planned_config leaves it), so no block is kept as a bf16 copy
     float8_matmul: bool = False
 
     @property
@@ -372,3 +372,31 @@ def _carried(plan: MemoryPlan) -> dict[str, Any]:
             "batch_images": plan.batch_images, "pass_images": plan.pass_images,
             "park_models": plan.park_models, "layer_cast": plan.layer_cast,
             "float8_matmul": plan.float8_matmul}
+
+
+def float8_wanted(model: ModelSection) -> bool:
+    """Whether the config asks for float8 matmuls on this set-up, before asking the GPU:
+    ``true``, or ``"auto"`` with compiled blocks on a CUDA device (eager, the per-token scaling
+    costs more than float8 saves: docs/benchmarks.md, issue 5)."""
+    if model.float8_compute == "auto":
+        return model.compile and model.device.startswith("cuda")
+    return model.float8_compute is True
+
+
+def planned_config(model: ModelSection, problem: str | None) -> ModelSection:
+    """The config a memory plan follows: float8 matmuls (which keep no DiT block as a bf16 copy)
+    only where they are wanted and the device runs them (``problem``: the answer of
+    ``float8_compute.check_float8_matmul``, None when it does)."""
+    if model.float8_compute is False or (float8_wanted(model) and problem is None):
+        return model
+    return dataclasses.replace(model, float8_compute=False)
+
+
+def float8_applies(plan: MemoryPlan, model: ModelSection) -> bool:
+    """Whether float8 matmuls run in this plan (of ``planned_config``'s config): the streamed
+    DiT with ``layer_cast``, whose stored float8 weights are multiplied as they are, or ``max``
+    when asked for with ``true`` (its bf16 weights re-quantized per row)."""
+    if model.float8_compute is False:
+        return False
+    return plan.float8_matmul and plan.streaming or (plan.preset == "max"
+                                                    and model.float8_compute is True)
